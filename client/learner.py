@@ -1,0 +1,76 @@
+"""The one local training loop every method shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from client.methods import Method
+from common.config import RunConfig
+from common.datasets import LabelledSplit
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    num_examples: int
+    loss: float  # mean training loss (including penalties) over all steps
+    prequential_accuracy: float  # accuracy on each new batch before training on it (epoch 1)
+
+
+def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    return torch.optim.SGD(model.parameters(), lr=config.lr)
+
+
+def train_local(
+    model: nn.Module,
+    data: LabelledSplit,
+    methods: list[Method],
+    config: RunConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> TrainStats:
+    """Train ``model`` in place for ``config.local_epochs`` epochs over ``data``.
+
+    In the first epoch every new sample is predicted before it is trained on
+    (prequential accuracy) and shown once to each method's ``observe``.
+    """
+    model.train()
+    optimizer = make_optimizer(config, model)
+    x_all, y_all = data.x.to(device), data.y.to(device)
+    for method in methods:
+        method.start_round(model)
+    steps, loss_sum, correct = 0, 0.0, 0
+    for epoch in range(config.local_epochs):
+        order = torch.randperm(len(data), generator=generator).to(device)
+        for start in range(0, len(data), config.batch_size):
+            idx = order[start : start + config.batch_size]
+            x, y = x_all[idx], y_all[idx]
+            xb, yb = x, y
+            for method in methods:
+                xb, yb = method.extend_batch(xb, yb)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            for method in methods:
+                extra = method.penalty(model, xb, logits)
+                if extra is not None:
+                    loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach())
+            if epoch == 0:
+                # the new samples come first in the batch; their logits predate this step
+                correct += int((logits[: len(y)].argmax(dim=1) == y).sum())
+                for method in methods:
+                    method.observe(x, y)
+    return TrainStats(
+        num_examples=len(data),
+        loss=loss_sum / max(steps, 1),
+        prequential_accuracy=correct / max(len(data), 1),
+    )

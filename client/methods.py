@@ -1,0 +1,210 @@
+"""Continual-learning methods as small hooks on one training loop.
+
+A method may
+- ``start_task``: consolidate when the client moves to a new task (EWC computes the
+  Fisher of the old task, LwF freezes the old model as teacher);
+- ``start_round``: see the global model the server just sent (FedProx keeps it);
+- ``extend_batch``: add samples to a batch (replay mixes in memories);
+- ``penalty``: add a term to the loss (EWC, LwF, FedProx);
+- ``observe``: see each new sample once, after it was trained on (replay stores it).
+Methods compose: ``replay+ewc`` with ``--prox-mu 0.01`` runs all three hooks on one loop.
+Each method's state is a flat dict of tensors, so it can live in memory or on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from client.replay import ReplayBuffer
+from common.config import RunConfig
+from common.datasets import LabelledSplit
+
+
+class Method:
+    name = "method"
+
+    def start_task(self, model: nn.Module, previous: LabelledSplit | None) -> None:
+        pass
+
+    def start_round(self, model: nn.Module) -> None:
+        pass
+
+    def extend_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def penalty(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        pass
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Restore from ``state()``'s output (CPU tensors); move what training needs to ``device``."""
+
+
+class Replay(Method):
+    """Experience replay: each batch of new data is joined by as many remembered samples."""
+
+    name = "replay"
+
+    def __init__(self, capacity: int, seed: int) -> None:
+        self.buffer = ReplayBuffer(capacity, seed)
+
+    def extend_batch(self, x, y):
+        if len(self.buffer) == 0:
+            return x, y
+        old_x, old_y = self.buffer.sample(x.shape[0])
+        return torch.cat([x, old_x.to(x.device)]), torch.cat([y, old_y.to(y.device)])
+
+    def observe(self, x, y):
+        self.buffer.add(x, y)
+
+    def state(self):
+        return self.buffer.state()
+
+    def load_state(self, state, device):
+        self.buffer.load_state(state)  # the memory stays on the CPU; batches move
+
+
+class EWC(Method):
+    """Elastic weight consolidation with a diagonal Fisher, accumulated over tasks (online EWC).
+
+    penalty = lambda / 2 * sum_i F_i (theta_i - anchor_i)^2, zero at the anchor.
+    """
+
+    name = "ewc"
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+
+    def start_task(self, model, previous):
+        if previous is None or len(previous) == 0:
+            return
+        new_fisher = diagonal_fisher(model, previous)
+        for name, value in new_fisher.items():
+            self.fisher[name] = self.fisher.get(name, torch.zeros_like(value)) + value
+        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def penalty(self, model, x, logits):
+        if not self.anchor:
+            return None
+        total = logits.new_zeros(())
+        for name, param in model.named_parameters():
+            total = total + (self.fisher[name] * (param - self.anchor[name]) ** 2).sum()
+        return 0.5 * self.strength * total
+
+    def state(self):
+        out = {f"fisher.{n}": t for n, t in self.fisher.items()}
+        out.update({f"anchor.{n}": t for n, t in self.anchor.items()})
+        return out
+
+    def load_state(self, state, device):
+        self.fisher = {k[7:]: v.to(device) for k, v in state.items() if k.startswith("fisher.")}
+        self.anchor = {k[7:]: v.to(device) for k, v in state.items() if k.startswith("anchor.")}
+
+
+class LwF(Method):
+    """Learning without forgetting: distil the previous task's model into the current one."""
+
+    name = "lwf"
+
+    def __init__(self, weight: float, temperature: float) -> None:
+        self.weight = weight
+        self.temperature = temperature
+        self.teacher: nn.Module | None = None
+        self._teacher_state: dict[str, torch.Tensor] = {}
+
+    def start_task(self, model, previous):
+        self._teacher_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.teacher = None
+
+    def _teacher_for(self, model: nn.Module) -> nn.Module:
+        if self.teacher is None:
+            self.teacher = copy.deepcopy(model)
+            self.teacher.load_state_dict(self._teacher_state)
+            self.teacher.eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        return self.teacher
+
+    def penalty(self, model, x, logits):
+        if not self._teacher_state:
+            return None
+        t = self.temperature
+        with torch.no_grad():
+            target = F.softmax(self._teacher_for(model)(x) / t, dim=1)
+        log_student = F.log_softmax(logits / t, dim=1)
+        return self.weight * t * t * F.kl_div(log_student, target, reduction="batchmean")
+
+    def state(self):
+        return {f"teacher.{k}": v for k, v in self._teacher_state.items()}
+
+    def load_state(self, state, device):
+        self._teacher_state = {k[8:]: v.to(device) for k, v in state.items() if k.startswith("teacher.")}
+        self.teacher = None
+
+
+class Proximal(Method):
+    """FedProx's proximal term mu / 2 * ||theta - theta_global||^2 (Li et al., 2020)."""
+
+    name = "prox"
+
+    def __init__(self, mu: float) -> None:
+        self.mu = mu
+        self.global_params: list[torch.Tensor] = []
+
+    def start_round(self, model):
+        self.global_params = [p.detach().clone() for p in model.parameters()]
+
+    def penalty(self, model, x, logits):
+        total = logits.new_zeros(())
+        for param, ref in zip(model.parameters(), self.global_params):
+            total = total + ((param - ref) ** 2).sum()
+        return 0.5 * self.mu * total
+
+
+def diagonal_fisher(model: nn.Module, data: LabelledSplit, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher: mean over samples of the squared per-sample gradient of
+    the log-likelihood of the true label (per-sample gradients via torch.func)."""
+    device = next(model.parameters()).device
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def sample_loss(p, x, y):
+        logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for start in range(0, len(data), batch_size):
+        x = data.x[start : start + batch_size].to(device)
+        y = data.y[start : start + batch_size].to(device)
+        grads = per_sample_grad(params, x, y)
+        for n, g in grads.items():
+            fisher[n] += (g**2).sum(dim=0)
+    return {n: f / len(data) for n, f in fisher.items()}
+
+
+def build_methods(config: RunConfig, seed: int) -> list[Method]:
+    """The hooks a config asks for, in a fixed order: replay, ewc, lwf, then prox."""
+    methods: list[Method] = []
+    parts = config.methods
+    if "replay" in parts:
+        methods.append(Replay(config.effective_memory_size, seed))
+    if "ewc" in parts:
+        methods.append(EWC(config.ewc_lambda))
+    if "lwf" in parts:
+        methods.append(LwF(config.lwf_alpha, config.lwf_temperature))
+    if config.prox_mu > 0:
+        methods.append(Proximal(config.prox_mu))
+    return methods

@@ -1,0 +1,69 @@
+"""A fixed-size memory filled by reservoir sampling (Vitter's algorithm R).
+
+After ``seen`` samples went past, each one is in the buffer with probability
+``capacity / seen``: a uniform sample of the whole stream, in bounded memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        if capacity <= 0:
+            raise ValueError(f"replay capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.seen = 0
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Offer every sample of a batch to the reservoir, in order."""
+        x, y = x.detach().cpu(), y.detach().cpu()
+        if self.x is None:
+            self.x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype)
+            self.y = torch.zeros((self.capacity,), dtype=y.dtype)
+        for i in range(x.shape[0]):
+            if self.seen < self.capacity:
+                slot = self.seen
+            else:
+                slot = int(torch.randint(0, self.seen + 1, (1,), generator=self._generator))
+            if slot < self.capacity:
+                self.x[slot] = x[i]
+                self.y[slot] = y[i]
+            self.seen += 1
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` stored samples drawn uniformly with replacement (empty when the buffer is)."""
+        size = len(self)
+        if size == 0 or self.x is None or self.y is None:
+            raise ValueError("cannot sample from an empty replay buffer")
+        idx = torch.randint(0, size, (n,), generator=self._generator)
+        return self.x[idx], self.y[idx]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.x is None or self.y is None:
+            return {"seen": torch.tensor(self.seen)}
+        return {
+            "x": self.x[: len(self)].clone(),
+            "y": self.y[: len(self)].clone(),
+            "seen": torch.tensor(self.seen),
+            "rng": self._generator.get_state(),
+        }
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.seen = int(state["seen"])
+        if "x" in state:
+            stored_x, stored_y = state["x"], state["y"]
+            self.x = torch.zeros((self.capacity, *stored_x.shape[1:]), dtype=stored_x.dtype)
+            self.y = torch.zeros((self.capacity,), dtype=stored_y.dtype)
+            keep = min(len(stored_y), self.capacity)
+            self.x[:keep] = stored_x[:keep]
+            self.y[:keep] = stored_y[:keep]
+            self.seen = max(self.seen, keep) if keep < self.capacity else self.seen
+            self._generator.set_state(state["rng"])

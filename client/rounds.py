@@ -1,0 +1,108 @@
+"""What one client does in one round, on plain objects (no Flower types).
+
+The client's long-lived state (replay memory, EWC Fisher and anchor, LwF teacher, the
+task it last trained on) comes in and goes out as one flat dict of tensors, so a runtime
+may keep it in memory or on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from client.learner import train_local
+from common.evaluation import accuracy
+from client.methods import build_methods
+from common.config import RunConfig
+from common.devices import resolve_device
+from common.errors import FedtideError
+from common.models import build_model
+from common.scenarios import build_scenario
+from common.seeding import derive_seed
+
+LAST_TASK_KEY = "meta.last-task"
+
+
+@dataclass
+class TrainOutcome:
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, float | int]
+    state: dict[str, torch.Tensor]
+
+
+def _load_global(config: RunConfig, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    scenario = build_scenario(config)
+    model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise FedtideError(
+            f"the server's model does not fit this client's model ({config.model}, hidden "
+            f"{config.hidden}): {str(err).splitlines()[0]}; run server and clients with the same settings"
+        ) from None
+    return model
+
+
+def train_round(
+    config: RunConfig,
+    partition_id: int,
+    server_round: int,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    device_name: str | None = None,
+) -> TrainOutcome:
+    """Train the received global weights on this client's data for its current task."""
+    scenario = build_scenario(config)
+    device = resolve_device(device_name or config.device)
+    task = scenario.task_of(partition_id, server_round)
+    model = _load_global(config, weights).to(device)
+    methods = build_methods(config, seed=derive_seed(config.seed, partition_id))
+    for method in methods:
+        prefix = f"{method.name}."
+        saved = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if saved:
+            method.load_state(saved, device)
+    last_task = int(state[LAST_TASK_KEY]) if LAST_TASK_KEY in state else -1
+    if 0 <= last_task != task:
+        previous = scenario.train_data(partition_id, last_task)
+        for method in methods:
+            method.start_task(model, previous)
+    data = scenario.train_data(partition_id, task)
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round))
+    stats = train_local(model, data, methods, config, generator, device)
+    new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(task)}
+    for method in methods:
+        new_state.update({f"{method.name}.{k}": v.detach().cpu() for k, v in method.state().items()})
+    return TrainOutcome(
+        weights={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        metrics={
+            "num-examples": stats.num_examples,
+            "train-loss": stats.loss,
+            "prequential-acc": stats.prequential_accuracy,
+            "task-id": task,
+        },
+        state=new_state,
+    )
+
+
+def evaluate_round(
+    config: RunConfig,
+    partition_id: int,
+    server_round: int,
+    weights: dict[str, torch.Tensor],
+    device_name: str | None = None,
+) -> dict[str, float | int]:
+    """Accuracy of the received weights on the test sets of every task seen so far."""
+    scenario = build_scenario(config)
+    device = resolve_device(device_name or config.device)
+    model = _load_global(config, weights).to(device)
+    task = scenario.task_of(partition_id, server_round)
+    total, correct, loss_sum = 0, 0.0, 0.0
+    for seen in range(task + 1):
+        data = scenario.test_data(seen)
+        acc, loss = accuracy(model, data, device)
+        total += len(data)
+        correct += acc * len(data)
+        loss_sum += loss * len(data)
+    return {"num-examples": total, "eval-acc": correct / total, "eval-loss": loss_sum / total, "task-id": task}

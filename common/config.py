@@ -1,0 +1,221 @@
+"""One run configuration, built from CLI flags or a Flower ``run_config``.
+
+Defaults live here and nowhere else. Keys travel over Flower as kebab-case strings
+(``rounds-per-task``), the Python fields are snake_case (``rounds_per_task``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from common.errors import FedtideError
+
+METHODS = ("naive", "replay", "ewc", "lwf")
+SCENARIOS = ("class-incremental", "domain-incremental", "concept-drift")
+DOMAIN_TRANSFORMS = ("rotation", "permutation")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
+MODELS = ("mlp", "cnn")
+DATASETS = ("digits",)
+OPTIMIZERS = ("sgd", "adam")
+DEFAULT_MEMORY_SIZE = 200
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what a run computes. Same values, same seed: same numbers."""
+
+    # data and scenario
+    dataset: str = "digits"
+    scenario: str = "class-incremental"
+    num_tasks: int = 5
+    domain_transform: str = "rotation"
+    clients: int = 5
+    iid: bool = False
+    alpha: float = 1.0
+    # federation
+    rounds_per_task: int = 3
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    server_lr: float | None = None  # None: 1.0 for fedavgm, 0.01 for fedadam
+    server_momentum: float = 0.9
+    max_num_examples: int = 1_000_000
+    # local learning
+    model: str = "mlp"
+    hidden: str = "128,128"
+    method: str = "replay"
+    memory_size: int | None = None
+    ewc_lambda: float = 50.0
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+    prox_mu: float = 0.0
+    optimizer: str = "sgd"
+    local_epochs: int = 2
+    lr: float = 0.05
+    batch_size: int = 32
+    # run
+    seed: int = 0
+    device: str = "auto"
+    out: str = ""
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived values -------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The composable method parts, e.g. ``replay+ewc`` -> ("replay", "ewc")."""
+        return tuple(part for part in self.method.split("+") if part != "naive")
+
+    @property
+    def effective_memory_size(self) -> int:
+        return DEFAULT_MEMORY_SIZE if self.memory_size is None else self.memory_size
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        return tuple(int(w) for w in self.hidden.split(",") if w.strip())
+
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return 0.01 if self.strategy == "fedadam" else 1.0
+
+    @property
+    def num_rounds(self) -> int:
+        return self.num_tasks * self.rounds_per_task
+
+    # ---- validation -----------------------------------------------------
+    def validate(self) -> None:
+        """Raise FedtideError naming the field and what to change."""
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("scenario", self.scenario, SCENARIOS)
+        _one_of("domain-transform", self.domain_transform, DOMAIN_TRANSFORMS)
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _one_of("model", self.model, MODELS)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        parts = self.method.split("+")
+        for part in parts:
+            if part not in METHODS:
+                raise FedtideError(
+                    f"unknown method '{part}' in --method {self.method}: use one of "
+                    f"{', '.join(METHODS)}, or combine them with '+' (e.g. replay+ewc)"
+                )
+        if "naive" in parts and len(parts) > 1:
+            raise FedtideError(
+                f"--method {self.method}: 'naive' means no continual-learning method "
+                "and cannot be combined; drop it"
+            )
+        if self.memory_size is not None and "replay" not in parts:
+            raise FedtideError(
+                f"--memory-size is set but --method {self.method} keeps no memory: "
+                "drop --memory-size or add replay (e.g. --method replay)"
+            )
+        _positive_int("num-tasks", self.num_tasks)
+        _positive_int("clients", self.clients)
+        _positive_int("rounds-per-task", self.rounds_per_task)
+        _positive_int("local-epochs", self.local_epochs)
+        _positive_int("batch-size", self.batch_size)
+        _positive_int("max-num-examples", self.max_num_examples)
+        if self.memory_size is not None:
+            _positive_int("memory-size", self.memory_size)
+        if not self.alpha > 0:
+            raise FedtideError(
+                f"--alpha must be > 0 (got {self.alpha}): small values (0.1) give very "
+                "non-IID clients, large ones (100) nearly IID; use --iid for an IID split"
+            )
+        if not self.lr > 0:
+            raise FedtideError(f"--lr must be > 0 (got {self.lr})")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise FedtideError(f"--server-lr must be > 0 (got {self.server_lr})")
+        if self.strategy == "fedprox" and self.prox_mu == 0:
+            raise FedtideError("--strategy fedprox needs a proximal term: set --prox-mu (e.g. 0.01)")
+        for name in ("prox_mu", "ewc_lambda", "lwf_alpha", "server_momentum"):
+            if getattr(self, name) < 0:
+                raise FedtideError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if not self.lwf_temperature > 0:
+            raise FedtideError(f"--lwf-temperature must be > 0 (got {self.lwf_temperature})")
+        for name in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise FedtideError(f"--{_flag(name)} must be between 0 and 1 (got {value})")
+        if self.fraction_train == 0:
+            raise FedtideError("--fraction-train must be > 0: no client would train")
+        try:
+            widths = self.hidden_widths
+        except ValueError:
+            widths = ()
+        if not widths or min(widths) <= 0:
+            raise FedtideError(
+                f"--hidden '{self.hidden}' is not a list of positive layer widths: use e.g. 256,128"
+            )
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise FedtideError(f"--device '{self.device}': use auto, cpu, cuda or cuda:N")
+
+    # ---- conversion -----------------------------------------------------
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case keys; ``memory-size`` omitted when unset (Flower has no None)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[_flag(f.name)] = value
+        return out
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
+        """Build from kebab- or snake-case keys; unknown keys are an error, not ignored."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in mapping.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise FedtideError(
+                    f"unknown setting '{key}': valid settings are "
+                    f"{', '.join(sorted(_flag(n) for n in known))}"
+                )
+            kwargs[name] = _coerce(name, value, known[name])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise FedtideError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
+
+
+def _positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise FedtideError(f"--{name} must be a positive integer (got {value})")
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
+    """Flower's run_config turns TOML values into int/float/str/bool; map them back."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise FedtideError(f"setting '{_flag(name)}' got {value!r}, expected {kind}") from None

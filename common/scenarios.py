@@ -1,0 +1,168 @@
+"""Turn one labelled dataset into a sequence of tasks per client, and test sets per task.
+
+Three kinds of drift:
+- class-incremental: classes split into tasks (0-1, 2-3, ...), one shared output head;
+- domain-incremental: the same labels, each task transforms the inputs (rotation or
+  a fixed pixel permutation);
+- concept-drift: the same inputs, each task remaps labels (what a label means changes).
+
+Training data is partitioned across clients first (IID or Dirichlet), then each client's
+part is cut into tasks, so no sample is seen in two tasks and no test sample is ever
+trained on: test sets come from the dataset's held-out split only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.datasets import Dataset, LabelledSplit, load_dataset
+from common.errors import FedtideError
+from common.partition import dirichlet_partition, iid_partition
+from common.transforms import permute_pixels, rotate
+
+MIN_SAMPLES_PER_CLIENT_TASK = 4
+
+
+@dataclass(frozen=True)
+class Task:
+    """What task ``index`` does to the data. Exactly one of the fields is meaningful."""
+
+    index: int
+    classes: tuple[int, ...] | None = None  # class-incremental
+    rotation: float | None = None  # domain-incremental, rotation
+    permutation: torch.Tensor | None = None  # domain-incremental, permutation
+    label_map: torch.Tensor | None = None  # concept drift: new_label = label_map[label]
+
+    def apply(self, split: LabelledSplit) -> LabelledSplit:
+        x, y = split.x, split.y
+        if self.classes is not None:
+            keep = torch.isin(y, torch.tensor(self.classes))
+            return LabelledSplit(x[keep], y[keep])
+        if self.rotation is not None:
+            return LabelledSplit(rotate(x, self.rotation), y)
+        if self.permutation is not None:
+            return LabelledSplit(permute_pixels(x, self.permutation), y)
+        if self.label_map is not None:
+            return LabelledSplit(x, self.label_map[y])
+        return split
+
+
+class Scenario:
+    """The tasks, each client's training data per task, and the test set of each task."""
+
+    def __init__(self, config: RunConfig, dataset: Dataset) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.num_tasks = config.num_tasks
+        self.num_classes = dataset.num_classes
+        self.input_shape = dataset.input_shape
+        rng = np.random.default_rng(config.seed)
+        self.tasks = _make_tasks(config, dataset, rng)
+        self._client_tasks = _split_clients(config, dataset, self.tasks, rng)
+        self._test = [task.apply(dataset.test) for task in self.tasks]
+
+    def task_of(self, partition_id: int, server_round: int) -> int:
+        """The task a client trains on in a (1-based) round; all clients move together."""
+        del partition_id  # synchronous drift: the same schedule for every client
+        return min((max(server_round, 1) - 1) // self.config.rounds_per_task, self.num_tasks - 1)
+
+    def train_data(self, partition_id: int, task: int) -> LabelledSplit:
+        if not 0 <= partition_id < self.config.clients:
+            raise FedtideError(
+                f"partition-id {partition_id} is outside 0..{self.config.clients - 1}: "
+                "start as many clients as --clients says"
+            )
+        return self._client_tasks[partition_id][task]
+
+    def test_data(self, task: int) -> LabelledSplit:
+        return self._test[task]
+
+
+def _make_tasks(config: RunConfig, dataset: Dataset, rng: np.random.Generator) -> list[Task]:
+    n = config.num_tasks
+    if config.scenario == "class-incremental":
+        if n > dataset.num_classes:
+            raise FedtideError(
+                f"--num-tasks {n} is more than the {dataset.num_classes} classes of "
+                f"{dataset.name}: a class-incremental task needs at least one class"
+            )
+        groups = np.array_split(np.arange(dataset.num_classes), n)
+        return [Task(i, classes=tuple(int(c) for c in g)) for i, g in enumerate(groups)]
+    if config.scenario == "domain-incremental":
+        if config.domain_transform == "rotation":
+            step = 180.0 / n
+            return [Task(i, rotation=i * step) for i in range(n)]
+        pixels = int(np.prod(dataset.input_shape[1:]))
+        perms = [torch.arange(pixels)] + [
+            torch.from_numpy(rng.permutation(pixels)) for _ in range(n - 1)
+        ]
+        return [Task(i, permutation=p) for i, p in enumerate(perms)]
+    # concept drift: task 0 keeps the labels; later tasks move every label elsewhere
+    maps = [torch.arange(dataset.num_classes)]
+    for _ in range(n - 1):
+        shift = int(rng.integers(1, dataset.num_classes))
+        maps.append((torch.arange(dataset.num_classes) + shift) % dataset.num_classes)
+    return [Task(i, label_map=m) for i, m in enumerate(maps)]
+
+
+def _split_clients(
+    config: RunConfig, dataset: Dataset, tasks: list[Task], rng: np.random.Generator
+) -> list[list[LabelledSplit]]:
+    labels = dataset.train.y.numpy()
+    class_incremental = config.scenario == "class-incremental"
+    if class_incremental:
+        task_of_class = np.zeros(dataset.num_classes, dtype=np.int64)
+        for task in tasks:
+            task_of_class[list(task.classes)] = task.index
+        groups = task_of_class[labels]
+    else:
+        groups = np.zeros(len(labels), dtype=np.int64)
+    minimum = MIN_SAMPLES_PER_CLIENT_TASK * (1 if class_incremental else config.num_tasks)
+    if config.iid:
+        parts = iid_partition(len(labels), config.clients, rng)
+        smallest = min(int(np.sum(groups[p] == g)) for p in parts for g in np.unique(groups))
+        if smallest < minimum:
+            raise FedtideError(
+                f"{config.clients} clients leave some client fewer than {minimum} samples "
+                "per task: use fewer --clients or fewer --num-tasks"
+            )
+    else:
+        parts = dirichlet_partition(
+            labels, config.clients, config.alpha, rng, groups=groups, min_per_group=minimum
+        )
+    per_client = []
+    for part in parts:
+        client = LabelledSplit(dataset.train.x[part], dataset.train.y[part])
+        if class_incremental:
+            per_client.append([task.apply(client) for task in tasks])
+        else:
+            # a stream: the client's samples in a random order, cut into consecutive tasks
+            order = torch.from_numpy(rng.permutation(len(part)))
+            chunks = torch.tensor_split(order, config.num_tasks)
+            per_client.append(
+                [task.apply(LabelledSplit(client.x[c], client.y[c])) for task, c in zip(tasks, chunks)]
+            )
+    return per_client
+
+
+_CACHE: dict[tuple, Scenario] = {}
+
+
+def build_scenario(config: RunConfig) -> Scenario:
+    """Build (or reuse, within one process) the scenario a config describes.
+
+    Only the fields that shape the data are part of the key, so a server and its
+    in-process clients share one copy.
+    """
+    key = (
+        config.dataset, config.scenario, config.num_tasks, config.domain_transform,
+        config.clients, config.iid, config.alpha, config.seed, config.rounds_per_task,
+    )
+    if key not in _CACHE:
+        _CACHE.clear()  # one scenario at a time is enough; keeps memory bounded
+        _CACHE[key] = Scenario(config, load_dataset(config.dataset))
+    return _CACHE[key]

@@ -1,0 +1,25 @@
+"""Input transforms that define a domain-incremental task: rotation or pixel permutation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate a batch [N, C, H, W] about the image centre; pixels outside become 0."""
+    if degrees % 360 == 0:
+        return x.clone()
+    theta = math.radians(degrees)
+    cos, sin = math.cos(theta), math.sin(theta)
+    matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype)
+    grid = F.affine_grid(matrix.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def permute_pixels(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """Apply one fixed permutation of the H*W pixel positions to every image."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h * w)[:, :, permutation].reshape(n, c, h, w)

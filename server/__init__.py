@@ -1,0 +1,1 @@
+"""Coordination: strategies, reply validation, evaluation, the run folder, the ServerApp."""

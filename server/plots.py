@@ -1,0 +1,36 @@
+"""Per-task accuracy of the global model over rounds, with the task switches marked."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from common.files import write_bytes_atomic
+from server.history import RunHistory
+
+
+def plot_task_accuracy(history: RunHistory, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [0] + [r.server_round for r in history.rounds]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for task in range(history.num_tasks):
+        values = [history.baseline[task] if history.baseline else float("nan")]
+        values += [r.task_accuracies[task] for r in history.rounds]
+        ax.plot(rounds, [100 * v for v in values], marker=".", label=f"task {task}")
+    for task in range(1, history.num_tasks):
+        ax.axvline(task * history.rounds_per_task + 0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("global model accuracy per task (dotted: task switch)")
+    ax.legend(loc="lower left", fontsize="small", ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -1,0 +1,69 @@
+"""What a person watches during a run: a progress bar per round, a table at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from server.history import RoundRecord
+
+
+class RoundProgress:
+    def __init__(self, total_rounds: int, num_tasks: int, quiet: bool, console: Console | None = None) -> None:
+        self.quiet = quiet
+        self.num_tasks = num_tasks
+        self.console = console or Console(stderr=True)
+        self._progress: Progress | None = None
+        if not quiet:
+            self._progress = Progress(
+                TextColumn("[bold]rounds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._task = self._progress.add_task("", total=total_rounds)
+
+    def __enter__(self) -> "RoundProgress":
+        if self._progress:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress:
+            self._progress.stop()
+
+    def round_done(self, record: RoundRecord) -> None:
+        if not self._progress:
+            return
+        loss = record.train.get("train-loss", float("nan"))
+        acc = record.as_json()["accuracy_seen_tasks"]
+        note = f" [red]{len(record.rejected)} rejected[/]" if record.rejected else ""
+        self._progress.update(
+            self._task,
+            advance=1,
+            description=f"task {record.task + 1}/{self.num_tasks}  loss {loss:.3f}  acc {100 * acc:5.1f}%{note}",
+        )
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"fedtide: {summary['method']} on {summary['scenario']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("ACC (avg accuracy, %)", f"{100 * summary['acc']:.2f}")
+    table.add_row("BWT (backward transfer, pts)", f"{100 * summary['bwt']:+.2f}")
+    table.add_row("FWT (forward transfer, pts)", f"{100 * summary['fwt']:+.2f}")
+    table.add_row("Forgetting (avg, pts)", f"{100 * summary['forgetting']:.2f}")
+    final = ", ".join(f"{100 * a:.1f}" for a in summary["final_task_accuracies"])
+    table.add_row("final accuracy per task (%)", final)
+    table.add_row("rounds", str(summary["rounds"]))
+    table.add_row("rejected replies", str(summary["rejected_replies"]))
+    table.add_row("wall time (s)", f"{summary['wall_seconds']:.1f}")
+    table.add_row("run folder", summary["run_dir"])
+    return table

@@ -1,0 +1,84 @@
+"""The folder a run leaves behind for a person: config, per-round metrics, summary,
+accuracy matrix, final model and a plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import RunConfig
+from common.errors import FedtideError
+from common.files import save_tensors_atomic, write_json_atomic, write_text_atomic
+from server.history import RoundRecord, RunHistory
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{config.scenario}-{config.method}-s{config.seed}"
+
+
+class RunFolder:
+    """Creates the folder up front (failing early if it cannot be written) and fills it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise FedtideError(
+                f"cannot write the run folder {self.path} ({err.strerror or err}): "
+                "choose a writable folder with --out"
+            ) from None
+        self._metrics = self.path / "metrics.jsonl"
+        self._metrics.write_text("")
+
+    @classmethod
+    def for_config(cls, config: RunConfig) -> "RunFolder":
+        return cls(Path(config.out) if config.out else default_run_dir(config))
+
+    def write_config(self, config: RunConfig) -> None:
+        write_json_atomic(self.path / "config.json", config.to_mapping())
+
+    def append_round(self, record: RoundRecord) -> None:
+        with self._metrics.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record.as_json()) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def write_results(
+        self, history: RunHistory, summary: dict[str, Any], weights: dict[str, torch.Tensor], config: RunConfig
+    ) -> None:
+        write_json_atomic(self.path / "summary.json", summary)
+        write_text_atomic(self.path / "accuracy_matrix.csv", _matrix_csv(history.accuracy_matrix))
+        save_tensors_atomic(
+            self.path / "model.safetensors",
+            weights,
+            metadata={"model": config.model, "hidden": config.hidden, "dataset": config.dataset},
+        )
+        if history.rejects:
+            write_text_atomic(
+                self.path / "rejected_replies.jsonl", "".join(json.dumps(r) + "\n" for r in history.rejects)
+            )
+        from server.plots import plot_task_accuracy  # matplotlib loads only when a run finishes
+
+        plot_task_accuracy(history, self.path / "accuracy.png")
+
+
+def _matrix_csv(matrix: list[list[float]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    width = len(matrix[0]) if matrix else 0
+    writer.writerow(["after_task"] + [f"task_{j}" for j in range(width)])
+    for i, row in enumerate(matrix):
+        writer.writerow([i] + [f"{v:.4f}" for v in row])
+    return out.getvalue()

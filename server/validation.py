@@ -1,0 +1,78 @@
+"""Check every client reply before it can reach aggregation.
+
+Flower's strategies trust replies: one NaN, a wrong shape or a huge ``num-examples``
+poisons the global model or crashes the run. ``validate_reply`` returns the reason a
+reply must be dropped, or None when it is safe to aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, RecordDict
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+WEIGHT_KEY = "num-examples"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def array_specs(arrays: ArrayRecord) -> dict[str, ArraySpec]:
+    """Names, shapes and dtypes of the global model a reply must match."""
+    return {name: ArraySpec(tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
+
+
+def validate_reply(content: RecordDict, expected: dict[str, ArraySpec], max_num_examples: int) -> str | None:
+    """The reason to drop this training reply, or None if it may be aggregated."""
+    if list(content.array_records) != [ARRAYS_KEY]:
+        return f"expected one array record '{ARRAYS_KEY}', got {sorted(content.array_records)}"
+    if list(content.metric_records) != [METRICS_KEY]:
+        return f"expected one metric record '{METRICS_KEY}', got {sorted(content.metric_records)}"
+    metrics = content.metric_records[METRICS_KEY]
+    reason = _check_num_examples(metrics.get(WEIGHT_KEY), max_num_examples)
+    if reason:
+        return reason
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(not math.isfinite(float(v)) for v in values):
+            return f"metric '{key}' is not finite"
+    arrays = content.array_records[ARRAYS_KEY]
+    names = set(arrays.keys())
+    if names != set(expected):
+        missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+        return f"array names differ from the global model's (missing {missing}, unexpected {extra})"
+    for name, spec in expected.items():
+        array = arrays[name]
+        if tuple(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
+            return (
+                f"array '{name}' is {array.dtype}{list(array.shape)}, "
+                f"expected {spec.dtype}{list(spec.shape)}"
+            )
+        try:
+            values = array.numpy()
+        except Exception as err:  # malformed bytes must not crash the server
+            return f"array '{name}' cannot be decoded: {err}"
+        if values.shape != spec.shape:
+            return f"array '{name}' decodes to shape {values.shape}, expected {spec.shape}"
+        if not np.isfinite(values).all():
+            return f"array '{name}' holds NaN or Inf"
+    return None
+
+
+def _check_num_examples(value: object, max_num_examples: int) -> str | None:
+    if value is None:
+        return f"metric '{WEIGHT_KEY}' is missing"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"'{WEIGHT_KEY}' must be a number, got {type(value).__name__}"
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return f"'{WEIGHT_KEY}' must be a whole number, got {value}"
+    if not 0 < value <= max_num_examples:
+        return f"'{WEIGHT_KEY}' = {value} is outside 1..{max_num_examples}"
+    return None
