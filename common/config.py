@@ -35,7 +35,7 @@ class RunConfig:
     iid: bool = False
     alpha: float = 1.0
     # federation
-    rounds_per_task: int = 3
+    rounds_per_task: int = 8
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
@@ -52,9 +52,9 @@ class RunConfig:
     lwf_temperature: float = 2.0
     prox_mu: float = 0.0
     optimizer: str = "sgd"
-    local_epochs: int = 2
-    lr: float = 0.05
-    batch_size: int = 32
+    local_epochs: int = 5
+    lr: float = 0.1
+    batch_size: int = 16
     # run
     seed: int = 0
     device: str = "auto"
