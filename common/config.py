@@ -20,6 +20,7 @@ MODELS = ("mlp", "cnn")
 DATASETS = ("digits",)
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_MEMORY_SIZE = 200
+NULLABLE = ("memory_size", "server_lr")
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,8 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         for key, value in mapping.items():
             name = key.replace("-", "_")
+            if name in NULLABLE and value in (0, 0.0, ""):
+                continue  # TOML has no null: 0 in a Flower run_config means "use the default"
             if name not in known:
                 raise FedtideError(
                     f"unknown setting '{key}': valid settings are "

@@ -21,7 +21,7 @@ def run_flower_simulation(config: RunConfig) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
-    from server.federation import run_federation
+    from server.federation import quiet_flower_logs, run_federation
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -31,6 +31,7 @@ def run_flower_simulation(config: RunConfig) -> dict[str, Any]:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        quiet_flower_logs()
         try:
             summary.update(run_federation(grid, config))
         except BaseException as err:  # re-raised below, outside Flower's thread
