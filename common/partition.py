@@ -31,6 +31,9 @@ def dirichlet_partition(
     groups = np.zeros(len(labels), dtype=np.int64) if groups is None else groups
     group_ids = np.unique(groups)
     classes = np.unique(labels)
+    smallest_group = min(int(np.sum(groups == g)) for g in group_ids)
+    if smallest_group < num_clients * min_per_group:
+        max_tries = 0  # impossible whatever the draw: say so at once
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for label in classes:

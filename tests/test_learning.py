@@ -1,0 +1,35 @@
+"""On the embedded digits default, continual-learning methods do what a user relies on."""
+
+import pytest
+
+from common.config import RunConfig
+from fedtide.inprocess import run_inprocess
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return {
+        method: run_inprocess(RunConfig(method=method, out=str(out / method), quiet=True))
+        for method in ("naive", "replay")
+    }
+
+
+def test_replay_beats_naive_on_split_digits(default_runs):
+    naive, replay = default_runs["naive"], default_runs["replay"]
+    assert replay["acc"] >= naive["acc"] + 0.30
+    assert replay["acc"] >= 0.70
+    assert replay["bwt"] > naive["bwt"] + 0.30
+
+
+def test_naive_forgets_old_classes(default_runs):
+    naive = default_runs["naive"]
+    assert naive["forgetting"] > 0.5
+    assert naive["final_task_accuracies"][0] < 0.2
+
+
+def test_same_seed_gives_the_same_numbers(tmp_path):
+    config = RunConfig(rounds_per_task=1, local_epochs=1, quiet=True, method="replay+lwf")
+    first = run_inprocess(config.replace(out=str(tmp_path / "a")))
+    second = run_inprocess(config.replace(out=str(tmp_path / "b")))
+    assert first["accuracy_matrix"] == second["accuracy_matrix"]

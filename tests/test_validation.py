@@ -1,0 +1,103 @@
+"""Every kind of bad reply is dropped with a reason; the good ones alone are aggregated."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtide.inprocess import InProcessGrid
+
+from server.history import RunHistory
+from server.strategy import ValidatedFedAvg
+from server.validation import array_specs, validate_reply
+
+GLOBAL = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+SPECS = array_specs(ArrayRecord(GLOBAL))
+
+
+def reply(arrays=None, metrics=None, extra=None) -> RecordDict:
+    arrays = {k: v + 1 for k, v in GLOBAL.items()} if arrays is None else arrays
+    metrics = {"num-examples": 10, "train-loss": 0.5} if metrics is None else metrics
+    content = {"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}
+    content.update(extra or {})
+    return RecordDict(content)
+
+
+def test_a_well_formed_reply_passes():
+    assert validate_reply(reply(), SPECS, max_num_examples=1000) is None
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (reply(arrays={"w": torch.full((3, 2), float("nan")), "b": torch.zeros(2)}), "NaN or Inf"),
+        (reply(arrays={"w": torch.full((3, 2), float("inf")), "b": torch.zeros(2)}), "NaN or Inf"),
+        (reply(arrays={"w": torch.zeros(2, 3), "b": torch.zeros(2)}), "expected float32[3, 2]"),
+        (reply(arrays={"w": torch.zeros(3, 2, dtype=torch.float64), "b": torch.zeros(2)}), "expected float32"),
+        (reply(arrays={"w": torch.zeros(3, 2)}), "missing ['b']"),
+        (reply(arrays={**GLOBAL, "evil": torch.zeros(1)}), "unexpected ['evil']"),
+        (reply(metrics={"train-loss": 0.5}), "'num-examples' is missing"),
+        (reply(metrics={"num-examples": 0}), "outside 1..1000"),
+        (reply(metrics={"num-examples": -5}), "outside 1..1000"),
+        (reply(metrics={"num-examples": 10**9}), "outside 1..1000"),
+        (reply(metrics={"num-examples": 2.5}), "whole number"),
+        (reply(metrics={"num-examples": float("nan")}), "whole number"),
+        (reply(metrics={"num-examples": 10, "train-loss": float("nan")}), "'train-loss' is not finite"),
+        (RecordDict({"metrics": MetricRecord({"num-examples": 10})}), "one array record"),
+        (RecordDict({"arrays": ArrayRecord(GLOBAL)}), "one metric record"),
+        (reply(extra={"more": ArrayRecord(GLOBAL)}), "one array record"),
+    ],
+)
+def test_each_bad_kind_is_rejected_with_its_reason(bad, words):
+    reason = validate_reply(bad, SPECS, max_num_examples=1000)
+    assert reason is not None and words in reason
+
+
+def _federation(contents: list[RecordDict]):
+    """An in-process grid whose node i replies contents[i] (or raises, for None)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        content = contents[int(context.node_config["partition-id"])]
+        if content is None:
+            raise RuntimeError("client crashed")
+        return Message(content=content, reply_to=msg)
+
+    return InProcessGrid(app, [{"partition-id": i} for i in range(len(contents))])
+
+
+def _one_round(contents):
+    history = RunHistory(num_tasks=1, rounds_per_task=1)
+    strategy = ValidatedFedAvg(
+        history=history, max_num_examples=1000, fraction_evaluate=0.0, min_available_nodes=len(contents)
+    )
+    seen = {}
+
+    def evaluate(server_round, arrays):
+        seen[server_round] = arrays.to_torch_state_dict()
+        history.close_round(server_round, [0.0], 0.0)
+
+    strategy.start(_federation(contents), ArrayRecord(GLOBAL), num_rounds=1, evaluate_fn=evaluate)
+    return seen[1], history
+
+
+def test_strategy_aggregates_only_valid_replies_and_records_the_rest():
+    good_a = reply(arrays={"w": torch.full((3, 2), 1.0), "b": torch.full((2,), 1.0)})
+    good_b = reply(arrays={"w": torch.full((3, 2), 3.0), "b": torch.full((2,), 3.0)})
+    poisoned = reply(arrays={"w": torch.full((3, 2), float("nan")), "b": torch.zeros(2)})
+    liar = reply(metrics={"num-examples": 10**12})
+    weights, history = _one_round([good_a, poisoned, good_b, liar, None])
+    assert torch.allclose(weights["w"], torch.full((3, 2), 2.0))
+    reasons = sorted(r["reason"] for r in history.rejects)
+    assert len(reasons) == 3
+    assert any("NaN" in r for r in reasons)
+    assert any("outside" in r for r in reasons)
+    assert any("client crashed" in r for r in reasons)
+
+
+def test_a_round_where_every_reply_is_bad_keeps_the_global_model():
+    bad = reply(arrays={"w": torch.zeros(1), "b": torch.zeros(2)})
+    weights, history = _one_round([bad, None])
+    assert torch.equal(weights["w"], GLOBAL["w"])
+    assert len(history.rejects) == 2
