@@ -51,6 +51,11 @@ class Task:
         return split
 
 
+def task_of_round(server_round: int, rounds_per_task: int, num_tasks: int) -> int:
+    """Task index of a 1-based server round when every task lasts ``rounds_per_task`` rounds."""
+    return min((max(server_round, 1) - 1) // rounds_per_task, num_tasks - 1)
+
+
 class Scenario:
     """The tasks, each client's training data per task, and the test set of each task."""
 
@@ -68,7 +73,7 @@ class Scenario:
     def task_of(self, partition_id: int, server_round: int) -> int:
         """The task a client trains on in a (1-based) round; all clients move together."""
         del partition_id  # synchronous drift: the same schedule for every client
-        return min((max(server_round, 1) - 1) // self.config.rounds_per_task, self.num_tasks - 1)
+        return task_of_round(server_round, self.config.rounds_per_task, self.num_tasks)
 
     def train_data(self, partition_id: int, task: int) -> LabelledSplit:
         if not 0 <= partition_id < self.config.clients:

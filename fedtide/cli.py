@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -91,8 +92,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def _show_warnings() -> None:
+    """Dropped replies and other server warnings appear above the progress bar, one line each."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("fedtide")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_warnings()
     try:
         config = config_from_args(args)
         from server.run_folder import RunFolder

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.scenarios import task_of_round
+
 
 @dataclass
 class RoundRecord:
@@ -42,8 +44,6 @@ class RunHistory:
         self._pending_rejects: list[dict[str, Any]] = []
         self._pending_train: dict[str, float] = {}
 
-    def task_of_round(self, server_round: int) -> int:
-        return min((server_round - 1) // self.rounds_per_task, self.num_tasks - 1)
 
     # called from the strategy while a round is aggregated
     def client_reply(self, node_id: int, metrics: dict[str, Any]) -> None:
@@ -62,7 +62,7 @@ class RunHistory:
             return None
         record = RoundRecord(
             server_round=server_round,
-            task=self.task_of_round(server_round),
+            task=task_of_round(server_round, self.rounds_per_task, self.num_tasks),
             task_accuracies=list(task_accuracies),
             train=self._pending_train,
             clients=self._pending_clients,
