@@ -20,7 +20,7 @@ app = ClientApp()
 def _settings(msg: Message) -> tuple[RunConfig, int]:
     record = dict(msg.content["config"])
     server_round = int(record.pop("server-round", 0))
-    return RunConfig.from_mapping(record), server_round
+    return RunConfig.from_mapping(record, ignore_unknown=True), server_round
 
 
 def _partition(context: Context) -> int:

@@ -167,8 +167,9 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
-        """Build from kebab- or snake-case keys; unknown keys are an error, not ignored."""
+    def from_mapping(cls, mapping: Mapping[str, Any], ignore_unknown: bool = False) -> "RunConfig":
+        """Build from kebab- or snake-case keys; unknown keys are an error unless
+        ``ignore_unknown`` (a strategy may add its own keys, e.g. ``proximal-mu``)."""
         known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in mapping.items():
@@ -176,6 +177,8 @@ class RunConfig:
             if name in NULLABLE and value in (0, 0.0, ""):
                 continue  # TOML has no null: 0 in a Flower run_config means "use the default"
             if name not in known:
+                if ignore_unknown:
+                    continue
                 raise FedtideError(
                     f"unknown setting '{key}': valid settings are "
                     f"{', '.join(sorted(_flag(n) for n in known))}"

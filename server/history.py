@@ -14,6 +14,7 @@ class RoundRecord:
     task: int
     task_accuracies: list[float]
     train: dict[str, float] = field(default_factory=dict)
+    client_evaluation: dict[str, float] = field(default_factory=dict)
     clients: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -26,6 +27,7 @@ class RoundRecord:
             "accuracy_seen_tasks": sum(seen) / len(seen),
             "task_accuracies": self.task_accuracies,
             "train": self.train,
+            "client_evaluation": self.client_evaluation,
             "clients": self.clients,
             "rejected": self.rejected,
             "seconds": self.seconds,
@@ -43,6 +45,7 @@ class RunHistory:
         self._pending_clients: list[dict[str, Any]] = []
         self._pending_rejects: list[dict[str, Any]] = []
         self._pending_train: dict[str, float] = {}
+        self._pending_evaluation: dict[str, float] = {}
 
 
     # called from the strategy while a round is aggregated
@@ -55,6 +58,9 @@ class RunHistory:
     def train_metrics(self, metrics: dict[str, float]) -> None:
         self._pending_train = dict(metrics)
 
+    def evaluate_metrics(self, metrics: dict[str, float]) -> None:
+        self._pending_evaluation = dict(metrics)
+
     # called after the global model was evaluated
     def close_round(self, server_round: int, task_accuracies: list[float], seconds: float) -> RoundRecord | None:
         if server_round == 0:
@@ -65,12 +71,14 @@ class RunHistory:
             task=task_of_round(server_round, self.rounds_per_task, self.num_tasks),
             task_accuracies=list(task_accuracies),
             train=self._pending_train,
+            client_evaluation=self._pending_evaluation,
             clients=self._pending_clients,
             rejected=self._pending_rejects,
             seconds=seconds,
         )
         self.rounds.append(record)
-        self._pending_clients, self._pending_rejects, self._pending_train = [], [], {}
+        self._pending_clients, self._pending_rejects = [], []
+        self._pending_train, self._pending_evaluation = {}, {}
         return record
 
     @property

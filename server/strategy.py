@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from common.config import RunConfig
 from server.history import RunHistory
-from server.validation import METRICS_KEY, ArraySpec, array_specs, validate_reply
+from server.validation import METRICS_KEY, ArraySpec, array_specs, check_metrics, validate_reply
 
 log = logging.getLogger("fedtide.server")
 
@@ -35,7 +35,8 @@ class ReplyValidation:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._expected = array_specs(arrays)
+        if not self._expected:  # the initial model fixes names, shapes and dtypes for the run
+            self._expected = array_specs(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -57,7 +58,28 @@ class ReplyValidation:
         arrays, metrics = super().aggregate_train(server_round, valid)
         if metrics is not None:
             self.history.train_metrics(dict(metrics))
+        if arrays is not None:
+            arrays = self._in_model_dtypes(arrays)
         return arrays, metrics
+
+    def _in_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Server optimizers (FedAdam, FedAvgM) compute in float64; the model stays in its dtypes."""
+        if all(str(arrays[name].dtype) == spec.dtype for name, spec in self._expected.items()):
+            return arrays
+        return ArrayRecord({name: Array(arrays[name].numpy().astype(spec.dtype)) for name, spec in self._expected.items()})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Client-side evaluation replies carry only metrics; drop those that fail or lie."""
+        valid = []
+        for reply in replies:
+            metrics = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
+            if metrics is None or check_metrics(metrics, self.max_num_examples) is not None:
+                continue
+            valid.append(reply)
+        metrics = super().aggregate_evaluate(server_round, valid)
+        if metrics is not None:
+            self.history.evaluate_metrics(dict(metrics))
+        return metrics
 
 
 class ValidatedFedAvg(ReplyValidation, FedAvg):

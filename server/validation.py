@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -35,14 +35,9 @@ def validate_reply(content: RecordDict, expected: dict[str, ArraySpec], max_num_
         return f"expected one array record '{ARRAYS_KEY}', got {sorted(content.array_records)}"
     if list(content.metric_records) != [METRICS_KEY]:
         return f"expected one metric record '{METRICS_KEY}', got {sorted(content.metric_records)}"
-    metrics = content.metric_records[METRICS_KEY]
-    reason = _check_num_examples(metrics.get(WEIGHT_KEY), max_num_examples)
+    reason = check_metrics(content.metric_records[METRICS_KEY], max_num_examples)
     if reason:
         return reason
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if any(not math.isfinite(float(v)) for v in values):
-            return f"metric '{key}' is not finite"
     arrays = content.array_records[ARRAYS_KEY]
     names = set(arrays.keys())
     if names != set(expected):
@@ -63,6 +58,18 @@ def validate_reply(content: RecordDict, expected: dict[str, ArraySpec], max_num_
             return f"array '{name}' decodes to shape {values.shape}, expected {spec.shape}"
         if not np.isfinite(values).all():
             return f"array '{name}' holds NaN or Inf"
+    return None
+
+
+def check_metrics(metrics: MetricRecord, max_num_examples: int) -> str | None:
+    """The reason a reply's metrics are unusable (bad weight, non-finite value), or None."""
+    reason = _check_num_examples(metrics.get(WEIGHT_KEY), max_num_examples)
+    if reason:
+        return reason
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(not math.isfinite(float(v)) for v in values):
+            return f"metric '{key}' is not finite"
     return None
 
 

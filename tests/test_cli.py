@@ -69,3 +69,16 @@ def test_pyproject_run_config_matches_the_defaults():
     assert from_flower.replace(quiet=False) == RunConfig()
     assert set(app_config) == {k.replace("_", "-") for k in RunConfig.__dataclass_fields__}
     assert all(app_config[k.replace("_", "-")] == 0 for k in NULLABLE)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fedadam"])
+def test_every_strategy_runs_and_clients_can_evaluate(strategy, tmp_path):
+    out = tmp_path / strategy
+    flags = ["--strategy", strategy, "--fraction-evaluate", "1", "--num-tasks", "2", "--iid"]
+    if strategy == "fedprox":
+        flags += ["--prox-mu", "0.01"]
+    assert main(["simulate", "--out", str(out), *flags, *FAST]) == 0
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2
+    assert all(0 <= r["client_evaluation"]["eval-acc"] <= 1 for r in rounds)
+    assert json.loads((out / "summary.json").read_text())["rejected_replies"] == 0
