@@ -23,6 +23,12 @@ def _settings(msg: Message) -> tuple[RunConfig, int]:
     return RunConfig.from_mapping(record, ignore_unknown=True), server_round
 
 
+def _local(config: RunConfig, context: Context) -> RunConfig:
+    """A node may hold its data elsewhere than the server said (node_config ``data-dir``)."""
+    data_dir = context.node_config.get("data-dir")
+    return config.replace(data_dir=str(data_dir)) if data_dir else config
+
+
 def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
@@ -30,6 +36,7 @@ def _partition(context: Context) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, server_round = _settings(msg)
+    config = _local(config, context)
     state = context.state[STATE_KEY].to_torch_state_dict() if STATE_KEY in context.state else {}
     outcome = train_round(
         config,
@@ -47,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, server_round = _settings(msg)
+    config = _local(config, context)
     metrics = evaluate_round(
         config,
         _partition(context),

@@ -17,7 +17,7 @@ SCENARIOS = ("class-incremental", "domain-incremental", "concept-drift")
 DOMAIN_TRANSFORMS = ("rotation", "permutation")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODELS = ("mlp", "cnn")
-DATASETS = ("digits",)
+DATASETS = ("digits", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_MEMORY_SIZE = 200
 NULLABLE = ("memory_size", "server_lr")
@@ -29,6 +29,7 @@ class RunConfig:
 
     # data and scenario
     dataset: str = "digits"
+    data_dir: str = ""  # folder with IDX files, for mnist / fashion-mnist
     scenario: str = "class-incremental"
     num_tasks: int = 5
     domain_transform: str = "rotation"

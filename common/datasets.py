@@ -67,7 +67,12 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     )
 
 
-def load_dataset(name: str) -> Dataset:
+def load_dataset(name: str, data_dir: str = "") -> Dataset:
+    """``digits`` is embedded; ``mnist`` and ``fashion-mnist`` are read from ``data_dir``."""
     if name == "digits":
         return load_digits()
-    raise FedtideError(f"unknown dataset '{name}': use digits")
+    if name in ("mnist", "fashion-mnist"):
+        from common.image_datasets import load_idx_dataset
+
+        return load_idx_dataset(name, data_dir)
+    raise FedtideError(f"unknown dataset '{name}': use digits, mnist or fashion-mnist")

@@ -164,10 +164,10 @@ def build_scenario(config: RunConfig) -> Scenario:
     in-process clients share one copy.
     """
     key = (
-        config.dataset, config.scenario, config.num_tasks, config.domain_transform,
+        config.dataset, config.data_dir, config.scenario, config.num_tasks, config.domain_transform,
         config.clients, config.iid, config.alpha, config.seed, config.rounds_per_task,
     )
     if key not in _CACHE:
         _CACHE.clear()  # one scenario at a time is enough; keeps memory bounded
-        _CACHE[key] = Scenario(config, load_dataset(config.dataset))
+        _CACHE[key] = Scenario(config, load_dataset(config.dataset, config.data_dir))
     return _CACHE[key]

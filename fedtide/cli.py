@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,9 +16,11 @@ from common.config import (
 from common.errors import FedtideError
 
 ENGINES = ("inprocess", "flower")
+DATA_DIR_ENV = "FEDTIDE_DATA_DIR"
 
 HELP = {
-    "dataset": "dataset (digits is embedded, no download)",
+    "dataset": "digits (embedded, no download), mnist or fashion-mnist (IDX files in --data-dir)",
+    "data_dir": "folder with the IDX files of mnist / fashion-mnist (default: $FEDTIDE_DATA_DIR)",
     "scenario": f"kind of drift: {', '.join(SCENARIOS)}",
     "num_tasks": "number of tasks in the sequence",
     "domain_transform": f"input transform per task for domain-incremental: {', '.join(DOMAIN_TRANSFORMS)}",
@@ -84,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     given: dict[str, Any] = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None
     }
+    if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):
+        given["data_dir"] = os.environ[DATA_DIR_ENV]
     config = RunConfig(**given)
     if not config.out:
         from server.run_folder import default_run_dir

@@ -1,0 +1,96 @@
+"""MNIST-format loading: real files verify, damaged ones are refused with a clear message."""
+
+import gzip
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import FedtideError
+from common.idx import parse_idx
+from common.image_datasets import FILES, load_idx_dataset
+from fedtide.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+needs_shared = pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="../shared/datasets not present")
+
+
+def _idx(array: np.ndarray) -> bytes:
+    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def test_parse_reads_shape_and_values():
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(parse_idx(_idx(array), "x"), array)
+
+
+def test_truncated_data_is_refused_not_shortened():
+    content = _idx(np.zeros((10, 4, 4), dtype=np.uint8))
+    with pytest.raises(FedtideError, match="truncated or corrupted"):
+        parse_idx(content[:-7], "x")
+
+
+def test_bad_header_is_refused():
+    with pytest.raises(FedtideError, match="not an IDX file"):
+        parse_idx(b"PK\x03\x04" + b"\x00" * 20, "x")
+
+
+@pytest.fixture
+def mnist_copy(tmp_path):
+    folder = tmp_path / "mnist"
+    shutil.copytree(SHARED / "mnist", folder)
+    for f in folder.iterdir():
+        f.chmod(0o644)
+    return tmp_path
+
+
+@needs_shared
+def test_real_mnist_loads_and_verifies():
+    data = load_idx_dataset("mnist", str(SHARED))
+    assert tuple(data.train.x.shape) == (60000, 1, 28, 28) and len(data.test) == 10000
+    assert float(data.train.x.max()) == 1.0 and set(data.test.y.unique().tolist()) == set(range(10))
+
+
+@needs_shared
+def test_checksum_mismatch_is_refused(mnist_copy):
+    path = mnist_copy / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    labels = bytearray(gzip.decompress(path.read_bytes()))
+    labels[100] = (labels[100] + 1) % 10  # one wrong label, file otherwise perfect
+    path.write_bytes(gzip.compress(bytes(labels)))
+    with pytest.raises(FedtideError, match="checksum"):
+        load_idx_dataset("mnist", str(mnist_copy))
+
+
+@needs_shared
+def test_truncated_download_is_refused(mnist_copy):
+    path = mnist_copy / "mnist" / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(FedtideError, match="damaged or truncated"):
+        load_idx_dataset("mnist", str(mnist_copy))
+
+
+def test_missing_folder_names_the_flag(tmp_path, capsys):
+    code = main(["simulate", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--data-dir" in err and FILES[0] in err
+
+
+def test_no_data_dir_at_all_names_the_flag_and_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FEDTIDE_DATA_DIR", raising=False)
+    code = main(["simulate", "--dataset", "fashion-mnist", "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--data-dir" in err and "FEDTIDE_DATA_DIR" in err
+
+
+@needs_shared
+def test_split_mnist_runs_from_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTIDE_DATA_DIR", str(SHARED))
+    out = tmp_path / "run"
+    flags = ["--dataset", "mnist", "--method", "replay", "--rounds-per-task", "1", "--local-epochs", "1",
+             "--batch-size", "64", "--clients", "3", "--quiet", "--out", str(out)]
+    assert main(["simulate", *flags]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy_matrix"][0][0] > 0.9  # the first two digits are easy
