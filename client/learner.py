@@ -18,6 +18,7 @@ class TrainStats:
     num_examples: int
     loss: float  # mean training loss (including penalties) over all steps
     prequential_accuracy: float  # accuracy on each new batch before training on it (epoch 1)
+    errors: torch.Tensor  # uint8 [num_examples]: 1 where a new sample was mispredicted, stream order
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -44,7 +45,8 @@ def train_local(
     x_all, y_all = data.x.to(device), data.y.to(device)
     for method in methods:
         method.start_round(model)
-    steps, loss_sum, correct = 0, 0.0, 0
+    steps, loss_sum = 0, 0.0
+    errors: list[torch.Tensor] = []
     for epoch in range(config.local_epochs):
         order = torch.randperm(len(data), generator=generator).to(device)
         for start in range(0, len(data), config.batch_size):
@@ -66,11 +68,13 @@ def train_local(
             loss_sum += float(loss.detach())
             if epoch == 0:
                 # the new samples come first in the batch; their logits predate this step
-                correct += int((logits[: len(y)].argmax(dim=1) == y).sum())
+                errors.append((logits[: len(y)].argmax(dim=1) != y).to(torch.uint8).cpu())
                 for method in methods:
                     method.observe(x, y)
+    error_bits = torch.cat(errors) if errors else torch.zeros(0, dtype=torch.uint8)
     return TrainStats(
         num_examples=len(data),
         loss=loss_sum / max(steps, 1),
-        prequential_accuracy=correct / max(len(data), 1),
+        prequential_accuracy=1.0 - float(error_bits.float().mean()) if len(error_bits) else 0.0,
+        errors=error_bits,
     )

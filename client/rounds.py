@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from client.drift import DriftMonitor
 from client.learner import train_local
 from common.evaluation import accuracy
 from client.methods import build_methods
@@ -22,6 +23,7 @@ from common.scenarios import build_scenario
 from common.seeding import derive_seed
 
 LAST_TASK_KEY = "meta.last-task"
+DRIFT_PREFIX = "drift."
 
 
 @dataclass
@@ -72,6 +74,14 @@ def train_round(
     generator = torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round))
     stats = train_local(model, data, methods, config, generator, device)
     new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(task)}
+    drift_at: list[int] = []
+    if config.drift_detector != "none":
+        monitor = DriftMonitor(config.drift_detector, config.drift_delta)
+        saved = {k[len(DRIFT_PREFIX):]: v for k, v in state.items() if k.startswith(DRIFT_PREFIX)}
+        if saved:
+            monitor.load_state(saved)
+        drift_at = monitor.update(stats.errors)
+        new_state.update({DRIFT_PREFIX + k: v for k, v in monitor.state().items()})
     for method in methods:
         new_state.update({f"{method.name}.{k}": v.detach().cpu() for k, v in method.state().items()})
     return TrainOutcome(
@@ -81,6 +91,8 @@ def train_round(
             "train-loss": stats.loss,
             "prequential-acc": stats.prequential_accuracy,
             "task-id": task,
+            "drift-detected": int(bool(drift_at)),
+            "drift-position": drift_at[0] if drift_at else -1,
         },
         state=new_state,
     )

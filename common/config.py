@@ -19,6 +19,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODELS = ("mlp", "cnn")
 DATASETS = ("digits", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
+DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
 DEFAULT_MEMORY_SIZE = 200
 NULLABLE = ("memory_size", "server_lr")
 
@@ -53,6 +54,8 @@ class RunConfig:
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
     prox_mu: float = 0.0
+    drift_detector: str = "adwin"
+    drift_delta: float = 0.01
     optimizer: str = "sgd"
     local_epochs: int = 5
     lr: float = 0.1
@@ -99,6 +102,7 @@ class RunConfig:
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("model", self.model, MODELS)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("drift-detector", self.drift_detector, DRIFT_DETECTORS)
         parts = self.method.split("+")
         for part in parts:
             if part not in METHODS:
@@ -138,6 +142,8 @@ class RunConfig:
         for name in ("prox_mu", "ewc_lambda", "lwf_alpha", "server_momentum"):
             if getattr(self, name) < 0:
                 raise FedtideError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if not 0 < self.drift_delta < 1:
+            raise FedtideError(f"--drift-delta must be between 0 and 1 (got {self.drift_delta})")
         if not self.lwf_temperature > 0:
             raise FedtideError(f"--lwf-temperature must be > 0 (got {self.lwf_temperature})")
         for name in ("fraction_train", "fraction_evaluate"):

@@ -42,6 +42,8 @@ HELP = {
     "lwf_alpha": "LwF distillation weight",
     "lwf_temperature": "LwF distillation temperature",
     "prox_mu": "FedProx proximal term on clients (0: off); works with any method",
+    "drift_detector": "River detector on each client's prequential error stream: adwin, page-hinkley, ddm, none",
+    "drift_delta": "ADWIN's confidence delta: larger reacts faster and raises more false alarms",
     "optimizer": f"client optimizer: {', '.join(OPTIMIZERS)}",
     "local_epochs": "local epochs per round",
     "lr": "client learning rate",

@@ -79,6 +79,7 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
         "baseline": history.baseline,
         "final_task_accuracies": history.rounds[-1].task_accuracies if history.rounds else [],
         "rejected_replies": len(history.rejects),
+        "drift_events": len(history.drift_events),
         "wall_seconds": time.perf_counter() - started,
         "run_dir": str(folder.path),
         **summarize(matrix, history.baseline[: len(matrix)]),

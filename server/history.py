@@ -93,5 +93,15 @@ class RunHistory:
         return rows
 
     @property
+    def drift_events(self) -> list[dict[str, Any]]:
+        """Each client reply that reported a detected drift: round, node, task, stream position."""
+        return [
+            {"round": r.server_round, "node": c["node"], "task": c.get("task-id"), "position": c.get("drift-position")}
+            for r in self.rounds
+            for c in r.clients
+            if c.get("drift-detected")
+        ]
+
+    @property
     def rejects(self) -> list[dict[str, Any]]:
         return [r for record in self.rounds for r in record.rejected]

@@ -23,10 +23,14 @@ def plot_task_accuracy(history: RunHistory, path: Path) -> None:
         ax.plot(rounds, [100 * v for v in values], marker=".", label=f"task {task}")
     for task in range(1, history.num_tasks):
         ax.axvline(task * history.rounds_per_task + 0.5, color="grey", linestyle=":", linewidth=1)
+    drift_rounds = sorted({e["round"] for e in history.drift_events})
+    if drift_rounds:
+        ax.scatter(drift_rounds, [97] * len(drift_rounds), marker="v", color="crimson", zorder=3,
+                   label="drift reported by a client")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("global model accuracy per task (dotted: task switch)")
+    ax.set_title("global model accuracy per task (dotted: task switch, red: drift detected)")
     ax.legend(loc="lower left", fontsize="small", ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

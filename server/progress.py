@@ -45,6 +45,8 @@ class RoundProgress:
         loss = record.train.get("train-loss", float("nan"))
         acc = record.as_json()["accuracy_seen_tasks"]
         note = f" [red]{len(record.rejected)} rejected[/]" if record.rejected else ""
+        drifting = sum(1 for c in record.clients if c.get("drift-detected"))
+        note += f" [yellow]drift on {drifting} client(s)[/]" if drifting else ""
         self._progress.update(
             self._task,
             advance=1,
@@ -64,6 +66,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("final accuracy per task (%)", final)
     table.add_row("rounds", str(summary["rounds"]))
     table.add_row("rejected replies", str(summary["rejected_replies"]))
+    table.add_row("drifts detected by clients", str(summary["drift_events"]))
     table.add_row("wall time (s)", f"{summary['wall_seconds']:.1f}")
     table.add_row("run folder", summary["run_dir"])
     return table

@@ -65,6 +65,10 @@ class RunFolder:
             weights,
             metadata={"model": config.model, "hidden": config.hidden, "dataset": config.dataset},
         )
+        if history.drift_events:
+            write_text_atomic(
+                self.path / "drift_events.jsonl", "".join(json.dumps(e) + "\n" for e in history.drift_events)
+            )
         if history.rejects:
             write_text_atomic(
                 self.path / "rejected_replies.jsonl", "".join(json.dumps(r) + "\n" for r in history.rejects)

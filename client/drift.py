@@ -1,0 +1,57 @@
+"""Drift detection on a client's prequential error stream, with River's detectors.
+
+Each new sample's error (1 if it was mispredicted before training on it, else 0) feeds
+the detector. State is kept as the error bits seen since the last detected drift (a
+bounded tail): loading replays them into a fresh detector, so no detector object is ever
+pickled, and the state is a plain tensor that can live in memory or on disk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_REPLAYED_ERRORS = 4000
+
+
+def _make(name: str, delta: float):
+    from river import drift
+
+    if name == "adwin":
+        # check after every sample: client streams are short, a round may hold only ~50
+        return drift.ADWIN(delta=delta, clock=1)
+    if name == "page-hinkley":
+        return drift.PageHinkley()
+    if name == "ddm":
+        return drift.binary.DDM()
+    raise ValueError(f"unknown drift detector '{name}'")
+
+
+class DriftMonitor:
+    """Feeds errors to a River detector; remembers where in this round it fired."""
+
+    def __init__(self, name: str, delta: float = 0.01) -> None:
+        self.name = name
+        self.delta = delta
+        self._detector = _make(name, delta)
+        self._tail: list[int] = []
+
+    def update(self, errors: torch.Tensor) -> list[int]:
+        """Feed a round's error bits in order; return the positions where drift was detected."""
+        detected = []
+        for position, error in enumerate(errors.tolist()):
+            self._detector.update(int(error))
+            self._tail.append(int(error))
+            if self._detector.drift_detected:
+                detected.append(position)
+                self._tail = []  # what came before the change no longer describes the stream
+        if len(self._tail) > MAX_REPLAYED_ERRORS:
+            self._tail = self._tail[-MAX_REPLAYED_ERRORS:]
+        return detected
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"errors": torch.tensor(self._tail, dtype=torch.uint8)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._detector = _make(self.name, self.delta)
+        self._tail = []
+        self.update(state["errors"])

@@ -1,0 +1,49 @@
+"""Clients notice drift in their prequential error stream, and remember across restarts."""
+
+import json
+
+import torch
+
+from client.drift import DriftMonitor
+from common.files import load_tensors, save_tensors_atomic
+from fedtide.cli import main
+
+
+def _stream(before: float, after: float, n: int = 1000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rates = torch.tensor([before] * n + [after] * n)
+    return (torch.rand(2 * n, generator=g) < rates).to(torch.uint8)
+
+
+def test_adwin_fires_soon_after_an_abrupt_change():
+    detected = DriftMonitor("adwin").update(_stream(0.1, 0.8))
+    assert detected and 1000 <= detected[0] <= 1100
+
+
+def test_detectors_stay_quiet_on_a_stationary_stream():
+    for name in ("adwin", "page-hinkley"):
+        assert DriftMonitor(name).update(_stream(0.2, 0.2)) == []
+
+
+def test_detector_state_round_trips_through_disk(tmp_path):
+    stream = _stream(0.1, 0.8)
+    uninterrupted = DriftMonitor("adwin")
+    uninterrupted.update(stream[:900])
+    expected = uninterrupted.update(stream[900:])
+
+    before_restart = DriftMonitor("adwin")
+    before_restart.update(stream[:900])
+    save_tensors_atomic(tmp_path / "drift.safetensors", before_restart.state())
+    after_restart = DriftMonitor("adwin")
+    after_restart.load_state(load_tensors(tmp_path / "drift.safetensors"))
+    assert after_restart.update(stream[900:]) == expected
+
+
+def test_task_switches_are_reported_in_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--method", "naive", "--rounds-per-task", "2", "--local-epochs", "1", "--iid", "--quiet"]
+    assert main(["simulate", "--out", str(out), *flags]) == 0
+    events = [json.loads(line) for line in (out / "drift_events.jsonl").read_text().splitlines()]
+    switch_rounds = {3, 5, 7, 9}  # first round of tasks 2..5
+    assert any(e["round"] in switch_rounds for e in events)
+    assert json.loads((out / "summary.json").read_text())["drift_events"] == len(events)
