@@ -34,11 +34,13 @@ def train_local(
     config: RunConfig,
     generator: torch.Generator,
     device: torch.device,
+    observe: bool = True,
 ) -> TrainStats:
     """Train ``model`` in place for ``config.local_epochs`` epochs over ``data``.
 
-    In the first epoch every new sample is predicted before it is trained on
-    (prequential accuracy) and shown once to each method's ``observe``.
+    In the first epoch every sample is predicted before it is trained on (prequential
+    accuracy); with ``observe`` it is also shown once to each method's ``observe`` (the
+    caller passes False when these samples were already observed in an earlier round).
     """
     model.train()
     optimizer = make_optimizer(config, model)
@@ -56,7 +58,12 @@ def train_local(
             for method in methods:
                 xb, yb = method.extend_batch(xb, yb)
             logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss = next(
+                (l for m in methods if (l := m.classification_loss(logits, yb, len(y))) is not None),
+                None,
+            )
+            if loss is None:
+                loss = F.cross_entropy(logits, yb)
             for method in methods:
                 extra = method.penalty(model, xb, logits)
                 if extra is not None:
@@ -69,8 +76,9 @@ def train_local(
             if epoch == 0:
                 # the new samples come first in the batch; their logits predate this step
                 errors.append((logits[: len(y)].argmax(dim=1) != y).to(torch.uint8).cpu())
-                for method in methods:
-                    method.observe(x, y)
+                if observe:
+                    for method in methods:
+                        method.observe(x, y)
     error_bits = torch.cat(errors) if errors else torch.zeros(0, dtype=torch.uint8)
     return TrainStats(
         num_examples=len(data),

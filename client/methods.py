@@ -43,6 +43,10 @@ class Method:
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
         pass
 
+    def classification_loss(self, logits: torch.Tensor, y: torch.Tensor, num_new: int) -> torch.Tensor | None:
+        """Replace the plain cross-entropy on the (extended) batch; None keeps it."""
+        return None
+
     def state(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -51,17 +55,34 @@ class Method:
 
 
 class Replay(Method):
-    """Experience replay: each batch of new data is joined by as many remembered samples."""
+    """Experience replay: each batch of new data is joined by ``ratio`` times as many
+    remembered samples, drawn uniformly from a reservoir of the whole stream."""
 
     name = "replay"
 
-    def __init__(self, capacity: int, seed: int) -> None:
+    def __init__(self, capacity: int, seed: int, ratio: float = 1.0, asymmetric: bool = False) -> None:
         self.buffer = ReplayBuffer(capacity, seed)
+        self.ratio = ratio
+        self.asymmetric = asymmetric
+
+    def classification_loss(self, logits, y, num_new):
+        """ER-ACE (Caccia et al., ICLR 2022): new samples compete only among the classes of
+        the incoming batch, so learning them does not push down old classes' logits;
+        remembered samples use the full cross-entropy."""
+        if not self.asymmetric or num_new == logits.shape[0]:
+            return None
+        new_logits, new_y = logits[:num_new], y[:num_new]
+        present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        present[new_y] = True
+        masked = new_logits.masked_fill(~present, torch.finfo(logits.dtype).min)
+        new_loss = F.cross_entropy(masked, new_y, reduction="sum")
+        old_loss = F.cross_entropy(logits[num_new:], y[num_new:], reduction="sum")
+        return (new_loss + old_loss) / logits.shape[0]
 
     def extend_batch(self, x, y):
         if len(self.buffer) == 0:
             return x, y
-        old_x, old_y = self.buffer.sample(x.shape[0])
+        old_x, old_y = self.buffer.sample(max(1, round(x.shape[0] * self.ratio)))
         return torch.cat([x, old_x.to(x.device)]), torch.cat([y, old_y.to(y.device)])
 
     def observe(self, x, y):
@@ -200,7 +221,7 @@ def build_methods(config: RunConfig, seed: int) -> list[Method]:
     methods: list[Method] = []
     parts = config.methods
     if "replay" in parts:
-        methods.append(Replay(config.effective_memory_size, seed))
+        methods.append(Replay(config.effective_memory_size, seed, config.replay_ratio, config.replay_loss == "ace"))
     if "ewc" in parts:
         methods.append(EWC(config.ewc_lambda))
     if "lwf" in parts:

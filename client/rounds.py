@@ -72,7 +72,9 @@ def train_round(
             method.start_task(model, previous)
     data = scenario.train_data(partition_id, task)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round))
-    stats = train_local(model, data, methods, config, generator, device)
+    # a client's data for a task is fixed, so memories are offered each sample once:
+    # in the first round the client trains on that task
+    stats = train_local(model, data, methods, config, generator, device, observe=last_task != task)
     new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(task)}
     drift_at: list[int] = []
     if config.drift_detector != "none":

@@ -19,6 +19,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODELS = ("mlp", "cnn")
 DATASETS = ("digits", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
+REPLAY_LOSSES = ("ce", "ace")
 DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
 DEFAULT_MEMORY_SIZE = 200
 NULLABLE = ("memory_size", "server_lr")
@@ -50,6 +51,8 @@ class RunConfig:
     hidden: str = "128,128"
     method: str = "replay"
     memory_size: int | None = None
+    replay_ratio: float = 1.0
+    replay_loss: str = "ce"
     ewc_lambda: float = 50.0
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
@@ -103,6 +106,7 @@ class RunConfig:
         _one_of("model", self.model, MODELS)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("drift-detector", self.drift_detector, DRIFT_DETECTORS)
+        _one_of("replay-loss", self.replay_loss, REPLAY_LOSSES)
         parts = self.method.split("+")
         for part in parts:
             if part not in METHODS:
@@ -144,6 +148,8 @@ class RunConfig:
                 raise FedtideError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
         if not 0 < self.drift_delta < 1:
             raise FedtideError(f"--drift-delta must be between 0 and 1 (got {self.drift_delta})")
+        if not self.replay_ratio > 0:
+            raise FedtideError(f"--replay-ratio must be > 0 (got {self.replay_ratio})")
         if not self.lwf_temperature > 0:
             raise FedtideError(f"--lwf-temperature must be > 0 (got {self.lwf_temperature})")
         for name in ("fraction_train", "fraction_evaluate"):

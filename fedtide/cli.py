@@ -38,6 +38,8 @@ HELP = {
     "hidden": "hidden layer widths, comma-separated",
     "method": f"continual-learning method(s): {', '.join(METHODS)}, combined with + (e.g. replay+ewc)",
     "memory_size": "replay memory per client, in samples (default 200; replay only)",
+    "replay_ratio": "remembered samples mixed into each batch, per new sample",
+    "replay_loss": "ce (plain experience replay) or ace (ER-ACE: new samples compete only among their own classes)",
     "ewc_lambda": "EWC penalty strength",
     "lwf_alpha": "LwF distillation weight",
     "lwf_temperature": "LwF distillation temperature",
