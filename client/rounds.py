@@ -23,6 +23,7 @@ from common.scenarios import build_scenario
 from common.seeding import derive_seed
 
 LAST_TASK_KEY = "meta.last-task"
+BOOST_KEY = "meta.lr-boost-next"  # 1 when this client detected drift in its last round
 DRIFT_PREFIX = "drift."
 
 
@@ -72,9 +73,12 @@ def train_round(
             method.start_task(model, previous)
     data = scenario.train_data(partition_id, task)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round))
+    local = config
+    if BOOST_KEY in state and int(state[BOOST_KEY]) == 1:
+        local = config.replace(lr=config.lr * config.react_lr_boost)
     # a client's data for a task is fixed, so memories are offered each sample once:
     # in the first round the client trains on that task
-    stats = train_local(model, data, methods, config, generator, device, observe=last_task != task)
+    stats = train_local(model, data, methods, local, generator, device, observe=last_task != task)
     new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(task)}
     drift_at: list[int] = []
     if config.drift_detector != "none":
@@ -84,6 +88,7 @@ def train_round(
             monitor.load_state(saved)
         drift_at = monitor.update(stats.errors)
         new_state.update({DRIFT_PREFIX + k: v for k, v in monitor.state().items()})
+    new_state[BOOST_KEY] = torch.tensor(int(bool(drift_at)))
     for method in methods:
         new_state.update({f"{method.name}.{k}": v.detach().cpu() for k, v in method.state().items()})
     return TrainOutcome(

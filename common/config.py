@@ -20,6 +20,7 @@ MODELS = ("mlp", "cnn")
 DATASETS = ("digits", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
 REPLAY_LOSSES = ("ce", "ace")
+TRAINING_MODES = ("federated", "local-only", "joint")
 DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
 DEFAULT_MEMORY_SIZE = 200
 NULLABLE = ("memory_size", "server_lr")
@@ -38,6 +39,8 @@ class RunConfig:
     clients: int = 5
     iid: bool = False
     alpha: float = 1.0
+    async_spread: int = 0  # rounds by which clients' task switches may lag (0: all switch together)
+    training: str = "federated"  # or local-only / joint: references a method is compared with
     # federation
     rounds_per_task: int = 8
     strategy: str = "fedavg"
@@ -59,6 +62,10 @@ class RunConfig:
     prox_mu: float = 0.0
     drift_detector: str = "adwin"
     drift_delta: float = 0.01
+    react_server: bool = False  # after a drift quorum: all clients, more local epochs next round
+    drift_quorum: float = 0.3
+    drift_epoch_boost: int = 2
+    react_lr_boost: float = 1.0  # a client's lr is multiplied by this in the round after it detects drift
     optimizer: str = "sgd"
     local_epochs: int = 5
     lr: float = 0.1
@@ -94,7 +101,7 @@ class RunConfig:
 
     @property
     def num_rounds(self) -> int:
-        return self.num_tasks * self.rounds_per_task
+        return self.num_tasks * self.rounds_per_task + self.async_spread
 
     # ---- validation -----------------------------------------------------
     def validate(self) -> None:
@@ -107,6 +114,9 @@ class RunConfig:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("drift-detector", self.drift_detector, DRIFT_DETECTORS)
         _one_of("replay-loss", self.replay_loss, REPLAY_LOSSES)
+        _one_of("training", self.training, TRAINING_MODES)
+        if isinstance(self.async_spread, bool) or not isinstance(self.async_spread, int) or self.async_spread < 0:
+            raise FedtideError(f"--async-spread must be a whole number of rounds >= 0 (got {self.async_spread})")
         parts = self.method.split("+")
         for part in parts:
             if part not in METHODS:
@@ -150,6 +160,13 @@ class RunConfig:
             raise FedtideError(f"--drift-delta must be between 0 and 1 (got {self.drift_delta})")
         if not self.replay_ratio > 0:
             raise FedtideError(f"--replay-ratio must be > 0 (got {self.replay_ratio})")
+        if not 0 < self.drift_quorum <= 1:
+            raise FedtideError(f"--drift-quorum must be in (0, 1] (got {self.drift_quorum})")
+        _positive_int("drift-epoch-boost", self.drift_epoch_boost)
+        if not self.react_lr_boost > 0:
+            raise FedtideError(f"--react-lr-boost must be > 0 (got {self.react_lr_boost})")
+        if (self.react_server or self.react_lr_boost != 1.0) and self.drift_detector == "none":
+            raise FedtideError("drift reactions need a detector: drop --drift-detector none")
         if not self.lwf_temperature > 0:
             raise FedtideError(f"--lwf-temperature must be > 0 (got {self.lwf_temperature})")
         for name in ("fraction_train", "fraction_evaluate"):

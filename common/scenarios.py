@@ -22,6 +22,7 @@ from common.config import RunConfig
 from common.datasets import Dataset, LabelledSplit, load_dataset
 from common.errors import FedtideError
 from common.partition import dirichlet_partition, iid_partition
+from common.schedule import TaskSchedule
 from common.transforms import permute_pixels, rotate
 
 MIN_SAMPLES_PER_CLIENT_TASK = 4
@@ -51,11 +52,6 @@ class Task:
         return split
 
 
-def task_of_round(server_round: int, rounds_per_task: int, num_tasks: int) -> int:
-    """Task index of a 1-based server round when every task lasts ``rounds_per_task`` rounds."""
-    return min((max(server_round, 1) - 1) // rounds_per_task, num_tasks - 1)
-
-
 class Scenario:
     """The tasks, each client's training data per task, and the test set of each task."""
 
@@ -69,18 +65,31 @@ class Scenario:
         self.tasks = _make_tasks(config, dataset, rng)
         self._client_tasks = _split_clients(config, dataset, self.tasks, rng)
         self._test = [task.apply(dataset.test) for task in self.tasks]
+        self._joint: dict[int, LabelledSplit] = {}
+        self.schedule = TaskSchedule.build(
+            config.num_tasks, config.rounds_per_task, config.clients, config.async_spread, config.seed
+        )
 
     def task_of(self, partition_id: int, server_round: int) -> int:
-        """The task a client trains on in a (1-based) round; all clients move together."""
-        del partition_id  # synchronous drift: the same schedule for every client
-        return task_of_round(server_round, self.config.rounds_per_task, self.num_tasks)
+        """The task a client trains on in a (1-based) round (always 0 in joint training)."""
+        if self.config.training == "joint":
+            return 0
+        return self.schedule.task_of(partition_id, server_round)
 
     def train_data(self, partition_id: int, task: int) -> LabelledSplit:
+        """The client's data for ``task``; in joint training, all its tasks' data at once."""
         if not 0 <= partition_id < self.config.clients:
             raise FedtideError(
                 f"partition-id {partition_id} is outside 0..{self.config.clients - 1}: "
                 "start as many clients as --clients says"
             )
+        if self.config.training == "joint":
+            if partition_id not in self._joint:
+                parts = self._client_tasks[partition_id]
+                self._joint[partition_id] = LabelledSplit(
+                    torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts])
+                )
+            return self._joint[partition_id]
         return self._client_tasks[partition_id][task]
 
     def test_data(self, task: int) -> LabelledSplit:
@@ -166,6 +175,7 @@ def build_scenario(config: RunConfig) -> Scenario:
     key = (
         config.dataset, config.data_dir, config.scenario, config.num_tasks, config.domain_transform,
         config.clients, config.iid, config.alpha, config.seed, config.rounds_per_task,
+        config.async_spread, config.training,
     )
     if key not in _CACHE:
         _CACHE.clear()  # one scenario at a time is enough; keeps memory bounded

@@ -11,6 +11,7 @@ import random
 import time
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from rich.console import Console
@@ -18,7 +19,8 @@ from rich.console import Console
 from common.config import RunConfig
 from common.metrics import summarize
 from common.models import build_model
-from common.scenarios import build_scenario
+from common.scenarios import Scenario, build_scenario
+from common.stream_metrics import rounds_to_recover, score_detections
 from server.evaluation import TaskEvaluator
 from server.history import RunHistory
 from server.progress import RoundProgress, summary_table
@@ -40,10 +42,11 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
     folder = RunFolder.for_config(config)
     folder.write_config(config)
     scenario = build_scenario(config)
-    history = RunHistory(config.num_tasks, config.rounds_per_task)
+    history = RunHistory(scenario.schedule)
     strategy = build_strategy(config, history)
     evaluator = TaskEvaluator(config, scenario)
     model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+    initial = ArrayRecord(model.state_dict())
     random.seed(config.seed)  # Flower samples nodes with the `random` module
     round_started = time.perf_counter()
 
@@ -51,7 +54,9 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             nonlocal round_started
-            accuracies = evaluator(arrays.to_torch_state_dict())
+            models = getattr(strategy, "models_to_evaluate", lambda a: [a])(arrays)
+            per_model = [evaluator(m.to_torch_state_dict()) for m in models]
+            accuracies = [float(np.mean(column)) for column in zip(*per_model)]
             record = history.close_round(server_round, accuracies, time.perf_counter() - round_started)
             round_started = time.perf_counter()
             if record is not None:
@@ -61,33 +66,55 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
 
         result = strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=initial,
             num_rounds=config.num_rounds,
             train_config=client_config(config),
             evaluate_config=client_config(config),
             evaluate_fn=evaluate,
         )
 
+    summary = summarize_run(config, scenario, history, model_bytes=sum(len(a.data) for a in initial.values()))
+    summary.update(wall_seconds=time.perf_counter() - started, run_dir=str(folder.path))
+    if hasattr(strategy, "boosted_rounds"):
+        summary["boosted_rounds"] = strategy.boosted_rounds
+    folder.write_results(history, summary, result.arrays.to_torch_state_dict(), config)
+    if not config.quiet:
+        console.print(summary_table(summary))
+    return summary
+
+
+def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, model_bytes: int) -> dict[str, Any]:
+    """Every figure of a finished run that the summary, the bench and the table report."""
     matrix = history.accuracy_matrix
-    summary: dict[str, Any] = {
+    schedule = scenario.schedule
+    curves = [[history.baseline[t]] + [r.task_accuracies[t] for r in history.rounds] for t in range(config.num_tasks)]
+    recover = [
+        rounds_to_recover(curves[t], schedule.start_round(t), schedule.end_round(t))
+        for t in range(1, config.num_tasks)
+    ]
+    recover = [r for r in recover if r is not None]
+    last = history.rounds[-1].clients if history.rounds else []
+    weights = sum(c["num-examples"] for c in last)
+    prequential = sum(c["prequential-acc"] * c["num-examples"] for c in last) / weights if weights else 0.0
+    return {
         "method": config.method,
         "scenario": config.scenario,
+        "dataset": config.dataset,
         "strategy": config.strategy,
+        "training": config.training,
         "seed": config.seed,
         "rounds": len(history.rounds),
         "accuracy_matrix": matrix,
         "baseline": history.baseline,
         "final_task_accuracies": history.rounds[-1].task_accuracies if history.rounds else [],
+        "final_prequential_acc": prequential,
+        "rounds_to_recover": float(np.mean(recover)) if recover else None,
         "rejected_replies": len(history.rejects),
         "drift_events": len(history.drift_events),
-        "wall_seconds": time.perf_counter() - started,
-        "run_dir": str(folder.path),
+        "drift_detection": score_detections(history.client_timelines()),
+        "bytes_per_client_round": 2 * model_bytes,  # the model down, the update up
         **summarize(matrix, history.baseline[: len(matrix)]),
     }
-    folder.write_results(history, summary, result.arrays.to_torch_state_dict(), config)
-    if not config.quiet:
-        console.print(summary_table(summary))
-    return summary
 
 
 def quiet_flower_logs() -> None:

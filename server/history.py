@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.scenarios import task_of_round
+from common.schedule import TaskSchedule
 
 
 @dataclass
 class RoundRecord:
     server_round: int
-    task: int
+    task: int  # the newest task any client trains on in this round
     task_accuracies: list[float]
     train: dict[str, float] = field(default_factory=dict)
     client_evaluation: dict[str, float] = field(default_factory=dict)
@@ -35,18 +35,17 @@ class RoundRecord:
 
 
 class RunHistory:
-    """Collects per-round figures; the accuracy matrix row i is taken after task i's last round."""
+    """Collects per-round figures; accuracy-matrix row i is read at ``schedule.end_round(i)``."""
 
-    def __init__(self, num_tasks: int, rounds_per_task: int) -> None:
-        self.num_tasks = num_tasks
-        self.rounds_per_task = rounds_per_task
+    def __init__(self, schedule: TaskSchedule) -> None:
+        self.schedule = schedule
+        self.num_tasks = schedule.num_tasks
         self.baseline: list[float] = []
         self.rounds: list[RoundRecord] = []
         self._pending_clients: list[dict[str, Any]] = []
         self._pending_rejects: list[dict[str, Any]] = []
         self._pending_train: dict[str, float] = {}
         self._pending_evaluation: dict[str, float] = {}
-
 
     # called from the strategy while a round is aggregated
     def client_reply(self, node_id: int, metrics: dict[str, Any]) -> None:
@@ -61,6 +60,12 @@ class RunHistory:
     def evaluate_metrics(self, metrics: dict[str, float]) -> None:
         self._pending_evaluation = dict(metrics)
 
+    def pending_drift_fraction(self) -> float:
+        """Share of this round's accepted replies that report a drift."""
+        if not self._pending_clients:
+            return 0.0
+        return sum(1 for c in self._pending_clients if c.get("drift-detected")) / len(self._pending_clients)
+
     # called after the global model was evaluated
     def close_round(self, server_round: int, task_accuracies: list[float], seconds: float) -> RoundRecord | None:
         if server_round == 0:
@@ -68,7 +73,7 @@ class RunHistory:
             return None
         record = RoundRecord(
             server_round=server_round,
-            task=task_of_round(server_round, self.rounds_per_task, self.num_tasks),
+            task=self.schedule.newest_task(server_round),
             task_accuracies=list(task_accuracies),
             train=self._pending_train,
             client_evaluation=self._pending_evaluation,
@@ -85,12 +90,11 @@ class RunHistory:
     def accuracy_matrix(self) -> list[list[float]]:
         """R[i][j]; only rows of finished tasks."""
         by_round = {r.server_round: r for r in self.rounds}
-        rows = []
-        for task in range(self.num_tasks):
-            last = (task + 1) * self.rounds_per_task
-            if last in by_round:
-                rows.append(by_round[last].task_accuracies)
-        return rows
+        return [
+            by_round[self.schedule.end_round(t)].task_accuracies
+            for t in range(self.num_tasks)
+            if self.schedule.end_round(t) in by_round
+        ]
 
     @property
     def drift_events(self) -> list[dict[str, Any]]:
@@ -101,6 +105,16 @@ class RunHistory:
             for c in r.clients
             if c.get("drift-detected")
         ]
+
+    def client_timelines(self) -> dict[int, list[tuple[int, int, bool]]]:
+        """Per node: (round, task-id, drift-detected) for every accepted reply, in round order."""
+        timelines: dict[int, list[tuple[int, int, bool]]] = {}
+        for record in self.rounds:
+            for c in record.clients:
+                timelines.setdefault(c["node"], []).append(
+                    (record.server_round, int(c.get("task-id", 0)), bool(c.get("drift-detected")))
+                )
+        return timelines
 
     @property
     def rejects(self) -> list[dict[str, Any]]:

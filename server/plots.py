@@ -22,7 +22,7 @@ def plot_task_accuracy(history: RunHistory, path: Path) -> None:
         values += [r.task_accuracies[task] for r in history.rounds]
         ax.plot(rounds, [100 * v for v in values], marker=".", label=f"task {task}")
     for task in range(1, history.num_tasks):
-        ax.axvline(task * history.rounds_per_task + 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.axvline(history.schedule.start_round(task) - 0.5, color="grey", linestyle=":", linewidth=1)
     drift_rounds = sorted({e["round"] for e in history.drift_events})
     if drift_rounds:
         ax.scatter(drift_rounds, [97] * len(drift_rounds), marker="v", color="crimson", zorder=3,

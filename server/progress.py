@@ -66,7 +66,15 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("final accuracy per task (%)", final)
     table.add_row("rounds", str(summary["rounds"]))
     table.add_row("rejected replies", str(summary["rejected_replies"]))
-    table.add_row("drifts detected by clients", str(summary["drift_events"]))
+    detection = summary["drift_detection"]
+    table.add_row(
+        "drift detection",
+        f"{detection['detected']}/{detection['switches']} switches within 1 round, "
+        f"{detection['false_alarms']} false alarms",
+    )
+    if summary.get("rounds_to_recover") is not None:
+        table.add_row("rounds to learn a new task (90% of best)", f"{summary['rounds_to_recover']:.1f}")
+    table.add_row("final prequential accuracy (%)", f"{100 * summary['final_prequential_acc']:.2f}")
     table.add_row("wall time (s)", f"{summary['wall_seconds']:.1f}")
     table.add_row("run folder", summary["run_dir"])
     return table

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
@@ -31,6 +31,7 @@ class ReplyValidation:
         self.history = history
         self.max_num_examples = max_num_examples
         self._expected: dict[str, ArraySpec] = {}
+        self.accepted_nodes: list[int] = []  # nodes whose replies the last round aggregated
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -55,6 +56,7 @@ class ReplyValidation:
                 continue
             self.history.client_reply(node, dict(reply.content.metric_records[METRICS_KEY]))
             valid.append(reply)
+        self.accepted_nodes = [reply.metadata.src_node_id for reply in valid]
         arrays, metrics = super().aggregate_train(server_round, valid)
         if metrics is not None:
             self.history.train_metrics(dict(metrics))
@@ -82,6 +84,68 @@ class ReplyValidation:
         return metrics
 
 
+class DriftResponse:
+    """Mixin: after a round in which at least ``quorum`` of the replies reported drift, the
+    next round trains harder: every client is sampled and local epochs are multiplied."""
+
+    def __init__(self, *args, drift_quorum: float, epoch_boost: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.drift_quorum = drift_quorum
+        self.epoch_boost = epoch_boost
+        self._boost_next = False
+        self.boosted_rounds: list[int] = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if not self._boost_next:
+            return super().configure_train(server_round, arrays, config, grid)
+        self.boosted_rounds.append(server_round)
+        boosted = ConfigRecord(dict(config))
+        boosted["local-epochs"] = int(config["local-epochs"]) * self.epoch_boost
+        fraction, self.fraction_train = self.fraction_train, 1.0
+        try:
+            return super().configure_train(server_round, arrays, boosted, grid)
+        finally:
+            self.fraction_train = fraction
+
+    def aggregate_train(self, server_round, replies):
+        result = super().aggregate_train(server_round, replies)
+        self._boost_next = self.history.pending_drift_fraction() >= self.drift_quorum
+        return result
+
+
+class LocalOnly(ReplyValidation, FedAvg):
+    """Reference without federation: every client keeps training its own model.
+
+    Each node is sent its own last model (the initial one at first); the "global" model
+    reported is the mean, but evaluation averages the accuracy of the nodes' own models.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.node_arrays: dict[int, ArrayRecord] = {}
+
+    def _construct_messages(self, record, node_ids, message_type):
+        messages = []
+        for node_id in node_ids:
+            own = RecordDict(dict(record))
+            if node_id in self.node_arrays:
+                own[self.arrayrecord_key] = self.node_arrays[node_id]
+            messages.append(Message(content=own, message_type=message_type, dst_node_id=node_id))
+        return messages
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        accepted = set(self.accepted_nodes)
+        for reply in replies:
+            if reply.metadata.src_node_id in accepted:
+                self.node_arrays[reply.metadata.src_node_id] = reply.content[self.arrayrecord_key]
+        return arrays, metrics
+
+    def models_to_evaluate(self, arrays: ArrayRecord) -> list[ArrayRecord]:
+        return list(self.node_arrays.values()) or [arrays]
+
+
 class ValidatedFedAvg(ReplyValidation, FedAvg):
     pass
 
@@ -99,7 +163,16 @@ class ValidatedFedAdam(ReplyValidation, FedAdam):
 
 
 def build_strategy(config: RunConfig, history: RunHistory) -> FedAvg:
-    """The strategy a config names, sampling ``fraction_train`` of the nodes each round."""
+    """The strategy a config names, sampling ``fraction_train`` of the nodes each round,
+    with the server's drift response in front when ``react_server`` is on."""
+    strategy_class, kwargs = _strategy_parts(config, history)
+    if config.react_server:
+        strategy_class = type(f"DriftResponsive{strategy_class.__name__}", (DriftResponse, strategy_class), {})
+        kwargs.update(drift_quorum=config.drift_quorum, epoch_boost=config.drift_epoch_boost)
+    return strategy_class(**kwargs)
+
+
+def _strategy_parts(config: RunConfig, history: RunHistory) -> tuple[type, dict]:
     common = dict(
         history=history,
         max_num_examples=config.max_num_examples,
@@ -109,10 +182,14 @@ def build_strategy(config: RunConfig, history: RunHistory) -> FedAvg:
         min_evaluate_nodes=1 if config.fraction_evaluate > 0 else 0,
         min_available_nodes=config.clients,
     )
+    if config.training == "local-only":
+        return LocalOnly, common
     if config.strategy == "fedprox":
-        return ValidatedFedProx(proximal_mu=config.prox_mu, **common)
+        return ValidatedFedProx, dict(proximal_mu=config.prox_mu, **common)
     if config.strategy == "fedavgm":
-        return ValidatedFedAvgM(server_learning_rate=config.effective_server_lr, server_momentum=config.server_momentum, **common)
+        return ValidatedFedAvgM, dict(
+            server_learning_rate=config.effective_server_lr, server_momentum=config.server_momentum, **common
+        )
     if config.strategy == "fedadam":
-        return ValidatedFedAdam(eta=config.effective_server_lr, **common)
-    return ValidatedFedAvg(**common)
+        return ValidatedFedAdam, dict(eta=config.effective_server_lr, **common)
+    return ValidatedFedAvg, common

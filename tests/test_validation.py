@@ -7,6 +7,7 @@ from flwr.clientapp import ClientApp
 
 from fedtide.inprocess import InProcessGrid
 
+from common.schedule import TaskSchedule
 from server.history import RunHistory
 from server.strategy import ValidatedFedAvg
 from server.validation import array_specs, validate_reply
@@ -68,7 +69,7 @@ def _federation(contents: list[RecordDict]):
 
 
 def _one_round(contents):
-    history = RunHistory(num_tasks=1, rounds_per_task=1)
+    history = RunHistory(TaskSchedule.build(num_tasks=1, rounds_per_task=1, clients=len(contents), spread=0, seed=0))
     strategy = ValidatedFedAvg(
         history=history, max_num_examples=1000, fraction_evaluate=0.0, min_available_nodes=len(contents)
     )

@@ -1,0 +1,55 @@
+"""Figures about a drifting stream, beyond the accuracy matrix: how fast a new task is
+learned, and how well clients' drift detectors match the real task switches."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def rounds_to_recover(
+    accuracy: Sequence[float], start: int, end: int, fraction: float = 0.9
+) -> int | None:
+    """Rounds from ``start`` until accuracy on the new task first reaches ``fraction`` of the
+    best it reaches by ``end`` (1 = already in its first round). ``accuracy[r]`` is the
+    accuracy after round r (index 0 = before training). None if never reached."""
+    window = accuracy[start : end + 1]
+    if not window:
+        return None
+    target = fraction * max(window)
+    for offset, value in enumerate(window):
+        if value >= target:
+            return offset + 1
+    return None
+
+
+def score_detections(timelines: dict[int, list[tuple[int, int, bool]]], tolerance: int = 1) -> dict[str, float | int]:
+    """Match each client's drift reports to its task switches.
+
+    A switch is the first reply in which a client's task id is larger than in its
+    previous reply. It counts as detected when the client reports drift in that reply or
+    within ``tolerance`` later replies; the delay is counted in replies (0 = same round).
+    Every report that matches no switch is a false alarm.
+    """
+    switches = detected = false_alarms = 0
+    delays: list[int] = []
+    for timeline in timelines.values():
+        matched: set[int] = set()
+        for i in range(1, len(timeline)):
+            if timeline[i][1] <= timeline[i - 1][1]:
+                continue
+            switches += 1
+            for delay in range(tolerance + 1):
+                j = i + delay
+                if j < len(timeline) and timeline[j][2] and j not in matched:
+                    matched.add(j)
+                    detected += 1
+                    delays.append(delay)
+                    break
+        false_alarms += sum(1 for j, entry in enumerate(timeline) if entry[2] and j not in matched)
+    return {
+        "switches": switches,
+        "detected": detected,
+        "detection_rate": detected / switches if switches else 0.0,
+        "mean_delay_rounds": sum(delays) / len(delays) if delays else 0.0,
+        "false_alarms": false_alarms,
+    }
