@@ -20,7 +20,7 @@ def _make(name: str, delta: float):
         # check after every sample: client streams are short, a round may hold only ~50
         return drift.ADWIN(delta=delta, clock=1)
     if name == "page-hinkley":
-        return drift.PageHinkley()
+        return drift.PageHinkley(mode="up")
     if name == "ddm":
         return drift.binary.DDM()
     raise ValueError(f"unknown drift detector '{name}'")
@@ -36,13 +36,18 @@ class DriftMonitor:
         self._tail: list[int] = []
 
     def update(self, errors: torch.Tensor) -> list[int]:
-        """Feed a round's error bits in order; return the positions where drift was detected."""
+        """Feed a round's error bits in order; return the positions where the error rate rose.
+
+        A change towards fewer errors (the model improving) restarts the tail but is not
+        reported: only a worse stream is drift a client must react to.
+        """
         detected = []
         for position, error in enumerate(errors.tolist()):
             self._detector.update(int(error))
             self._tail.append(int(error))
             if self._detector.drift_detected:
-                detected.append(position)
+                if _error_rose(self._tail):
+                    detected.append(position)
                 self._tail = []  # what came before the change no longer describes the stream
         if len(self._tail) > MAX_REPLAYED_ERRORS:
             self._tail = self._tail[-MAX_REPLAYED_ERRORS:]
@@ -55,3 +60,12 @@ class DriftMonitor:
         self._detector = _make(self.name, self.delta)
         self._tail = []
         self.update(state["errors"])
+
+
+def _error_rose(tail: list[int], recent: int = 32) -> bool:
+    """Whether the last ``recent`` errors (at most half the tail) are more frequent than before."""
+    k = min(recent, len(tail) // 2)
+    if k == 0:
+        return True
+    before, after = tail[:-k], tail[-k:]
+    return sum(after) / len(after) > sum(before) / len(before)

@@ -14,6 +14,8 @@ from common.config import (
     DOMAIN_TRANSFORMS, METHODS, MODELS, OPTIMIZERS, SCENARIOS, STRATEGIES, RunConfig,
 )
 from common.errors import FedtideError
+from fedtide.bench import REFERENCES
+from fedtide.presets import PRESETS, preset_settings
 
 ENGINES = ("inprocess", "flower")
 DATA_DIR_ENV = "FEDTIDE_DATA_DIR"
@@ -90,14 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--engine", choices=ENGINES, default="inprocess",
                           help="inprocess (fast, no Ray) or flower (Flower's simulation engine)")
+    simulate.add_argument("--preset", metavar="NAME", help=f"start from a named scenario: {', '.join(PRESETS)}")
     _add_config_flags(simulate)
+
+    bench = commands.add_parser(
+        "bench",
+        help="compare methods and references over seeds on one scenario",
+        description="Run each method and the references local-only (no federation), fed-joint (all tasks "
+        "at once, federated) and central-joint (all data pooled, one model) on the same splits; print one "
+        "table and write it as CSV, Markdown and a plot. Re-running resumes an interrupted bench.",
+    )
+    bench.add_argument("--scenario", default="split-digits", help=f"scenario preset: {', '.join(PRESETS)}")
+    bench.add_argument("--methods", default="naive,replay,ewc,lwf,replay+ewc", help="comma-separated methods")
+    bench.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
+    bench.add_argument("--references", default=",".join(REFERENCES),
+                       help=f"comma-separated references among {', '.join(REFERENCES)}, or none")
+    bench.add_argument("--reference-method", default="replay", help="method the local-only reference trains with")
+    bench.add_argument("--data-dir", help="folder with IDX files (default: $FEDTIDE_DATA_DIR)")
+    bench.add_argument("--out", help="bench folder (default: bench/<scenario>)")
+    bench.add_argument("--jobs", type=int, default=1, help="cells run at once, in separate processes")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting of every cell, e.g. --set rounds-per-task=5 (repeatable)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    given: dict[str, Any] = {
+    given: dict[str, Any] = preset_settings(args.preset) if args.preset else {}
+    given.update({
         f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None
-    }
+    })
     if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):
         given["data_dir"] = os.environ[DATA_DIR_ENV]
     config = RunConfig(**given)
@@ -120,10 +143,68 @@ def _show_warnings() -> None:
         logger.propagate = False
 
 
+def bench_main(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from fedtide.bench import COLUMNS, aggregate, build_cells, format_cell, run_bench, write_outputs
+
+    if args.seeds < 1:
+        raise FedtideError(f"--seeds must be at least 1 (got {args.seeds})")
+    if args.jobs < 1:
+        raise FedtideError(f"--jobs must be at least 1 (got {args.jobs})")
+    settings = preset_settings(args.scenario)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FedtideError(f"--set {item}: write KEY=VALUE, e.g. --set rounds-per-task=5")
+        settings[key.replace("-", "_")] = value
+    data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV, "")
+    if data_dir:
+        settings["data_dir"] = data_dir
+    base = RunConfig.from_mapping(settings)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    references = [] if args.references == "none" else [r.strip() for r in args.references.split(",") if r.strip()]
+    for reference in references:
+        if reference not in REFERENCES:
+            raise FedtideError(f"unknown reference '{reference}': use {', '.join(REFERENCES)} or none")
+    for method in methods + [args.reference_method]:
+        base.replace(method=method, memory_size=None)  # validates the method name
+    out = Path(args.out or Path("bench") / args.scenario)
+    cells = build_cells(base, methods, args.seeds, references, args.reference_method, out)
+    from server.run_folder import RunFolder
+
+    RunFolder(out)  # writable?
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("", total=len(cells))
+
+        def done(cell, reused):
+            progress.update(task, advance=1, description=f"{cell.name}{' (already done)' if reused else ''}")
+
+        records = run_bench(cells, args.jobs, done)
+    rows = aggregate(records)
+    title = f"fedtide bench: {args.scenario}, {args.seeds} seed(s)"
+    write_outputs(out, records, rows, title)
+    table = Table(title=title)
+    table.add_column("method")
+    for column in COLUMNS:
+        table.add_column(column[0], justify="right")
+    for row in rows:
+        table.add_row(row["label"], *(format_cell(row[c[0]], c[3], row["seeds"]) for c in COLUMNS))
+    Console(width=max(Console().width, 200)).print(table)
+    console.print(f"written: {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.png'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_warnings()
     try:
+        if args.command == "bench":
+            bench_main(args)
+            return 0
         config = config_from_args(args)
         from server.run_folder import RunFolder
 

@@ -1,0 +1,212 @@
+"""``fedtide bench``: several methods and three references on the same splits, over seeds.
+
+Each (method or reference, seed) is a cell: one full in-process run with its own run
+folder under ``OUT/cells``. A finished cell leaves ``cell.json``; re-running the same
+bench skips cells whose ``cell.json`` holds the same settings, so an interrupted bench
+resumes where it stopped. The table is written as CSV, Markdown and a plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from common.config import RunConfig
+from common.files import write_json_atomic, write_text_atomic
+
+REFERENCES = ("local-only", "fed-joint", "central-joint")
+
+# (column title, summary key or function, scale, format)
+COLUMNS: list[tuple[str, Callable[[dict], float | None], float, str]] = [
+    ("ACC %", lambda s: s["acc"], 100, "{:.2f}"),
+    ("BWT pts", lambda s: s["bwt"], 100, "{:+.2f}"),
+    ("FWT pts", lambda s: s["fwt"], 100, "{:+.2f}"),
+    ("forgetting pts", lambda s: s["forgetting"], 100, "{:.2f}"),
+    ("final preq. acc %", lambda s: s["final_prequential_acc"], 100, "{:.2f}"),
+    ("rounds to recover", lambda s: s["rounds_to_recover"], 1, "{:.1f}"),
+    ("drift detected %", lambda s: s["drift_detection"]["detection_rate"] if s["drift_detection"]["switches"] else None, 100, "{:.0f}"),
+    ("detection delay (rounds)", lambda s: s["drift_detection"]["mean_delay_rounds"] if s["drift_detection"]["detected"] else None, 1, "{:.2f}"),
+    ("false alarms", lambda s: s["drift_detection"]["false_alarms"], 1, "{:.1f}"),
+    ("KB/client/round", lambda s: s["bytes_per_client_round"], 1 / 1024, "{:.0f}"),
+    ("wall s", lambda s: s["wall_seconds"], 1, "{:.1f}"),
+]
+
+
+@dataclass(frozen=True)
+class Cell:
+    label: str
+    seed: int
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.label.replace('+', '_')}-s{self.seed}"
+
+
+def build_cells(
+    base: RunConfig, methods: list[str], seeds: int, references: list[str], reference_method: str, out: Path
+) -> list[Cell]:
+    """Every method, then every reference, for each seed; all cells of a seed share its splits."""
+    cells = []
+    for seed in range(seeds):
+        for method in methods:
+            cells.append(Cell(method, seed, _with_method(base, method).replace(seed=seed)))
+        for reference in references:
+            cells.append(Cell(reference, seed, _reference(base, reference, reference_method).replace(seed=seed)))
+    return [c for c in (Cell(c.label, c.seed, c.config.replace(out=str(out / "cells" / c.name), quiet=True)) for c in cells)]
+
+
+def _with_method(base: RunConfig, method: str) -> RunConfig:
+    keeps_memory = "replay" in method.split("+")
+    return base.replace(method=method, memory_size=base.memory_size if keeps_memory else None)
+
+
+def _reference(base: RunConfig, reference: str, reference_method: str) -> RunConfig:
+    if reference == "local-only":
+        return _with_method(base, reference_method).replace(training="local-only", react_server=False)
+    joint = _with_method(base, "naive").replace(training="joint", react_server=False, react_lr_boost=1.0)
+    if reference == "central-joint":
+        return joint.replace(clients=1, iid=True, fraction_train=1.0)
+    return joint
+
+
+def _run_cell(cell: Cell, threads: int) -> dict[str, Any]:
+    import torch
+
+    from fedtide.inprocess import run_inprocess
+
+    torch.set_num_threads(threads)
+    summary = run_inprocess(cell.config)
+    record = {"label": cell.label, "seed": cell.seed, "config": cell.config.to_mapping(), "summary": summary}
+    write_json_atomic(Path(cell.config.out) / "cell.json", record)
+    return record
+
+
+def finished(cell: Cell) -> dict[str, Any] | None:
+    path = Path(cell.config.out) / "cell.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if record.get("config") == cell.config.to_mapping() else None
+
+
+def run_bench(cells: list[Cell], jobs: int, on_done: Callable[[Cell, bool], None]) -> list[dict[str, Any]]:
+    """Run the cells not finished yet (``jobs`` at a time); return every cell's record, in order."""
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for cell in cells:
+        done = finished(cell)
+        if done is not None:
+            records[cell.name] = done
+            on_done(cell, True)
+        else:
+            todo.append(cell)
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    if jobs <= 1:
+        for cell in todo:
+            records[cell.name] = _run_cell(cell, threads)
+            on_done(cell, False)
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {cell.name: (cell, pool.submit(_run_cell, cell, threads)) for cell in todo}
+            for name, (cell, future) in futures.items():
+                records[name] = future.result()
+                on_done(cell, False)
+    return [records[c.name] for c in cells]
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per label: mean and std over seeds of every column."""
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    rows = []
+    for label in labels:
+        summaries = [r["summary"] for r in records if r["label"] == label]
+        row: dict[str, Any] = {"label": label, "seeds": len(summaries)}
+        for title, get, scale, _ in COLUMNS:
+            values = [get(s) for s in summaries]
+            values = [v * scale for v in values if v is not None]
+            row[title] = (_mean(values), _std(values)) if values else (None, None)
+        rows.append(row)
+    return rows
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def format_cell(value: tuple[float | None, float | None], fmt: str, seeds: int) -> str:
+    mean, std = value
+    if mean is None:
+        return "-"
+    return fmt.format(mean) + (f" ± {std:.2f}" if seeds > 1 else "")
+
+
+def write_outputs(out: Path, records: list[dict[str, Any]], rows: list[dict[str, Any]], title: str) -> None:
+    per_cell = io.StringIO()
+    writer = csv.writer(per_cell)
+    writer.writerow(["label", "seed"] + [c[0] for c in COLUMNS])
+    for r in records:
+        values = [get(r["summary"]) for _, get, _, _ in COLUMNS]
+        writer.writerow([r["label"], r["seed"]] + ["" if v is None else v * c[2] for v, c in zip(values, COLUMNS)])
+    write_text_atomic(out / "cells.csv", per_cell.getvalue())
+
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["label", "seeds"] + [f"{c[0]} {k}" for c in COLUMNS for k in ("mean", "std")])
+    for row in rows:
+        writer.writerow([row["label"], row["seeds"]] + [
+            "" if v is None else v for c in COLUMNS for v in row[c[0]]
+        ])
+    write_text_atomic(out / "summary.csv", table.getvalue())
+
+    md = [f"# {title}", "", "| method | " + " | ".join(c[0] for c in COLUMNS) + " |",
+          "|---|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        md.append(f"| {row['label']} | " + " | ".join(format_cell(row[c[0]], c[3], row["seeds"]) for c in COLUMNS) + " |")
+    write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
+    write_json_atomic(out / "summary.json", {"title": title, "rows": rows})
+    _plot(out / "summary.png", rows, title)
+
+
+def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for ax, column, colour in ((axes[0], "ACC %", "tab:blue"), (axes[1], "forgetting pts", "tab:red")):
+        means = [r[column][0] or 0.0 for r in rows]
+        stds = [r[column][1] or 0.0 for r in rows]
+        ax.bar(labels, means, yerr=stds, color=colour, alpha=0.8, capsize=4)
+        ax.set_title(column)
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    from common.files import write_bytes_atomic
+
+    write_bytes_atomic(path, buffer.getvalue())
