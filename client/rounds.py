@@ -13,6 +13,7 @@ import torch
 
 from client.drift import DriftMonitor
 from client.learner import train_local
+from client.lr_schedule import PLATEAU_KEY, round_lr, update_plateau
 from common.evaluation import accuracy
 from client.methods import build_methods
 from common.config import RunConfig
@@ -21,6 +22,7 @@ from common.errors import FedtideError
 from common.models import build_model
 from common.scenarios import build_scenario
 from common.seeding import derive_seed
+from common.weights import freeze
 
 LAST_TASK_KEY = "meta.last-task"
 BOOST_KEY = "meta.lr-boost-next"  # 1 when this client detected drift in its last round
@@ -60,6 +62,7 @@ def train_round(
     device = resolve_device(device_name or config.device)
     task = scenario.task_of(partition_id, server_round)
     model = _load_global(config, weights).to(device)
+    freeze(model, config.frozen_prefixes)
     methods = build_methods(config, seed=derive_seed(config.seed, partition_id))
     for method in methods:
         prefix = f"{method.name}."
@@ -73,13 +76,18 @@ def train_round(
             method.start_task(model, previous)
     data = scenario.train_data(partition_id, task)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round))
-    local = config
+    task_changed = last_task != task
+    rounds_into_task = scenario.schedule.rounds_into_task(partition_id, server_round)
+    lr = round_lr(config.lr, config.lr_schedule, rounds_into_task, config.rounds_per_task, state, task_changed)
     if BOOST_KEY in state and int(state[BOOST_KEY]) == 1:
-        local = config.replace(lr=config.lr * config.react_lr_boost)
+        lr *= config.react_lr_boost
+    local = config.replace(lr=lr)
     # a client's data for a task is fixed, so memories are offered each sample once:
     # in the first round the client trains on that task
-    stats = train_local(model, data, methods, local, generator, device, observe=last_task != task)
+    stats = train_local(model, data, methods, local, generator, device, observe=task_changed)
     new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(task)}
+    if config.lr_schedule == "plateau":
+        new_state[PLATEAU_KEY] = update_plateau(state, stats.loss, task_changed)
     drift_at: list[int] = []
     if config.drift_detector != "none":
         monitor = DriftMonitor(config.drift_detector, config.drift_delta)
@@ -98,6 +106,7 @@ def train_round(
             "train-loss": stats.loss,
             "prequential-acc": stats.prequential_accuracy,
             "task-id": task,
+            "lr": lr,
             "drift-detected": int(bool(drift_at)),
             "drift-position": drift_at[0] if drift_at else -1,
         },

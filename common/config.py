@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from common.errors import FedtideError
 
 METHODS = ("naive", "replay", "ewc", "lwf")
-SCENARIOS = ("class-incremental", "domain-incremental", "concept-drift")
+SCENARIOS = ("class-incremental", "domain-incremental", "concept-drift", "dataset-switch")
 DOMAIN_TRANSFORMS = ("rotation", "permutation")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODELS = ("mlp", "cnn")
@@ -21,6 +21,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
 REPLAY_LOSSES = ("ce", "ace")
 TRAINING_MODES = ("federated", "local-only", "joint")
+LR_SCHEDULES = ("constant", "restart", "plateau")
 DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
 DEFAULT_MEMORY_SIZE = 200
 NULLABLE = ("memory_size", "server_lr")
@@ -33,7 +34,10 @@ class RunConfig:
     # data and scenario
     dataset: str = "digits"
     data_dir: str = ""  # folder with IDX files, for mnist / fashion-mnist
+    normalize: bool = False  # standardize pixels with the training set's mean and std
+    pad_to: int = 0  # zero-pad images to this size (e.g. 32); 0 keeps them as they are
     scenario: str = "class-incremental"
+    second_dataset: str = "fashion-mnist"  # what a dataset-switch scenario switches to
     num_tasks: int = 5
     domain_transform: str = "rotation"
     clients: int = 5
@@ -52,6 +56,8 @@ class RunConfig:
     # local learning
     model: str = "mlp"
     hidden: str = "128,128"
+    init_from: str = ""  # safetensors file with weights to start from (transfer learning)
+    freeze: str = ""  # comma-separated parameter-name prefixes that clients do not train
     method: str = "replay"
     memory_size: int | None = None
     replay_ratio: float = 1.0
@@ -69,6 +75,7 @@ class RunConfig:
     optimizer: str = "sgd"
     local_epochs: int = 5
     lr: float = 0.1
+    lr_schedule: str = "constant"
     batch_size: int = 16
     # run
     seed: int = 0
@@ -90,6 +97,10 @@ class RunConfig:
         return DEFAULT_MEMORY_SIZE if self.memory_size is None else self.memory_size
 
     @property
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.freeze.split(",") if p.strip())
+
+    @property
     def hidden_widths(self) -> tuple[int, ...]:
         return tuple(int(w) for w in self.hidden.split(",") if w.strip())
 
@@ -108,6 +119,7 @@ class RunConfig:
         """Raise FedtideError naming the field and what to change."""
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("scenario", self.scenario, SCENARIOS)
+        _one_of("second-dataset", self.second_dataset, DATASETS)
         _one_of("domain-transform", self.domain_transform, DOMAIN_TRANSFORMS)
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("model", self.model, MODELS)
@@ -115,6 +127,7 @@ class RunConfig:
         _one_of("drift-detector", self.drift_detector, DRIFT_DETECTORS)
         _one_of("replay-loss", self.replay_loss, REPLAY_LOSSES)
         _one_of("training", self.training, TRAINING_MODES)
+        _one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         if isinstance(self.async_spread, bool) or not isinstance(self.async_spread, int) or self.async_spread < 0:
             raise FedtideError(f"--async-spread must be a whole number of rounds >= 0 (got {self.async_spread})")
         parts = self.method.split("+")
@@ -142,6 +155,8 @@ class RunConfig:
         _positive_int("max-num-examples", self.max_num_examples)
         if self.memory_size is not None:
             _positive_int("memory-size", self.memory_size)
+        if self.pad_to < 0:
+            raise FedtideError(f"--pad-to must be >= 0 (got {self.pad_to})")
         if not self.alpha > 0:
             raise FedtideError(
                 f"--alpha must be > 0 (got {self.alpha}): small values (0.1) give very "

@@ -41,7 +41,8 @@ def find_idx_file(data_dir: Path, name: str, stem: str) -> Path:
                 return candidate
     raise FedtideError(
         f"{name}: {stem}.gz not found in {data_dir} or {data_dir / name}: point --data-dir "
-        f"(or FEDTIDE_DATA_DIR) at the folder holding the four {name} IDX files"
+        f"(or FEDTIDE_DATA_DIR) at the folder holding the four {name} IDX files, or fetch them "
+        f"with: fedtide download {name} --to {data_dir}"
     )
 
 
@@ -50,7 +51,7 @@ def load_idx_dataset(name: str, data_dir: str) -> Dataset:
     if not data_dir:
         raise FedtideError(
             f"dataset '{name}' needs its files: pass --data-dir DIR (or set FEDTIDE_DATA_DIR) "
-            "to a folder with the four IDX files"
+            f"to a folder with the four IDX files; to fetch them: fedtide download {name} --to DIR"
         )
     root = Path(data_dir)
     arrays = {stem: read_idx(find_idx_file(root, name, stem), CHECKSUMS[name][stem]) for stem in FILES}

@@ -1,10 +1,12 @@
 """Turn one labelled dataset into a sequence of tasks per client, and test sets per task.
 
-Three kinds of drift:
+Four kinds of drift:
 - class-incremental: classes split into tasks (0-1, 2-3, ...), one shared output head;
 - domain-incremental: the same labels, each task transforms the inputs (rotation or
   a fixed pixel permutation);
-- concept-drift: the same inputs, each task remaps labels (what a label means changes).
+- concept-drift: the same inputs, each task remaps labels (what a label means changes);
+- dataset-switch: tasks alternate between two datasets of the same shape (MNIST, then
+  Fashion-MNIST, ...), sharing the ten output labels.
 
 Training data is partitioned across clients first (IID or Dirichlet), then each client's
 part is cut into tasks, so no sample is seen in two tasks and no test sample is ever
@@ -23,7 +25,7 @@ from common.datasets import Dataset, LabelledSplit, load_dataset
 from common.errors import FedtideError
 from common.partition import dirichlet_partition, iid_partition
 from common.schedule import TaskSchedule
-from common.transforms import permute_pixels, rotate
+from common.transforms import pad_to, permute_pixels, rotate, standardize
 
 MIN_SAMPLES_PER_CLIENT_TASK = 4
 
@@ -62,13 +64,35 @@ class Scenario:
         self.num_classes = dataset.num_classes
         self.input_shape = dataset.input_shape
         rng = np.random.default_rng(config.seed)
-        self.tasks = _make_tasks(config, dataset, rng)
-        self._client_tasks = _split_clients(config, dataset, self.tasks, rng)
-        self._test = [task.apply(dataset.test) for task in self.tasks]
+        if config.scenario == "dataset-switch":
+            sources = [dataset, _second_dataset(config, dataset)]
+            self.tasks = [Task(i) for i in range(config.num_tasks)]
+            self._client_tasks = _split_switch(config, sources, rng)
+            self._test = [sources[t % 2].test for t in range(config.num_tasks)]
+        else:
+            self.tasks = _make_tasks(config, dataset, rng)
+            self._client_tasks = _split_clients(config, dataset, self.tasks, rng)
+            self._test = [task.apply(dataset.test) for task in self.tasks]
+        self._prepare_inputs(config, dataset)
         self._joint: dict[int, LabelledSplit] = {}
         self.schedule = TaskSchedule.build(
             config.num_tasks, config.rounds_per_task, config.clients, config.async_spread, config.seed
         )
+
+    def _prepare_inputs(self, config: RunConfig, dataset: Dataset) -> None:
+        """Padding and standardization come after the task transforms (a rotation pads with
+        black, which standardization then maps like any black pixel)."""
+        if not config.normalize and not config.pad_to:
+            return
+        mean, std = float(dataset.train.x.mean()), float(dataset.train.x.std())
+
+        def prepare(split: LabelledSplit) -> LabelledSplit:
+            x = pad_to(split.x, config.pad_to) if config.pad_to else split.x
+            return LabelledSplit(standardize(x, mean, std) if config.normalize else x, split.y)
+
+        self._client_tasks = [[prepare(s) for s in tasks] for tasks in self._client_tasks]
+        self._test = [prepare(s) for s in self._test]
+        self.input_shape = tuple(self._test[0].x.shape[1:])
 
     def task_of(self, partition_id: int, server_round: int) -> int:
         """The task a client trains on in a (1-based) round (always 0 in joint training)."""
@@ -163,6 +187,38 @@ def _split_clients(
     return per_client
 
 
+def _second_dataset(config: RunConfig, first: Dataset) -> Dataset:
+    second = load_dataset(config.second_dataset, config.data_dir)
+    if second.input_shape != first.input_shape or second.num_classes != first.num_classes:
+        raise FedtideError(
+            f"--second-dataset {config.second_dataset} has inputs {second.input_shape} and "
+            f"{second.num_classes} classes, {config.dataset} has {first.input_shape} and "
+            f"{first.num_classes}: a dataset switch needs two datasets of the same shape"
+        )
+    return second
+
+
+def _split_switch(config: RunConfig, sources: list[Dataset], rng: np.random.Generator) -> list[list[LabelledSplit]]:
+    """Even tasks come from the first dataset, odd ones from the second: each dataset is
+    split across clients, and each client's share is cut into the tasks that use it."""
+    per_client: list[list[LabelledSplit | None]] = [[None] * config.num_tasks for _ in range(config.clients)]
+    for index, source in enumerate(sources):
+        task_ids = list(range(index, config.num_tasks, 2))
+        if not task_ids:
+            continue
+        labels = source.train.y.numpy()
+        minimum = MIN_SAMPLES_PER_CLIENT_TASK * len(task_ids)
+        if config.iid:
+            parts = iid_partition(len(labels), config.clients, rng)
+        else:
+            parts = dirichlet_partition(labels, config.clients, config.alpha, rng, min_per_group=minimum)
+        for client, part in enumerate(parts):
+            order = torch.from_numpy(rng.permutation(part))
+            for task, chunk in zip(task_ids, torch.tensor_split(order, len(task_ids))):
+                per_client[client][task] = LabelledSplit(source.train.x[chunk], source.train.y[chunk])
+    return per_client  # type: ignore[return-value]
+
+
 _CACHE: dict[tuple, Scenario] = {}
 
 
@@ -175,7 +231,7 @@ def build_scenario(config: RunConfig) -> Scenario:
     key = (
         config.dataset, config.data_dir, config.scenario, config.num_tasks, config.domain_transform,
         config.clients, config.iid, config.alpha, config.seed, config.rounds_per_task,
-        config.async_spread, config.training,
+        config.async_spread, config.training, config.normalize, config.pad_to, config.second_dataset,
     )
     if key not in _CACHE:
         _CACHE.clear()  # one scenario at a time is enough; keeps memory bounded

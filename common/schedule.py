@@ -41,6 +41,12 @@ class TaskSchedule:
         local = max(server_round, 1) - 1 - self.offsets[client]
         return int(min(max(local // self.rounds_per_task, 0), self.num_tasks - 1))
 
+    def rounds_into_task(self, client: int, server_round: int) -> int:
+        """How many rounds ``client`` has already spent on its current task (0 in its first)."""
+        task = self.task_of(client, server_round)
+        first = 1 if task == 0 else self.switch_round(client, task)
+        return max(server_round, 1) - first
+
     def switch_round(self, client: int, task: int) -> int:
         """First round in which ``client`` trains on ``task`` (task >= 1)."""
         return task * self.rounds_per_task + 1 + self.offsets[client]

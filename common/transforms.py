@@ -23,3 +23,17 @@ def permute_pixels(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
     """Apply one fixed permutation of the H*W pixel positions to every image."""
     n, c, h, w = x.shape
     return x.reshape(n, c, h * w)[:, :, permutation].reshape(n, c, h, w)
+
+
+def pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad [N, C, H, W] images symmetrically to ``size`` x ``size`` (e.g. 28 -> 32)."""
+    n, c, h, w = x.shape
+    if size <= max(h, w):
+        return x
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(x, (left, size - w - left, top, size - h - top))
+
+
+def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Shift and scale pixel values by the training set's mean and standard deviation."""
+    return (x - mean) / std

@@ -25,6 +25,7 @@ HELP = {
     "data_dir": "folder with the IDX files of mnist / fashion-mnist (default: $FEDTIDE_DATA_DIR)",
     "scenario": f"kind of drift: {', '.join(SCENARIOS)}",
     "num_tasks": "number of tasks in the sequence",
+    "second_dataset": "dataset-switch: the dataset odd tasks come from",
     "domain_transform": f"input transform per task for domain-incremental: {', '.join(DOMAIN_TRANSFORMS)}",
     "clients": "number of clients",
     "iid": "split data IID across clients (default: Dirichlet over labels, see --alpha)",
@@ -39,6 +40,10 @@ HELP = {
     "server_momentum": "server momentum for fedavgm",
     "max_num_examples": "largest num-examples a client reply may claim",
     "model": f"model: {', '.join(MODELS)}",
+    "init_from": "start from these weights (a .safetensors file, e.g. a run folder's model.safetensors)",
+    "freeze": "comma-separated parameter-name prefixes clients do not train, e.g. features.1",
+    "normalize": "standardize pixels with the training set's mean and std",
+    "pad_to": "zero-pad images to this size, e.g. 32 (0: keep)",
     "hidden": "hidden layer widths, comma-separated",
     "method": f"continual-learning method(s): {', '.join(METHODS)}, combined with + (e.g. replay+ewc)",
     "memory_size": "replay memory per client, in samples (default 200; replay only)",
@@ -58,6 +63,8 @@ HELP = {
     "optimizer": f"client optimizer: {', '.join(OPTIMIZERS)}",
     "local_epochs": "local epochs per round",
     "lr": "client learning rate",
+    "lr_schedule": "constant; restart (cosine over each task, restarting at a switch); "
+    "plateau (halve when the loss stalls, reset at a switch)",
     "batch_size": "client batch size",
     "seed": "random seed; the same seed gives the same numbers",
     "device": "auto (CUDA if available), cpu, cuda or cuda:N",
@@ -94,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="inprocess (fast, no Ray) or flower (Flower's simulation engine)")
     simulate.add_argument("--preset", metavar="NAME", help=f"start from a named scenario: {', '.join(PRESETS)}")
     _add_config_flags(simulate)
+
+    download = commands.add_parser(
+        "download", help="download mnist or fashion-mnist, verifying checksums",
+        description="Fetch the four IDX files of a dataset into DIR/<name>, checking each against the "
+        "sha256 of its original content; use DIR afterwards as --data-dir.",
+    )
+    download.add_argument("dataset", choices=("mnist", "fashion-mnist"))
+    download.add_argument("--to", required=True, metavar="DIR", help="folder to download into")
+    download.add_argument("--mirror", action="append", metavar="URL", help="base URL to fetch from instead of the defaults (repeatable)")
 
     bench = commands.add_parser(
         "bench",
@@ -198,12 +214,34 @@ def bench_main(args: argparse.Namespace) -> None:
     console.print(f"written: {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.png'}")
 
 
+def download_main(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from common.download import download_dataset
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console) as progress:
+        bars: dict[str, Any] = {}
+
+        def report(name: str, done: int, total: int) -> None:
+            if name not in bars:
+                bars[name] = progress.add_task(name, total=total or None)
+            progress.update(bars[name], completed=done)
+
+        folder = download_dataset(args.dataset, Path(args.to), tuple(args.mirror) if args.mirror else None, report)
+    console.print(f"{args.dataset} verified in {folder}; use --data-dir {args.to}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_warnings()
     try:
         if args.command == "bench":
             bench_main(args)
+            return 0
+        if args.command == "download":
+            download_main(args)
             return 0
         config = config_from_args(args)
         from server.run_folder import RunFolder

@@ -30,6 +30,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rotated-mnist": {
         "dataset": "mnist", "scenario": "domain-incremental", "domain_transform": "rotation", **_MNIST_FEDERATION,
     },
+    "mnist-fashion": {
+        "dataset": "mnist", "scenario": "dataset-switch", "second_dataset": "fashion-mnist", "num_tasks": 2,
+        **_MNIST_FEDERATION,
+    },
     "concept-drift-mnist": {"dataset": "mnist", "scenario": "concept-drift", **_MNIST_FEDERATION},
     "async-split-mnist": {"dataset": "mnist", "scenario": "class-incremental", "async_spread": 3, **_MNIST_FEDERATION},
 }

@@ -20,6 +20,7 @@ from common.config import RunConfig
 from common.metrics import summarize
 from common.models import build_model
 from common.scenarios import Scenario, build_scenario
+from common.weights import freeze, load_initial_weights
 from common.stream_metrics import rounds_to_recover, score_detections
 from server.evaluation import TaskEvaluator
 from server.history import RunHistory
@@ -46,6 +47,9 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
     strategy = build_strategy(config, history)
     evaluator = TaskEvaluator(config, scenario)
     model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+    if config.init_from:
+        load_initial_weights(model, config.init_from)
+    freeze(model, config.frozen_prefixes)  # fail here, before any round, if a prefix is wrong
     initial = ArrayRecord(model.state_dict())
     random.seed(config.seed)  # Flower samples nodes with the `random` module
     round_started = time.perf_counter()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.errors import FedtideError
 from common.idx import parse_idx
@@ -94,3 +95,22 @@ def test_split_mnist_runs_from_the_environment_variable(tmp_path, monkeypatch):
     assert main(["simulate", *flags]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy_matrix"][0][0] > 0.9  # the first two digits are easy
+
+
+@needs_shared
+def test_dataset_switch_alternates_between_two_datasets():
+    from common.config import RunConfig
+    from common.scenarios import build_scenario
+
+    config = RunConfig(dataset="mnist", scenario="dataset-switch", num_tasks=3, clients=3, data_dir=str(SHARED))
+    scenario = build_scenario(config)
+    mnist, fashion = load_idx_dataset("mnist", str(SHARED)), load_idx_dataset("fashion-mnist", str(SHARED))
+    assert torch.equal(scenario.test_data(0).x, mnist.test.x)
+    assert torch.equal(scenario.test_data(1).x, fashion.test.x)
+    assert torch.equal(scenario.test_data(2).x, mnist.test.x)
+    # tasks 0 and 2 share MNIST's training images between them without overlap
+    first, third = scenario.train_data(0, 0).x, scenario.train_data(0, 2).x
+    assert len(first) and len(third)
+    assert not ({r.numpy().tobytes() for r in first} & {r.numpy().tobytes() for r in third})
+    total_fashion = sum(len(scenario.train_data(c, 1)) for c in range(3))
+    assert total_fashion == len(fashion.train)
