@@ -26,10 +26,14 @@ log = logging.getLogger("fedtide.server")
 class ReplyValidation:
     """Mixin: validate replies, then delegate to the next strategy in the MRO."""
 
-    def __init__(self, *args, history: RunHistory, max_num_examples: int, **kwargs) -> None:
+    def __init__(
+        self, *args, history: RunHistory, max_num_examples: int, frozen: tuple[str, ...] = (), **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.history = history
         self.max_num_examples = max_num_examples
+        self.frozen = frozen
+        self._current: ArrayRecord | None = None
         self._expected: dict[str, ArraySpec] = {}
         self.accepted_nodes: list[int] = []  # nodes whose replies the last round aggregated
 
@@ -38,6 +42,7 @@ class ReplyValidation:
     ) -> Iterable[Message]:
         if not self._expected:  # the initial model fixes names, shapes and dtypes for the run
             self._expected = array_specs(arrays)
+        self._current = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -61,14 +66,24 @@ class ReplyValidation:
         if metrics is not None:
             self.history.train_metrics(dict(metrics))
         if arrays is not None:
-            arrays = self._in_model_dtypes(arrays)
+            arrays = self._as_global(arrays)
         return arrays, metrics
 
-    def _in_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
-        """Server optimizers (FedAdam, FedAvgM) compute in float64; the model stays in its dtypes."""
-        if all(str(arrays[name].dtype) == spec.dtype for name, spec in self._expected.items()):
+    def _as_global(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Server optimizers (FedAdam, FedAvgM) compute in float64: the model keeps its dtypes.
+        Frozen layers keep their exact values (averaging equal arrays still rounds)."""
+        is_frozen = {name: bool(self.frozen) and name.startswith(self.frozen) for name in self._expected}
+        if not any(is_frozen.values()) and all(
+            str(arrays[name].dtype) == spec.dtype for name, spec in self._expected.items()
+        ):
             return arrays
-        return ArrayRecord({name: Array(arrays[name].numpy().astype(spec.dtype)) for name, spec in self._expected.items()})
+        out = {}
+        for name, spec in self._expected.items():
+            if is_frozen[name] and self._current is not None:
+                out[name] = self._current[name]
+            else:
+                out[name] = Array(arrays[name].numpy().astype(spec.dtype))
+        return ArrayRecord(out)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client-side evaluation replies carry only metrics; drop those that fail or lie."""
@@ -176,6 +191,7 @@ def _strategy_parts(config: RunConfig, history: RunHistory) -> tuple[type, dict]
     common = dict(
         history=history,
         max_num_examples=config.max_num_examples,
+        frozen=config.frozen_prefixes,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=1,
