@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from client.drift import DriftMonitor
@@ -47,3 +48,26 @@ def test_task_switches_are_reported_in_the_run_folder(tmp_path):
     switch_rounds = {3, 5, 7, 9}  # first round of tasks 2..5
     assert any(e["round"] in switch_rounds for e in events)
     assert json.loads((out / "summary.json").read_text())["drift_events"] == len(events)
+
+
+def test_reactions_follow_detected_drift(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--method", "replay", "--rounds-per-task", "3", "--local-epochs", "1", "--async-spread", "2",
+             "--react-server", "--drift-quorum", "0.2", "--react-lr-boost", "2", "--fraction-train", "0.6",
+             "--lr", "0.05", "--quiet"]
+    assert main(["simulate", "--out", str(out), *flags]) == 0
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    boosted = set(summary["boosted_rounds"])
+    assert boosted, "some round should have had a drift quorum"
+    for r in rounds:
+        if r["round"] in boosted:
+            assert len(r["clients"]) == 5  # the server reaction samples every client
+            previous = next(p for p in rounds if p["round"] == r["round"] - 1)
+            assert sum(c["drift-detected"] for c in previous["clients"]) / len(previous["clients"]) >= 0.2
+    last_drift: dict[int, bool] = {}
+    for r in rounds:
+        for c in r["clients"]:
+            expected = 0.1 if last_drift.get(c["node"]) else 0.05
+            assert c["lr"] == pytest.approx(expected)
+            last_drift[c["node"]] = bool(c["drift-detected"])
