@@ -98,13 +98,16 @@ class Replay(Method):
 class EWC(Method):
     """Elastic weight consolidation with a diagonal Fisher, accumulated over tasks (online EWC).
 
-    penalty = lambda / 2 * sum_i F_i (theta_i - anchor_i)^2, zero at the anchor.
+    penalty = 1/2 * sum_i c_i (theta_i - anchor_i)^2 with c_i = min(lambda * F_i, max_coefficient),
+    zero at the anchor. The cap (1 / learning rate for SGD) keeps one gradient step from
+    overshooting the anchor: without it a large Fisher entry makes training diverge.
     """
 
     name = "ewc"
 
-    def __init__(self, strength: float) -> None:
+    def __init__(self, strength: float, max_coefficient: float = float("inf")) -> None:
         self.strength = strength
+        self.max_coefficient = max_coefficient
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
 
@@ -121,8 +124,9 @@ class EWC(Method):
             return None
         total = logits.new_zeros(())
         for name, param in model.named_parameters():
-            total = total + (self.fisher[name] * (param - self.anchor[name]) ** 2).sum()
-        return 0.5 * self.strength * total
+            coefficient = (self.strength * self.fisher[name]).clamp(max=self.max_coefficient)
+            total = total + (coefficient * (param - self.anchor[name]) ** 2).sum()
+        return 0.5 * total
 
     def state(self):
         out = {f"fisher.{n}": t for n, t in self.fisher.items()}
@@ -223,7 +227,7 @@ def build_methods(config: RunConfig, seed: int) -> list[Method]:
     if "replay" in parts:
         methods.append(Replay(config.effective_memory_size, seed, config.replay_ratio, config.replay_loss == "ace"))
     if "ewc" in parts:
-        methods.append(EWC(config.ewc_lambda))
+        methods.append(EWC(config.ewc_lambda, max_coefficient=1.0 / config.lr))
     if "lwf" in parts:
         methods.append(LwF(config.lwf_alpha, config.lwf_temperature))
     if config.prox_mu > 0:

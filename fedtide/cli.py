@@ -134,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     given: dict[str, Any] = preset_settings(args.preset) if args.preset else {}
-    given.update({
-        f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None
-    })
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+    if "memory_size" not in flags and "replay" not in flags.get("method", given.get("method", "replay")).split("+"):
+        given.pop("memory_size", None)  # a preset's memory size only applies to a method with memory
+    given.update(flags)
     if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):
         given["data_dir"] = os.environ[DATA_DIR_ENV]
     config = RunConfig(**given)

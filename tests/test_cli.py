@@ -82,3 +82,9 @@ def test_every_strategy_runs_and_clients_can_evaluate(strategy, tmp_path):
     assert len(rounds) == 2
     assert all(0 <= r["client_evaluation"]["eval-acc"] <= 1 for r in rounds)
     assert json.loads((out / "summary.json").read_text())["rejected_replies"] == 0
+
+
+def test_a_preset_memory_size_does_not_block_methods_without_memory(tmp_path):
+    out = tmp_path / "run"
+    assert main(["simulate", "--preset", "split-digits", "--method", "naive", "--out", str(out), *FAST]) == 0
+    assert json.loads((out / "config.json").read_text())["method"] == "naive"
