@@ -33,6 +33,7 @@ VARIANTS = {
     "server reaction": {"react_server": True},
     "client lr boost": {"react_lr_boost": 2.0},
     "both": {"react_server": True, "react_lr_boost": 2.0},
+    "server reaction, 4x epochs": {"react_server": True, "drift_epoch_boost": 4},
 }
 
 
@@ -66,6 +67,7 @@ def main() -> None:
                     "variant": name, "seed": seed, "switches": d["switches"], "detected": d["detected"],
                     "detection_rate": d["detection_rate"], "mean_delay_rounds": d["mean_delay_rounds"],
                     "false_alarms": d["false_alarms"], "rounds_to_recover": s["rounds_to_recover"],
+                    "new_task_early_acc": s["new_task_early_acc"],
                     "acc": s["acc"], "boosted_rounds": len(s.get("boosted_rounds", [])),
                     "wall_seconds": s["wall_seconds"],
                 })
@@ -75,12 +77,13 @@ def main() -> None:
         return
     table = Table(title=f"drift under asynchronous switches ({args.preset}, {args.method}, spread {args.spread})")
     for column in ("variant", "seed", "detected within 1 round", "mean delay", "false alarms",
-                   "rounds to recover", "boosted rounds", "ACC %", "wall s"):
+                   "rounds to recover", "new-task acc, first 3 rounds %", "boosted rounds", "ACC %", "wall s"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(r["variant"], str(r["seed"]), f"{r['detected']}/{r['switches']} ({100 * r['detection_rate']:.0f}%)",
                       f"{r['mean_delay_rounds']:.2f}", str(r["false_alarms"]),
                       "-" if r["rounds_to_recover"] is None else f"{r['rounds_to_recover']:.2f}",
+                      "-" if r["new_task_early_acc"] is None else f"{100 * r['new_task_early_acc']:.2f}",
                       str(r["boosted_rounds"]), f"{100 * r['acc']:.2f}", f"{r['wall_seconds']:.0f}")
     Console(width=200).print(table)
 

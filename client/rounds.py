@@ -107,6 +107,7 @@ def train_round(
             "prequential-acc": stats.prequential_accuracy,
             "task-id": task,
             "lr": lr,
+            "local-epochs": config.local_epochs,
             "drift-detected": int(bool(drift_at)),
             "drift-position": drift_at[0] if drift_at else -1,
         },

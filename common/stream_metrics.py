@@ -22,6 +22,13 @@ def rounds_to_recover(
     return None
 
 
+def early_accuracy(accuracy: Sequence[float], start: int, rounds: int = 3) -> float | None:
+    """Mean accuracy on a new task over its first ``rounds`` rounds from ``start``: how
+    quickly the federation picks it up (higher is faster)."""
+    window = accuracy[start : start + rounds]
+    return sum(window) / len(window) if window else None
+
+
 def score_detections(timelines: dict[int, list[tuple[int, int, bool]]], tolerance: int = 1) -> dict[str, float | int]:
     """Match each client's drift reports to its task switches.
 

@@ -21,7 +21,7 @@ from common.metrics import summarize
 from common.models import build_model
 from common.scenarios import Scenario, build_scenario
 from common.weights import freeze, load_initial_weights
-from common.stream_metrics import rounds_to_recover, score_detections
+from common.stream_metrics import early_accuracy, rounds_to_recover, score_detections
 from server.evaluation import TaskEvaluator
 from server.history import RunHistory
 from server.progress import RoundProgress, summary_table
@@ -97,6 +97,8 @@ def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, mo
         for t in range(1, config.num_tasks)
     ]
     recover = [r for r in recover if r is not None]
+    early = [early_accuracy(curves[t], schedule.start_round(t)) for t in range(1, config.num_tasks)]
+    early = [e for e in early if e is not None]
     last = history.rounds[-1].clients if history.rounds else []
     weights = sum(c["num-examples"] for c in last)
     prequential = sum(c["prequential-acc"] * c["num-examples"] for c in last) / weights if weights else 0.0
@@ -113,6 +115,7 @@ def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, mo
         "final_task_accuracies": history.rounds[-1].task_accuracies if history.rounds else [],
         "final_prequential_acc": prequential,
         "rounds_to_recover": float(np.mean(recover)) if recover else None,
+        "new_task_early_acc": float(np.mean(early)) if early else None,
         "rejected_replies": len(history.rejects),
         "drift_events": len(history.drift_events),
         "drift_detection": score_detections(history.client_timelines()),

@@ -100,31 +100,47 @@ class ReplyValidation:
 
 
 class DriftResponse:
-    """Mixin: after a round in which at least ``quorum`` of the replies reported drift, the
-    next round trains harder: every client is sampled and local epochs are multiplied."""
+    """Mixin: the server's reaction to drift its clients report.
+
+    A node that reported drift trains its next round with ``epoch_boost`` times the local
+    epochs (it must learn a new task); after a round in which at least ``quorum`` of the
+    replies reported drift, the next round samples every node.
+    """
 
     def __init__(self, *args, drift_quorum: float, epoch_boost: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.drift_quorum = drift_quorum
         self.epoch_boost = epoch_boost
-        self._boost_next = False
+        self._sample_all_next = False
+        self._to_boost: set[int] = set()
         self.boosted_rounds: list[int] = []
 
     def configure_train(self, server_round, arrays, config, grid):
-        if not self._boost_next:
-            return super().configure_train(server_round, arrays, config, grid)
-        self.boosted_rounds.append(server_round)
-        boosted = ConfigRecord(dict(config))
-        boosted["local-epochs"] = int(config["local-epochs"]) * self.epoch_boost
-        fraction, self.fraction_train = self.fraction_train, 1.0
+        fraction = self.fraction_train
+        if self._sample_all_next:
+            self.fraction_train = 1.0
         try:
-            return super().configure_train(server_round, arrays, boosted, grid)
+            messages = list(super().configure_train(server_round, arrays, config, grid))
         finally:
             self.fraction_train = fraction
+        boosted_any = False
+        for message in messages:
+            if message.metadata.dst_node_id in self._to_boost:
+                content = RecordDict(dict(message.content))
+                boosted = ConfigRecord(dict(content[self.configrecord_key]))
+                boosted["local-epochs"] = int(boosted["local-epochs"]) * self.epoch_boost
+                content[self.configrecord_key] = boosted
+                message.content = content
+                self._to_boost.discard(message.metadata.dst_node_id)
+                boosted_any = True
+        if boosted_any or self._sample_all_next:
+            self.boosted_rounds.append(server_round)
+        return messages
 
     def aggregate_train(self, server_round, replies):
         result = super().aggregate_train(server_round, replies)
-        self._boost_next = self.history.pending_drift_fraction() >= self.drift_quorum
+        self._to_boost |= set(self.history.pending_drifted_nodes())
+        self._sample_all_next = self.history.pending_drift_fraction() >= self.drift_quorum
         return result
 
 
