@@ -41,6 +41,7 @@ class RunConfig:
     num_tasks: int = 5
     domain_transform: str = "rotation"
     clients: int = 5
+    client_samples: int = 0  # training samples each client keeps (0: its whole share)
     iid: bool = False
     alpha: float = 1.0
     async_spread: int = 0  # rounds by which clients' task switches may lag (0: all switch together)
@@ -155,6 +156,8 @@ class RunConfig:
         _positive_int("max-num-examples", self.max_num_examples)
         if self.memory_size is not None:
             _positive_int("memory-size", self.memory_size)
+        if isinstance(self.client_samples, bool) or self.client_samples < 0:
+            raise FedtideError(f"--client-samples must be >= 0 (got {self.client_samples})")
         if self.pad_to < 0:
             raise FedtideError(f"--pad-to must be >= 0 (got {self.pad_to})")
         if not self.alpha > 0:

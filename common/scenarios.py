@@ -172,6 +172,8 @@ def _split_clients(
         parts = dirichlet_partition(
             labels, config.clients, config.alpha, rng, groups=groups, min_per_group=minimum
         )
+    if config.client_samples:
+        parts = [np.sort(rng.permutation(part)[: config.client_samples]) for part in parts]
     per_client = []
     for part in parts:
         client = LabelledSplit(dataset.train.x[part], dataset.train.y[part])
@@ -230,7 +232,7 @@ def build_scenario(config: RunConfig) -> Scenario:
     """
     key = (
         config.dataset, config.data_dir, config.scenario, config.num_tasks, config.domain_transform,
-        config.clients, config.iid, config.alpha, config.seed, config.rounds_per_task,
+        config.clients, config.client_samples, config.iid, config.alpha, config.seed, config.rounds_per_task,
         config.async_spread, config.training, config.normalize, config.pad_to, config.second_dataset,
     )
     if key not in _CACHE:

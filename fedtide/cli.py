@@ -28,6 +28,7 @@ HELP = {
     "second_dataset": "dataset-switch: the dataset odd tasks come from",
     "domain_transform": f"input transform per task for domain-incremental: {', '.join(DOMAIN_TRANSFORMS)}",
     "clients": "number of clients",
+    "client_samples": "training samples each client keeps (0: its whole share of the dataset)",
     "iid": "split data IID across clients (default: Dirichlet over labels, see --alpha)",
     "alpha": "Dirichlet concentration of the non-IID split (> 0; small = more skewed)",
     "rounds_per_task": "federated rounds on each task",
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--engine", choices=ENGINES, default="inprocess",
                           help="inprocess (fast, no Ray) or flower (Flower's simulation engine)")
+    simulate.add_argument("--workers", type=int, default=1,
+                          help="worker processes for the in-process engine (1: none, clients run in this process; "
+                          "0: one per core); helps when each client's round is long")
     simulate.add_argument("--preset", metavar="NAME", help=f"start from a named scenario: {', '.join(PRESETS)}")
     _add_config_flags(simulate)
 
@@ -253,9 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_flower_simulation(config)
         else:
-            from fedtide.inprocess import run_inprocess
+            from fedtide.inprocess import default_workers, run_inprocess
 
-            run_inprocess(config)
+            if args.workers < 0:
+                raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
+            run_inprocess(config, workers=args.workers or default_workers(config))
     except FedtideError as err:
         print(f"fedtide: error: {err}", file=sys.stderr)
         return 2

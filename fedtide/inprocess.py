@@ -1,14 +1,17 @@
-"""The in-process runtime: Flower's ServerApp and ClientApp in one process, no Ray, no sockets.
+"""The in-process runtime: Flower's ServerApp and ClientApp without Ray or sockets.
 
 ``InProcessGrid`` implements Flower's ``Grid``: each message the strategy sends is handed
 straight to the ClientApp with that node's ``Context``, and the reply comes back the same
-way. So the very ServerApp and ClientApp code that runs under SuperLink/SuperNodes runs
-here too, deterministically for a seed.
+way. ``WorkerPoolGrid`` does the same in warm worker processes (one per core), each holding
+its nodes' Contexts for the whole run, so a round's clients train in parallel. Either way
+the very ServerApp and ClientApp code that runs under SuperLink/SuperNodes runs here, and
+the numbers for a seed are the same (replies are aggregated in the order they were sent).
 """
 
 from __future__ import annotations
 
-import time
+import multiprocessing
+import os
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -25,19 +28,34 @@ SERVER_NODE_ID = 0
 CLIENT_ERROR_CODE = 0
 
 
+def _set_identity(run_id: int) -> None:
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SERVER_NODE_ID
+    TaskIdentity.task_id = 1
+
+
+def _new_context(run_id: int, node_id: int, node_config: dict[str, Any]) -> Context:
+    return Context(run_id=run_id, node_id=node_id, node_config=dict(node_config), state=RecordDict(), run_config={})
+
+
+def run_client(app: ClientApp, message: Message, context: Context) -> Message:
+    """The ClientApp's reply; a failing client becomes an error reply, not a crashed server."""
+    try:
+        return app(message, context)
+    except Exception as err:
+        return Message(Error(code=CLIENT_ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
+
 class InProcessGrid(Grid):
     """Delivers messages by calling the ClientApp directly; replies are ready at once."""
 
-    def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]], run_id: int = 1) -> None:
+    def __init__(self, client_app: ClientApp | None, node_configs: list[dict[str, Any]], run_id: int = 1) -> None:
         self.client_app = client_app
+        self.run_id = run_id
         self._run = Run.create_empty(run_id)
-        TaskIdentity.run_id = run_id
-        TaskIdentity.node_id = SERVER_NODE_ID
-        TaskIdentity.task_id = 1
-        self.contexts = {
-            node_id: Context(run_id=run_id, node_id=node_id, node_config=dict(cfg), state=RecordDict(), run_config={})
-            for node_id, cfg in enumerate(node_configs, start=1)
-        }
+        _set_identity(run_id)
+        self.node_configs = {node_id: cfg for node_id, cfg in enumerate(node_configs, start=1)}
+        self.contexts = {n: _new_context(run_id, n, cfg) for n, cfg in self.node_configs.items()} if client_app else {}
         self._replies: dict[str, Message] = {}
 
     def set_run(self, run: Run) -> None:
@@ -51,40 +69,117 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return list(self.node_configs)
 
-    def _deliver(self, message: Message) -> Message:
-        message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-        context = self.contexts[message.metadata.dst_node_id]
-        try:
-            return self.client_app(message, context)
-        except Exception as err:  # a failing client is a failed reply, not a crashed server
-            return Message(Error(code=CLIENT_ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+    def _deliver_all(self, messages: list[Message]) -> list[Message]:
+        return [run_client(self.client_app, m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        return self._deliver_all(messages)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            reply = self._deliver(message)
+        messages = list(messages)
+        replies = self.send_and_receive(messages)
+        for message, reply in zip(messages, replies):
             self._replies[message.metadata.message_id] = reply
-            ids.append(message.metadata.message_id)
-        return ids
+        return [m.metadata.message_id for m in messages]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [self._deliver(message) for message in messages]
+    def close(self) -> None:
+        pass
+
+
+def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]], threads: int) -> None:
+    """A warm worker: keeps its nodes' Contexts and runs the ClientApp for each message sent."""
+    import torch
+
+    from client.app import app
+
+    torch.set_num_threads(threads)
+    _set_identity(run_id)
+    contexts = {n: _new_context(run_id, n, cfg) for n, cfg in node_configs.items()}
+    while True:
+        try:
+            batch = connection.recv()
+        except EOFError:
+            return
+        if batch is None:
+            return
+        connection.send([run_client(app, m, contexts[m.metadata.dst_node_id]) for m in batch])
+
+
+class WorkerPoolGrid(InProcessGrid):
+    """Nodes spread over ``workers`` processes; a round's messages run in all of them at once."""
+
+    def __init__(self, node_configs: list[dict[str, Any]], workers: int, run_id: int = 1) -> None:
+        super().__init__(None, node_configs, run_id)
+        spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch started its threads
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self._owner = {node: i % workers for i, node in enumerate(self.node_configs)}
+        self._connections = []
+        self._processes = []
+        for index in range(workers):
+            mine = {n: cfg for n, cfg in self.node_configs.items() if self._owner[n] == index}
+            parent, child = spawn.Pipe()
+            process = spawn.Process(target=_worker_main, args=(child, run_id, mine, threads), daemon=True)
+            process.start()
+            child.close()
+            self._connections.append(parent)
+            self._processes.append(process)
+
+    def _deliver_all(self, messages: list[Message]) -> list[Message]:
+        batches: dict[int, list[Message]] = {}
+        for message in messages:
+            batches.setdefault(self._owner[message.metadata.dst_node_id], []).append(message)
+        for index, batch in batches.items():
+            self._connections[index].send(batch)
+        replies: dict[str, Message] = {}
+        for index, batch in batches.items():
+            try:
+                for reply in self._connections[index].recv():
+                    replies[reply.metadata.reply_to_message_id] = reply
+            except (EOFError, OSError) as err:
+                for message in batch:
+                    failure = Error(code=CLIENT_ERROR_CODE, reason=f"worker process {index} died: {err!r}")
+                    replies[message.metadata.message_id] = Message(failure, reply_to=message)
+        return [replies[m.metadata.message_id] for m in messages]
+
+    def close(self) -> None:
+        for connection in self._connections:
+            try:
+                connection.send(None)
+                connection.close()
+            except (OSError, BrokenPipeError):
+                pass
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
 
 
 def node_configs(config: RunConfig) -> list[dict[str, Any]]:
     return [{"partition-id": i, "num-partitions": config.clients} for i in range(config.clients)]
 
 
-def run_inprocess(config: RunConfig) -> dict[str, Any]:
-    """Run ``config`` with the project's ServerApp main and ClientApp in this process."""
+def default_workers(config: RunConfig) -> int:
+    """One worker per core when there are clients to share; 1 means no worker processes."""
+    return max(1, min(os.cpu_count() or 1, config.clients))
+
+
+def run_inprocess(config: RunConfig, workers: int = 1) -> dict[str, Any]:
+    """Run ``config`` with the project's ServerApp main and ClientApp in this process
+    (``workers`` = 1) or across ``workers`` warm worker processes."""
     from client.app import app as client_app
     from server.federation import quiet_flower_logs, run_federation
 
     quiet_flower_logs()
-    grid = InProcessGrid(client_app, node_configs(config))
-    return run_federation(grid, config)
+    grid = InProcessGrid(client_app, node_configs(config)) if workers <= 1 else WorkerPoolGrid(node_configs(config), workers)
+    try:
+        return run_federation(grid, config)
+    finally:
+        grid.close()

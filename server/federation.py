@@ -27,6 +27,7 @@ from server.history import RunHistory
 from server.progress import RoundProgress, summary_table
 from server.run_folder import RunFolder
 from server.strategy import build_strategy
+from server.timing import PhaseTimes, TimedGrid
 
 # settings only the server uses; clients get everything else with each round
 SERVER_ONLY_KEYS = ("out", "quiet")
@@ -39,12 +40,14 @@ def client_config(config: RunConfig) -> ConfigRecord:
 def run_federation(grid: Grid, config: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Run all tasks' rounds, write the run folder, print the summary; return the summary."""
     started = time.perf_counter()
+    times = PhaseTimes()
+    grid = TimedGrid(grid, times)
     console = console or Console(stderr=True)
     folder = RunFolder.for_config(config)
     folder.write_config(config)
     scenario = build_scenario(config)
     history = RunHistory(scenario.schedule)
-    strategy = build_strategy(config, history)
+    strategy = build_strategy(config, history, times)
     evaluator = TaskEvaluator(config, scenario)
     model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
     if config.init_from:
@@ -59,7 +62,8 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             nonlocal round_started
             models = getattr(strategy, "models_to_evaluate", lambda a: [a])(arrays)
-            per_model = [evaluator(m.to_torch_state_dict()) for m in models]
+            with times.phase("evaluate"):
+                per_model = [evaluator(m.to_torch_state_dict()) for m in models]
             accuracies = [float(np.mean(column)) for column in zip(*per_model)]
             record = history.close_round(server_round, accuracies, time.perf_counter() - round_started)
             round_started = time.perf_counter()
@@ -78,7 +82,13 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
         )
 
     summary = summarize_run(config, scenario, history, model_bytes=sum(len(a.data) for a in initial.values()))
-    summary.update(wall_seconds=time.perf_counter() - started, run_dir=str(folder.path))
+    breakdown = times.breakdown()
+    summary.update(
+        wall_seconds=time.perf_counter() - started,
+        run_dir=str(folder.path),
+        phase_seconds=breakdown,
+        round_seconds=(breakdown["total"] - breakdown["overhead"]) / max(len(history.rounds), 1),
+    )
     if hasattr(strategy, "boosted_rounds"):
         summary["boosted_rounds"] = strategy.boosted_rounds
     folder.write_results(history, summary, result.arrays.to_torch_state_dict(), config)

@@ -23,12 +23,13 @@ class RoundProgress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.description}"),
+                TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
                 console=self.console,
             )
-            self._task = self._progress.add_task("", total=total_rounds)
+            self._task = self._progress.add_task("", total=total_rounds, rate="")
 
     def __enter__(self) -> "RoundProgress":
         if self._progress:
@@ -52,6 +53,9 @@ class RoundProgress:
             advance=1,
             description=f"task {record.task + 1}/{self.num_tasks}  loss {loss:.3f}  acc {100 * acc:5.1f}%{note}",
         )
+        speed = self._progress.tasks[0].speed
+        if speed:
+            self._progress.update(self._task, rate=f"{speed:.2f} rounds/s")
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -76,5 +80,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row("rounds to learn a new task (90% of best)", f"{summary['rounds_to_recover']:.1f}")
     table.add_row("final prequential accuracy (%)", f"{100 * summary['final_prequential_acc']:.2f}")
     table.add_row("wall time (s)", f"{summary['wall_seconds']:.1f}")
+    phases = summary.get("phase_seconds")
+    if phases:
+        table.add_row(
+            "time: train / aggregate / evaluate / overhead (s)",
+            " / ".join(f"{phases[k]:.1f}" for k in ("train", "aggregate", "evaluate", "overhead")),
+        )
     table.add_row("run folder", summary["run_dir"])
     return table

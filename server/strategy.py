@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from common.config import RunConfig
 from server.history import RunHistory
+from server.timing import PhaseTimes
 from server.validation import METRICS_KEY, ArraySpec, array_specs, check_metrics, validate_reply
 
 log = logging.getLogger("fedtide.server")
@@ -27,10 +28,17 @@ class ReplyValidation:
     """Mixin: validate replies, then delegate to the next strategy in the MRO."""
 
     def __init__(
-        self, *args, history: RunHistory, max_num_examples: int, frozen: tuple[str, ...] = (), **kwargs
+        self,
+        *args,
+        history: RunHistory,
+        max_num_examples: int,
+        frozen: tuple[str, ...] = (),
+        times: PhaseTimes | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.history = history
+        self.times = times or PhaseTimes()
         self.max_num_examples = max_num_examples
         self.frozen = frozen
         self._current: ArrayRecord | None = None
@@ -46,6 +54,12 @@ class ReplyValidation:
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        with self.times.phase("aggregate"):
+            return self._validate_and_aggregate(server_round, replies)
+
+    def _validate_and_aggregate(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid: list[Message] = []
@@ -193,10 +207,11 @@ class ValidatedFedAdam(ReplyValidation, FedAdam):
     pass
 
 
-def build_strategy(config: RunConfig, history: RunHistory) -> FedAvg:
+def build_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | None = None) -> FedAvg:
     """The strategy a config names, sampling ``fraction_train`` of the nodes each round,
     with the server's drift response in front when ``react_server`` is on."""
     strategy_class, kwargs = _strategy_parts(config, history)
+    kwargs["times"] = times
     if config.react_server:
         strategy_class = type(f"DriftResponsive{strategy_class.__name__}", (DriftResponse, strategy_class), {})
         kwargs.update(drift_quorum=config.drift_quorum, epoch_boost=config.drift_epoch_boost)

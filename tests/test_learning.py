@@ -33,3 +33,11 @@ def test_same_seed_gives_the_same_numbers(tmp_path):
     first = run_inprocess(config.replace(out=str(tmp_path / "a")))
     second = run_inprocess(config.replace(out=str(tmp_path / "b")))
     assert first["accuracy_matrix"] == second["accuracy_matrix"]
+
+
+def test_worker_processes_give_the_same_numbers_as_one_process(tmp_path):
+    config = RunConfig(rounds_per_task=1, local_epochs=1, quiet=True, method="replay+ewc", num_tasks=3)
+    sequential = run_inprocess(config.replace(out=str(tmp_path / "one")))
+    parallel = run_inprocess(config.replace(out=str(tmp_path / "two")), workers=2)
+    assert parallel["accuracy_matrix"] == sequential["accuracy_matrix"]
+    assert parallel["phase_seconds"]["train"] > 0
