@@ -29,7 +29,24 @@ def early_accuracy(accuracy: Sequence[float], start: int, rounds: int = 3) -> fl
     return sum(window) / len(window) if window else None
 
 
-def score_detections(timelines: dict[int, list[tuple[int, int, bool]]], tolerance: int = 1) -> dict[str, float | int]:
+def client_recovery_rounds(timelines: dict[int, list[tuple]], fraction: float = 0.9) -> float | None:
+    """Mean, over every client task switch, of the replies it takes until the client's
+    prequential accuracy on its new data is back to ``fraction`` of what it was just before
+    the switch (1 = already in the switch round). A switch never recovered counts as the
+    number of replies left. None when there is no switch."""
+    counts: list[int] = []
+    for timeline in timelines.values():
+        for i in range(1, len(timeline)):
+            if timeline[i][1] <= timeline[i - 1][1]:
+                continue
+            target = fraction * timeline[i - 1][3]
+            following = timeline[i:]
+            rounds = next((k + 1 for k, entry in enumerate(following) if entry[3] >= target), len(following))
+            counts.append(rounds)
+    return sum(counts) / len(counts) if counts else None
+
+
+def score_detections(timelines: dict[int, list[tuple]], tolerance: int = 1) -> dict[str, float | int]:
     """Match each client's drift reports to its task switches.
 
     A switch is the first reply in which a client's task id is larger than in its

@@ -31,6 +31,7 @@ COLUMNS: list[tuple[str, Callable[[dict], float | None], float, str]] = [
     ("forgetting pts", lambda s: s["forgetting"], 100, "{:.2f}"),
     ("final preq. acc %", lambda s: s["final_prequential_acc"], 100, "{:.2f}"),
     ("rounds to recover", lambda s: s["rounds_to_recover"], 1, "{:.1f}"),
+    ("client rounds to recover", lambda s: s.get("client_rounds_to_recover"), 1, "{:.2f}"),
     ("drift detected %", lambda s: s["drift_detection"]["detection_rate"] if s["drift_detection"]["switches"] else None, 100, "{:.0f}"),
     ("detection delay (rounds)", lambda s: s["drift_detection"]["mean_delay_rounds"] if s["drift_detection"]["detected"] else None, 1, "{:.2f}"),
     ("false alarms", lambda s: s["drift_detection"]["false_alarms"], 1, "{:.1f}"),

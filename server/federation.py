@@ -21,7 +21,7 @@ from common.metrics import summarize
 from common.models import build_model
 from common.scenarios import Scenario, build_scenario
 from common.weights import freeze, load_initial_weights
-from common.stream_metrics import early_accuracy, rounds_to_recover, score_detections
+from common.stream_metrics import client_recovery_rounds, early_accuracy, rounds_to_recover, score_detections
 from server.evaluation import TaskEvaluator
 from server.history import RunHistory
 from server.progress import RoundProgress, summary_table
@@ -126,6 +126,7 @@ def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, mo
         "final_prequential_acc": prequential,
         "rounds_to_recover": float(np.mean(recover)) if recover else None,
         "new_task_early_acc": float(np.mean(early)) if early else None,
+        "client_rounds_to_recover": client_recovery_rounds(history.client_timelines()),
         "rejected_replies": len(history.rejects),
         "drift_events": len(history.drift_events),
         "drift_detection": score_detections(history.client_timelines()),

@@ -110,13 +110,19 @@ class RunHistory:
             if c.get("drift-detected")
         ]
 
-    def client_timelines(self) -> dict[int, list[tuple[int, int, bool]]]:
-        """Per node: (round, task-id, drift-detected) for every accepted reply, in round order."""
-        timelines: dict[int, list[tuple[int, int, bool]]] = {}
+    def client_timelines(self) -> dict[int, list[tuple[int, int, bool, float]]]:
+        """Per node: (round, task-id, drift-detected, prequential accuracy) for every accepted
+        reply, in round order."""
+        timelines: dict[int, list[tuple[int, int, bool, float]]] = {}
         for record in self.rounds:
             for c in record.clients:
                 timelines.setdefault(c["node"], []).append(
-                    (record.server_round, int(c.get("task-id", 0)), bool(c.get("drift-detected")))
+                    (
+                        record.server_round,
+                        int(c.get("task-id", 0)),
+                        bool(c.get("drift-detected")),
+                        float(c.get("prequential-acc", 0.0)),
+                    )
                 )
         return timelines
 

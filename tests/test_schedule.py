@@ -39,10 +39,21 @@ def test_rounds_to_recover_counts_rounds_until_near_the_best():
 
 def test_detections_are_matched_to_switches_within_one_round():
     timelines = {
-        1: [(1, 0, False), (2, 1, True), (3, 1, False), (4, 2, False), (5, 2, True)],  # 2 switches: 0 and 1 late
-        2: [(1, 0, True), (2, 1, False), (3, 1, False), (4, 2, False), (5, 2, False)],  # a false alarm, 2 misses
+        1: [(1, 0, False, 0), (2, 1, True, 0), (3, 1, False, 0), (4, 2, False, 0), (5, 2, True, 0)],  # 2 switches: 0 and 1 late
+        2: [(1, 0, True, 0), (2, 1, False, 0), (3, 1, False, 0), (4, 2, False, 0), (5, 2, False, 0)],  # a false alarm, 2 misses
     }
     score = score_detections(timelines)
     assert score["switches"] == 4 and score["detected"] == 2
     assert score["detection_rate"] == 0.5 and score["mean_delay_rounds"] == 0.5
     assert score["false_alarms"] == 1
+
+
+def test_client_recovery_counts_replies_until_prequential_accuracy_is_back():
+    from common.stream_metrics import client_recovery_rounds
+
+    timelines = {
+        1: [(1, 0, False, 0.9), (2, 1, True, 0.1), (3, 1, False, 0.5), (4, 1, False, 0.85)],  # back in 3
+        2: [(1, 0, False, 0.8), (2, 1, True, 0.75)],  # 0.75 >= 0.72: back at once
+    }
+    assert client_recovery_rounds(timelines) == 2.0
+    assert client_recovery_rounds({1: [(1, 0, False, 0.9)]}) is None
