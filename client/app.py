@@ -7,10 +7,11 @@ The client's continual-learning state lives in ``context.state``.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.rounds import evaluate_round, train_round
+from client.rounds import TrainOutcome, evaluate_round, train_round
+from client.vectorized import train_rounds_together
 from common.config import RunConfig
 
 STATE_KEY = "fedtide-state"
@@ -33,22 +34,52 @@ def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def _state(context: Context) -> dict:
+    return context.state[STATE_KEY].to_torch_state_dict() if STATE_KEY in context.state else {}
+
+
+def _reply(msg: Message, context: Context, outcome: TrainOutcome) -> Message:
+    context.state[STATE_KEY] = ArrayRecord(outcome.state)
+    content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})
+    return Message(content=content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, server_round = _settings(msg)
     config = _local(config, context)
-    state = context.state[STATE_KEY].to_torch_state_dict() if STATE_KEY in context.state else {}
     outcome = train_round(
         config,
         _partition(context),
         server_round,
         msg.content["arrays"].to_torch_state_dict(),
-        state,
+        _state(context),
         device_name=context.node_config.get("device"),
     )
-    context.state[STATE_KEY] = ArrayRecord(outcome.state)
-    content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})
-    return Message(content=content, reply_to=msg)
+    return _reply(msg, context, outcome)
+
+
+def train_many(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
+    """Several nodes' train messages in one vectorised computation, for a runtime that holds
+    many nodes in one process. The replies and states are what ``train`` would give each
+    node (up to float rounding). None when the messages cannot share one computation: then
+    the runtime calls the ClientApp for each."""
+    if len(messages) < 2 or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+        return None
+    first = messages[0].content
+    if any(m.content["arrays"] is not first["arrays"] or m.content["config"] is not first["config"] for m in messages):
+        return None  # not one broadcast: different models or settings
+    if any(c.node_config.get("device") or c.node_config.get("data-dir") for c in contexts):
+        return None
+    try:
+        config, server_round = _settings(messages[0])
+        jobs = [(_partition(c), server_round, _state(c)) for c in contexts]
+        outcomes = train_rounds_together(config, jobs, first["arrays"].to_torch_state_dict())
+    except Exception:
+        return None  # the per-node path reports the error as each node's reply
+    if outcomes is None:
+        return None
+    return [_reply(m, c, o) for m, c, o in zip(messages, contexts, outcomes)]
 
 
 @app.evaluate()

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from client.drift import DriftMonitor
-from client.learner import train_local
+from client.learner import TrainStats, train_local
 from client.lr_schedule import PLATEAU_KEY, round_lr, update_plateau
 from common.evaluation import accuracy
 from client.methods import build_methods
 from common.config import RunConfig
+from common.datasets import LabelledSplit
 from common.devices import resolve_device
 from common.errors import FedtideError
 from common.models import build_model
@@ -49,6 +50,35 @@ def _load_global(config: RunConfig, weights: dict[str, torch.Tensor]) -> torch.n
     return model
 
 
+@dataclass
+class RoundPlan:
+    """What a client will do this round, decided before any training."""
+
+    task: int
+    task_changed: bool
+    lr: float
+    data: LabelledSplit
+    generator: torch.Generator
+
+
+def plan_round(config: RunConfig, partition_id: int, server_round: int, state: dict[str, torch.Tensor]) -> RoundPlan:
+    scenario = build_scenario(config)
+    task = scenario.task_of(partition_id, server_round)
+    last_task = int(state[LAST_TASK_KEY]) if LAST_TASK_KEY in state else -1
+    task_changed = last_task != task
+    rounds_into_task = scenario.schedule.rounds_into_task(partition_id, server_round)
+    lr = round_lr(config.lr, config.lr_schedule, rounds_into_task, config.rounds_per_task, state, task_changed)
+    if BOOST_KEY in state and int(state[BOOST_KEY]) == 1:
+        lr *= config.react_lr_boost
+    return RoundPlan(
+        task=task,
+        task_changed=task_changed,
+        lr=lr,
+        data=scenario.train_data(partition_id, task),
+        generator=torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round)),
+    )
+
+
 def train_round(
     config: RunConfig,
     partition_id: int,
@@ -60,7 +90,7 @@ def train_round(
     """Train the received global weights on this client's data for its current task."""
     scenario = build_scenario(config)
     device = resolve_device(device_name or config.device)
-    task = scenario.task_of(partition_id, server_round)
+    plan = plan_round(config, partition_id, server_round, state)
     model = _load_global(config, weights).to(device)
     freeze(model, config.frozen_prefixes)
     methods = build_methods(config, seed=derive_seed(config.seed, partition_id))
@@ -70,24 +100,29 @@ def train_round(
         if saved:
             method.load_state(saved, device)
     last_task = int(state[LAST_TASK_KEY]) if LAST_TASK_KEY in state else -1
-    if 0 <= last_task != task:
+    if 0 <= last_task != plan.task:
         previous = scenario.train_data(partition_id, last_task)
         for method in methods:
             method.start_task(model, previous)
-    data = scenario.train_data(partition_id, task)
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round))
-    task_changed = last_task != task
-    rounds_into_task = scenario.schedule.rounds_into_task(partition_id, server_round)
-    lr = round_lr(config.lr, config.lr_schedule, rounds_into_task, config.rounds_per_task, state, task_changed)
-    if BOOST_KEY in state and int(state[BOOST_KEY]) == 1:
-        lr *= config.react_lr_boost
-    local = config.replace(lr=lr)
     # a client's data for a task is fixed, so memories are offered each sample once:
     # in the first round the client trains on that task
-    stats = train_local(model, data, methods, local, generator, device, observe=task_changed)
-    new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(task)}
+    stats = train_local(model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=plan.task_changed)
+    new_state = {k: v for m in methods for k, v in ((f"{m.name}.{k}", v.detach().cpu()) for k, v in m.state().items())}
+    return finish_round(config, plan, stats, state, {k: v.detach().cpu() for k, v in model.state_dict().items()}, new_state)
+
+
+def finish_round(
+    config: RunConfig,
+    plan: RoundPlan,
+    stats: TrainStats,
+    state: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    method_state: dict[str, torch.Tensor],
+) -> TrainOutcome:
+    """Drift detection, the next state and the reply's metrics, after training."""
+    new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(plan.task), **method_state}
     if config.lr_schedule == "plateau":
-        new_state[PLATEAU_KEY] = update_plateau(state, stats.loss, task_changed)
+        new_state[PLATEAU_KEY] = update_plateau(state, stats.loss, plan.task_changed)
     drift_at: list[int] = []
     if config.drift_detector != "none":
         monitor = DriftMonitor(config.drift_detector, config.drift_delta)
@@ -97,16 +132,14 @@ def train_round(
         drift_at = monitor.update(stats.errors)
         new_state.update({DRIFT_PREFIX + k: v for k, v in monitor.state().items()})
     new_state[BOOST_KEY] = torch.tensor(int(bool(drift_at)))
-    for method in methods:
-        new_state.update({f"{method.name}.{k}": v.detach().cpu() for k, v in method.state().items()})
     return TrainOutcome(
-        weights={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        weights=weights,
         metrics={
             "num-examples": stats.num_examples,
             "train-loss": stats.loss,
             "prequential-acc": stats.prequential_accuracy,
-            "task-id": task,
-            "lr": lr,
+            "task-id": plan.task,
+            "lr": plan.lr,
             "local-epochs": config.local_epochs,
             "drift-detected": int(bool(drift_at)),
             "drift-position": drift_at[0] if drift_at else -1,

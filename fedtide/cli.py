@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--workers", type=int, default=1,
                           help="worker processes for the in-process engine (1: none, clients run in this process; "
                           "0: one per core); helps when each client's round is long")
+    simulate.add_argument("--no-vectorize", action="store_true",
+                          help="train each client separately even when a round's clients could share "
+                          "one batched computation (plain SGD, no method hooks)")
     simulate.add_argument("--preset", metavar="NAME", help=f"start from a named scenario: {', '.join(PRESETS)}")
     _add_config_flags(simulate)
 
@@ -261,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.workers < 0:
                 raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
-            run_inprocess(config, workers=args.workers or default_workers(config))
+            run_inprocess(config, workers=args.workers or default_workers(config), vectorize=not args.no_vectorize)
     except FedtideError as err:
         print(f"fedtide: error: {err}", file=sys.stderr)
         return 2

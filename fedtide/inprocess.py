@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -46,11 +46,28 @@ def run_client(app: ClientApp, message: Message, context: Context) -> Message:
         return Message(Error(code=CLIENT_ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=message)
 
 
+def deliver(app: ClientApp, train_many, messages: list[Message], contexts: dict[int, Context]) -> list[Message]:
+    """Replies to ``messages``: all at once through ``train_many`` when it accepts them,
+    else one ClientApp call per message."""
+    if train_many is not None and len(messages) > 1:
+        replies = train_many(messages, [contexts[m.metadata.dst_node_id] for m in messages])
+        if replies is not None:
+            return replies
+    return [run_client(app, m, contexts[m.metadata.dst_node_id]) for m in messages]
+
+
 class InProcessGrid(Grid):
     """Delivers messages by calling the ClientApp directly; replies are ready at once."""
 
-    def __init__(self, client_app: ClientApp | None, node_configs: list[dict[str, Any]], run_id: int = 1) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp | None,
+        node_configs: list[dict[str, Any]],
+        run_id: int = 1,
+        train_many: Callable[[list[Message], list[Context]], list[Message] | None] | None = None,
+    ) -> None:
         self.client_app = client_app
+        self.train_many = train_many
         self.run_id = run_id
         self._run = Run.create_empty(run_id)
         _set_identity(run_id)
@@ -72,7 +89,7 @@ class InProcessGrid(Grid):
         return list(self.node_configs)
 
     def _deliver_all(self, messages: list[Message]) -> list[Message]:
-        return [run_client(self.client_app, m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+        return deliver(self.client_app, self.train_many, messages, self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -94,11 +111,11 @@ class InProcessGrid(Grid):
         pass
 
 
-def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]], threads: int) -> None:
+def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]], threads: int, vectorize: bool) -> None:
     """A warm worker: keeps its nodes' Contexts and runs the ClientApp for each message sent."""
     import torch
 
-    from client.app import app
+    from client.app import app, train_many
 
     torch.set_num_threads(threads)
     _set_identity(run_id)
@@ -110,13 +127,13 @@ def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]
             return
         if batch is None:
             return
-        connection.send([run_client(app, m, contexts[m.metadata.dst_node_id]) for m in batch])
+        connection.send(deliver(app, train_many if vectorize else None, batch, contexts))
 
 
 class WorkerPoolGrid(InProcessGrid):
     """Nodes spread over ``workers`` processes; a round's messages run in all of them at once."""
 
-    def __init__(self, node_configs: list[dict[str, Any]], workers: int, run_id: int = 1) -> None:
+    def __init__(self, node_configs: list[dict[str, Any]], workers: int, run_id: int = 1, vectorize: bool = True) -> None:
         super().__init__(None, node_configs, run_id)
         spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch started its threads
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -126,7 +143,7 @@ class WorkerPoolGrid(InProcessGrid):
         for index in range(workers):
             mine = {n: cfg for n, cfg in self.node_configs.items() if self._owner[n] == index}
             parent, child = spawn.Pipe()
-            process = spawn.Process(target=_worker_main, args=(child, run_id, mine, threads), daemon=True)
+            process = spawn.Process(target=_worker_main, args=(child, run_id, mine, threads, vectorize), daemon=True)
             process.start()
             child.close()
             self._connections.append(parent)
@@ -171,14 +188,19 @@ def default_workers(config: RunConfig) -> int:
     return max(1, min(os.cpu_count() or 1, config.clients))
 
 
-def run_inprocess(config: RunConfig, workers: int = 1) -> dict[str, Any]:
+def run_inprocess(config: RunConfig, workers: int = 1, vectorize: bool = True) -> dict[str, Any]:
     """Run ``config`` with the project's ServerApp main and ClientApp in this process
-    (``workers`` = 1) or across ``workers`` warm worker processes."""
+    (``workers`` = 1) or across ``workers`` warm worker processes. With ``vectorize``, a
+    round's clients that run plain SGD train in one batched computation."""
     from client.app import app as client_app
+    from client.app import train_many
     from server.federation import quiet_flower_logs, run_federation
 
     quiet_flower_logs()
-    grid = InProcessGrid(client_app, node_configs(config)) if workers <= 1 else WorkerPoolGrid(node_configs(config), workers)
+    if workers <= 1:
+        grid = InProcessGrid(client_app, node_configs(config), train_many=train_many if vectorize else None)
+    else:
+        grid = WorkerPoolGrid(node_configs(config), workers, vectorize=vectorize)
     try:
         return run_federation(grid, config)
     finally:
