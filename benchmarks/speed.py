@@ -3,7 +3,7 @@
 W1: MNIST, MLP 784-200-200-10, 10 clients x 600 training samples, 20 rounds, FedAvg,
 1 local epoch, batch 32, SGD lr 0.05, the global model evaluated on the 10,000 test
 images after every round, CPU, seed 0. Each way runs as its own process:
-  (a) fedtide's in-process runtime (warm worker processes, one per core),
+  (a) fedtide's in-process runtime (round clients vectorised when they run plain SGD),
   (b) the same fedtide ServerApp/ClientApp under Flower's simulation engine (Ray),
   (c) a plain sequential PyTorch loop doing the same training (benchmarks/bare_loop.py).
 For each: the in-run round time, the whole-process time, the peak RSS of the process and
@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("FEDTIDE_DATA_DIR", ""))
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=0, help="fedtide workers (0: one per core)")
+    parser.add_argument("--workers", type=int, default=1, help="fedtide worker processes (1: none; 0: one per core)")
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument("--scale", default="", help="comma-separated client counts for the scale run, e.g. 100,1000")
     parser.add_argument("--json", action="store_true")
