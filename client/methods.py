@@ -134,8 +134,8 @@ class EWC(Method):
         return out
 
     def load_state(self, state, device):
-        self.fisher = {k[7:]: v.to(device) for k, v in state.items() if k.startswith("fisher.")}
-        self.anchor = {k[7:]: v.to(device) for k, v in state.items() if k.startswith("anchor.")}
+        self.fisher = {k.removeprefix("fisher."): v.to(device) for k, v in state.items() if k.startswith("fisher.")}
+        self.anchor = {k.removeprefix("anchor."): v.to(device) for k, v in state.items() if k.startswith("anchor.")}
 
 
 class LwF(Method):
@@ -175,7 +175,9 @@ class LwF(Method):
         return {f"teacher.{k}": v for k, v in self._teacher_state.items()}
 
     def load_state(self, state, device):
-        self._teacher_state = {k[8:]: v.to(device) for k, v in state.items() if k.startswith("teacher.")}
+        self._teacher_state = {
+            k.removeprefix("teacher."): v.to(device) for k, v in state.items() if k.startswith("teacher.")
+        }
         self.teacher = None
 
 

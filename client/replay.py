@@ -65,5 +65,4 @@ class ReplayBuffer:
             keep = min(len(stored_y), self.capacity)
             self.x[:keep] = stored_x[:keep]
             self.y[:keep] = stored_y[:keep]
-            self.seen = max(self.seen, keep) if keep < self.capacity else self.seen
             self._generator.set_state(state["rng"])

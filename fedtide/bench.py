@@ -61,7 +61,7 @@ def build_cells(
             cells.append(Cell(method, seed, _with_method(base, method).replace(seed=seed)))
         for reference in references:
             cells.append(Cell(reference, seed, _reference(base, reference, reference_method).replace(seed=seed)))
-    return [c for c in (Cell(c.label, c.seed, c.config.replace(out=str(out / "cells" / c.name), quiet=True)) for c in cells)]
+    return [Cell(c.label, c.seed, c.config.replace(out=str(out / "cells" / c.name), quiet=True)) for c in cells]
 
 
 def _with_method(base: RunConfig, method: str) -> RunConfig:
