@@ -195,6 +195,9 @@ def bench_main(args: argparse.Namespace) -> None:
             raise FedtideError(f"unknown reference '{reference}': use {', '.join(REFERENCES)} or none")
     for method in methods + [args.reference_method]:
         base.replace(method=method, memory_size=None)  # validates the method name
+    from common.scenarios import build_scenario
+
+    build_scenario(base)  # data missing or settings impossible: say so before any run starts
     out = Path(args.out or Path("bench") / args.scenario)
     cells = build_cells(base, methods, args.seeds, references, args.reference_method, out)
     from server.run_folder import RunFolder

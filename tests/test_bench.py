@@ -56,3 +56,11 @@ def test_bad_bench_input_is_one_line(tmp_path, capsys):
     assert "unknown reference 'oracle'" in capsys.readouterr().err
     assert main(["bench", "--methods", "naive,magic", "--out", str(tmp_path)]) == 2
     assert "unknown method 'magic'" in capsys.readouterr().err
+
+
+def test_bench_without_its_data_stops_before_any_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FEDTIDE_DATA_DIR", raising=False)
+    out = tmp_path / "bench"
+    assert main(["bench", "--scenario", "split-mnist", "--out", str(out)]) == 2
+    assert "fedtide download mnist" in capsys.readouterr().err
+    assert not out.exists()
