@@ -255,8 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             download_main(args)
             return 0
         config = config_from_args(args)
+        from common.scenarios import build_scenario
         from server.run_folder import RunFolder
 
+        build_scenario(config)  # missing data or impossible splits: fail before a folder is made
         RunFolder(Path(config.out))  # fail now, not after training, if it cannot be written
         if args.engine == "flower":
             from fedtide.flower_engine import run_flower_simulation

@@ -77,6 +77,7 @@ def test_missing_folder_names_the_flag(tmp_path, capsys):
     code = main(["simulate", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "--data-dir" in err and FILES[0] in err
+    assert not (tmp_path / "r").exists()  # no half-made run folder left behind
 
 
 def test_no_data_dir_at_all_names_the_flag_and_variable(tmp_path, capsys, monkeypatch):
