@@ -60,7 +60,7 @@ def train_rounds_together(
     }
     stats = _train(layers, params, plans, config, device)
     outcomes = []
-    for k, ((partition, server_round, state), plan) in enumerate(zip(jobs, plans)):
+    for k, ((_, _, state), plan) in enumerate(zip(jobs, plans)):
         client_weights = {n: p[k].detach().cpu().clone() for n, p in params.items()}
         outcomes.append(finish_round(config, plan, stats[k], state, client_weights, {}))
     return outcomes

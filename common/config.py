@@ -7,7 +7,7 @@ Defaults live here and nowhere else. Keys travel over Flower as kebab-case strin
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from common.errors import FedtideError

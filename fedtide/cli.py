@@ -200,9 +200,9 @@ def bench_main(args: argparse.Namespace) -> None:
     build_scenario(base)  # data missing or settings impossible: say so before any run starts
     out = Path(args.out or Path("bench") / args.scenario)
     cells = build_cells(base, methods, args.seeds, references, args.reference_method, out)
-    from server.run_folder import RunFolder
+    from server.run_folder import ensure_writable_folder
 
-    RunFolder(out)  # writable?
+    ensure_writable_folder(out)
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -256,10 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         config = config_from_args(args)
         from common.scenarios import build_scenario
-        from server.run_folder import RunFolder
+        from server.run_folder import ensure_writable_folder
 
         build_scenario(config)  # missing data or impossible splits: fail before a folder is made
-        RunFolder(Path(config.out))  # fail now, not after training, if it cannot be written
+        ensure_writable_folder(Path(config.out))  # fail now, not after training
         if args.engine == "flower":
             from fedtide.flower_engine import run_flower_simulation
 

@@ -24,21 +24,26 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{config.scenario}-{config.method}-s{config.seed}"
 
 
+def ensure_writable_folder(path: Path) -> Path:
+    """Create ``path`` if needed and prove a file can be written there, or raise FedtideError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise FedtideError(
+            f"cannot write the run folder {path} ({err.strerror or err}): choose a writable folder with --out"
+        ) from None
+    return path
+
+
 class RunFolder:
     """Creates the folder up front (failing early if it cannot be written) and fills it."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise FedtideError(
-                f"cannot write the run folder {self.path} ({err.strerror or err}): "
-                "choose a writable folder with --out"
-            ) from None
+        self.path = ensure_writable_folder(path)
         self._metrics = self.path / "metrics.jsonl"
         self._metrics.write_text("")
 

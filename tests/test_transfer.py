@@ -7,7 +7,7 @@ import torch
 
 from client.lr_schedule import round_lr, update_plateau
 from common.config import RunConfig
-from common.files import load_tensors, save_tensors_atomic
+from common.files import load_tensors
 from common.scenarios import build_scenario
 from fedtide.cli import main
 
