@@ -15,7 +15,7 @@ from client.drift import DriftMonitor
 from client.learner import TrainStats, train_local
 from client.lr_schedule import PLATEAU_KEY, round_lr, update_plateau
 from common.evaluation import accuracy
-from client.methods import build_methods
+from client.methods import Method, build_methods
 from common.config import RunConfig
 from common.datasets import LabelledSplit
 from common.devices import resolve_device
@@ -39,7 +39,14 @@ class TrainOutcome:
 
 def _load_global(config: RunConfig, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
     scenario = build_scenario(config)
-    model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+    return load_global(config, scenario.input_shape, scenario.num_classes, weights)
+
+
+def load_global(
+    config: RunConfig, input_shape: tuple[int, ...], num_classes: int, weights: dict[str, torch.Tensor]
+) -> torch.nn.Module:
+    """The config's model with the server's ``weights``; FedtideError when they do not fit."""
+    model = build_model(config.model, input_shape, num_classes, config.hidden_widths, config.seed)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -61,19 +68,44 @@ class RoundPlan:
     generator: torch.Generator
 
 
+def drifted_last_round(state: dict[str, torch.Tensor]) -> bool:
+    return BOOST_KEY in state and int(state[BOOST_KEY]) == 1
+
+
+def plan_lr(config: RunConfig, rounds_into_task: int, state: dict[str, torch.Tensor], task_changed: bool) -> float:
+    """This round's learning rate: the schedule's, boosted in the round after a detected drift."""
+    lr = round_lr(config.lr, config.lr_schedule, rounds_into_task, config.rounds_per_task, state, task_changed)
+    return lr * config.react_lr_boost if drifted_last_round(state) else lr
+
+
+def restore_methods(methods: list[Method], state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give each method its part of the client state (keys ``<method name>.``)."""
+    for method in methods:
+        prefix = f"{method.name}."
+        saved = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if saved:
+            method.load_state(saved, device)
+
+
+def methods_state(methods: list[Method]) -> dict[str, torch.Tensor]:
+    """The methods' state as CPU tensors under ``<method name>.`` keys, the inverse of ``restore_methods``."""
+    return {f"{m.name}.{k}": v.detach().cpu() for m in methods for k, v in m.state().items()}
+
+
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def plan_round(config: RunConfig, partition_id: int, server_round: int, state: dict[str, torch.Tensor]) -> RoundPlan:
     scenario = build_scenario(config)
     task = scenario.task_of(partition_id, server_round)
     last_task = int(state[LAST_TASK_KEY]) if LAST_TASK_KEY in state else -1
     task_changed = last_task != task
     rounds_into_task = scenario.schedule.rounds_into_task(partition_id, server_round)
-    lr = round_lr(config.lr, config.lr_schedule, rounds_into_task, config.rounds_per_task, state, task_changed)
-    if BOOST_KEY in state and int(state[BOOST_KEY]) == 1:
-        lr *= config.react_lr_boost
     return RoundPlan(
         task=task,
         task_changed=task_changed,
-        lr=lr,
+        lr=plan_lr(config, rounds_into_task, state, task_changed),
         data=scenario.train_data(partition_id, task),
         generator=torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round)),
     )
@@ -94,11 +126,7 @@ def train_round(
     model = _load_global(config, weights).to(device)
     freeze(model, config.frozen_prefixes)
     methods = build_methods(config, seed=derive_seed(config.seed, partition_id))
-    for method in methods:
-        prefix = f"{method.name}."
-        saved = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if saved:
-            method.load_state(saved, device)
+    restore_methods(methods, state, device)
     last_task = int(state[LAST_TASK_KEY]) if LAST_TASK_KEY in state else -1
     if 0 <= last_task != plan.task:
         previous = scenario.train_data(partition_id, last_task)
@@ -107,8 +135,7 @@ def train_round(
     # a client's data for a task is fixed, so memories are offered each sample once:
     # in the first round the client trains on that task
     stats = train_local(model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=plan.task_changed)
-    new_state = {k: v for m in methods for k, v in ((f"{m.name}.{k}", v.detach().cpu()) for k, v in m.state().items())}
-    return finish_round(config, plan, stats, state, {k: v.detach().cpu() for k, v in model.state_dict().items()}, new_state)
+    return finish_round(config, plan, stats, state, model_weights(model), methods_state(methods))
 
 
 def finish_round(

@@ -1,0 +1,129 @@
+"""One training round of a client on an edge device, on plain objects (no Flower types).
+
+Data arrives as files in an inbox folder (see ``client.inbox``); the client's state and the
+ledger of consumed files live on disk (see ``client.state_store``), so a restarted process
+continues where the last one stopped.
+
+Each round the client trains on the files that arrived since its last round, together with
+its replay memory, and reports its prequential accuracy on them. There are no task labels
+on the edge: a task boundary is a drift the client's detector found in its previous round.
+At a boundary every method consolidates what it knew (``start_task``), with the replay memory
+as the old data: EWC computes its Fisher on the memory, LwF keeps the model as teacher.
+EWC therefore needs replay on the edge (``--method replay+ewc``); alone it has no old data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from client.inbox import QUARANTINE, collect_arrivals
+from client.learner import train_local
+from client.methods import Method, Replay, build_methods
+from client.rounds import (
+    LAST_TASK_KEY,
+    RoundPlan,
+    TrainOutcome,
+    drifted_last_round,
+    finish_round,
+    load_global,
+    methods_state,
+    model_weights,
+    plan_lr,
+    restore_methods,
+)
+from client.state_store import ClientStateStore
+from common.config import RunConfig
+from common.datasets import LabelledSplit
+from common.devices import resolve_device
+from common.errors import FedtideError
+from common.seeding import derive_seed
+from common.weights import freeze
+
+ROUNDS_INTO_TASK_KEY = "edge.rounds-into-task"
+
+log = logging.getLogger("fedtide.client")
+
+
+def train_on_arrivals(
+    config: RunConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    server_round: int,
+    weights: dict[str, torch.Tensor],
+    inbox: Path,
+    state_dir: Path,
+    device_name: str | None = None,
+) -> TrainOutcome:
+    """Train the server's ``weights`` on the inbox's new files plus the replay memory.
+
+    With no new file the round trains on the memory alone. Saves the new state and ledger
+    (one atomic write) before returning. Besides ``client.rounds``' metrics the outcome
+    reports ``new-files``, ``new-examples`` and ``quarantined`` (this round's counts);
+    ``task-id`` counts the task boundaries (drifts) so far. Raises FedtideError when there is
+    no data at all yet, or when ``weights`` do not fit the config's model.
+    """
+    device = resolve_device(device_name or config.device)
+    store = ClientStateStore(state_dir)
+    state, ledger = store.load()
+    model = load_global(config, input_shape, num_classes, weights).to(device)
+    freeze(model, config.frozen_prefixes)
+    methods = build_methods(config, seed=derive_seed(config.seed))
+    restore_methods(methods, state, device)
+
+    arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger)
+    new_data, memory = arrivals.data, replay_memory(methods)
+    if new_data is None and memory is None:
+        invalid = len(arrivals.quarantined)
+        raise FedtideError(
+            f"no data yet in {inbox}: put .npz (arrays x, y) or .csv (a 'label' column) files there"
+            + (f"; {invalid} invalid file(s) were moved to {Path(inbox) / QUARANTINE}" if invalid else "")
+        )
+
+    boundary = drifted_last_round(state)
+    if boundary:
+        log.info("drift detected last round: consolidating the old concept before round %d", server_round)
+        for method in methods:
+            method.start_task(model, memory)
+    task_changed = boundary or LAST_TASK_KEY not in state
+    rounds_into_task = 0 if task_changed else int(state.get(ROUNDS_INTO_TASK_KEY, 0)) + 1
+    plan = RoundPlan(
+        task=int(state.get(LAST_TASK_KEY, 0)) + int(boundary),
+        task_changed=task_changed,
+        lr=plan_lr(config, rounds_into_task, state, task_changed),
+        data=new_data if new_data is not None else memory,
+        generator=torch.Generator().manual_seed(derive_seed(config.seed, server_round)),
+    )
+    stats = train_local(
+        model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=new_data is not None
+    )
+    if new_data is None:
+        # the memory is not the stream: its errors must not move the drift detector
+        stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
+    outcome = finish_round(config, plan, stats, state, model_weights(model), methods_state(methods))
+    outcome.state[ROUNDS_INTO_TASK_KEY] = torch.tensor(rounds_into_task)
+    outcome.metrics.update(
+        {
+            "new-files": len(arrivals.files),
+            "new-examples": 0 if new_data is None else len(new_data),
+            "quarantined": len(arrivals.quarantined),
+        }
+    )
+    consumed = [
+        {"name": f.name, "size": f.size, "sha256": f.sha256, "round": server_round, "samples": len(f.data)}
+        for f in arrivals.files
+    ]
+    store.save(outcome.state, ledger + consumed)
+    return outcome
+
+
+def replay_memory(methods: list[Method]) -> LabelledSplit | None:
+    """The samples in the replay memory, or None when there is no replay or it is empty."""
+    for method in methods:
+        if isinstance(method, Replay) and len(method.buffer) > 0:
+            saved = method.buffer.state()
+            return LabelledSplit(saved["x"], saved["y"])
+    return None
