@@ -1,8 +1,12 @@
 """The Flower ClientApp: Message in, plain objects to ``client.rounds``, Message out.
 
 The run's settings arrive with every message from the server (its ``config`` record), so a
-client needs only its own ``partition-id`` (and optionally ``device``) in node_config.
-The client's continual-learning state lives in ``context.state``.
+client needs only its node_config:
+- simulated client: its ``partition-id`` of the scenario's data (and optionally ``device``);
+  its continual-learning state lives in ``context.state``;
+- edge client (``fedtide client``): ``inbox``, the folder where its data files arrive, and
+  ``state-dir``, where its state lives on disk (``client.edge``), so that it survives a
+  restart of the SuperNode.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from pathlib import Path
+
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
-from common.config import RunConfig
+from common.config import INPUT_SHAPE_KEY, NUM_CLASSES_KEY, RunConfig
+from common.errors import FedtideError
 
 STATE_KEY = "fedtide-state"
 app = ClientApp()
@@ -47,6 +54,8 @@ def _reply(msg: Message, context: Context, outcome: TrainOutcome) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, server_round = _settings(msg)
+    if "inbox" in context.node_config:
+        return _train_edge(msg, context, config, server_round)
     config = _local(config, context)
     outcome = train_round(
         config,
@@ -59,6 +68,29 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, context, outcome)
 
 
+def _train_edge(msg: Message, context: Context, config: RunConfig, server_round: int) -> Message:
+    from client.edge import train_on_arrivals
+
+    record = msg.content["config"]
+    state_dir = context.node_config.get("state-dir")
+    if not state_dir:
+        raise FedtideError("this node has an inbox but no state-dir: start it with `fedtide client --state DIR`")
+    if INPUT_SHAPE_KEY not in record or NUM_CLASSES_KEY not in record:
+        raise FedtideError("the server sent no model shape: run the server with `fedtide server` of the same version")
+    outcome = train_on_arrivals(
+        config,
+        tuple(int(d) for d in str(record[INPUT_SHAPE_KEY]).split(",")),
+        int(record[NUM_CLASSES_KEY]),
+        server_round,
+        msg.content["arrays"].to_torch_state_dict(),
+        Path(str(context.node_config["inbox"])),
+        Path(str(state_dir)),
+        device_name=context.node_config.get("device"),
+    )
+    content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})
+    return Message(content=content, reply_to=msg)  # the state is on disk, not in context.state
+
+
 def train_many(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
     """Several nodes' train messages in one vectorised computation, for a runtime that holds
     many nodes in one process. The replies and states are what ``train`` would give each
@@ -69,7 +101,7 @@ def train_many(messages: list[Message], contexts: list[Context]) -> list[Message
     first = messages[0].content
     if any(m.content["arrays"] is not first["arrays"] or m.content["config"] is not first["config"] for m in messages):
         return None  # not one broadcast: different models or settings
-    if any(c.node_config.get("device") or c.node_config.get("data-dir") for c in contexts):
+    if any(c.node_config.get(k) for c in contexts for k in ("device", "data-dir", "inbox")):
         return None
     try:
         config, server_round = _settings(messages[0])

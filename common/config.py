@@ -25,6 +25,9 @@ LR_SCHEDULES = ("constant", "restart", "plateau")
 DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
 DEFAULT_MEMORY_SIZE = 200
 NULLABLE = ("memory_size", "server_lr")
+# sent with each round beside the settings: the model's shape, for edge clients that hold
+# no copy of the dataset
+INPUT_SHAPE_KEY, NUM_CLASSES_KEY = "input-shape", "num-classes"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class RunConfig:
     server_lr: float | None = None  # None: 1.0 for fedavgm, 0.01 for fedadam
     server_momentum: float = 0.9
     max_num_examples: int = 1_000_000
+    round_timeout: float = 3600.0  # seconds a round waits for replies before going on with those in
     # local learning
     model: str = "mlp"
     hidden: str = "128,128"
@@ -165,6 +169,8 @@ class RunConfig:
                 f"--alpha must be > 0 (got {self.alpha}): small values (0.1) give very "
                 "non-IID clients, large ones (100) nearly IID; use --iid for an IID split"
             )
+        if not self.round_timeout > 0:
+            raise FedtideError(f"--round-timeout must be > 0 seconds (got {self.round_timeout})")
         if not self.lr > 0:
             raise FedtideError(f"--lr must be > 0 (got {self.lr})")
         if self.server_lr is not None and not self.server_lr > 0:

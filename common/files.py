@@ -10,17 +10,20 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from safetensors.torch import load_file, save
+if TYPE_CHECKING:  # torch loads only when tensors are saved or loaded: the CLI starts fast
+    import torch
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data``; the file has permission bits ``mode`` from the start
+    (0o600 for a private key: it is never readable by others, not even briefly)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -41,12 +44,16 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def save_tensors_atomic(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: Path, tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Save named tensors as safetensors (contiguous CPU copies), atomically."""
+    from safetensors.torch import save
+
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     write_bytes_atomic(path, save(cpu, metadata=dict(metadata or {})))
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, "torch.Tensor"]:
+    from safetensors.torch import load_file
+
     return load_file(str(path))

@@ -3,90 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.config import (
-    DOMAIN_TRANSFORMS, METHODS, MODELS, OPTIMIZERS, SCENARIOS, STRATEGIES, RunConfig,
-)
+from common.config import RunConfig
 from common.errors import FedtideError
+from fedtide import certs, client_process, export_command, server_process
 from fedtide.bench import REFERENCES
 from fedtide.presets import PRESETS, preset_settings
+from fedtide.run_flags import DATA_DIR_ENV, add_config_flags, config_from_args
 
 ENGINES = ("inprocess", "flower")
-DATA_DIR_ENV = "FEDTIDE_DATA_DIR"
-
-HELP = {
-    "dataset": "digits (embedded, no download), mnist or fashion-mnist (IDX files in --data-dir)",
-    "data_dir": "folder with the IDX files of mnist / fashion-mnist (default: $FEDTIDE_DATA_DIR)",
-    "scenario": f"kind of drift: {', '.join(SCENARIOS)}",
-    "num_tasks": "number of tasks in the sequence",
-    "second_dataset": "dataset-switch: the dataset odd tasks come from",
-    "domain_transform": f"input transform per task for domain-incremental: {', '.join(DOMAIN_TRANSFORMS)}",
-    "clients": "number of clients",
-    "client_samples": "training samples each client keeps (0: its whole share of the dataset)",
-    "iid": "split data IID across clients (default: Dirichlet over labels, see --alpha)",
-    "alpha": "Dirichlet concentration of the non-IID split (> 0; small = more skewed)",
-    "rounds_per_task": "federated rounds on each task",
-    "async_spread": "asynchronous drift: each client switches tasks up to this many rounds late (0: together)",
-    "training": "federated; or a reference: local-only (no federation), joint (all tasks at once, no drift)",
-    "strategy": f"server strategy: {', '.join(STRATEGIES)}",
-    "fraction_train": "fraction of clients sampled for training each round",
-    "fraction_evaluate": "fraction of clients asked to evaluate each round (0: server-side only)",
-    "server_lr": "server learning rate for fedavgm/fedadam (default 1.0 / 0.01)",
-    "server_momentum": "server momentum for fedavgm",
-    "max_num_examples": "largest num-examples a client reply may claim",
-    "model": f"model: {', '.join(MODELS)}",
-    "init_from": "start from these weights (a .safetensors file, e.g. a run folder's model.safetensors)",
-    "freeze": "comma-separated parameter-name prefixes clients do not train, e.g. features.1",
-    "normalize": "standardize pixels with the training set's mean and std",
-    "pad_to": "zero-pad images to this size, e.g. 32 (0: keep)",
-    "hidden": "hidden layer widths, comma-separated",
-    "method": f"continual-learning method(s): {', '.join(METHODS)}, combined with + (e.g. replay+ewc)",
-    "memory_size": "replay memory per client, in samples (default 200; replay only)",
-    "replay_ratio": "remembered samples mixed into each batch, per new sample",
-    "replay_loss": "ce (plain experience replay) or ace (ER-ACE: new samples compete only among their own classes)",
-    "ewc_lambda": "EWC penalty strength",
-    "lwf_alpha": "LwF distillation weight",
-    "lwf_temperature": "LwF distillation temperature",
-    "prox_mu": "FedProx proximal term on clients (0: off); works with any method",
-    "drift_detector": "River detector on each client's prequential error stream: adwin, page-hinkley, ddm, none",
-    "drift_delta": "ADWIN's confidence delta: larger reacts faster and raises more false alarms",
-    "react_server": "server reaction: after a round where --drift-quorum of clients report drift, "
-    "sample every client and multiply local epochs by --drift-epoch-boost",
-    "drift_quorum": "share of replies reporting drift that triggers the server reaction",
-    "drift_epoch_boost": "local-epoch multiplier of the server reaction",
-    "react_lr_boost": "client reaction: learning-rate multiplier for the round after a client detects drift",
-    "optimizer": f"client optimizer: {', '.join(OPTIMIZERS)}",
-    "local_epochs": "local epochs per round",
-    "lr": "client learning rate",
-    "lr_schedule": "constant; restart (cosine over each task, restarting at a switch); "
-    "plateau (halve when the loss stalls, reset at a switch)",
-    "batch_size": "client batch size",
-    "seed": "random seed; the same seed gives the same numbers",
-    "device": "auto (CUDA if available), cpu, cuda or cuda:N",
-    "out": "run folder (default: runs/<time>-<scenario>-<method>-s<seed>)",
-    "quiet": "no progress bar or summary table",
+# each module adds its subcommand (add_parser) and carries it out (run)
+DEPLOYMENT_COMMANDS = {
+    "certs": certs, "server": server_process, "client": client_process, "export": export_command,
 }
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = RunConfig()
-    for field in dataclasses.fields(RunConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        help_text = HELP.get(field.name, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
-            continue
-        kind = str(field.type)
-        parse = int if kind.startswith("int") else float if kind.startswith("float") else str
-        shown = "" if default is None or default == "" else f" (default: {default})"
-        parser.add_argument(flag, type=parse, default=None, metavar=field.name.upper(), help=help_text + shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train each client separately even when a round's clients could share "
                           "one batched computation (plain SGD, no method hooks)")
     simulate.add_argument("--preset", metavar="NAME", help=f"start from a named scenario: {', '.join(PRESETS)}")
-    _add_config_flags(simulate)
+    add_config_flags(simulate)
 
     download = commands.add_parser(
         "download", help="download mnist or fashion-mnist, verifying checksums",
@@ -136,23 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=int, default=1, help="cells run at once, in separate processes")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every cell, e.g. --set rounds-per-task=5 (repeatable)")
+    for module in DEPLOYMENT_COMMANDS.values():
+        module.add_parser(commands)
     return parser
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    given: dict[str, Any] = preset_settings(args.preset) if args.preset else {}
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
-    if "memory_size" not in flags and "replay" not in flags.get("method", given.get("method", "replay")).split("+"):
-        given.pop("memory_size", None)  # a preset's memory size only applies to a method with memory
-    given.update(flags)
-    if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):
-        given["data_dir"] = os.environ[DATA_DIR_ENV]
-    config = RunConfig(**given)
-    if not config.out:
-        from server.run_folder import default_run_dir
-
-        config = config.replace(out=str(default_run_dir(config)))
-    return config
 
 
 def _show_warnings() -> None:
@@ -244,9 +166,15 @@ def download_main(args: argparse.Namespace) -> None:
     console.print(f"{args.dataset} verified in {folder}; use --data-dir {args.to}")
 
 
+def _interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_warnings()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, kill: clean up as for Ctrl-C
     try:
         if args.command == "bench":
             bench_main(args)
@@ -254,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "download":
             download_main(args)
             return 0
+        if args.command in DEPLOYMENT_COMMANDS:
+            return DEPLOYMENT_COMMANDS[args.command].run(args) or 0
         config = config_from_args(args)
         from common.scenarios import build_scenario
         from server.run_folder import ensure_writable_folder

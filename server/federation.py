@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from common.config import RunConfig
+from common.config import INPUT_SHAPE_KEY, NUM_CLASSES_KEY, RunConfig
 from common.metrics import summarize
 from common.models import build_model
 from common.scenarios import Scenario, build_scenario
@@ -33,8 +33,11 @@ from server.timing import PhaseTimes, TimedGrid
 SERVER_ONLY_KEYS = ("out", "quiet")
 
 
-def client_config(config: RunConfig) -> ConfigRecord:
-    return ConfigRecord({k: v for k, v in config.to_mapping().items() if k not in SERVER_ONLY_KEYS})
+def client_config(config: RunConfig, scenario: Scenario) -> ConfigRecord:
+    record = {k: v for k, v in config.to_mapping().items() if k not in SERVER_ONLY_KEYS}
+    record[INPUT_SHAPE_KEY] = ",".join(str(d) for d in scenario.input_shape)
+    record[NUM_CLASSES_KEY] = scenario.num_classes
+    return ConfigRecord(record)
 
 
 def run_federation(grid: Grid, config: RunConfig, console: Console | None = None) -> dict[str, Any]:
@@ -76,8 +79,9 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
             grid=grid,
             initial_arrays=initial,
             num_rounds=config.num_rounds,
-            train_config=client_config(config),
-            evaluate_config=client_config(config),
+            timeout=config.round_timeout,
+            train_config=client_config(config, scenario),
+            evaluate_config=client_config(config, scenario),
             evaluate_fn=evaluate,
         )
 

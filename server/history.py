@@ -34,6 +34,16 @@ class RoundRecord:
         }
 
 
+    @classmethod
+    def from_json(cls, line: dict[str, Any]) -> "RoundRecord":
+        """The record ``as_json`` wrote (a line of metrics.jsonl)."""
+        return cls(
+            server_round=line["round"], task=line["task"], task_accuracies=line["task_accuracies"],
+            train=line.get("train", {}), client_evaluation=line.get("client_evaluation", {}),
+            clients=line.get("clients", []), rejected=line.get("rejected", []), seconds=line.get("seconds", 0.0),
+        )
+
+
 class RunHistory:
     """Collects per-round figures; accuracy-matrix row i is read at ``schedule.end_round(i)``."""
 

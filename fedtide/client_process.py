@@ -1,0 +1,176 @@
+"""``fedtide client``: a Flower SuperNode on an edge device, running the fedtide ClientApp on
+the data files that arrive in a folder.
+
+The node signs in with its private key (its public key must be registered on the server),
+trusts the server through the federation's CA certificate, and keeps its continual-learning
+state (replay memory, drift detector, consumed-file ledger, EWC/LwF anchors) in the state
+folder, so a restarted client goes on where it stopped. Flower's log is shown as it comes;
+when the SuperNode exits with an error, fedtide says what the likely cause is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common.errors import FedtideError
+from fedtide.certs import CA_CERT
+from fedtide.flower_processes import (
+    flower_env, flower_executable, free_port, parse_address, signal_group, start_group_leader, stop_group,
+)
+
+REFUSED = "Failed to activate SuperNode"  # Flower's words when the SuperLink does not let the node in
+# what Flower's log says, and what it means for the user
+HINTS = (
+    (REFUSED, "the server refused this node: is its public key (node-N.pub beside --node-key) "
+     "in the server's --certs folder? Restart the server after adding it"),
+    ("CERTIFICATE_VERIFY_FAILED", "the server's certificate does not verify against --certs DIR/ca.crt, or is not "
+     "made for the host name in --server: make certificates with `fedtide certs --server-name HOST`"),
+    ("Connection refused", "nothing listens at --server: is `fedtide server` running and is the address right?"),
+)
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "client",
+        help="start an edge client: Flower SuperNode training on data files that arrive in a folder",
+        description="Start a Flower SuperNode that runs the fedtide ClientApp. Each round it trains on the "
+        "data files of --data it has not consumed yet (.npz with arrays x and y, or .csv with a 'label' "
+        "column; write a file under a temporary name, then rename it) plus its replay memory, and reports "
+        "prequential accuracy on the new data. Its state lives in --state and survives restarts.",
+    )
+    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
+    parser.add_argument("--certs", metavar="DIR", help="folder holding the federation's ca.crt")
+    parser.add_argument("--node-key", metavar="KEY", help="this node's private key (node-N.key from `fedtide certs`)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="folder where new data files arrive")
+    parser.add_argument("--state", required=True, metavar="DIR", help="folder for this client's state (keep it)")
+    parser.add_argument("--device", default=None, help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
+                        help="give up when the server cannot be reached or refuses this node for this long "
+                        "(default: keep trying)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the SuperNode until it stops; return its exit code."""
+    parse_address(args.server, "--server")
+    command = [flower_executable("flower-supernode"), "--superlink", args.server]
+    if args.insecure:
+        print("fedtide client: warning: --insecure: no TLS and no node authentication", file=sys.stderr)
+        command.append("--insecure")
+    else:
+        command += _secure_flags(args)
+    data = _folder(args.data, "--data")
+    state = _folder(args.state, "--state")
+    node_config = f'inbox="{data}" state-dir="{state}"'
+    if args.device:
+        node_config += f' device="{args.device}"'
+    command += ["--node-config", node_config, "--port", str(free_port())]
+    if args.max_wait is not None:
+        command += ["--max-wait-time", str(args.max_wait)]
+    return _supervise(command, flower_env(state / "flower-home"), args.max_wait)
+
+
+def _secure_flags(args: argparse.Namespace) -> list[str]:
+    if not args.certs or not args.node_key:
+        raise FedtideError(
+            "--certs DIR and --node-key KEY are required (from `fedtide certs`), or pass --insecure (testing only)"
+        )
+    ca = Path(args.certs).expanduser().resolve() / CA_CERT
+    if not ca.is_file():
+        raise FedtideError(f"--certs {args.certs} has no {CA_CERT}: copy the server's certificate folder (without its keys)")
+    key = Path(args.node_key).expanduser().resolve()
+    _check_node_key(key)
+    return ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+
+
+def _check_node_key(key: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        loaded = load_ssh_private_key(key.read_bytes(), password=None)
+    except OSError as err:
+        raise FedtideError(f"--node-key {key}: cannot read it ({err.strerror or err})") from None
+    except (ValueError, TypeError):
+        loaded = None
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise FedtideError(
+            f"--node-key {key} is not an unencrypted OpenSSH EC private key: use a node-N.key made by `fedtide certs`"
+        )
+
+
+def _folder(path: str, flag: str) -> Path:
+    folder = Path(path).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".fedtide-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise FedtideError(f"{flag} {folder} is not a writable folder ({err.strerror or err})") from None
+    return folder
+
+
+def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) -> int:
+    """Run the SuperNode and echo its log; start it again while the server refuses it (not
+    up yet, or this node not registered yet) until ``max_wait`` passes; stop it on
+    SIGTERM/SIGINT; explain a failure."""
+    stopping = threading.Event()
+    current: list[subprocess.Popen] = []
+
+    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        stopping.set()
+        if current:
+            signal_group(current[-1], signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    deadline = None if max_wait is None else time.monotonic() + max_wait
+    pause = 2.0
+    try:
+        while True:
+            code, log = _run_once(command, env, current)
+            if stopping.is_set() or code == 0:
+                return 0
+            refused = REFUSED in log
+            if refused and (deadline is None or time.monotonic() + pause < deadline):
+                print(f"fedtide client: the server refused the connection (not up yet, or this node's key is not "
+                      f"registered); trying again in {pause:.0f} s", file=sys.stderr)
+                if stopping.wait(pause):
+                    return 0
+                pause = min(pause * 2, 30.0)
+                continue
+            hint = next((meaning for needle, meaning in HINTS if needle in log), "see Flower's log above")
+            raise FedtideError(f"the SuperNode stopped with exit code {code}: {hint}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_once(command: list[str], env: dict[str, str], current: list[subprocess.Popen]) -> tuple[int, str]:
+    """One SuperNode process until it exits: its exit code and the end of its log."""
+    process = start_group_leader(command, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    current.append(process)
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+
+    def echo() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stderr.write(line)
+            tail.append(line)
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
+        code = process.wait()
+    finally:
+        stop_group(process)  # its SuperExec may outlive it (and hold the log pipe open)
+        reader.join(timeout=5)
+    return code, "".join(tail)

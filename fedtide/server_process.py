@@ -1,0 +1,228 @@
+"""``fedtide server``: a Flower SuperLink with TLS and node authentication, and the fedtide
+run on it, from one command.
+
+The SuperLink runs as a child process (its log in ``RUN_DIR/superlink.log``); the nodes'
+public keys found in the certificate folder are registered with it; the run is submitted
+as a Flower App whose run config is the server's settings, so the ServerApp that runs is
+the very one of ``fedtide simulate`` and writes the same run folder. This process follows
+that folder to show a progress bar, prints the summary table, and stops the SuperLink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+import fedtide
+from common.config import RunConfig
+from common.errors import FedtideError
+from fedtide.certs import CertificateSet
+from fedtide.flower_processes import (
+    FlowerProcess, flower_env, flower_executable, flwr_cli, parse_address, write_connection,
+)
+from fedtide.run_flags import add_config_flags, config_from_args
+
+DEFAULT_ADDRESS = "0.0.0.0:9092"
+STATUS_POLL_SECONDS = 10.0  # each look costs a `flwr ls` process: ~1 s of CPU
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "server",
+        help="start a server process: Flower SuperLink (TLS, node authentication) and the fedtide run",
+        description="Start a Flower SuperLink with TLS and node authentication, register the node public "
+        "keys of --certs, run the fedtide ServerApp for the configured rounds with the clients that connect "
+        "(`fedtide client`), write the run folder and stop. Takes every run setting of `fedtide simulate`; "
+        "--clients defaults to the number of node keys.",
+    )
+    parser.add_argument("--certs", metavar="DIR", help="folder made by `fedtide certs`")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no node authentication: anyone who reaches the port can join (testing only)")
+    parser.add_argument("--database", required=True, metavar="FILE",
+                        help="SQLite file where the SuperLink keeps its state (nodes, runs, messages)")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
+                        help=f"where clients reach the server (default: {DEFAULT_ADDRESS})")
+    parser.add_argument("--start-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long the SuperLink may take to start (default: 60)")
+    parser.add_argument("--preset", metavar="NAME", help="start from a named scenario (see `fedtide simulate --help`)")
+    add_config_flags(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    console = Console(stderr=True)
+    certs = _certificates(args)
+    given_clients = args.clients
+    config = config_from_args(args)
+    if given_clients is None:
+        if certs is None:
+            raise FedtideError("--insecure has no node keys to count: say how many clients to wait for with --clients N")
+        config = config.replace(clients=len(certs.node_public_keys()))
+    if config.fraction_evaluate > 0:
+        raise FedtideError(
+            "--fraction-evaluate must stay 0 with `fedtide server`: edge clients hold no test set; "
+            "the server evaluates the global model on the dataset's test split every round"
+        )
+    if config.training != "federated":
+        raise FedtideError(f"--training {config.training} is a simulation reference: use `fedtide simulate`")
+    from common.scenarios import build_scenario
+    from server.run_folder import ensure_writable_folder
+
+    build_scenario(config)  # the server's test data must be readable before anything starts
+    out = ensure_writable_folder(Path(config.out)).resolve()
+    config = config.replace(out=str(out))
+    database = Path(args.database).expanduser().resolve()
+    ensure_writable_folder(database.parent)
+    if certs is None:
+        console.print("[bold red]warning:[/] --insecure: no TLS, no node authentication; "
+                      "anyone who reaches the port can join this federation and read its model")
+    serve(config, certs, database, args.address, args.start_timeout, console)
+
+
+def _certificates(args: argparse.Namespace) -> CertificateSet | None:
+    if args.insecure:
+        return None
+    if not args.certs:
+        raise FedtideError(
+            "--certs DIR is required: make it with `fedtide certs --out DIR --server-name HOST`, "
+            "or pass --insecure to run without TLS (testing only)"
+        )
+    certs = CertificateSet(Path(args.certs).expanduser().resolve())
+    certs.require_server_files()
+    if not certs.node_public_keys():
+        raise FedtideError(
+            f"--certs {certs.folder} holds no node-*.pub: make node keys with `fedtide certs --nodes N` "
+            "(no node could authenticate)"
+        )
+    return certs
+
+
+def serve(
+    config: RunConfig, certs: CertificateSet | None, database: Path, address: str, start_timeout: float,
+    console: Console,
+) -> dict[str, Any]:
+    """Start the SuperLink, register the nodes, run ``config`` on it; return the run's summary."""
+    host, port = parse_address(address, "--address")
+    local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    out = Path(config.out)
+    home = Path(tempfile.mkdtemp(prefix="fedtide-server-"))  # Flower's CLI config, FABs; never ~/.flwr
+    command = [
+        flower_executable("flower-superlink"), "--database", str(database), "--host", host, "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
+            "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
+        ]
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # the new run writes it anew; don't show the old one
+    superlink = FlowerProcess.start("the SuperLink", command, flower_env(home), out / "superlink.log")
+    try:
+        superlink.wait_listening(local_host, port, start_timeout)
+        write_connection(home, f"{local_host}:{port}", None if certs is None else certs.ca_cert)
+        if certs is not None:
+            registered = register_nodes(home, certs.node_public_keys())
+            console.print(f"server: {registered} node key(s) registered; waiting for {config.clients} client(s) on {address}")
+        run_id = flwr_cli(home, "run", str(write_app(home / "app", config)))["run-id"]
+        follow_run(home, run_id, config, superlink, console)
+    finally:
+        superlink.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    summary = json.loads((out / "summary.json").read_text())
+    if not config.quiet:
+        from server.progress import summary_table
+
+        console.print(summary_table(summary))
+    return summary
+
+
+def register_nodes(home: Path, public_keys: list[Path]) -> int:
+    """Register each node public key with the SuperLink; keys it already knows (a restarted
+    server on the same database) count as registered."""
+    for key in public_keys:
+        try:
+            flwr_cli(home, "supernode", "register", str(key))
+        except FedtideError as err:
+            if "already in use" not in str(err):
+                raise FedtideError(f"could not register the node key {key}: {err}") from None
+    return len(public_keys)
+
+
+def write_app(folder: Path, config: RunConfig) -> Path:
+    """A Flower App whose run config is ``config``: the ServerApp and ClientApp come from the
+    installed fedtide, on the server and on every client alike."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {**config.to_mapping(), "quiet": True}  # the ServerApp has no terminal: this process shows progress
+    lines = [
+        "[project]",
+        'name = "fedtide"',
+        f'version = "{fedtide.__version__}"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedtide"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "server.app:app"',
+        'clientapp = "client.app:app"',
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{key} = {json.dumps(value)}" for key, value in settings.items()),
+    ]
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def follow_run(home: Path, run_id: str, config: RunConfig, superlink: FlowerProcess, console: Console) -> None:
+    """Show each finished round of the run folder until Flower reports the run finished."""
+    from server.history import RoundRecord
+    from server.progress import RoundProgress
+
+    metrics = Path(config.out) / "metrics.jsonl"
+    summary = Path(config.out) / "summary.json"
+    started = time.time()
+    shown, next_status = 0, time.monotonic() + STATUS_POLL_SECONDS
+    with RoundProgress(config.num_rounds, config.num_tasks, config.quiet, console) as progress:
+        while True:
+            if not superlink.running():
+                raise FedtideError(
+                    f"the SuperLink stopped during the run (exit code {superlink.process.returncode}); "
+                    f"its log {superlink.log} ends:\n{superlink.log_tail()}"
+                )
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            for line in lines[shown:]:
+                progress.round_done(RoundRecord.from_json(json.loads(line)))
+            shown = len(lines)
+            written = summary.exists() and summary.stat().st_mtime >= started - 1
+            if written or time.monotonic() >= next_status:
+                status = run_status(home, run_id)
+                if status.startswith("finished"):
+                    break
+                # the summary is the ServerApp's last word: its end is near, look again soon
+                next_status = time.monotonic() + (1.0 if written else STATUS_POLL_SECONDS)
+            time.sleep(0.5)
+    if status != "finished:completed":
+        raise FedtideError(f"the run ended as {status}; the ServerApp's log:\n{run_log_tail(home, run_id)}")
+
+
+def run_status(home: Path, run_id: str) -> str:
+    runs = flwr_cli(home, "ls", options=("--run-id", str(run_id)))["runs"]
+    return str(runs[0]["status"]) if runs else "unknown"
+
+
+def run_log_tail(home: Path, run_id: str, lines: int = 25) -> str:
+    import subprocess
+
+    done = subprocess.run(
+        [flower_executable("flwr"), "log", str(run_id), "fedtide", "--show"],
+        env=flower_env(home), capture_output=True, text=True, timeout=60,
+    )
+    return "\n".join((done.stdout + done.stderr).strip().splitlines()[-lines:])

@@ -1,0 +1,141 @@
+"""A real federation on 127.0.0.1 for end-to-end tests and the deployment benchmark:
+`fedtide server` and `fedtide client` as separate processes, data files dropped into
+client folders, and cleanup of every process they started, even when a test fails.
+
+Each started command leads a session of its own; ``Session.kill`` ends every process in
+that session (the command, its SuperLink or SuperNode, their SuperExec and app processes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def session_pids(session_id: int) -> list[int]:
+    """Every live process whose session is ``session_id``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session_id:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class Session:
+    """``fedtide ARGS...`` started in a new session, its output in ``log``."""
+
+    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
+        self.args = args
+        self.log = log
+        env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fedtide.cli", *args], cwd=cwd, env=env, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    def pids(self) -> list[int]:
+        return session_pids(self.process.pid)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pids())
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL every process of the session, then reap the command."""
+        for _ in range(3):  # a process may fork while we kill
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not pids:
+                break
+            time.sleep(0.2)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def digits_arrays(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` of scikit-learn's 8x8 digits as uint8 images [N, 1, 8, 8] and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pick = np.random.default_rng(seed).permutation(len(digits.target))[:count]
+    x = np.round(digits.images[pick] * 255 / 16).astype(np.uint8)[:, None]
+    return x, digits.target[pick].astype(np.int64)
+
+
+def drop_file(folder: Path, name: str, x: np.ndarray, y: np.ndarray) -> Path:
+    """Write ``name`` as a data file the way a producer should: a temporary name, then rename."""
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".{name}.tmp"
+    with temporary.open("wb") as handle:
+        np.savez(handle, x=x, y=y)
+    final = folder / name
+    os.replace(temporary, final)
+    return final
+
+
+def read_ledger(state_dir: Path) -> list[dict]:
+    from client.state_store import ClientStateStore
+
+    return ClientStateStore(state_dir).load()[1]
+
+
+def read_state(state_dir: Path) -> dict:
+    from client.state_store import ClientStateStore
+
+    return ClientStateStore(state_dir).load()[0]
