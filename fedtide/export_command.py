@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from common.export import FORMATS, QUANTIZATIONS, ArtefactStats
+from fedtide.run_flags import DATA_DIR_ENV
 
-DATA_DIR_ENV = "FEDTIDE_DATA_DIR"
+if TYPE_CHECKING:  # torch loads when an export runs, not when the CLI starts
+    from common.export import ArtefactStats
+
+FORMATS = ("torchscript", "onnx")  # common.export.FORMATS' keys; a test keeps them equal
+QUANTIZATIONS = ("int8",)
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -24,7 +28,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "set, measured by loading the written file back) beside the original's.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `fedtide simulate`")
-    export.add_argument("--format", required=True, choices=tuple(FORMATS),
+    export.add_argument("--format", required=True, choices=FORMATS,
                         help='torchscript (.pt) or onnx (.onnx; needs pip install "fedtide[onnx]")')
     export.add_argument("--prune", type=float, default=0.0, metavar="F",
                         help="zero this fraction of Linear/Conv weights, smallest magnitudes first over "
@@ -69,7 +73,7 @@ def _run_data_dir_fallback(run_dir: str) -> str | None:
     return None if recorded else os.environ.get(DATA_DIR_ENV) or None
 
 
-def export_table(rows: Sequence[ArtefactStats], title: str) -> Any:
+def export_table(rows: Sequence["ArtefactStats"], title: str) -> Any:
     """A rich table: one row per artefact with its size, zero weights and accuracy."""
     from rich.table import Table
 

@@ -115,17 +115,48 @@ def start_group_leader(command: list[str], env: dict[str, str], **streams: Any) 
     return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp, **streams)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its live descendants, parents first (read from /proc; on a system
+    without /proc, just ``pid``). Flower starts some app processes in sessions of their own,
+    so only the parent links find them all."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, index = [pid], 0
+    while index < len(tree):
+        tree += children.get(tree[index], [])
+        index += 1
+    return tree
+
+
 def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM ``process``'s group, then SIGKILL what is left of it after ``grace`` seconds."""
+    """SIGTERM ``process``'s group and every descendant, then SIGKILL what is left after
+    ``grace`` seconds."""
+    tree = process_tree(process.pid)  # before any signal: orphans lose their parent link
     if process.poll() is None:
         signal_group(process, signal.SIGTERM)
+        _signal_all(tree[1:], signal.SIGTERM)
         try:
             process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
+    tree += [pid for pid in process_tree(process.pid) if pid not in tree]
     signal_group(process, signal.SIGKILL)  # children that outlived their parent
+    _signal_all(tree[1:], signal.SIGKILL)
     if process.poll() is None:
         process.wait(timeout=grace)
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:

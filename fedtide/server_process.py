@@ -57,6 +57,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> None:
     console = Console(stderr=True)
+    parse_address(args.address, "--address")
     certs = _certificates(args)
     given_clients = args.clients
     config = config_from_args(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -20,6 +21,16 @@ def offline_flower(tmp_path_factory):
         FLWR_HOME=str(home),
         RAY_TMPDIR=str(ray_tmp),
     )
+
+
+@pytest.fixture(autouse=True)
+def fresh_fedtide_logger():
+    """The CLI sends fedtide's log to the terminal and stops it there (``propagate`` off);
+    undo that after each test so that later tests' ``caplog`` sees fedtide's warnings."""
+    yield
+    logger = logging.getLogger("fedtide")
+    logger.handlers.clear()
+    logger.propagate = True
 
 
 @pytest.fixture

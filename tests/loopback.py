@@ -3,7 +3,8 @@
 client folders, and cleanup of every process they started, even when a test fails.
 
 Each started command leads a session of its own; ``Session.kill`` ends every process in
-that session (the command, its SuperLink or SuperNode, their SuperExec and app processes).
+that session and every descendant of the command (Flower starts some app processes in
+sessions of their own): its SuperLink or SuperNode, their SuperExec and app processes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from fedtide.flower_processes import process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -68,7 +71,8 @@ class Session:
             )
 
     def pids(self) -> list[int]:
-        return session_pids(self.process.pid)
+        tree = process_tree(self.process.pid)
+        return tree + [pid for pid in session_pids(self.process.pid) if pid not in tree]
 
     def rss(self) -> int:
         return rss_bytes(self.pids())

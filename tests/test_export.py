@@ -152,3 +152,11 @@ def test_onnx_without_its_packages_names_the_extra(run_dir, tmp_path, monkeypatc
         cli(run_dir, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert 'pip install "fedtide[onnx]"' in str(raised.value) and "onnxscript" in str(raised.value)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_choices_are_the_formats_export_knows():
+    from common import export
+    from fedtide import export_command
+
+    assert set(export_command.FORMATS) == set(export.FORMATS)
+    assert set(export_command.QUANTIZATIONS) == set(export.QUANTIZATIONS)
