@@ -58,6 +58,8 @@ class RunConfig:
     server_momentum: float = 0.9
     max_num_examples: int = 1_000_000
     round_timeout: float = 3600.0  # seconds a round waits for replies before going on with those in
+    min_clients: int = 0  # connected clients a round needs (0: all --clients)
+    client_wait: float = 600.0  # seconds to wait for --min-clients connected clients before giving up
     # local learning
     model: str = "mlp"
     hidden: str = "128,128"
@@ -116,6 +118,10 @@ class RunConfig:
         return 0.01 if self.strategy == "fedadam" else 1.0
 
     @property
+    def effective_min_clients(self) -> int:
+        return self.min_clients or self.clients
+
+    @property
     def num_rounds(self) -> int:
         return self.num_tasks * self.rounds_per_task + self.async_spread
 
@@ -169,6 +175,10 @@ class RunConfig:
                 f"--alpha must be > 0 (got {self.alpha}): small values (0.1) give very "
                 "non-IID clients, large ones (100) nearly IID; use --iid for an IID split"
             )
+        if isinstance(self.min_clients, bool) or not 0 <= self.min_clients <= self.clients:
+            raise FedtideError(f"--min-clients must be between 0 (all) and --clients {self.clients} (got {self.min_clients})")
+        if not self.client_wait > 0:
+            raise FedtideError(f"--client-wait must be > 0 seconds (got {self.client_wait})")
         if not self.round_timeout > 0:
             raise FedtideError(f"--round-timeout must be > 0 seconds (got {self.round_timeout})")
         if not self.lr > 0:

@@ -35,6 +35,8 @@ HELP = {
     "max_num_examples": "largest num-examples a client reply may claim",
     "round_timeout": "seconds a round waits for client replies; then it goes on with those that arrived "
     "(deployment: a client that crashed mid-round does not stall the run)",
+    "min_clients": "connected clients a round needs (0: all --clients); with fewer the round waits",
+    "client_wait": "seconds a round waits for --min-clients connected clients before the run stops with an error",
     "model": f"model: {', '.join(MODELS)}",
     "init_from": "start from these weights (a .safetensors file, e.g. a run folder's model.safetensors)",
     "freeze": "comma-separated parameter-name prefixes clients do not train, e.g. features.1",

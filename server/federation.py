@@ -27,6 +27,7 @@ from server.history import RunHistory
 from server.progress import RoundProgress, summary_table
 from server.run_folder import RunFolder
 from server.strategy import build_strategy
+from server.grids import PatientGrid
 from server.timing import PhaseTimes, TimedGrid
 
 # settings only the server uses; clients get everything else with each round
@@ -44,7 +45,7 @@ def run_federation(grid: Grid, config: RunConfig, console: Console | None = None
     """Run all tasks' rounds, write the run folder, print the summary; return the summary."""
     started = time.perf_counter()
     times = PhaseTimes()
-    grid = TimedGrid(grid, times)
+    grid = TimedGrid(PatientGrid(grid, config.effective_min_clients, config.client_wait), times)
     console = console or Console(stderr=True)
     folder = RunFolder.for_config(config)
     folder.write_config(config)

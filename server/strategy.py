@@ -227,7 +227,7 @@ def _strategy_parts(config: RunConfig, history: RunHistory) -> tuple[type, dict]
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=1,
         min_evaluate_nodes=1 if config.fraction_evaluate > 0 else 0,
-        min_available_nodes=config.clients,
+        min_available_nodes=config.effective_min_clients,
     )
     if config.training == "local-only":
         return LocalOnly, common

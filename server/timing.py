@@ -9,8 +9,10 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Iterator
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
+
+from server.grids import GridWrapper
 
 
 class PhaseTimes:
@@ -35,31 +37,12 @@ class PhaseTimes:
         return out
 
 
-class TimedGrid(Grid):
-    """Wraps a Grid and counts the time spent waiting for training replies as ``train``."""
+class TimedGrid(GridWrapper):
+    """Counts the time spent waiting for training replies as ``train``."""
 
     def __init__(self, inner: Grid, times: PhaseTimes) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.times = times
-
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -1,0 +1,73 @@
+"""Wrappers around a Flower ``Grid``: each adds one concern and hands everything else on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.errors import FedtideError
+
+log = logging.getLogger("fedtide.server")
+
+
+class GridWrapper(Grid):
+    """Delegates every Grid call to ``inner``; subclasses override what they change."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+
+    def set_run(self, run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class PatientGrid(GridWrapper):
+    """Gives up waiting for clients: Flower's strategies poll ``get_node_ids`` until
+    ``minimum`` nodes are connected, forever; after ``timeout`` seconds with fewer, this
+    raises a FedtideError that says how many came and what to do."""
+
+    def __init__(self, inner: Grid, minimum: int, timeout: float, clock=time.monotonic) -> None:
+        super().__init__(inner)
+        self.minimum = minimum
+        self.timeout = timeout
+        self.clock = clock
+        self._short_since: float | None = None
+
+    def get_node_ids(self) -> Iterable[int]:
+        nodes = list(self.inner.get_node_ids())
+        if len(nodes) >= self.minimum:
+            self._short_since = None
+            return nodes
+        now = self.clock()
+        if self._short_since is None:
+            self._short_since = now
+            log.info("waiting for clients: %d of %d connected", len(nodes), self.minimum)
+        elif now - self._short_since > self.timeout:
+            raise FedtideError(
+                f"only {len(nodes)} of the {self.minimum} clients a round needs connected within "
+                f"{self.timeout:.0f} s: start the missing clients (`fedtide client ...`), or lower "
+                "--min-clients, or wait longer with --client-wait"
+            )
+        return nodes

@@ -1,0 +1,42 @@
+"""Waiting for clients ends: a run whose clients never come says so instead of hanging."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import FedtideError
+from server.grids import PatientGrid
+
+
+class FakeGrid:
+    def __init__(self, connected):
+        self.connected = connected
+
+    def get_node_ids(self):
+        return list(self.connected)
+
+
+def test_waiting_for_clients_gives_up_after_the_timeout_with_a_clear_message():
+    now = [0.0]
+    grid = PatientGrid(FakeGrid([1]), minimum=2, timeout=30, clock=lambda: now[0])
+    assert grid.get_node_ids() == [1]  # short: Flower polls again a second later
+    now[0] = 29
+    assert grid.get_node_ids() == [1]
+    now[0] = 31
+    with pytest.raises(FedtideError, match="only 1 of the 2 clients .* within 30 s"):
+        grid.get_node_ids()
+
+
+def test_the_wait_restarts_once_enough_clients_were_connected():
+    now = [0.0]
+    inner = FakeGrid([1])
+    grid = PatientGrid(inner, minimum=2, timeout=30, clock=lambda: now[0])
+    grid.get_node_ids()
+    now[0] = 20
+    inner.connected = [1, 2]
+    assert grid.get_node_ids() == [1, 2]
+    inner.connected = [1]  # a client dropped out later in the run
+    now[0] = 45
+    assert grid.get_node_ids() == [1]  # a new wait starts now, not at 0
+    now[0] = 70
+    assert grid.get_node_ids() == [1]
