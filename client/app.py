@@ -11,10 +11,11 @@ client needs only its node_config:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
-from pathlib import Path
 
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
@@ -87,8 +88,21 @@ def _train_edge(msg: Message, context: Context, config: RunConfig, server_round:
         Path(str(state_dir)),
         device_name=context.node_config.get("device"),
     )
+    _report_edge_round(server_round, outcome.metrics)
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})
     return Message(content=content, reply_to=msg)  # the state is on disk, not in context.state
+
+
+def _report_edge_round(server_round: int, metrics: dict) -> None:
+    """One line for the device's log: what this round learned from."""
+    quarantined = f", {metrics['quarantined']} file(s) quarantined" if metrics["quarantined"] else ""
+    drift = ", drift detected" if metrics["drift-detected"] else ""
+    print(
+        f"fedtide client: round {server_round}: {metrics['new-files']} new file(s), {metrics['new-examples']} new "
+        f"samples, trained on {metrics['num-examples']}, prequential accuracy {100 * metrics['prequential-acc']:.1f}%"
+        f"{quarantined}{drift}",
+        file=sys.stderr, flush=True,
+    )
 
 
 def train_many(messages: list[Message], contexts: list[Context]) -> list[Message] | None:

@@ -1,0 +1,58 @@
+"""The ClientApp on an edge node (node_config ``inbox`` + ``state-dir``): the server's
+message in, a reply trained on the inbox's files out, state on disk, not in context.state."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from client.app import app
+from client.state_store import ClientStateStore
+from common.config import RunConfig
+from common.models import build_model
+from common.scenarios import build_scenario
+from fedtide.inprocess import InProcessGrid
+from server.federation import client_config
+
+
+def _edge_node(inbox, state) -> InProcessGrid:
+    """One edge node behind the in-process Grid: the ClientApp as Flower would call it."""
+    return InProcessGrid(app, [{"inbox": str(inbox), "state-dir": str(state)}])
+
+
+def _train(grid: InProcessGrid, config: RunConfig, server_round: int) -> Message:
+    scenario = build_scenario(config)
+    model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+    record = client_config(config, scenario)
+    record["server-round"] = server_round
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(dict(record))})
+    message = grid.create_message(content, "train", dst_node_id=1, group_id=str(server_round))
+    return list(grid.send_and_receive([message]))[0]
+
+
+def test_an_edge_node_trains_on_its_inbox_and_keeps_state_on_disk(tmp_path, capsys):
+    config = RunConfig(hidden="16", local_epochs=1, quiet=True)
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    inbox.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(inbox / "a.npz", x=rng.integers(0, 256, (24, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 24))
+    grid = _edge_node(inbox, state)
+
+    reply = _train(grid, config, 1)
+
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+    metrics = reply.content["metrics"]
+    assert (metrics["num-examples"], metrics["new-files"], metrics["new-examples"]) == (24, 1, 24)
+    assert len(grid.contexts[1].state) == 0  # nothing in memory: a restarted SuperNode loses nothing
+    tensors, ledger = ClientStateStore(state).load()
+    assert [e["name"] for e in ledger] == ["a.npz"] and int(tensors["replay.seen"]) == 24
+    assert "round 1: 1 new file(s), 24 new samples" in capsys.readouterr().err
+
+    second = _train(grid, config, 2)  # no new file: rehearses its memory
+    assert second.content["metrics"]["new-files"] == 0 and second.content["metrics"]["num-examples"] == 24
+
+
+def test_an_edge_node_with_no_data_answers_with_an_error_not_a_crash(tmp_path):
+    config = RunConfig(hidden="16", local_epochs=1, quiet=True)
+    reply = _train(_edge_node(tmp_path / "in", tmp_path / "s"), config, 1)
+    assert reply.has_error() and "no data yet" in reply.error.reason
