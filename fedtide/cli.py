@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from common.config import RunConfig
 from common.errors import FedtideError
-from fedtide import certs, client_process, export_command, server_process
+from fedtide import certs, client_process, data_files, export_command, server_process
 from fedtide.bench import REFERENCES
 from fedtide.presets import PRESETS, preset_settings
 from fedtide.run_flags import DATA_DIR_ENV, add_config_flags, config_from_args
@@ -21,7 +21,8 @@ from fedtide.run_flags import DATA_DIR_ENV, add_config_flags, config_from_args
 ENGINES = ("inprocess", "flower")
 # each module adds its subcommand (add_parser) and carries it out (run)
 DEPLOYMENT_COMMANDS = {
-    "certs": certs, "server": server_process, "client": client_process, "export": export_command,
+    "certs": certs, "server": server_process, "client": client_process, "split-files": data_files,
+    "export": export_command,
 }
 
 
