@@ -14,15 +14,19 @@ import multiprocessing
 import os
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
+from common.errors import FedtideError
+
+if TYPE_CHECKING:
+    import torch
 
 SERVER_NODE_ID = 0
 CLIENT_ERROR_CODE = 0
@@ -36,6 +40,26 @@ def _set_identity(run_id: int) -> None:
 
 def _new_context(run_id: int, node_id: int, node_config: dict[str, Any]) -> Context:
     return Context(run_id=run_id, node_id=node_id, node_config=dict(node_config), state=RecordDict(), run_config={})
+
+
+def context_state(context: Context) -> dict[str, torch.Tensor]:
+    """A node's ``context.state`` as flat named tensors (``<record>/<array>``), for a checkpoint."""
+    flat = {}
+    for name, record in context.state.items():
+        if not isinstance(record, ArrayRecord):
+            raise FedtideError(f"node {context.node_id} keeps a {type(record).__name__} '{name}' in its state: "
+                               "only ArrayRecords can be checkpointed")
+        flat.update({f"{name}/{key}": tensor for key, tensor in record.to_torch_state_dict().items()})
+    return flat
+
+
+def load_context_state(context: Context, flat: dict[str, torch.Tensor]) -> None:
+    """Replace a node's ``context.state`` with what ``context_state`` returned."""
+    records: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        name, _, array = key.partition("/")
+        records.setdefault(name, {})[array] = tensor
+    context.state = RecordDict({name: ArrayRecord(arrays) for name, arrays in records.items()})
 
 
 def run_client(app: ClientApp, message: Message, context: Context) -> Message:
@@ -68,6 +92,7 @@ class InProcessGrid(Grid):
     ) -> None:
         self.client_app = client_app
         self.train_many = train_many
+        self.vectorize = train_many is not None
         self.run_id = run_id
         self._run = Run.create_empty(run_id)
         _set_identity(run_id)
@@ -107,6 +132,14 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
+    def node_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every node's ``context.state`` (replay memory, method state, drift detector)."""
+        return {node: context_state(context) for node, context in self.contexts.items()}
+
+    def restore_node_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        for node, flat in states.items():
+            load_context_state(self.contexts[node], flat)
+
     def close(self) -> None:
         pass
 
@@ -122,12 +155,20 @@ def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]
     contexts = {n: _new_context(run_id, n, cfg) for n, cfg in node_configs.items()}
     while True:
         try:
-            batch = connection.recv()
+            request = connection.recv()
         except EOFError:
             return
-        if batch is None:
+        if request is None:
             return
-        connection.send(deliver(app, train_many if vectorize else None, batch, contexts))
+        command, payload = request
+        if command == "states":
+            connection.send({node: context_state(context) for node, context in contexts.items()})
+        elif command == "restore":
+            for node, flat in payload.items():
+                load_context_state(contexts[node], flat)
+            connection.send(True)
+        else:
+            connection.send(deliver(app, train_many if vectorize else None, payload, contexts))
 
 
 class WorkerPoolGrid(InProcessGrid):
@@ -135,6 +176,7 @@ class WorkerPoolGrid(InProcessGrid):
 
     def __init__(self, node_configs: list[dict[str, Any]], workers: int, run_id: int = 1, vectorize: bool = True) -> None:
         super().__init__(None, node_configs, run_id)
+        self.vectorize = vectorize
         spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch started its threads
         threads = max(1, (os.cpu_count() or 1) // workers)
         self._owner = {node: i % workers for i, node in enumerate(self.node_configs)}
@@ -154,7 +196,7 @@ class WorkerPoolGrid(InProcessGrid):
         for message in messages:
             batches.setdefault(self._owner[message.metadata.dst_node_id], []).append(message)
         for index, batch in batches.items():
-            self._connections[index].send(batch)
+            self._connections[index].send(("deliver", batch))
         replies: dict[str, Message] = {}
         for index, batch in batches.items():
             try:
@@ -165,6 +207,20 @@ class WorkerPoolGrid(InProcessGrid):
                     failure = Error(code=CLIENT_ERROR_CODE, reason=f"worker process {index} died: {err!r}")
                     replies[message.metadata.message_id] = Message(failure, reply_to=message)
         return [replies[m.metadata.message_id] for m in messages]
+
+    def node_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        states = {}
+        for connection in self._connections:
+            connection.send(("states", None))
+        for connection in self._connections:
+            states.update(connection.recv())
+        return dict(sorted(states.items()))
+
+    def restore_node_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        for index, connection in enumerate(self._connections):
+            connection.send(("restore", {n: s for n, s in states.items() if self._owner[n] == index}))
+        for connection in self._connections:
+            connection.recv()
 
     def close(self) -> None:
         for connection in self._connections:
@@ -188,10 +244,11 @@ def default_workers(config: RunConfig) -> int:
     return max(1, min(os.cpu_count() or 1, config.clients))
 
 
-def run_inprocess(config: RunConfig, workers: int = 1, vectorize: bool = True) -> dict[str, Any]:
+def run_inprocess(config: RunConfig, workers: int = 1, vectorize: bool = True, resume: bool = False) -> dict[str, Any]:
     """Run ``config`` with the project's ServerApp main and ClientApp in this process
     (``workers`` = 1) or across ``workers`` warm worker processes. With ``vectorize``, a
-    round's clients that run plain SGD train in one batched computation."""
+    round's clients that run plain SGD train in one batched computation. With ``resume``,
+    go on with the run in ``config.out`` after its last checkpoint."""
     from client.app import app as client_app
     from client.app import train_many
     from server.federation import quiet_flower_logs, run_federation
@@ -202,6 +259,6 @@ def run_inprocess(config: RunConfig, workers: int = 1, vectorize: bool = True) -
     else:
         grid = WorkerPoolGrid(node_configs(config), workers, vectorize=vectorize)
     try:
-        return run_federation(grid, config)
+        return run_federation(grid, config, resume=resume)
     finally:
         grid.close()

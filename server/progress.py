@@ -12,7 +12,10 @@ from server.history import RoundRecord
 
 
 class RoundProgress:
-    def __init__(self, total_rounds: int, num_tasks: int, quiet: bool, console: Console | None = None) -> None:
+    def __init__(
+        self, total_rounds: int, num_tasks: int, quiet: bool, console: Console | None = None, completed: int = 0
+    ) -> None:
+        """``completed``: rounds done before this process started (a resumed run)."""
         self.quiet = quiet
         self.num_tasks = num_tasks
         self.console = console or Console(stderr=True)
@@ -29,7 +32,7 @@ class RoundProgress:
                 TimeRemainingColumn(),
                 console=self.console,
             )
-            self._task = self._progress.add_task("", total=total_rounds, rate="")
+            self._task = self._progress.add_task("", total=total_rounds, completed=completed, rate="")
 
     def __enter__(self) -> "RoundProgress":
         if self._progress:

@@ -16,7 +16,9 @@ import torch
 from common.config import RunConfig
 from common.errors import FedtideError
 from common.files import save_tensors_atomic, write_json_atomic, write_text_atomic
-from server.history import RoundRecord, RunHistory
+from server.history import NodeRejects, RoundRecord, RunHistory
+
+NODE_REJECTS_FILE = "node_rejects.json"
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -42,10 +44,14 @@ def ensure_writable_folder(path: Path) -> Path:
 class RunFolder:
     """Creates the folder up front (failing early if it cannot be written) and fills it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        """A new run starts metrics.jsonl empty; a resumed one keeps it (``rewrite_metrics``
+        then makes it match the checkpoint)."""
         self.path = ensure_writable_folder(path)
         self._metrics = self.path / "metrics.jsonl"
-        self._metrics.write_text("")
+        self._node_rejects = NodeRejects()
+        if not resume:
+            self._metrics.write_text("")
 
     @classmethod
     def for_config(cls, config: RunConfig) -> "RunFolder":
@@ -54,11 +60,17 @@ class RunFolder:
     def write_config(self, config: RunConfig) -> None:
         write_json_atomic(self.path / "config.json", config.to_mapping())
 
+    def rewrite_metrics(self, history: RunHistory) -> None:
+        """metrics.jsonl as the history says: the rounds of a checkpoint, no more, no fewer."""
+        write_text_atomic(self._metrics, "".join(json.dumps(r.as_json()) + "\n" for r in history.rounds))
+
     def append_round(self, record: RoundRecord) -> None:
         with self._metrics.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record.as_json()) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if self._node_rejects.add(record):  # kept current while the run goes on
+            write_json_atomic(self.path / NODE_REJECTS_FILE, self._node_rejects.as_json())
 
     def write_results(
         self, history: RunHistory, summary: dict[str, Any], weights: dict[str, torch.Tensor], config: RunConfig
@@ -78,6 +90,7 @@ class RunFolder:
             write_text_atomic(
                 self.path / "rejected_replies.jsonl", "".join(json.dumps(r) + "\n" for r in history.rejects)
             )
+            write_json_atomic(self.path / NODE_REJECTS_FILE, history.node_rejects().as_json())
         from server.plots import plot_task_accuracy  # matplotlib loads only when a run finishes
 
         plot_task_accuracy(history, self.path / "accuracy.png")
