@@ -12,8 +12,26 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from common.errors import FedtideError
+
 if TYPE_CHECKING:  # torch loads only when tensors are saved or loaded: the CLI starts fast
     import torch
+
+
+def ensure_writable_folder(path: Path, what: str = "the run folder", flag: str = "--out") -> Path:
+    """Create ``path`` if needed and prove a file can be written there, or raise FedtideError
+    naming ``what`` it is and the ``flag`` that chooses it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise FedtideError(
+            f"cannot write {what} {path} ({err.strerror or err}): choose a writable folder with {flag}"
+        ) from None
+    return path
 
 
 def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

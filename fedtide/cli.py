@@ -123,7 +123,7 @@ def bench_main(args: argparse.Namespace) -> None:
     build_scenario(base)  # data missing or settings impossible: say so before any run starts
     out = Path(args.out or Path("bench") / args.scenario)
     cells = build_cells(base, methods, args.seeds, references, args.reference_method, out)
-    from server.run_folder import ensure_writable_folder
+    from common.files import ensure_writable_folder
 
     ensure_writable_folder(out)
     console = Console(stderr=True)
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return DEPLOYMENT_COMMANDS[args.command].run(args) or 0
         config = config_from_args(args)
         from common.scenarios import build_scenario
-        from server.run_folder import ensure_writable_folder
+        from common.files import ensure_writable_folder
 
         build_scenario(config)  # missing data or impossible splits: fail before a folder is made
         ensure_writable_folder(Path(config.out))  # fail now, not after training

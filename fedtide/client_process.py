@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedtideError
+from common.files import ensure_writable_folder
 from fedtide.certs import CA_CERT
 from fedtide.flower_processes import (
     flower_env, flower_executable, free_port, parse_address, signal_group, start_group_leader, stop_group,
@@ -67,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         command.append("--insecure")
     else:
         command += _secure_flags(args)
-    data = _folder(args.data, "--data")
-    state = _folder(args.state, "--state")
+    data = ensure_writable_folder(Path(args.data).expanduser().resolve(), "the data folder", "--data")
+    state = ensure_writable_folder(Path(args.state).expanduser().resolve(), "the state folder", "--state")
     node_config = f'inbox="{data}" state-dir="{state}"'
     if args.device:
         node_config += f' device="{args.device}"'
@@ -105,18 +106,6 @@ def _check_node_key(key: Path) -> None:
         raise FedtideError(
             f"--node-key {key} is not an unencrypted OpenSSH EC private key: use a node-N.key made by `fedtide certs`"
         )
-
-
-def _folder(path: str, flag: str) -> Path:
-    folder = Path(path).expanduser().resolve()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".fedtide-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise FedtideError(f"{flag} {folder} is not a writable folder ({err.strerror or err})") from None
-    return folder
 
 
 def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) -> int:

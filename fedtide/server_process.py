@@ -73,13 +73,13 @@ def run(args: argparse.Namespace) -> None:
     if config.training != "federated":
         raise FedtideError(f"--training {config.training} is a simulation reference: use `fedtide simulate`")
     from common.scenarios import build_scenario
-    from server.run_folder import ensure_writable_folder
+    from common.files import ensure_writable_folder
 
     build_scenario(config)  # the server's test data must be readable before anything starts
     out = ensure_writable_folder(Path(config.out)).resolve()
     config = config.replace(out=str(out))
     database = Path(args.database).expanduser().resolve()
-    ensure_writable_folder(database.parent)
+    ensure_writable_folder(database.parent, "the database folder", "--database")
     if certs is None:
         console.print("[bold red]warning:[/] --insecure: no TLS, no node authentication; "
                       "anyone who reaches the port can join this federation and read its model")

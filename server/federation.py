@@ -60,7 +60,7 @@ def run_federation(
     started = time.perf_counter()
     times = PhaseTimes()
     nodes = grid if hasattr(grid, "node_states") else None
-    grid = TimedGrid(grid, times)
+    grid = TimedGrid(PatientGrid(grid, config.effective_min_clients, config.client_wait), times)
     console = console or Console(stderr=True)
     folder = RunFolder(Path(config.out), resume=True) if resume else RunFolder.for_config(config)
     if not resume:

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.errors import FedtideError
-from common.files import save_tensors_atomic, write_json_atomic, write_text_atomic
+from common.files import ensure_writable_folder, save_tensors_atomic, write_json_atomic, write_text_atomic
 from server.history import NodeRejects, RoundRecord, RunHistory
 
 NODE_REJECTS_FILE = "node_rejects.json"
@@ -24,21 +23,6 @@ NODE_REJECTS_FILE = "node_rejects.json"
 def default_run_dir(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{config.scenario}-{config.method}-s{config.seed}"
-
-
-def ensure_writable_folder(path: Path) -> Path:
-    """Create ``path`` if needed and prove a file can be written there, or raise FedtideError."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise FedtideError(
-            f"cannot write the run folder {path} ({err.strerror or err}): choose a writable folder with --out"
-        ) from None
-    return path
 
 
 class RunFolder:
