@@ -17,6 +17,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import BEFORE_TRAINING, attack_outcome, attacks, label_poison
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
 from common.config import INPUT_SHAPE_KEY, NUM_CLASSES_KEY, RunConfig
@@ -58,15 +59,17 @@ def train(msg: Message, context: Context) -> Message:
     if "inbox" in context.node_config:
         return _train_edge(msg, context, config, server_round)
     config = _local(config, context)
+    partition, received = _partition(context), msg.content["arrays"].to_torch_state_dict()
     outcome = train_round(
         config,
-        _partition(context),
+        partition,
         server_round,
-        msg.content["arrays"].to_torch_state_dict(),
+        received,
         _state(context),
         device_name=context.node_config.get("device"),
+        poison=label_poison(config, partition),
     )
-    return _reply(msg, context, outcome)
+    return _reply(msg, context, attack_outcome(config, partition, server_round, received, outcome))
 
 
 def _train_edge(msg: Message, context: Context, config: RunConfig, server_round: int) -> Message:
@@ -119,12 +122,16 @@ def train_many(messages: list[Message], contexts: list[Context]) -> list[Message
         return None
     try:
         config, server_round = _settings(messages[0])
+        if config.attack in BEFORE_TRAINING and any(attacks(config, _partition(c)) for c in contexts):
+            return None  # a poisoned client trains on other data: one by one
+        received = first["arrays"].to_torch_state_dict()
         jobs = [(_partition(c), server_round, _state(c)) for c in contexts]
-        outcomes = train_rounds_together(config, jobs, first["arrays"].to_torch_state_dict())
+        outcomes = train_rounds_together(config, jobs, received)
     except Exception:
         return None  # the per-node path reports the error as each node's reply
     if outcomes is None:
         return None
+    outcomes = [attack_outcome(config, job[0], server_round, received, o) for job, o in zip(jobs, outcomes)]
     return [_reply(m, c, o) for m, c, o in zip(messages, contexts, outcomes)]
 
 

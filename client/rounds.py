@@ -7,6 +7,8 @@ may keep it in memory or on disk.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,11 +120,15 @@ def train_round(
     weights: dict[str, torch.Tensor],
     state: dict[str, torch.Tensor],
     device_name: str | None = None,
+    poison: Callable[[LabelledSplit], LabelledSplit] | None = None,
 ) -> TrainOutcome:
-    """Train the received global weights on this client's data for its current task."""
+    """Train the received global weights on this client's data for its current task
+    (first passed through ``poison``, when a simulated attacker poisons its data)."""
     scenario = build_scenario(config)
     device = resolve_device(device_name or config.device)
     plan = plan_round(config, partition_id, server_round, state)
+    if poison is not None:
+        plan = dataclasses.replace(plan, data=poison(plan.data))
     model = _load_global(config, weights).to(device)
     freeze(model, config.frozen_prefixes)
     methods = build_methods(config, seed=derive_seed(config.seed, partition_id))

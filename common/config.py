@@ -7,6 +7,7 @@ Defaults live here and nowhere else. Keys travel over Flower as kebab-case strin
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -23,6 +24,8 @@ REPLAY_LOSSES = ("ce", "ace")
 TRAINING_MODES = ("federated", "local-only", "joint")
 LR_SCHEDULES = ("constant", "restart", "plateau")
 DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
+ATTACKS = ("none", "sign-flip", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip")
 DEFAULT_MEMORY_SIZE = 200
 NULLABLE = ("memory_size", "server_lr")
 # sent with each round beside the settings: the model's shape, for edge clients that hold
@@ -58,6 +61,20 @@ class RunConfig:
     server_momentum: float = 0.9
     max_num_examples: int = 1_000_000
     round_timeout: float = 3600.0  # seconds a round waits for replies before going on with those in
+    # robustness: reply limits and the aggregation rule (server side)
+    max_update_norm: float = 0.0  # L2 norm of reply - global above which a reply is dropped (0: off)
+    max_reply_mb: float = 0.0  # payload size above which a reply is dropped (0: off)
+    exclude_after: int = 0  # a node with this many rejected replies is no longer sampled (0: never)
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.1  # trimmed-mean: share of replies cut from each side, per coordinate
+    tolerated_attackers: int = 1  # multikrum: attackers F it must withstand (needs > 2F + 2 replies)
+    clip_norm: float = 0.0  # clip: each update's L2 norm is cut to this before averaging
+    # fault injection (simulation): some clients send a faulty or hostile reply
+    attack: str = "none"
+    attackers: int = 0  # the first K partition ids attack
+    attacker_ids: str = ""  # or these partition ids, comma-separated
+    attack_scale: float = 10.0  # scale: update multiplier; lie-num-examples: claimed multiple
+    attack_noise_std: float = 1.0  # noise: std of the Gaussian added to every weight
     min_clients: int = 0  # connected clients a round needs (0: all --clients)
     client_wait: float = 600.0  # seconds to wait for --min-clients connected clients before giving up
     # local learning
@@ -124,6 +141,19 @@ class RunConfig:
     @property
     def num_rounds(self) -> int:
         return self.num_tasks * self.rounds_per_task + self.async_spread
+
+    @property
+    def attacker_partitions(self) -> frozenset[int]:
+        """Partition ids of the clients that attack (simulation fault injection)."""
+        if self.attacker_ids.strip():
+            return frozenset(int(p) for p in self.attacker_ids.split(",") if p.strip())
+        return frozenset(range(self.attackers))
+
+    @property
+    def max_replies_per_round(self) -> int:
+        """The most training replies a round can bring: the nodes sampled (all of them
+        after a drift quorum when the server reacts)."""
+        return self.clients if self.react_server else max(int(self.clients * self.fraction_train), 1)
 
     # ---- validation -----------------------------------------------------
     def validate(self) -> None:
@@ -209,6 +239,7 @@ class RunConfig:
                 raise FedtideError(f"--{_flag(name)} must be between 0 and 1 (got {value})")
         if self.fraction_train == 0:
             raise FedtideError("--fraction-train must be > 0: no client would train")
+        self._validate_robustness()
         try:
             widths = self.hidden_widths
         except ValueError:
@@ -219,6 +250,60 @@ class RunConfig:
             )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise FedtideError(f"--device '{self.device}': use auto, cpu, cuda or cuda:N")
+
+    def _validate_robustness(self) -> None:
+        _one_of("aggregation", self.aggregation, AGGREGATIONS)
+        _one_of("attack", self.attack, ATTACKS)
+        for name in ("max_update_norm", "max_reply_mb", "clip_norm", "attack_noise_std"):
+            if not getattr(self, name) >= 0:
+                raise FedtideError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        for name in ("exclude_after", "tolerated_attackers", "attackers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise FedtideError(f"--{_flag(name)} must be a whole number >= 0 (got {value})")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise FedtideError(
+                f"--trim-fraction must be in [0, 0.5) (got {self.trim_fraction}): it is the share of "
+                "replies cut from each side, so at least one must remain"
+            )
+        replies = self.max_replies_per_round
+        if self.aggregation == "clip" and self.clip_norm == 0:
+            raise FedtideError("--aggregation clip needs --clip-norm > 0 (the largest update norm kept, e.g. 5)")
+        if self.aggregation == "multikrum":
+            f = self.tolerated_attackers
+            if f < 1:
+                raise FedtideError("--aggregation multikrum needs --tolerated-attackers >= 1 (with 0 it is fedavg)")
+            if replies <= 2 * f + 2:
+                raise FedtideError(
+                    f"--aggregation multikrum with --tolerated-attackers {f} needs more than {2 * f + 2} replies "
+                    f"per round, but at most {replies} arrive: use --clients {2 * f + 3} or more "
+                    f"(and --fraction-train 1), or lower --tolerated-attackers"
+                )
+        if self.aggregation == "trimmed-mean":
+            cut = trimmed_count(replies, self.trim_fraction)
+            if replies - 2 * cut < 1:
+                raise FedtideError(
+                    f"--aggregation trimmed-mean cuts {cut} of {replies} replies from each side and keeps none: "
+                    "use more --clients or a smaller --trim-fraction"
+                )
+        try:
+            attackers = self.attacker_partitions
+        except ValueError:
+            raise FedtideError(
+                f"--attacker-ids '{self.attacker_ids}' is not a comma-separated list of partition ids (e.g. 0,3)"
+            ) from None
+        if self.attackers and self.attacker_ids.strip():
+            raise FedtideError("give either --attackers K or --attacker-ids, not both")
+        if any(not 0 <= p < self.clients for p in attackers):
+            raise FedtideError(
+                f"attacking clients {sorted(attackers)} must be partition ids 0..{self.clients - 1} (--clients {self.clients})"
+            )
+        if self.attack == "none" and attackers:
+            raise FedtideError("--attackers/--attacker-ids name clients but --attack is none: choose an --attack")
+        if self.attack != "none" and not attackers:
+            raise FedtideError(f"--attack {self.attack} needs attacking clients: set --attackers K or --attacker-ids 0,3")
+        if self.attack in ("scale", "lie-num-examples") and not self.attack_scale > 0:
+            raise FedtideError(f"--attack-scale must be > 0 (got {self.attack_scale})")
 
     # ---- conversion -----------------------------------------------------
     def to_mapping(self) -> dict[str, Any]:
@@ -252,6 +337,14 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def trimmed_count(replies: int, trim_fraction: float) -> int:
+    """Replies a trimmed mean cuts from each side: ceil(fraction * replies), at least one
+    whenever the fraction is > 0 (so that trimming never silently turns into a plain mean)."""
+    if trim_fraction <= 0:
+        return 0
+    return max(1, math.ceil(trim_fraction * replies - 1e-9))
 
 
 def _flag(name: str) -> str:

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from typing import Any
 
-from common.config import DOMAIN_TRANSFORMS, METHODS, MODELS, OPTIMIZERS, SCENARIOS, STRATEGIES, RunConfig
+from common.config import AGGREGATIONS, ATTACKS, DOMAIN_TRANSFORMS, METHODS, MODELS, OPTIMIZERS, SCENARIOS, STRATEGIES, RunConfig
 from fedtide.presets import preset_settings
 
 DATA_DIR_ENV = "FEDTIDE_DATA_DIR"
@@ -37,6 +37,18 @@ HELP = {
     "(deployment: a client that crashed mid-round does not stall the run)",
     "min_clients": "connected clients a round needs (0: all --clients); with fewer the round waits",
     "client_wait": "seconds a round waits for --min-clients connected clients before the run stops with an error",
+    "max_update_norm": "drop a reply whose update (reply - global weights) has an L2 norm above this (0: off)",
+    "max_reply_mb": "drop a reply whose payload is larger than this many MiB (0: off)",
+    "exclude_after": "stop sampling a node after this many of its replies were rejected (0: never)",
+    "aggregation": f"aggregation rule: {', '.join(AGGREGATIONS)} (robust rules withstand faulty or hostile clients)",
+    "trim_fraction": "trimmed-mean: share of replies cut from each side per coordinate, in [0, 0.5)",
+    "tolerated_attackers": "multikrum: attackers F to withstand; needs more than 2F+2 replies per round",
+    "clip_norm": "clip: cut each update's L2 norm to this before the weighted average",
+    "attack": f"fault injection (simulation): what attacking clients send: {', '.join(ATTACKS[1:])}",
+    "attackers": "fault injection: the first K partition ids attack",
+    "attacker_ids": "fault injection: these partition ids attack, comma-separated (e.g. 0,3)",
+    "attack_scale": "scale attack: update multiplier; lie-num-examples: how many times the real count is claimed",
+    "attack_noise_std": "noise attack: std of the Gaussian noise added to every weight",
     "model": f"model: {', '.join(MODELS)}",
     "init_from": "start from these weights (a .safetensors file, e.g. a run folder's model.safetensors)",
     "freeze": "comma-separated parameter-name prefixes clients do not train, e.g. features.1",

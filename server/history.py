@@ -18,6 +18,8 @@ class RoundRecord:
     clients: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    excluded: list[int] = field(default_factory=list)  # nodes excluded in this round
+    aggregation: dict[str, Any] = field(default_factory=dict)  # set when the round kept the old model
 
     def as_json(self) -> dict[str, Any]:
         seen = self.task_accuracies[: self.task + 1]
@@ -31,6 +33,8 @@ class RoundRecord:
             "clients": self.clients,
             "rejected": self.rejected,
             "seconds": self.seconds,
+            **({"excluded": self.excluded} if self.excluded else {}),
+            **({"aggregation": self.aggregation} if self.aggregation else {}),
         }
 
 
@@ -41,6 +45,7 @@ class RoundRecord:
             server_round=line["round"], task=line["task"], task_accuracies=line["task_accuracies"],
             train=line.get("train", {}), client_evaluation=line.get("client_evaluation", {}),
             clients=line.get("clients", []), rejected=line.get("rejected", []), seconds=line.get("seconds", 0.0),
+            excluded=line.get("excluded", []), aggregation=line.get("aggregation", {}),
         )
 
 
@@ -56,6 +61,8 @@ class RunHistory:
         self._pending_rejects: list[dict[str, Any]] = []
         self._pending_train: dict[str, float] = {}
         self._pending_evaluation: dict[str, float] = {}
+        self._pending_excluded: list[int] = []
+        self._pending_aggregation: dict[str, Any] = {}
 
     # called from the strategy while a round is aggregated
     def client_reply(self, node_id: int, metrics: dict[str, Any]) -> None:
@@ -63,6 +70,13 @@ class RunHistory:
 
     def rejected_reply(self, server_round: int, node_id: int, reason: str) -> None:
         self._pending_rejects.append({"round": server_round, "node": node_id, "reason": reason})
+
+    def node_excluded(self, server_round: int, node_id: int) -> None:
+        self._pending_excluded.append(node_id)
+
+    def aggregation_skipped(self, server_round: int, rule: str, reason: str) -> None:
+        """This round aggregated nothing: the global model stays, for ``reason``."""
+        self._pending_aggregation = {"rule": rule, "skipped": reason}
 
     def train_metrics(self, metrics: dict[str, float]) -> None:
         self._pending_train = dict(metrics)
@@ -94,9 +108,12 @@ class RunHistory:
             clients=self._pending_clients,
             rejected=self._pending_rejects,
             seconds=seconds,
+            excluded=self._pending_excluded,
+            aggregation=self._pending_aggregation,
         )
         self.rounds.append(record)
         self._pending_clients, self._pending_rejects = [], []
+        self._pending_excluded, self._pending_aggregation = [], {}
         self._pending_train, self._pending_evaluation = {}, {}
         return record
 
@@ -139,3 +156,45 @@ class RunHistory:
     @property
     def rejects(self) -> list[dict[str, Any]]:
         return [r for record in self.rounds for r in record.rejected]
+
+    def reject_count(self, node_id: int) -> int:
+        """Rejected replies of a node so far, this round's included."""
+        return sum(1 for r in [*self.rejects, *self._pending_rejects] if r["node"] == node_id)
+
+    @property
+    def excluded_nodes(self) -> set[int]:
+        """Nodes excluded so far, this round's included (the history is the strategy's memory
+        of it, so that a resumed run keeps them excluded)."""
+        return {n for record in self.rounds for n in record.excluded} | set(self._pending_excluded)
+
+    def node_rejects(self) -> "NodeRejects":
+        tally = NodeRejects()
+        for record in self.rounds:
+            tally.add(record)
+        return tally
+
+
+class NodeRejects:
+    """Per node: how many of its replies were rejected, the last reasons, and the round it
+    was excluded in (if it was). The content of the run folder's ``node_rejects.json``."""
+
+    LAST = 3  # reasons kept per node
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, dict[str, Any]] = {}
+
+    def add(self, record: RoundRecord) -> bool:
+        """Count a round's rejects and exclusions; True when anything changed."""
+        for reject in record.rejected:
+            entry = self.nodes.setdefault(reject["node"], {"rejects": 0, "last_reasons": [], "excluded_round": None})
+            entry["rejects"] += 1
+            entry["last_reasons"] = (entry["last_reasons"] + [{"round": reject["round"], "reason": reject["reason"]}])[
+                -self.LAST :
+            ]
+        for node in record.excluded:
+            self.nodes.setdefault(node, {"rejects": 0, "last_reasons": [], "excluded_round": None})
+            self.nodes[node]["excluded_round"] = record.server_round
+        return bool(record.rejected or record.excluded)
+
+    def as_json(self) -> dict[str, Any]:
+        return {str(node): self.nodes[node] for node in sorted(self.nodes)}

@@ -10,7 +10,10 @@ Flower clients and strategies interoperate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -18,6 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from common.config import RunConfig
 from server.history import RunHistory
+from server.robust import AggregationRule
 from server.timing import PhaseTimes
 from server.validation import METRICS_KEY, ArraySpec, array_specs, check_metrics, validate_reply
 
@@ -25,7 +29,13 @@ log = logging.getLogger("fedtide.server")
 
 
 class ReplyValidation:
-    """Mixin: validate replies, then delegate to the next strategy in the MRO."""
+    """Mixin: validate replies, then delegate to the next strategy in the MRO.
+
+    Beyond the checks of ``validate_reply`` it counts each node's rejected replies and, after
+    ``exclude_after`` of them (0: never), stops sampling that node. When the valid replies
+    of a round cannot satisfy the aggregation ``rule`` (e.g. multikrum with too few), or the
+    aggregate is not finite, the round keeps the previous global model and says why.
+    """
 
     def __init__(
         self,
@@ -34,6 +44,10 @@ class ReplyValidation:
         max_num_examples: int,
         frozen: tuple[str, ...] = (),
         times: PhaseTimes | None = None,
+        max_update_norm: float = 0.0,
+        max_reply_mb: float = 0.0,
+        exclude_after: int = 0,
+        rule: AggregationRule = AggregationRule(),
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -41,7 +55,12 @@ class ReplyValidation:
         self.times = times or PhaseTimes()
         self.max_num_examples = max_num_examples
         self.frozen = frozen
+        self.max_update_norm = max_update_norm
+        self.max_reply_bytes = int(max_reply_mb * 2**20)
+        self.exclude_after = exclude_after
+        self.rule = rule
         self._current: ArrayRecord | None = None
+        self._reference: dict[str, np.ndarray] | None = None
         self._expected: dict[str, ArraySpec] = {}
         self.accepted_nodes: list[int] = []  # nodes whose replies the last round aggregated
 
@@ -51,7 +70,57 @@ class ReplyValidation:
         if not self._expected:  # the initial model fixes names, shapes and dtypes for the run
             self._expected = array_specs(arrays)
         self._current = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.max_update_norm > 0:
+            self._reference = {name: array.numpy() for name, array in arrays.items()}
+        with self._sampling(grid) as view:
+            if view is None:
+                log.error("round %d: every node is excluded; no client trains", server_round)
+                return []
+            return super().configure_train(server_round, arrays, config, view)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        with self._sampling(grid) as view:
+            return [] if view is None else super().configure_evaluate(server_round, arrays, config, view)
+
+    @contextmanager
+    def _sampling(self, grid: Grid) -> Iterator[Grid | None]:
+        """The grid as sampling should see it: without the excluded nodes (None when no node
+        is left), with the wait for available nodes lowered to match."""
+        excluded = self.excluded
+        if not excluded:
+            yield grid
+            return
+        view = _GridWithout(grid, excluded)
+        if not view.get_node_ids():
+            yield None
+            return
+        saved = self.min_available_nodes
+        self.min_available_nodes = max(0, saved - len(excluded))
+        try:
+            yield view
+        finally:
+            self.min_available_nodes = saved
+
+    @property
+    def excluded(self) -> set[int]:
+        """Nodes no longer sampled (kept in the history, so that a resumed run keeps them)."""
+        return self.history.excluded_nodes
+
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        log.warning("round %d: dropped reply from node %d: %s", server_round, node, reason)
+        self.history.rejected_reply(server_round, node, reason)
+        count = self.history.reject_count(node)
+        if self.exclude_after and count >= self.exclude_after and node not in self.excluded:
+            log.warning("round %d: node %d excluded after %d rejected replies; it is no longer sampled",
+                        server_round, node, count)
+            self.history.node_excluded(server_round, node)
+
+    def _keep_global(self, server_round: int, reason: str) -> tuple[None, None]:
+        log.warning("round %d: %s; the global model stays as it was", server_round, reason)
+        self.history.aggregation_skipped(server_round, self.rule.name, reason)
+        return None, None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -63,24 +132,33 @@ class ReplyValidation:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid: list[Message] = []
+        excluded = self.excluded
         for reply in replies:
             node = reply.metadata.src_node_id
-            if reply.has_error():
+            if node in excluded:
+                reason = "node is excluded after repeated rejected replies"
+            elif reply.has_error():
                 reason = f"client failed: {reply.error.reason}"
             else:
-                reason = validate_reply(reply.content, self._expected, self.max_num_examples)
+                reason = validate_reply(
+                    reply.content, self._expected, self.max_num_examples, max_reply_bytes=self.max_reply_bytes,
+                    max_update_norm=self.max_update_norm, reference=self._reference,
+                )
             if reason is not None:
-                log.warning("round %d: dropped reply from node %d: %s", server_round, node, reason)
-                self.history.rejected_reply(server_round, node, reason)
+                self._reject(server_round, node, reason)
                 continue
             self.history.client_reply(node, dict(reply.content.metric_records[METRICS_KEY]))
             valid.append(reply)
         self.accepted_nodes = [reply.metadata.src_node_id for reply in valid]
+        if (reason := self.rule.precondition(len(valid))) is not None:
+            return self._keep_global(server_round, reason)
         arrays, metrics = super().aggregate_train(server_round, valid)
         if metrics is not None:
             self.history.train_metrics(dict(metrics))
         if arrays is not None:
             arrays = self._as_global(arrays)
+            if not all(np.isfinite(array.numpy()).all() for array in arrays.values()):
+                return self._keep_global(server_round, "the aggregate holds NaN or Inf")
         return arrays, metrics
 
     def _as_global(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -111,6 +189,51 @@ class ReplyValidation:
         if metrics is not None:
             self.history.evaluate_metrics(dict(metrics))
         return metrics
+
+
+class _GridWithout:
+    """A view of a grid that hides some nodes from sampling; everything else passes through."""
+
+    def __init__(self, grid: Grid, hidden: set[int]) -> None:
+        self._grid = grid
+        self._hidden = hidden
+
+    def get_node_ids(self) -> list[int]:
+        return [node for node in self._grid.get_node_ids() if node not in self._hidden]
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+class RobustAggregation(FedAvg):
+    """FedAvg with the array aggregation of ``self.rule`` (``server.robust``).
+
+    It goes last among a strategy's bases, so that it takes FedAvg's place in the MRO:
+    FedAvgM, FedAdam and FedProx then apply their server step to the robust aggregate.
+    Metrics are still Flower's weighted mean; with rule ``fedavg`` nothing changes at all.
+    """
+
+    rule: AggregationRule = AggregationRule()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._rule_reference = arrays  # the global model this round's updates start from
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        if self.rule.name == "fedavg":
+            return super().aggregate_train(server_round, replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [message.content for message in valid]
+        reference = {name: array.numpy() for name, array in self._rule_reference.items()}
+        aggregated = self.rule.aggregate(
+            [{name: a.numpy() for name, a in c[self.arrayrecord_key].items()} for c in contents],
+            [float(c.metric_records[METRICS_KEY][self.weighted_by_key]) for c in contents],
+            reference,
+        )
+        arrays = ArrayRecord({name: Array(value) for name, value in aggregated.items()})
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
 class DriftResponse:
@@ -191,19 +314,19 @@ class LocalOnly(ReplyValidation, FedAvg):
         return list(self.node_arrays.values()) or [arrays]
 
 
-class ValidatedFedAvg(ReplyValidation, FedAvg):
+class ValidatedFedAvg(ReplyValidation, RobustAggregation):
     pass
 
 
-class ValidatedFedProx(ReplyValidation, FedProx):
+class ValidatedFedProx(ReplyValidation, FedProx, RobustAggregation):
     pass
 
 
-class ValidatedFedAvgM(ReplyValidation, FedAvgM):
+class ValidatedFedAvgM(ReplyValidation, FedAvgM, RobustAggregation):
     pass
 
 
-class ValidatedFedAdam(ReplyValidation, FedAdam):
+class ValidatedFedAdam(ReplyValidation, FedAdam, RobustAggregation):
     pass
 
 
@@ -228,9 +351,13 @@ def _strategy_parts(config: RunConfig, history: RunHistory) -> tuple[type, dict]
         min_train_nodes=1,
         min_evaluate_nodes=1 if config.fraction_evaluate > 0 else 0,
         min_available_nodes=config.effective_min_clients,
+        max_update_norm=config.max_update_norm,
+        max_reply_mb=config.max_reply_mb,
+        exclude_after=config.exclude_after,
     )
     if config.training == "local-only":
-        return LocalOnly, common
+        return LocalOnly, common  # each node keeps its own model: nothing to aggregate robustly
+    common["rule"] = AggregationRule.from_config(config)
     if config.strategy == "fedprox":
         return ValidatedFedProx, dict(proximal_mu=config.prox_mu, **common)
     if config.strategy == "fedavgm":

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from server.robust import update_norm
+
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 WEIGHT_KEY = "num-examples"
@@ -29,8 +31,39 @@ def array_specs(arrays: ArrayRecord) -> dict[str, ArraySpec]:
     return {name: ArraySpec(tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
 
 
-def validate_reply(content: RecordDict, expected: dict[str, ArraySpec], max_num_examples: int) -> str | None:
-    """The reason to drop this training reply, or None if it may be aggregated."""
+def validate_reply(
+    content: RecordDict,
+    expected: dict[str, ArraySpec],
+    max_num_examples: int,
+    *,
+    max_reply_bytes: int = 0,
+    max_update_norm: float = 0.0,
+    reference: dict[str, np.ndarray] | None = None,
+) -> str | None:
+    """The reason to drop this training reply, or None if it may be aggregated.
+
+    ``max_reply_bytes`` > 0 bounds the payload (checked first, before anything is decoded);
+    ``max_update_norm`` > 0 bounds the L2 norm of the reply's weights minus ``reference``,
+    the current global model. Never raises: a reply that breaks the checks themselves is
+    dropped as malformed."""
+    try:
+        return _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference)
+    except Exception as err:  # whatever a client sends must not crash the server
+        return f"malformed reply: {type(err).__name__}: {err}"
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes a reply carries: its arrays' data plus 8 per metric or config value."""
+    size = sum(len(a.data) for record in content.array_records.values() for a in record.values())
+    for record in [*content.metric_records.values(), *content.config_records.values()]:
+        for value in record.values():
+            size += 8 * len(value) if isinstance(value, (list, str, bytes)) else 8
+    return size
+
+
+def _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference) -> str | None:
+    if max_reply_bytes > 0 and (size := payload_bytes(content)) > max_reply_bytes:
+        return f"payload of {size / 2**20:.2f} MiB exceeds the limit of {max_reply_bytes / 2**20:.2f} MiB"
     if list(content.array_records) != [ARRAYS_KEY]:
         return f"expected one array record '{ARRAYS_KEY}', got {sorted(content.array_records)}"
     if list(content.metric_records) != [METRICS_KEY]:
@@ -43,6 +76,7 @@ def validate_reply(content: RecordDict, expected: dict[str, ArraySpec], max_num_
     if names != set(expected):
         missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
         return f"array names differ from the global model's (missing {missing}, unexpected {extra})"
+    decoded: dict[str, np.ndarray] = {}
     for name, spec in expected.items():
         array = arrays[name]
         if tuple(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
@@ -58,6 +92,11 @@ def validate_reply(content: RecordDict, expected: dict[str, ArraySpec], max_num_
             return f"array '{name}' decodes to shape {values.shape}, expected {spec.shape}"
         if not np.isfinite(values).all():
             return f"array '{name}' holds NaN or Inf"
+        decoded[name] = values
+    if max_update_norm > 0 and reference is not None:
+        norm = update_norm(decoded, reference)
+        if norm > max_update_norm:
+            return f"update norm {norm:.4g} exceeds --max-update-norm {max_update_norm:g}"
     return None
 
 

@@ -1,0 +1,86 @@
+"""Fault injection for simulations: chosen clients send faulty or hostile replies.
+
+A robust server must be shown to withstand what it claims to, so the faulty reply is made
+by the client and travels through the Message API like any other. The attacking clients
+are ``RunConfig.attacker_partitions`` (``--attackers K``: the first K partition ids, or
+``--attacker-ids``); everything is seeded by (seed, partition, round). With ``g`` the
+global weights the client received and ``w`` what honest training gave:
+
+- ``sign-flip``: ``g - (w - g)``, the update reversed;
+- ``scale``: ``g + s * (w - g)``, the update times ``--attack-scale``;
+- ``noise``: ``w + N(0, --attack-noise-std^2)`` on every weight;
+- ``nan`` / ``inf``: every weight NaN / +Inf;
+- ``wrong-shape``: the first array gets one extra row;
+- ``lie-num-examples``: claims ``--attack-scale`` times its real number of samples;
+- ``label-flip``: trains honestly on poisoned labels, ``y -> classes - 1 - y`` (before
+  training, see ``poison_labels``; the others apply after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from client.rounds import TrainOutcome
+from common.config import RunConfig
+from common.datasets import LabelledSplit
+from common.scenarios import build_scenario
+from common.seeding import derive_seed
+
+NOISE_STREAM = 0xA77AC  # keeps the attack's noise apart from the training's random stream
+BEFORE_TRAINING = ("label-flip",)
+
+
+def attacks(config: RunConfig, partition_id: int) -> bool:
+    return config.attack != "none" and partition_id in config.attacker_partitions
+
+
+def label_poison(config: RunConfig, partition_id: int) -> Callable[[LabelledSplit], LabelledSplit] | None:
+    """The function that poisons this client's training data, or None for an honest one."""
+    if config.attack != "label-flip" or not attacks(config, partition_id):
+        return None
+    num_classes = build_scenario(config).num_classes
+    return lambda data: poison_labels(data, num_classes)
+
+
+def poison_labels(data: LabelledSplit, num_classes: int) -> LabelledSplit:
+    return dataclasses.replace(data, y=(num_classes - 1) - data.y)
+
+
+def attack_outcome(
+    config: RunConfig, partition_id: int, server_round: int, received: dict[str, torch.Tensor], outcome: TrainOutcome
+) -> TrainOutcome:
+    """The reply an attacking client sends instead of ``outcome`` (unchanged for an honest
+    client or an attack that acts before training). The client's own state is untouched."""
+    if not attacks(config, partition_id) or config.attack in BEFORE_TRAINING:
+        return outcome
+    weights, metrics = dict(outcome.weights), dict(outcome.metrics)
+    kind, scale = config.attack, config.attack_scale
+    if kind == "lie-num-examples":
+        metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * scale))
+    elif kind == "wrong-shape":
+        name = next(iter(weights))
+        weights[name] = torch.cat([weights[name], weights[name][:1]])
+    else:
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, partition_id, server_round, NOISE_STREAM))
+        weights = {name: _attack(kind, received[name], w, scale, config.attack_noise_std, generator) for name, w in weights.items()}
+    return dataclasses.replace(outcome, weights=weights, metrics=metrics)
+
+
+def _attack(kind: str, g: torch.Tensor, w: torch.Tensor, scale: float, std: float, generator: torch.Generator) -> torch.Tensor:
+    if not w.is_floating_point():
+        return w
+    g = g.to(w.dtype)
+    if kind == "sign-flip":
+        return g - (w - g)
+    if kind == "scale":
+        return g + scale * (w - g)
+    if kind == "noise":
+        return w + std * torch.randn(w.shape, generator=generator, dtype=w.dtype)
+    if kind == "nan":
+        return torch.full_like(w, float("nan"))
+    if kind == "inf":
+        return torch.full_like(w, float("inf"))
+    raise ValueError(f"unknown attack '{kind}'")
