@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -52,6 +53,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--start-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long the SuperLink may take to start (default: 60)")
     parser.add_argument("--preset", metavar="NAME", help="start from a named scenario (see `fedtide simulate --help`)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="go on with the run in RUN_DIR after its last checkpoint, with its own settings "
+                        "(config.json); restart the clients with their --state folders")
     add_config_flags(parser)
 
 
@@ -60,8 +64,16 @@ def run(args: argparse.Namespace) -> None:
     parse_address(args.address, "--address")
     certs = _certificates(args)
     given_clients = args.clients
-    config = config_from_args(args)
-    if given_clients is None:
+    if args.resume:
+        from fedtide.resume import finished_message, resume_config
+
+        config = resume_config(args)
+        if config is None:
+            console.print(finished_message(args.resume))
+            return
+    else:
+        config = config_from_args(args)
+    if given_clients is None and not args.resume:
         if certs is None:
             raise FedtideError("--insecure has no node keys to count: say how many clients to wait for with --clients N")
         config = config.replace(clients=len(certs.node_public_keys()))
@@ -83,7 +95,7 @@ def run(args: argparse.Namespace) -> None:
     if certs is None:
         console.print("[bold red]warning:[/] --insecure: no TLS, no node authentication; "
                       "anyone who reaches the port can join this federation and read its model")
-    serve(config, certs, database, args.address, args.start_timeout, console)
+    serve(config, certs, database, args.address, args.start_timeout, console, resume=bool(args.resume))
 
 
 def _certificates(args: argparse.Namespace) -> CertificateSet | None:
@@ -106,9 +118,10 @@ def _certificates(args: argparse.Namespace) -> CertificateSet | None:
 
 def serve(
     config: RunConfig, certs: CertificateSet | None, database: Path, address: str, start_timeout: float,
-    console: Console,
+    console: Console, resume: bool = False,
 ) -> dict[str, Any]:
-    """Start the SuperLink, register the nodes, run ``config`` on it; return the run's summary."""
+    """Start the SuperLink, register the nodes, run ``config`` on it (with ``resume``: go on
+    after the last checkpoint of ``config.out``); return the run's summary."""
     host, port = parse_address(address, "--address")
     local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     out = Path(config.out)
@@ -124,7 +137,8 @@ def serve(
             "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
             "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
         ]
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # the new run writes it anew; don't show the old one
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # the new run writes it anew; don't show the old one
     superlink = FlowerProcess.start("the SuperLink", command, flower_env(home), out / "superlink.log")
     try:
         superlink.wait_listening(local_host, port, start_timeout)
@@ -132,7 +146,7 @@ def serve(
         if certs is not None:
             registered = register_nodes(home, certs.node_public_keys())
             console.print(f"server: {registered} node key(s) registered; waiting for {config.clients} client(s) on {address}")
-        run_id = flwr_cli(home, "run", str(write_app(home / "app", config)))["run-id"]
+        run_id = flwr_cli(home, "run", str(write_app(home / "app", config, resume)))["run-id"]
         follow_run(home, run_id, config, superlink, console)
     finally:
         superlink.stop()
@@ -157,11 +171,15 @@ def register_nodes(home: Path, public_keys: list[Path]) -> int:
     return len(public_keys)
 
 
-def write_app(folder: Path, config: RunConfig) -> Path:
+def write_app(folder: Path, config: RunConfig, resume: bool = False) -> Path:
     """A Flower App whose run config is ``config``: the ServerApp and ClientApp come from the
     installed fedtide, on the server and on every client alike."""
+    from server.app import RESUME_KEY
+
     folder.mkdir(parents=True, exist_ok=True)
     settings = {**config.to_mapping(), "quiet": True}  # the ServerApp has no terminal: this process shows progress
+    if resume:
+        settings[RESUME_KEY] = True
     lines = [
         "[project]",
         'name = "fedtide"',
@@ -211,7 +229,12 @@ def follow_run(home: Path, run_id: str, config: RunConfig, superlink: FlowerProc
                 next_status = time.monotonic() + (1.0 if written else STATUS_POLL_SECONDS)
             time.sleep(0.5)
     if status != "finished:completed":
-        raise FedtideError(f"the run ended as {status}; the ServerApp's log:\n{run_log_tail(home, run_id)}")
+        log = run_log_tail(home, run_id, lines=200)
+        said = re.search(r"FedtideError: (.+)", log)  # a user's mistake: its message says it all
+        if said:
+            raise FedtideError(said.group(1).strip())
+        tail = "\n".join(log.splitlines()[-25:])
+        raise FedtideError(f"the run ended as {status}; the ServerApp's log ends:\n{tail}")
 
 
 def run_status(home: Path, run_id: str) -> str:

@@ -95,3 +95,17 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
         line["round"] for line in lines if any(c.get("new-files") == 0 and c["num-examples"] > 0 for c in line["clients"])
     ]
     assert trained_after_restart, "the restarted client trained on its memory in a later round"
+
+
+def test_a_server_whose_clients_never_come_stops_with_a_clear_message(tmp_path):
+    server = Session(
+        ["server", "--insecure", "--clients", "1", "--client-wait", "3", "--num-tasks", "1", "--rounds-per-task", "1",
+         "--database", str(tmp_path / "db"), "--out", str(tmp_path / "run"), "--address", f"127.0.0.1:{free_port()}"],
+        tmp_path / "server.log", tmp_path,
+    )
+    try:
+        assert server.wait(timeout=120) == 2
+    finally:
+        server.kill()
+    last = server.output().strip().splitlines()[-1]
+    assert last.startswith("fedtide: error: only 0 of the 1 clients a round needs connected within 3 s")
