@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train each client separately even when a round's clients could share "
                           "one batched computation (plain SGD, no method hooks)")
     simulate.add_argument("--preset", metavar="NAME", help=f"start from a named scenario: {', '.join(PRESETS)}")
+    simulate.add_argument("--resume", metavar="RUN_DIR",
+                          help="go on with the run in RUN_DIR after its last checkpoint, with its own settings "
+                          "(config.json); flags that would change what it computes are refused")
     add_config_flags(simulate)
 
     download = commands.add_parser(
@@ -167,6 +170,29 @@ def download_main(args: argparse.Namespace) -> None:
     console.print(f"{args.dataset} verified in {folder}; use --data-dir {args.to}")
 
 
+def _resume_simulation(args: argparse.Namespace) -> int:
+    """``fedtide simulate --resume RUN_DIR``: 0 at once when the run already finished."""
+    from fedtide.resume import finished_message, resume_config
+
+    config = resume_config(args)
+    if config is None:
+        print(finished_message(args.resume), file=sys.stderr)
+        return 0
+    if args.engine == "flower":
+        raise FedtideError(
+            "--resume runs on the in-process engine only: Flower's engine keeps the clients' state "
+            "where a checkpoint cannot reach it"
+        )
+    if args.workers < 0:
+        raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
+    from common.scenarios import build_scenario
+    from fedtide.inprocess import default_workers, run_inprocess
+
+    build_scenario(config)  # the data must still be there
+    run_inprocess(config, workers=args.workers or default_workers(config), vectorize=not args.no_vectorize, resume=True)
+    return 0
+
+
 def _interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt
 
@@ -185,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in DEPLOYMENT_COMMANDS:
             return DEPLOYMENT_COMMANDS[args.command].run(args) or 0
+        if args.resume:
+            return _resume_simulation(args)
         config = config_from_args(args)
         from common.scenarios import build_scenario
         from common.files import ensure_writable_folder

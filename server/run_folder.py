@@ -47,6 +47,7 @@ class RunFolder:
     def rewrite_metrics(self, history: RunHistory) -> None:
         """metrics.jsonl as the history says: the rounds of a checkpoint, no more, no fewer."""
         write_text_atomic(self._metrics, "".join(json.dumps(r.as_json()) + "\n" for r in history.rounds))
+        self._node_rejects = history.node_rejects()
 
     def append_round(self, record: RoundRecord) -> None:
         with self._metrics.open("a", encoding="utf-8") as handle:

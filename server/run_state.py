@@ -97,7 +97,7 @@ def _strategy_state(strategy: Any) -> tuple[dict[str, dict[str, torch.Tensor]], 
         groups["strategy/current_arrays"] = current.to_torch_state_dict()
     node_arrays = getattr(strategy, "node_arrays", None)
     if node_arrays is not None:  # the local-only reference: each node's own model
-        meta["node_arrays"] = sorted(node_arrays)
+        meta["node_arrays"] = list(node_arrays)  # in their order: evaluation averages over them
         for node, record in node_arrays.items():
             groups[f"strategy/node_arrays/{node}"] = record.to_torch_state_dict()
     if isinstance(strategy, DriftResponse):

@@ -1,0 +1,76 @@
+"""``--resume RUN_DIR`` of ``fedtide simulate`` and ``fedtide server``: the run's own settings,
+checked before anything starts.
+
+A resumed run computes what the uninterrupted run would have, so its settings come from
+RUN_DIR/config.json; a flag that would change what is computed is refused. Flags that only
+say where data is or how long to wait may differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from common.config import RunConfig
+from common.errors import FedtideError
+
+# settings a resumed run may change: where the data is, what is shown, how long to wait
+ADJUSTABLE = ("data_dir", "quiet", "round_timeout", "client_wait")
+
+
+def resume_config(args: argparse.Namespace) -> RunConfig | None:
+    """The settings to go on with, or None when the run already finished (nothing to do).
+    FedtideError when RUN_DIR is missing, is no run folder, has no checkpoint, or a flag
+    contradicts its settings."""
+    from server.checkpoint import CHECKPOINT_FOLDER, CheckpointStore
+
+    folder = Path(args.resume).expanduser()
+    if not folder.is_dir():
+        raise FedtideError(f"--resume {folder}: no such folder")
+    stored = _stored_config(folder)
+    if getattr(args, "preset", None):
+        raise FedtideError(f"--resume takes the settings of {folder / 'config.json'}: drop --preset")
+    changes, refused = {}, []
+    for field in dataclasses.fields(RunConfig):
+        given = getattr(args, field.name, None)
+        if given is None:
+            continue
+        if field.name == "out":
+            if Path(given).expanduser().resolve() != folder.resolve():
+                refused.append(f"--out {given}")
+        elif field.name in ADJUSTABLE:
+            changes[field.name] = given
+        elif given != getattr(stored, field.name):
+            refused.append(f"--{field.name.replace('_', '-')} {given} (the run has {getattr(stored, field.name)})")
+    if refused:
+        raise FedtideError(
+            f"--resume keeps the settings of {folder / 'config.json'}; {', '.join(refused)} would change what "
+            "the run computes: drop it, or start a new run with --out"
+        )
+    rounds = CheckpointStore(folder).rounds()
+    if not rounds:
+        raise FedtideError(
+            f"--resume {folder}: no checkpoints ({CHECKPOINT_FOLDER}/round-*.json); the run stopped before "
+            "its first round was evaluated, or was made by a fedtide without checkpoints: start it again"
+        )
+    if rounds[0] >= stored.num_rounds and (folder / "summary.json").is_file():
+        return None
+    return stored.replace(out=str(folder), **changes)
+
+
+def _stored_config(folder: Path) -> RunConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FedtideError(f"--resume {folder}: no config.json there, so it is not a fedtide run folder")
+    try:
+        return RunConfig.from_mapping(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
+        raise FedtideError(f"--resume {folder}: config.json is unreadable ({err})") from None
+    except FedtideError as err:
+        raise FedtideError(f"--resume {folder}: config.json: {err}") from None
+
+
+def finished_message(folder: str) -> str:
+    return f"fedtide: {folder} already finished all its rounds (see its summary.json); nothing to resume"
