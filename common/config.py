@@ -302,8 +302,10 @@ class RunConfig:
             raise FedtideError("--attackers/--attacker-ids name clients but --attack is none: choose an --attack")
         if self.attack != "none" and not attackers:
             raise FedtideError(f"--attack {self.attack} needs attacking clients: set --attackers K or --attacker-ids 0,3")
-        if self.attack in ("scale", "lie-num-examples") and not self.attack_scale > 0:
-            raise FedtideError(f"--attack-scale must be > 0 (got {self.attack_scale})")
+        if self.attack == "lie-num-examples" and not self.attack_scale > 0:
+            raise FedtideError(f"--attack-scale must be > 0 for lie-num-examples (got {self.attack_scale})")
+        if self.attack == "scale" and not math.isfinite(self.attack_scale):
+            raise FedtideError(f"--attack-scale must be a finite number (got {self.attack_scale})")
 
     # ---- conversion -----------------------------------------------------
     def to_mapping(self) -> dict[str, Any]:

@@ -107,7 +107,11 @@ def check_metrics(metrics: MetricRecord, max_num_examples: int) -> str | None:
         return reason
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
-        if any(not math.isfinite(float(v)) for v in values):
+        try:
+            finite = all(math.isfinite(float(v)) for v in values)
+        except (OverflowError, TypeError, ValueError):  # e.g. an int too large for a float
+            finite = False
+        if not finite:
             return f"metric '{key}' is not finite"
     return None
 
