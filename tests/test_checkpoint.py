@@ -1,0 +1,322 @@
+"""Checkpoints and --resume: a crashed run goes on where its last completed round ended,
+with the numbers of an uninterrupted run, and bad resume inputs get one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from safetensors.torch import load_file
+
+from client.app import app as client_app
+from client.app import train_many
+from common.config import RunConfig
+from common.errors import FedtideError
+from common.models import build_model
+from common.scenarios import build_scenario
+from fedtide.cli import main
+from fedtide.inprocess import InProcessGrid, WorkerPoolGrid, node_configs, run_inprocess
+from server.checkpoint import CheckpointStore
+from server.federation import client_config, run_federation
+from server.history import RunHistory
+from server.round_loop import run_rounds
+from server.run_state import capture, restore
+from server.strategy import build_strategy
+from server.timing import PhaseTimes, TimedGrid
+
+SMALL = RunConfig(num_tasks=3, rounds_per_task=2, local_epochs=1, quiet=True)
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing(grid: InProcessGrid, crash_in: int) -> InProcessGrid:
+    """``grid``, whose server dies while the clients train round ``crash_in``."""
+    deliver, trained = grid.send_and_receive, []
+
+    def send_and_receive(messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type.startswith("train"):
+            trained.append(1)
+            if len(trained) == crash_in:
+                raise Crash
+        return deliver(messages, timeout=timeout)
+
+    grid.send_and_receive = send_and_receive
+    return grid
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("seconds")
+    return lines
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert list(wa) == list(wb)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    assert _rounds(a) == _rounds(b)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["accuracy_matrix"] == sb["accuracy_matrix"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """SMALL run uninterrupted: what every resumed SMALL run must equal. Read only."""
+    out = tmp_path_factory.mktemp("whole")
+    run_inprocess(SMALL.replace(out=str(out)))
+    return out
+
+
+def _crash(config: RunConfig, crash_in: int, workers: int = 1) -> None:
+    if workers > 1:
+        grid = WorkerPoolGrid(node_configs(config), workers)
+    else:
+        grid = InProcessGrid(client_app, node_configs(config), train_many=train_many)
+    try:
+        with pytest.raises(Crash):
+            run_federation(crashing(grid, crash_in), config)
+    finally:
+        grid.close()
+
+
+def test_checkpoint_round_trip_keeps_weights_fedadam_moments_history_and_rng(tmp_path):
+    config = SMALL.replace(strategy="fedadam", react_server=True, out=str(tmp_path))
+    schedule = build_scenario(config).schedule
+    history = RunHistory(schedule)
+    history.close_round(0, [0.1, 0.2, 0.3], 0.5)
+    history.client_reply(3, {"num-examples": 10, "drift-detected": 1})
+    history.close_round(1, [0.4, 0.5, 0.6], 0.5)
+    strategy = build_strategy(config, history)
+    gen = np.random.default_rng(0)
+    strategy.m_t = {"w": gen.normal(size=(3, 4)), "b": gen.normal(size=4)}
+    strategy.v_t = {"w": gen.random((3, 4)), "b": gen.random(4)}
+    strategy._to_boost, strategy._sample_all_next = {3}, True
+    arrays = ArrayRecord({"w": torch.randn(3, 4), "b": torch.randn(4)})
+    random.seed(7)
+    random.random()
+    nodes = {1: {"fedtide-state/replay.x": torch.rand(2, 5)}, 2: {}}
+    store = CheckpointStore(tmp_path)
+    store.save(capture(1, arrays, strategy, history, nodes, {"node_states": True, "vectorize": True}))
+    expected_random, expected_torch = random.random(), torch.rand(3)
+
+    random.seed(99)
+    torch.manual_seed(99)
+    checkpoint = store.latest(warn=pytest.fail)
+    fresh_history = RunHistory(schedule)
+    fresh = build_strategy(config, fresh_history)
+    restored = restore(checkpoint, fresh, fresh_history)
+    assert list(restored) == ["w", "b"]  # the model's array order survives safetensors' sorting
+    assert all(np.array_equal(restored[k].numpy(), arrays[k].numpy()) for k in arrays)
+    for name in ("m_t", "v_t"):
+        assert list(getattr(fresh, name)) == ["w", "b"]
+        assert all(np.array_equal(getattr(fresh, name)[k], getattr(strategy, name)[k]) for k in ("w", "b"))
+        assert getattr(fresh, name)["w"].dtype == np.float64
+    assert fresh._to_boost == {3} and fresh._sample_all_next is True
+    assert [r.as_json() for r in fresh_history.rounds] == [r.as_json() for r in history.rounds]
+    assert fresh_history.baseline == [0.1, 0.2, 0.3]
+    assert random.random() == expected_random
+    assert torch.equal(torch.rand(3), expected_torch)
+    assert torch.equal(checkpoint.group("node/1")["fedtide-state/replay.x"], nodes[1]["fedtide-state/replay.x"])
+
+
+def test_our_round_loop_computes_what_flowers_strategy_start_does(tmp_path):
+    """A fresh run is unchanged by the switch from Flower's loop to ours (same calls, same order)."""
+    config = SMALL.replace(strategy="fedavgm", fraction_train=0.6, rounds_per_task=1, out=str(tmp_path))
+    scenario = build_scenario(config)
+    finals = []
+    for loop in ("flower", "ours"):
+        history = RunHistory(scenario.schedule)
+        strategy = build_strategy(config, history)
+        grid = InProcessGrid(client_app, node_configs(config), train_many=train_many)
+        model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+        initial = ArrayRecord(model.state_dict())
+        random.seed(config.seed)
+        seen = []
+
+        def evaluate(server_round, arrays):
+            seen.append((server_round, [a.numpy().sum() for a in arrays.values()]))
+
+        kwargs = dict(train_config=client_config(config, scenario), evaluate_config=client_config(config, scenario))
+        if loop == "flower":
+            result = strategy.start(grid, initial, config.num_rounds, config.round_timeout, evaluate_fn=evaluate, **kwargs)
+            final = result.arrays
+        else:
+            final = run_rounds(strategy, grid, initial, 1, config.num_rounds, config.round_timeout,
+                               evaluate_fn=evaluate, after_round=lambda r, a: None, **kwargs)
+        finals.append(({k: a.numpy() for k, a in final.items()}, seen))
+    (flower, flower_seen), (ours, ours_seen) = finals
+    assert flower_seen == ours_seen
+    assert all(np.array_equal(flower[k], ours[k]) for k in flower)
+
+
+def test_a_fresh_run_gives_the_figures_it_gave_before_checkpoints(tmp_path):
+    """Measured before checkpoints and our round loop existed (fedadam, 2 tasks x 2 rounds)."""
+    summary = run_inprocess(RunConfig(num_tasks=2, rounds_per_task=2, strategy="fedadam", quiet=True, out=str(tmp_path)))
+    assert summary["acc"] == pytest.approx(0.46944444444444444, abs=1e-9)
+    assert summary["bwt"] == pytest.approx(0.12777777777777777, abs=1e-9)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-2:] == ["round-000004.json", "round-000004.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(strategy="fedadam", react_server=True, fraction_train=0.6),  # moments, drift response, sampling RNG
+        dict(strategy="fedavgm", method="replay+ewc+lwf"),  # momentum, every client method's state
+        dict(training="local-only"),  # per-node models held by the strategy
+    ],
+    ids=["fedadam-react", "fedavgm-methods", "local-only"],
+)
+def test_a_run_killed_mid_round_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path, settings):
+    config = SMALL.replace(**settings)
+    run_inprocess(config.replace(out=str(tmp_path / "whole")))
+    crashed = config.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=4)  # rounds 1-3 completed
+    assert CheckpointStore(tmp_path / "crashed").rounds()[0] == 3
+    assert len(_rounds(tmp_path / "crashed")) == 3
+    summary = run_inprocess(crashed, resume=True)
+    assert summary["rounds"] == config.num_rounds
+    _assert_same_run(tmp_path / "whole", tmp_path / "crashed")
+
+
+def test_checkpoints_keep_only_the_last_three(whole):
+    assert CheckpointStore(whole).rounds() == [6, 5, 4]
+    assert len(list((whole / "checkpoints").glob("*.safetensors"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate-tensors", "edit-json"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, damage, whole):
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)  # checkpoints of rounds 2, 3, 4
+    folder = tmp_path / "crashed" / "checkpoints"
+    if damage == "truncate-tensors":
+        data = (folder / "round-000004.safetensors").read_bytes()
+        (folder / "round-000004.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        text = (folder / "round-000004.json").read_text()
+        (folder / "round-000004.json").write_text(text.replace('"round": 4', '"round": 5'))
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint of round 4 is not usable" in err and "checksum" in err
+    _assert_same_run(whole, tmp_path / "crashed")
+
+
+def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    crashed = SMALL.replace(out=str(tmp_path))
+    _crash(crashed, crash_in=2)
+    for path in (tmp_path / "checkpoints").glob("*.safetensors"):
+        path.write_bytes(b"junk")
+    assert main(["simulate", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedtide: error: no usable checkpoint in")
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys, whole):
+    shutil.copytree(whole, tmp_path, dirs_exist_ok=True)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["simulate", "--resume", str(tmp_path)]) == 0
+    assert "already finished" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_that_died_after_its_last_checkpoint_only_writes_its_results(tmp_path, whole):
+    died = tmp_path / "died"
+    shutil.copytree(whole, died)
+    for name in ("summary.json", "model.safetensors"):
+        (died / name).unlink()
+    assert main(["simulate", "--resume", str(died)]) == 0
+    _assert_same_run(whole, died)
+
+
+def test_bad_resume_inputs_get_one_line_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    _crash(SMALL.replace(out=str(run)), crash_in=2)
+    no_checkpoints = tmp_path / "fresh"
+    no_checkpoints.mkdir()
+    (no_checkpoints / "config.json").write_text((run / "config.json").read_text())
+    cases = {
+        ("--resume", str(tmp_path / "missing")): "no such folder",
+        ("--resume", str(tmp_path)): "no config.json",
+        ("--resume", str(no_checkpoints)): "no checkpoints",
+        ("--resume", str(run), "--lr", "0.5"): "--lr 0.5 (the run has 0.1) would change what the run computes",
+        ("--resume", str(run), "--out", str(tmp_path / "elsewhere")): "--out",
+        ("--resume", str(run), "--preset", "split-digits"): "drop --preset",
+        ("--resume", str(run), "--engine", "flower"): "in-process engine only",
+        ("--resume", str(run), "--no-vectorize"): "resume it without --no-vectorize too",
+    }
+    for argv, expected in cases.items():
+        assert main(["simulate", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fedtide: error:") and expected in err[0], (argv, err)
+    (run / "config.json").write_text("{not json")
+    assert main(["simulate", "--resume", str(run)]) == 2
+    assert "config.json is unreadable" in capsys.readouterr().err
+
+
+def test_resume_may_change_where_the_data_is_and_what_is_shown(tmp_path, whole):
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=3)
+    assert main(["simulate", "--resume", str(tmp_path / "crashed"), "--quiet", "--round-timeout", "60",
+                 "--lr", str(SMALL.lr)]) == 0
+    _assert_same_run(whole, tmp_path / "crashed")
+
+
+@pytest.mark.slow
+def test_worker_processes_resume_their_nodes_state(tmp_path):
+    run_inprocess(SMALL.replace(out=str(tmp_path / "whole")), workers=2)
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=3, workers=2)
+    run_inprocess(crashed, workers=2, resume=True)
+    _assert_same_run(tmp_path / "whole", tmp_path / "crashed")
+
+
+@pytest.mark.slow
+def test_a_simulation_killed_with_sigkill_resumes_from_the_command_line(tmp_path, whole):
+    """A real crash: the process is killed (SIGKILL) once round 3's checkpoint exists."""
+    settings = ["--num-tasks", "3", "--rounds-per-task", "2", "--local-epochs", "1", "--quiet"]  # SMALL
+    command = [sys.executable, "-m", "fedtide.cli", "simulate", *settings]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(killed)], env=env)
+    store, deadline = CheckpointStore(killed), time.monotonic() + 60
+    while not store.rounds() or store.rounds()[0] < 3:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    completed = store.rounds()[0]
+    assert completed < 6, "killed too late to test a resume"
+    before = (killed / "metrics.jsonl").read_text().splitlines()
+    done = subprocess.run([*command[:4], "--resume", str(killed)], env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = (killed / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before  # no finished round redone (its line would differ in seconds) or lost
+    assert [json.loads(line)["round"] for line in after] == list(range(1, 7))
+    _assert_same_run(whole, killed)
+
+
+def test_a_simulation_cannot_go_on_under_a_runtime_that_holds_no_node_state(tmp_path):
+    config = SMALL.replace(out=str(tmp_path))
+    _crash(config, crash_in=2)
+    deployment_like = TimedGrid(InProcessGrid(client_app, node_configs(config), train_many=train_many), PhaseTimes())
+    with pytest.raises(FedtideError, match="made by a simulation"):
+        run_federation(deployment_like, config, resume=True)
