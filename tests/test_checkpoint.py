@@ -320,3 +320,27 @@ def test_a_simulation_cannot_go_on_under_a_runtime_that_holds_no_node_state(tmp_
     deployment_like = TimedGrid(InProcessGrid(client_app, node_configs(config), train_many=train_many), PhaseTimes())
     with pytest.raises(FedtideError, match="made by a simulation"):
         run_federation(deployment_like, config, resume=True)
+
+
+def test_the_server_app_resumes_when_its_run_config_says_so(tmp_path, whole):
+    """`fedtide server --resume` submits the run with ``resume = true`` beside the settings."""
+    from flwr.app import Context, RecordDict
+
+    from fedtide.server_process import write_app
+    from server.app import RESUME_KEY
+    from server.app import main as server_main
+
+    config = SMALL.replace(out=str(tmp_path))
+    _crash(config, crash_in=4)
+    assert f"{RESUME_KEY} = true" in (write_app(tmp_path / "app", config, resume=True) / "pyproject.toml").read_text()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={**config.to_mapping(), RESUME_KEY: True})
+    server_main(InProcessGrid(client_app, node_configs(config), train_many=train_many), context)
+    _assert_same_run(whole, tmp_path)
+
+
+def test_server_resume_of_a_finished_run_exits_0_before_starting_anything(tmp_path, capsys, whole):
+    code = main(["server", "--insecure", "--database", str(tmp_path / "db"), "--resume", str(whole)])
+    assert code == 0
+    assert "already finished" in capsys.readouterr().err
+    assert not (tmp_path / "db").exists() and not (whole / "superlink.log").exists()
