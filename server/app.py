@@ -1,4 +1,4 @@
-"""The Flower ServerApp: Flower's Context in, one ``run_federation`` call, nothing else."""
+"""The Flower ServerApp: Flower's Context in, one ``run_federation`` call."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from server.federation import run_federation
+from server.grids import bound_reply_pulls
 
 # run_config key beside the settings: go on with the run in `out` after its last checkpoint
 RESUME_KEY = "resume"
@@ -17,4 +18,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     settings = dict(context.run_config)
     resume = bool(settings.pop(RESUME_KEY, False))
-    run_federation(grid, RunConfig.from_mapping(settings), resume=resume)
+    config = RunConfig.from_mapping(settings)
+    bound_reply_pulls(config.round_timeout / 2)
+    run_federation(grid, config, resume=resume)

@@ -71,3 +71,28 @@ class PatientGrid(GridWrapper):
                 "--min-clients, or wait longer with --client-wait"
             )
         return nodes
+
+
+def bound_reply_pulls(max_seconds: float) -> None:
+    """Bound how long Flower's deployment Grid waits for a reply's contents.
+
+    A client that dies halfway through uploading its reply leaves the message without all
+    its objects; Flower 1.41's Grid then retries pulling them for up to two hours inside a
+    single ``pull_messages`` call, so the round outlives any ``--round-timeout``. With this
+    bound the reply becomes an error reply after ``max_seconds`` (dropped like any failed
+    client's) and the round goes on. Does nothing where that Grid is absent.
+    """
+    try:
+        from flwr.superlink.grid import http_grid
+    except ImportError:
+        return
+    original = getattr(http_grid, "pull_objects", None)
+    if original is None or getattr(original, "fedtide_bound", None) is not None:
+        return
+
+    def bounded(*args, **kwargs):
+        kwargs.setdefault("max_time", max_seconds)
+        return original(*args, **kwargs)
+
+    bounded.fedtide_bound = max_seconds
+    http_grid.pull_objects = bounded

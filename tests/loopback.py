@@ -74,6 +74,16 @@ class Session:
         tree = process_tree(self.process.pid)
         return tree + [pid for pid in session_pids(self.process.pid) if pid not in tree]
 
+    def running_clientapp(self) -> bool:
+        """Whether one of this session's processes is a Flower ClientApp (a round in progress)."""
+        for pid in self.pids():
+            try:
+                if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                pass
+        return False
+
     def rss(self) -> int:
         return rss_bytes(self.pids())
 

@@ -1,8 +1,9 @@
 """Deployment end to end on loopback: `fedtide certs`, then `fedtide server` (SuperLink with
 TLS and node authentication) and two `fedtide client` processes (SuperNodes), all real
 processes. A data file dropped mid-run is trained on in a later round; a client killed
-with SIGKILL and restarted keeps its replay memory and ledger; a node whose key was not
-registered is refused."""
+with SIGKILL in the middle of a round lets that round finish within its timeout with the
+other client, and once restarted keeps its replay memory and ledger; a node whose key was
+not registered is refused."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from loopback import Session, digits_arrays, drop_file, free_port, read_ledger, 
 pytestmark = pytest.mark.slow
 
 ROUNDS = 4
-SAMPLES = 150
+SAMPLES = (150, 120)  # per client: tells their replies apart
+ROUND_TIMEOUT = 30
 
 
 def _completed_rounds(run) -> int:
@@ -32,7 +34,7 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
     data = [tmp_path / "data-1", tmp_path / "data-2"]
     state = [tmp_path / "state-1", tmp_path / "state-2"]
     for i, folder in enumerate(data):
-        drop_file(folder, "batch-0.npz", *digits_arrays(seed=i, count=SAMPLES))
+        drop_file(folder, "batch-0.npz", *digits_arrays(seed=i, count=SAMPLES[i]))
     run = tmp_path / "run"
     address = f"127.0.0.1:{free_port()}"
 
@@ -48,7 +50,7 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
         server = Session(
             ["server", "--certs", str(certs), "--database", str(tmp_path / "superlink.db"), "--out", str(run),
              "--address", address, "--num-tasks", "1", "--rounds-per-task", str(ROUNDS), "--local-epochs", "1",
-             "--round-timeout", "45"],
+             "--round-timeout", str(ROUND_TIMEOUT)],
             tmp_path / "server.log", tmp_path,
         )
         sessions.append(server)
@@ -60,14 +62,15 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
         )
         sessions.append(intruder)
 
-        # client 2 trained its first round: kill it outright, then start it again on the same state
-        wait_for(lambda: read_ledger(state[1]), 150, "client 2's first round")
+        # a new file arrives at client 1 while the run goes on
+        wait_for(lambda: _completed_rounds(run) >= 1, 180, "round 1")
+        drop_file(data[0], "batch-1.npz", *digits_arrays(seed=7, count=SAMPLES[0]))
         memory_before = read_state(state[1])["replay.x"].clone()
+        # client 2 is training round 2: kill it outright, then start it again on the same state
+        wait_for(lambda: not sessions[2].running_clientapp(), 60, "client 2's round 1 to end", every=0.1)
+        wait_for(sessions[2].running_clientapp, 120, "client 2 training round 2", every=0.1)
         sessions[2].kill()
         sessions.append(client(1, "client-2-restarted.log"))
-        # a new file arrives at client 1 while the run goes on
-        wait_for(lambda: _completed_rounds(run) >= 1, 150, "round 1")
-        drop_file(data[0], "batch-1.npz", *digits_arrays(seed=7, count=SAMPLES))
 
         assert server.wait(timeout=300) == 0, server.output()[-3000:]
         assert intruder.wait(timeout=60) != 0
@@ -85,14 +88,17 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
     assert sorted(ledger_1) == ["batch-0.npz", "batch-1.npz"]  # each file consumed exactly once
     assert ledger_1["batch-0.npz"]["round"] == 1
     assert ledger_1["batch-1.npz"]["round"] > 1  # dropped mid-run, trained on in a later round
+    # the round in which client 2 died ended at its timeout with client 1's reply alone
+    assert [c["num-examples"] for c in lines[1]["clients"]] == [SAMPLES[0]]
+    assert ROUND_TIMEOUT - 1 <= lines[1]["seconds"] <= ROUND_TIMEOUT + 25
 
     ledger_2 = read_ledger(state[1])
     assert [(e["name"], e["round"]) for e in ledger_2] == [("batch-0.npz", 1)]  # not consumed again after the restart
     after = read_state(state[1])
-    assert int(after["replay.seen"]) == SAMPLES
+    assert int(after["replay.seen"]) == SAMPLES[1]
     assert torch.equal(after["replay.x"], memory_before)  # the memory survived the SIGKILL
     trained_after_restart = [
-        line["round"] for line in lines if any(c.get("new-files") == 0 and c["num-examples"] > 0 for c in line["clients"])
+        line["round"] for line in lines[2:] if any(c["num-examples"] == SAMPLES[1] for c in line["clients"])
     ]
     assert trained_after_restart, "the restarted client trained on its memory in a later round"
 

@@ -40,3 +40,15 @@ def test_the_wait_restarts_once_enough_clients_were_connected():
     assert grid.get_node_ids() == [1]  # a new wait starts now, not at 0
     now[0] = 70
     assert grid.get_node_ids() == [1]
+
+
+def test_a_reply_whose_upload_died_midway_stops_being_pulled_after_the_bound(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    from server.grids import bound_reply_pulls
+
+    seen = {}
+    monkeypatch.setattr(http_grid, "pull_objects", lambda *args, **kwargs: seen.update(kwargs) or {})
+    bound_reply_pulls(12.5)
+    http_grid.pull_objects(["object-id"], pull_object_fn=None)
+    assert seen["max_time"] == 12.5  # Flower's own default waits two hours
