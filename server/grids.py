@@ -43,6 +43,12 @@ class GridWrapper(Grid):
         return self.inner.send_and_receive(messages, timeout=timeout)
 
 
+def wait_for_nodes(grid: Grid, minimum: int, poll: float = 1.0) -> None:
+    """Return once ``minimum`` nodes are connected (below it, a PatientGrid gives up with a message)."""
+    while len(list(grid.get_node_ids())) < minimum:
+        time.sleep(poll)
+
+
 class PatientGrid(GridWrapper):
     """Gives up waiting for clients: Flower's strategies poll ``get_node_ids`` until
     ``minimum`` nodes are connected, forever; after ``timeout`` seconds with fewer, this

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from common.config import RunConfig
+from server.grids import wait_for_nodes
 from server.history import RunHistory
 from server.robust import AggregationRule
 from server.timing import PhaseTimes
@@ -76,6 +77,9 @@ class ReplyValidation:
             if view is None:
                 log.error("round %d: every node is excluded; no client trains", server_round)
                 return []
+            # Flower sizes the sample from the nodes connected at the moment it looks: wait for
+            # the minimum first, or a node that reconnects a second late misses the round
+            wait_for_nodes(view, self.min_available_nodes)
             return super().configure_train(server_round, arrays, config, view)
 
     def configure_evaluate(

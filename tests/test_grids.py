@@ -52,3 +52,31 @@ def test_a_reply_whose_upload_died_midway_stops_being_pulled_after_the_bound(mon
     bound_reply_pulls(12.5)
     http_grid.pull_objects(["object-id"], pull_object_fn=None)
     assert seen["max_time"] == 12.5  # Flower's own default waits two hours
+
+
+def test_a_round_samples_every_node_that_connects_while_it_waits_for_the_minimum(monkeypatch):
+    """Flower sizes its sample from the nodes connected when it first looks; a node that
+    (re)connects a moment later must still train in that round."""
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from common.config import RunConfig
+    from common.schedule import TaskSchedule
+    from server.history import RunHistory
+    from server.strategy import build_strategy
+
+    from fedtide.inprocess import InProcessGrid
+
+    class ArrivingGrid(InProcessGrid):
+        calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return [11] if self.calls == 1 else [11, 12]
+
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    config = RunConfig(clients=2)
+    strategy = build_strategy(config, RunHistory(TaskSchedule.build(5, 8, 2, 0, 0)))
+    arrays = ArrayRecord({"w": torch.zeros(3)})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), ArrivingGrid(None, [{}, {}])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
