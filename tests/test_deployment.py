@@ -115,3 +115,39 @@ def test_a_server_whose_clients_never_come_stops_with_a_clear_message(tmp_path):
         server.kill()
     last = server.output().strip().splitlines()[-1]
     assert last.startswith("fedtide: error: only 0 of the 1 clients a round needs connected within 3 s")
+
+
+def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round(tmp_path):
+    certs = tmp_path / "certs"
+    assert main(["certs", "--out", str(certs), "--server-name", "localhost", "--nodes", "2"]) == 0
+    for i in (1, 2):
+        drop_file(tmp_path / f"data-{i}", "batch-0.npz", *digits_arrays(seed=i, count=100))
+    run, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    where = ["--certs", str(certs), "--database", str(tmp_path / "superlink.db"), "--address", address]
+    sessions = []
+    try:
+        server = Session(["server", *where, "--out", str(run), "--num-tasks", "1", "--rounds-per-task", "4",
+                          "--local-epochs", "1", "--round-timeout", "30"], tmp_path / "server.log", tmp_path)
+        sessions.append(server)
+        for i in (1, 2):
+            sessions.append(Session(
+                ["client", "--server", address, "--certs", str(certs), "--node-key", str(certs / f"node-{i}.key"),
+                 "--data", str(tmp_path / f"data-{i}"), "--state", str(tmp_path / f"state-{i}")],
+                tmp_path / f"client-{i}.log", tmp_path,
+            ))
+        wait_for(lambda: _completed_rounds(run) >= 2, 240, "2 rounds")
+        server.kill()  # SIGKILL: the server process, its SuperLink and its ServerApp
+        done_before = _completed_rounds(run)
+        resumed = Session(["server", "--resume", str(run), *where], tmp_path / "resumed.log", tmp_path)
+        sessions.append(resumed)
+        assert resumed.wait(timeout=300) == 0, resumed.output()[-3000:]
+    finally:
+        for session in sessions:
+            session.kill()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2, 3, 4]  # none redone, none lost
+    assert done_before in (2, 3)
+    assert all(len(line["clients"]) == 2 for line in lines[done_before:])  # the clients came back
+    for i in (1, 2):
+        assert [e["name"] for e in read_ledger(tmp_path / f"state-{i}")] == ["batch-0.npz"]
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 4
