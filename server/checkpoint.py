@@ -91,6 +91,12 @@ class CheckpointStore:
         self._prune()
         return meta_path
 
+    def clear(self) -> None:
+        """Remove every checkpoint: a new run in this folder must not resume an older one."""
+        for server_round in self.rounds():
+            for path in self._paths(server_round):
+                path.unlink(missing_ok=True)
+
     def _prune(self) -> None:
         for server_round in self.rounds()[self.keep:]:
             for path in self._paths(server_round):

@@ -76,6 +76,8 @@ def run_federation(
     initial = ArrayRecord(model.state_dict())
     random.seed(config.seed)  # Flower samples nodes with the `random` module
     checkpoints = CheckpointStore(folder.path)
+    if not resume:
+        checkpoints.clear()  # an earlier run's (perhaps longer) checkpoints would be taken for ours
     runtime = {"node_states": nodes is not None, "vectorize": getattr(nodes, "vectorize", None)}
     arrays, first_round = initial, 1
     if resume:

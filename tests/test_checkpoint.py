@@ -198,6 +198,16 @@ def test_a_run_killed_mid_round_resumes_to_the_numbers_of_an_uninterrupted_run(t
     _assert_same_run(tmp_path / "whole", tmp_path / "crashed")
 
 
+def test_a_new_run_in_an_old_runs_folder_does_not_resume_the_old_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_inprocess(SMALL.replace(out=str(out)))  # 6 rounds: checkpoints 4, 5, 6
+    shorter = SMALL.replace(out=str(out), num_tasks=1)
+    _crash(shorter, crash_in=2)  # the new, shorter run dies in round 2
+    assert CheckpointStore(out).rounds() == [1, 0]  # the old run's rounds are gone
+    summary = run_inprocess(shorter, resume=True)
+    assert summary["rounds"] == shorter.num_rounds == 2
+
+
 def test_checkpoints_keep_only_the_last_three(whole):
     assert CheckpointStore(whole).rounds() == [6, 5, 4]
     assert len(list((whole / "checkpoints").glob("*.safetensors"))) == 3
