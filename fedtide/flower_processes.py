@@ -24,6 +24,7 @@ from typing import Any
 
 from common.errors import FedtideError
 
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 CONNECTION = "fedtide"  # the name of the SuperLink connection in a private FLWR_HOME
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -109,10 +110,21 @@ class FlowerProcess:
 
 
 def start_group_leader(command: list[str], env: dict[str, str], **streams: Any) -> subprocess.Popen:
-    """Start ``command`` as the leader of a new process group in this session."""
-    if sys.version_info >= (3, 11):
-        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, process_group=0, **streams)
-    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp, **streams)
+    """Start ``command`` as the leader of a new process group in this session; on Linux it is
+    also told to stop (SIGTERM) when fedtide dies, even by SIGKILL, so that a killed server
+    does not leave its SuperLink holding the port and the database."""
+    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_lead_group_and_follow_parent, **streams)
+
+
+def _lead_group_and_follow_parent() -> None:  # runs in the child, between fork and exec
+    os.setpgrp()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        except (OSError, AttributeError):
+            pass
 
 
 def process_tree(pid: int) -> list[int]:

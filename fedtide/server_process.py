@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +64,10 @@ def run(args: argparse.Namespace) -> None:
     console = Console(stderr=True)
     parse_address(args.address, "--address")
     certs = _certificates(args)
-    given_clients = args.clients
+    if args.clients is None and not args.resume:  # before the settings are checked against it
+        if certs is None:
+            raise FedtideError("--insecure has no node keys to count: say how many clients to wait for with --clients N")
+        args.clients = len(certs.node_public_keys())
     if args.resume:
         from fedtide.resume import finished_message, resume_config
 
@@ -71,12 +75,9 @@ def run(args: argparse.Namespace) -> None:
         if config is None:
             console.print(finished_message(args.resume))
             return
+        config = config.replace(quiet=bool(args.quiet))  # the stored config is the ServerApp's (always quiet)
     else:
         config = config_from_args(args)
-    if given_clients is None and not args.resume:
-        if certs is None:
-            raise FedtideError("--insecure has no node keys to count: say how many clients to wait for with --clients N")
-        config = config.replace(clients=len(certs.node_public_keys()))
     if config.fraction_evaluate > 0:
         raise FedtideError(
             "--fraction-evaluate must stay 0 with `fedtide server`: edge clients hold no test set; "
@@ -125,7 +126,7 @@ def serve(
     host, port = parse_address(address, "--address")
     local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     out = Path(config.out)
-    home = Path(tempfile.mkdtemp(prefix="fedtide-server-"))  # Flower's CLI config, FABs; never ~/.flwr
+    _require_free_port(host, port)
     command = [
         flower_executable("flower-superlink"), "--database", str(database), "--host", host, "--port", str(port),
         "--disable-runtime-dependency-installation",
@@ -139,17 +140,20 @@ def serve(
         ]
     if not resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # the new run writes it anew; don't show the old one
-    superlink = FlowerProcess.start("the SuperLink", command, flower_env(home), out / "superlink.log")
+    home = Path(tempfile.mkdtemp(prefix="fedtide-server-"))  # Flower's CLI config, FABs; never ~/.flwr
     try:
-        superlink.wait_listening(local_host, port, start_timeout)
-        write_connection(home, f"{local_host}:{port}", None if certs is None else certs.ca_cert)
-        if certs is not None:
-            registered = register_nodes(home, certs.node_public_keys())
-            console.print(f"server: {registered} node key(s) registered; waiting for {config.clients} client(s) on {address}")
-        run_id = flwr_cli(home, "run", str(write_app(home / "app", config, resume)))["run-id"]
-        follow_run(home, run_id, config, superlink, console)
+        superlink = FlowerProcess.start("the SuperLink", command, flower_env(home), out / "superlink.log")
+        try:
+            superlink.wait_listening(local_host, port, start_timeout)
+            write_connection(home, f"{local_host}:{port}", None if certs is None else certs.ca_cert)
+            if certs is not None:
+                registered = register_nodes(home, certs.node_public_keys())
+                console.print(f"server: {registered} node key(s) registered; waiting for {config.clients} client(s) on {address}")
+            run_id = flwr_cli(home, "run", str(write_app(home / "app", config, resume)))["run-id"]
+            follow_run(home, run_id, config, superlink, console)
+        finally:
+            superlink.stop()
     finally:
-        superlink.stop()
         shutil.rmtree(home, ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
     if not config.quiet:
@@ -157,6 +161,21 @@ def serve(
 
         console.print(summary_table(summary))
     return summary
+
+
+def _require_free_port(host: str, port: int) -> None:
+    """Fail before starting anything when ``host:port`` is taken (by another server, or by the
+    SuperLink of a `fedtide server` that was killed before it could stop it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise FedtideError(
+                f"--address {host}:{port} is not free ({err.strerror or err}): another server holds it; "
+                "stop it or choose another --address"
+            ) from None
 
 
 def register_nodes(home: Path, public_keys: list[Path]) -> int:
@@ -208,7 +227,7 @@ def follow_run(home: Path, run_id: str, config: RunConfig, superlink: FlowerProc
     metrics = Path(config.out) / "metrics.jsonl"
     summary = Path(config.out) / "summary.json"
     started = time.time()
-    shown, next_status = 0, time.monotonic() + STATUS_POLL_SECONDS
+    shown, next_status, failed_looks = 0, time.monotonic() + STATUS_POLL_SECONDS, 0
     with RoundProgress(config.num_rounds, config.num_tasks, config.quiet, console) as progress:
         while True:
             if not superlink.running():
@@ -216,13 +235,25 @@ def follow_run(home: Path, run_id: str, config: RunConfig, superlink: FlowerProc
                     f"the SuperLink stopped during the run (exit code {superlink.process.returncode}); "
                     f"its log {superlink.log} ends:\n{superlink.log_tail()}"
                 )
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            text = metrics.read_text() if metrics.exists() else ""
+            lines = text[: text.rfind("\n") + 1].splitlines()  # a line still being written waits
             for line in lines[shown:]:
-                progress.round_done(RoundRecord.from_json(json.loads(line)))
+                try:
+                    record = RoundRecord.from_json(json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a damaged line (a killed earlier run's last) only costs the bar a step
+                progress.round_done(record)
             shown = len(lines)
             written = summary.exists() and summary.stat().st_mtime >= started - 1
             if written or time.monotonic() >= next_status:
-                status = run_status(home, run_id)
+                try:
+                    status = run_status(home, run_id)
+                    failed_looks = 0
+                except FedtideError:
+                    failed_looks += 1  # a busy SuperLink may not answer once; five times is a real problem
+                    if failed_looks >= 5:
+                        raise
+                    status = "unknown"
                 if status.startswith("finished"):
                     break
                 # the summary is the ServerApp's last word: its end is near, look again soon

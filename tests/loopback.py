@@ -64,6 +64,7 @@ class Session:
         self.args = args
         self.log = log
         env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
+        self.remembered: set[int] = set()  # processes seen before the command alone was killed
         with log.open("wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fedtide.cli", *args], cwd=cwd, env=env, stdout=out,
@@ -93,10 +94,29 @@ class Session:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill_command_only(self) -> None:
+        """SIGKILL the command alone, as `kill -9 PID` would; what it started is remembered,
+        so that ``kill`` still ends it whatever became of it."""
+        self.remembered |= set(self.pids())
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def alive(self, name: str) -> list[int]:
+        """Remembered or current processes whose command line contains ``name``, still running."""
+        found = []
+        for pid in self.remembered | set(self.pids()):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z" and name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
     def kill(self) -> None:
-        """SIGKILL every process of the session, then reap the command."""
+        """SIGKILL every process of the session (and every one remembered), then reap the command."""
         for _ in range(3):  # a process may fork while we kill
-            pids = self.pids()
+            pids = self.pids() + [pid for pid in self.remembered if Path(f"/proc/{pid}").exists()]
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)

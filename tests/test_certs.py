@@ -107,3 +107,22 @@ def test_client_needs_the_ca_certificate(tmp_path, capsys):
     code = main(["client", "--server", "127.0.0.1:9", "--certs", str(folder), "--node-key", str(folder / "node-1.key"),
                  "--data", str(tmp_path / "data"), "--state", str(tmp_path / "state")])
     assert code == 2 and "has no ca.crt" in capsys.readouterr().err
+
+
+def test_server_counts_node_keys_as_clients_before_checking_the_settings(tmp_path, capsys):
+    folder = _certs(tmp_path, "--nodes", "6")
+    code = main(["server", "--certs", str(folder), "--database", str(tmp_path / "db"), "--out", str(tmp_path / "run"),
+                 "--min-clients", "7"])
+    assert code == 2 and "between 0 (all) and --clients 6" in capsys.readouterr().err
+
+
+def test_server_refuses_an_address_another_process_holds(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code = main(["server", "--insecure", "--clients", "1", "--database", str(tmp_path / "db"),
+                     "--out", str(tmp_path / "run"), "--address", f"127.0.0.1:{port}"])
+    assert code == 2 and "is not free" in capsys.readouterr().err

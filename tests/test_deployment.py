@@ -136,8 +136,9 @@ def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round(tmp
                 tmp_path / f"client-{i}.log", tmp_path,
             ))
         wait_for(lambda: _completed_rounds(run) >= 2, 240, "2 rounds")
-        server.kill()  # SIGKILL: the server process, its SuperLink and its ServerApp
+        server.kill_command_only()  # kill -9 of `fedtide server` alone: its SuperLink must not outlive it
         done_before = _completed_rounds(run)
+        wait_for(lambda: not server.alive("flower-superlink"), 20, "the orphaned SuperLink to stop")
         resumed = Session(["server", "--resume", str(run), *where], tmp_path / "resumed.log", tmp_path)
         sessions.append(resumed)
         assert resumed.wait(timeout=300) == 0, resumed.output()[-3000:]
