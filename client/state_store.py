@@ -31,6 +31,7 @@ from common.errors import FedtideError
 from common.files import save_tensors_atomic
 
 STATE_FILE = "state.safetensors"
+PRIVATE = 0o600
 FORMAT = "fedtide-client-state/1"
 LEDGER_FIELDS = {"name": str, "size": int, "sha256": str}
 
@@ -79,7 +80,7 @@ class ClientStateStore:
             "payload-sha256": payload_sha256(tensors),
         }
         try:
-            save_tensors_atomic(self.path, tensors, metadata)
+            save_tensors_atomic(self.path, tensors, metadata, mode=PRIVATE)  # it holds the device's samples
         except OSError as err:
             raise self._unwritable(err) from None
 

@@ -34,14 +34,15 @@ def ensure_writable_folder(path: Path, what: str = "the run folder", flag: str =
     return path
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
     """Replace ``path`` with ``data``; the file has permission bits ``mode`` from the start
-    (0o600 for a private key: it is never readable by others, not even briefly)."""
+    (0o600 for a private key or a client's data: never readable by others, not even
+    briefly), or by default those of a new file under the process's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
+        os.fchmod(fd, _new_file_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -53,6 +54,18 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def _new_file_mode() -> int:
+    """0o666 less the umask, as ``open`` would create a file (read from /proc: setting the
+    umask to read it back is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
@@ -62,13 +75,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def save_tensors_atomic(
-    path: Path, tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str] | None = None
+    path: Path, tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str] | None = None,
+    mode: int | None = None,
 ) -> None:
-    """Save named tensors as safetensors (contiguous CPU copies), atomically."""
+    """Save named tensors as safetensors (contiguous CPU copies), atomically (``mode``: see
+    ``write_bytes_atomic``)."""
     from safetensors.torch import save
 
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    write_bytes_atomic(path, save(cpu, metadata=dict(metadata or {})))
+    write_bytes_atomic(path, save(cpu, metadata=dict(metadata or {})), mode=mode)
 
 
 def load_tensors(path: Path) -> dict[str, "torch.Tensor"]:

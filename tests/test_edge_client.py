@@ -272,3 +272,10 @@ def test_a_real_drift_is_detected_and_consolidated_in_the_next_round(weights, in
     after = run(config, drifted.weights, inbox, state, 4)
     assert after.metrics["task-id"] == 1
     assert all(torch.equal(after.state[f"lwf.teacher.{k}"], drifted.weights[k]) for k in drifted.weights)
+
+
+def test_the_state_file_is_readable_by_its_owner_only(tmp_path):
+    import stat
+
+    ClientStateStore(tmp_path).save({"replay.x": torch.zeros(2, 1, 8, 8)}, [])
+    assert stat.S_IMODE((tmp_path / STATE_FILE).stat().st_mode) == 0o600  # it holds the device's own data
