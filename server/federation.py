@@ -32,7 +32,6 @@ from server.round_loop import run_rounds
 from server.run_folder import RunFolder
 from server.run_state import capture, node_states, restore
 from server.strategy import build_strategy
-from server.grids import PatientGrid
 from server.timing import PhaseTimes, TimedGrid
 
 # settings only the server uses; clients get everything else with each round
@@ -60,7 +59,7 @@ def run_federation(
     started = time.perf_counter()
     times = PhaseTimes()
     nodes = grid if hasattr(grid, "node_states") else None
-    grid = TimedGrid(PatientGrid(grid, config.effective_min_clients, config.client_wait), times)
+    grid = TimedGrid(grid, times)
     console = console or Console(stderr=True)
     folder = RunFolder(Path(config.out), resume=True) if resume else RunFolder.for_config(config)
     if not resume:

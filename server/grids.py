@@ -43,40 +43,23 @@ class GridWrapper(Grid):
         return self.inner.send_and_receive(messages, timeout=timeout)
 
 
-def wait_for_nodes(grid: Grid, minimum: int, poll: float = 1.0) -> None:
-    """Return once ``minimum`` nodes are connected (below it, a PatientGrid gives up with a message)."""
-    while len(list(grid.get_node_ids())) < minimum:
-        time.sleep(poll)
-
-
-class PatientGrid(GridWrapper):
-    """Gives up waiting for clients: Flower's strategies poll ``get_node_ids`` until
-    ``minimum`` nodes are connected, forever; after ``timeout`` seconds with fewer, this
-    raises a FedtideError that says how many came and what to do."""
-
-    def __init__(self, inner: Grid, minimum: int, timeout: float, clock=time.monotonic) -> None:
-        super().__init__(inner)
-        self.minimum = minimum
-        self.timeout = timeout
-        self.clock = clock
-        self._short_since: float | None = None
-
-    def get_node_ids(self) -> Iterable[int]:
-        nodes = list(self.inner.get_node_ids())
-        if len(nodes) >= self.minimum:
-            self._short_since = None
-            return nodes
-        now = self.clock()
-        if self._short_since is None:
-            self._short_since = now
-            log.info("waiting for clients: %d of %d connected", len(nodes), self.minimum)
-        elif now - self._short_since > self.timeout:
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0, clock=time.monotonic) -> None:
+    """Return once ``minimum`` nodes are connected. Flower's strategies would wait forever;
+    after ``timeout`` seconds with fewer this raises a FedtideError that says how many came
+    and what to do."""
+    started = None
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        now = clock()
+        if started is None:
+            started = now
+            log.info("waiting for clients: %d of %d connected", len(nodes), minimum)
+        elif now - started > timeout:
             raise FedtideError(
-                f"only {len(nodes)} of the {self.minimum} clients a round needs connected within "
-                f"{self.timeout:.0f} s: start the missing clients (`fedtide client ...`), or lower "
+                f"only {len(nodes)} of the {minimum} clients a round needs connected within "
+                f"{timeout:.0f} s: start the missing clients (`fedtide client ...`), or lower "
                 "--min-clients, or wait longer with --client-wait"
             )
-        return nodes
+        time.sleep(poll)
 
 
 def bound_reply_pulls(max_seconds: float) -> None:

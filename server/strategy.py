@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from common.config import RunConfig
-from server.grids import wait_for_nodes
+from server.grids import GridWrapper, wait_for_nodes
 from server.history import RunHistory
 from server.robust import AggregationRule
 from server.timing import PhaseTimes
@@ -49,9 +49,11 @@ class ReplyValidation:
         max_reply_mb: float = 0.0,
         exclude_after: int = 0,
         rule: AggregationRule = AggregationRule(),
+        client_wait: float = 600.0,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.client_wait = client_wait
         self.history = history
         self.times = times or PhaseTimes()
         self.max_num_examples = max_num_examples
@@ -79,7 +81,7 @@ class ReplyValidation:
                 return []
             # Flower sizes the sample from the nodes connected at the moment it looks: wait for
             # the minimum first, or a node that reconnects a second late misses the round
-            wait_for_nodes(view, self.min_available_nodes)
+            wait_for_nodes(view, self.min_available_nodes, self.client_wait)
             return super().configure_train(server_round, arrays, config, view)
 
     def configure_evaluate(
@@ -195,18 +197,15 @@ class ReplyValidation:
         return metrics
 
 
-class _GridWithout:
+class _GridWithout(GridWrapper):
     """A view of a grid that hides some nodes from sampling; everything else passes through."""
 
     def __init__(self, grid: Grid, hidden: set[int]) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._hidden = hidden
 
     def get_node_ids(self) -> list[int]:
-        return [node for node in self._grid.get_node_ids() if node not in self._hidden]
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
+        return [node for node in self.inner.get_node_ids() if node not in self._hidden]
 
 
 class RobustAggregation(FedAvg):
@@ -358,6 +357,7 @@ def _strategy_parts(config: RunConfig, history: RunHistory) -> tuple[type, dict]
         max_update_norm=config.max_update_norm,
         max_reply_mb=config.max_reply_mb,
         exclude_after=config.exclude_after,
+        client_wait=config.client_wait,
     )
     if config.training == "local-only":
         return LocalOnly, common  # each node keeps its own model: nothing to aggregate robustly

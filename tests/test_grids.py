@@ -1,45 +1,76 @@
-"""Waiting for clients ends: a run whose clients never come says so instead of hanging."""
+"""Waiting for clients ends with a message; a late node still joins its round; a dead
+upload does not stall the server."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
 
+from common.config import RunConfig
 from common.errors import FedtideError
-from server.grids import PatientGrid
+from common.schedule import TaskSchedule
+from fedtide.inprocess import InProcessGrid
+from server.grids import wait_for_nodes
+from server.history import RunHistory
+from server.strategy import build_strategy
 
 
-class FakeGrid:
+class Connected(InProcessGrid):
+    """A grid whose connected nodes are whatever ``connected`` returns on each look."""
+
     def __init__(self, connected):
+        super().__init__(None, [{}, {}, {}])
         self.connected = connected
+        self.looks = 0
 
     def get_node_ids(self):
-        return list(self.connected)
+        self.looks += 1
+        return list(self.connected(self.looks))
 
 
-def test_waiting_for_clients_gives_up_after_the_timeout_with_a_clear_message():
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake clock that ``time.sleep`` moves forward."""
     now = [0.0]
-    grid = PatientGrid(FakeGrid([1]), minimum=2, timeout=30, clock=lambda: now[0])
-    assert grid.get_node_ids() == [1]  # short: Flower polls again a second later
-    now[0] = 29
-    assert grid.get_node_ids() == [1]
-    now[0] = 31
+    monkeypatch.setattr("time.sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    return lambda: now[0]
+
+
+def test_waiting_for_clients_gives_up_after_the_timeout_with_a_clear_message(clock):
+    grid = Connected(lambda look: [1])
     with pytest.raises(FedtideError, match="only 1 of the 2 clients .* within 30 s"):
-        grid.get_node_ids()
+        wait_for_nodes(grid, minimum=2, timeout=30, clock=clock)
+    assert 30 <= clock() <= 32
 
 
-def test_the_wait_restarts_once_enough_clients_were_connected():
-    now = [0.0]
-    inner = FakeGrid([1])
-    grid = PatientGrid(inner, minimum=2, timeout=30, clock=lambda: now[0])
-    grid.get_node_ids()
-    now[0] = 20
-    inner.connected = [1, 2]
-    assert grid.get_node_ids() == [1, 2]
-    inner.connected = [1]  # a client dropped out later in the run
-    now[0] = 45
-    assert grid.get_node_ids() == [1]  # a new wait starts now, not at 0
-    now[0] = 70
-    assert grid.get_node_ids() == [1]
+def test_waiting_ends_as_soon_as_enough_clients_are_connected(clock):
+    grid = Connected(lambda look: [1] if look < 5 else [1, 2])
+    wait_for_nodes(grid, minimum=2, timeout=30, clock=clock)
+    assert grid.looks == 5
+
+
+def _train_messages(config: RunConfig, grid, excluded=()):
+    history = RunHistory(TaskSchedule.build(5, 8, config.clients, 0, 0))
+    for node in excluded:
+        history.node_excluded(0, node)
+    strategy = build_strategy(config, history)
+    arrays = ArrayRecord({"w": torch.zeros(3)})
+    return list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), grid))
+
+
+def test_a_round_samples_every_node_that_connects_while_it_waits_for_the_minimum(clock):
+    """Flower sizes its sample from the nodes connected when it first looks; a node that
+    (re)connects a moment later must still train in that round."""
+    grid = Connected(lambda look: [11] if look == 1 else [11, 12])
+    messages = _train_messages(RunConfig(clients=2), grid)
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
+
+
+def test_an_excluded_node_that_went_away_is_not_waited_for(clock):
+    grid = Connected(lambda look: [11, 12])  # node 13 was excluded, then disconnected
+    messages = _train_messages(RunConfig(clients=3, client_wait=5), grid, excluded=[13])
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
 
 
 def test_a_reply_whose_upload_died_midway_stops_being_pulled_after_the_bound(monkeypatch):
