@@ -90,6 +90,7 @@ def _train_edge(msg: Message, context: Context, config: RunConfig, server_round:
         Path(str(context.node_config["inbox"])),
         Path(str(state_dir)),
         device_name=context.node_config.get("device"),
+        node_id=context.node_id,
     )
     _report_edge_round(server_round, outcome.metrics)
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})

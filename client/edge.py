@@ -57,6 +57,7 @@ def train_on_arrivals(
     inbox: Path,
     state_dir: Path,
     device_name: str | None = None,
+    node_id: int = 0,
 ) -> TrainOutcome:
     """Train the server's ``weights`` on the inbox's new files plus the replay memory.
 
@@ -71,7 +72,7 @@ def train_on_arrivals(
     state, ledger = store.load()
     model = load_global(config, input_shape, num_classes, weights).to(device)
     freeze(model, config.frozen_prefixes)
-    methods = build_methods(config, seed=derive_seed(config.seed))
+    methods = build_methods(config, seed=derive_seed(config.seed, node_id))  # each device its own draws
     restore_methods(methods, state, device)
 
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger)
@@ -95,7 +96,7 @@ def train_on_arrivals(
         task_changed=task_changed,
         lr=plan_lr(config, rounds_into_task, state, task_changed),
         data=new_data if new_data is not None else memory,
-        generator=torch.Generator().manual_seed(derive_seed(config.seed, server_round)),
+        generator=torch.Generator().manual_seed(derive_seed(config.seed, node_id, server_round)),
     )
     stats = train_local(
         model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=new_data is not None

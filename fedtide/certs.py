@@ -65,7 +65,7 @@ def add_parser(commands: Any) -> None:
         "certs",
         help="make the CA, the server's TLS certificate and node keys for a secured federation",
         description="Write ca.crt/ca.key, server.crt/server.key (valid for --server-name, localhost and "
-        "127.0.0.1) and node-<i>.key/node-<i>.pub for each node. Give the server the whole folder; give "
+        "127.0.0.1) and node-<i>.key/node-<i>.pub for each node. Give the server the folder without ca.key; give "
         "each client ca.crt and its own node-<i>.key only.",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
@@ -79,4 +79,4 @@ def run(args: argparse.Namespace) -> None:
     from fedtide.pki import make_certificates  # cryptography loads only for this command
 
     files = make_certificates(Path(args.out), args.server_name, args.nodes, args.days, args.force)
-    print(f"wrote {len(files)} files to {args.out}: server gets the folder; client i gets ca.crt and node-i.key")
+    print(f"wrote {len(files)} files to {args.out}: server gets the folder (keep ca.key offline); client i gets ca.crt and node-i.key")

@@ -82,6 +82,9 @@ def make_certificates(folder: Path, server_name: str, nodes: int, days: int = 36
         folder.mkdir(parents=True, exist_ok=True)
         for name, (data, mode) in files.items():
             write_bytes_atomic(folder / name, data, mode=mode)
+        for stale in [*folder.glob("node-*.key"), *folder.glob("node-*.pub")]:
+            if stale.name not in files:  # an earlier, larger set's key: the server would still register it
+                stale.unlink()
     except OSError as err:
         raise FedtideError(f"cannot write certificates to {folder} ({err.strerror or err}): choose a writable --out") from None
     return [folder / name for name in files]

@@ -126,3 +126,9 @@ def test_server_refuses_an_address_another_process_holds(tmp_path, capsys):
         code = main(["server", "--insecure", "--clients", "1", "--database", str(tmp_path / "db"),
                      "--out", str(tmp_path / "run"), "--address", f"127.0.0.1:{port}"])
     assert code == 2 and "is not free" in capsys.readouterr().err
+
+
+def test_a_smaller_new_set_of_certs_leaves_no_old_node_key_behind(tmp_path):
+    folder = _certs(tmp_path, "--nodes", "3")
+    assert main(["certs", "--out", str(folder), "--server-name", "x", "--nodes", "1", "--force"]) == 0
+    assert sorted(p.name for p in folder.glob("node-*")) == ["node-1.key", "node-1.pub"]

@@ -151,9 +151,7 @@ def test_image_runs_fedtide_as_non_root_with_offline_flower(role, run_flags):
     env = " ".join(a for n, a in runtime if n == "ENV")
     for key, value in FLOWER_ENV.items():
         assert f"{key}={value}" in env
-    flwr_home = re.search(r"FLWR_HOME=(\S+)", env).group(1)
-    volumes = json.loads(next(a for n, a in runtime if n == "VOLUME"))
-    assert any(flwr_home.startswith(v + "/") for v in volumes), f"FLWR_HOME {flwr_home} is not in a volume {volumes}"
+    assert "FLWR_HOME" not in env  # fedtide server and client give Flower a home of their own
 
     assert json.loads(next(a for n, a in runtime if n == "ENTRYPOINT")) == ["fedtide"]
     cmd = json.loads(next(a for n, a in runtime if n == "CMD"))
