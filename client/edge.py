@@ -114,7 +114,8 @@ def train_on_arrivals(
         }
     )
     consumed = [
-        {"name": f.name, "size": f.size, "sha256": f.sha256, "round": server_round, "samples": len(f.data)}
+        {"name": f.name, "size": f.size, "sha256": f.sha256, "mtime_ns": f.mtime_ns, "round": server_round,
+         "samples": len(f.data)}
         for f in arrivals.files
     ]
     store.save(outcome.state, ledger + consumed)

@@ -58,6 +58,7 @@ class ArrivedFile:
     size: int
     sha256: str
     data: LabelledSplit
+    mtime_ns: int = 0  # when it was last written: an unchanged consumed file is not read again
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -84,9 +85,13 @@ def collect_arrivals(
     with ``name``, ``size``, ``sha256``); quarantine the bad ones. Never raises for a bad file;
     a missing inbox is an empty one."""
     inbox = Path(inbox)
+    consumed = list(consumed)
     seen = {(e["name"], e["size"], e["sha256"]) for e in consumed}
+    untouched = {(e["name"], e["size"], e["mtime_ns"]) for e in consumed if "mtime_ns" in e}
     files, quarantined = [], []
-    for path in _complete_files(inbox):
+    for path, size, mtime_ns in _complete_files(inbox):
+        if (path.name, size, mtime_ns) in untouched:
+            continue  # consumed and not written since: no need to read and hash it again
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -103,12 +108,13 @@ def collect_arrivals(
             quarantine(inbox, path, str(err))
             quarantined.append(path.name)
             continue
-        files.append(ArrivedFile(*key, data=data))
+        files.append(ArrivedFile(*key, data=data, mtime_ns=mtime_ns))
     return Arrivals(files, quarantined)
 
 
-def _complete_files(inbox: Path) -> list[Path]:
-    """Data files that are finished, oldest first (modification time, then name)."""
+def _complete_files(inbox: Path) -> list[tuple[Path, int, int]]:
+    """Data files that are finished, oldest first (modification time, then name), with their
+    size and modification time in ns."""
     if not inbox.is_dir():
         return []
     found = []
@@ -120,10 +126,11 @@ def _complete_files(inbox: Path) -> list[Path]:
             log.info("ignoring %s in the inbox: only .npz and .csv files are data", name)
             continue
         try:
-            found.append((entry.stat().st_mtime_ns, name))
+            stat = entry.stat()
         except FileNotFoundError:
             continue
-    return [inbox / name for _, name in sorted(found)]
+        found.append((stat.st_mtime_ns, name, stat.st_size))
+    return [(inbox / name, size, mtime_ns) for mtime_ns, name, size in sorted(found)]
 
 
 def quarantine(inbox: Path, path: Path, reason: str) -> Path | None:

@@ -279,3 +279,18 @@ def test_the_state_file_is_readable_by_its_owner_only(tmp_path):
 
     ClientStateStore(tmp_path).save({"replay.x": torch.zeros(2, 1, 8, 8)}, [])
     assert stat.S_IMODE((tmp_path / STATE_FILE).stat().st_mode) == 0o600  # it holds the device's own data
+
+
+def test_a_consumed_file_left_in_the_inbox_is_not_read_again(config, weights, inbox, tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    arrive(inbox, "a.npz", *samples(20, 1), mtime=100)
+    run(config, weights, inbox, state, 1)
+    arrive(inbox, "b.npz", *samples(12, 2), mtime=200)
+    read = []
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or original(self))
+    second = run(config, weights, inbox, state, 2)
+    assert second.metrics["new-files"] == 1
+    assert "a.npz" not in read and "b.npz" in read  # a device's old files cost nothing per round
+    arrive(inbox, "a.npz", *samples(20, 3), mtime=300)  # rewritten: new content, new time
+    assert run(config, weights, inbox, state, 3).metrics["new-files"] == 1
