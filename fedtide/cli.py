@@ -170,27 +170,39 @@ def download_main(args: argparse.Namespace) -> None:
     console.print(f"{args.dataset} verified in {folder}; use --data-dir {args.to}")
 
 
-def _resume_simulation(args: argparse.Namespace) -> int:
-    """``fedtide simulate --resume RUN_DIR``: 0 at once when the run already finished."""
-    from fedtide.resume import finished_message, resume_config
-
-    config = resume_config(args)
-    if config is None:
-        print(finished_message(args.resume), file=sys.stderr)
-        return 0
-    if args.engine == "flower":
-        raise FedtideError(
-            "--resume runs on the in-process engine only: Flower's engine keeps the clients' state "
-            "where a checkpoint cannot reach it"
-        )
+def simulate_main(args: argparse.Namespace) -> None:
+    """``fedtide simulate``, new or ``--resume RUN_DIR`` (which returns at once when that run
+    already finished)."""
     if args.workers < 0:
         raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
+    if args.resume:
+        from fedtide.resume import finished_message, resume_config
+
+        config = resume_config(args)
+        if config is None:
+            print(finished_message(args.resume), file=sys.stderr)
+            return
+        if args.engine == "flower":
+            raise FedtideError(
+                "--resume runs on the in-process engine only: Flower's engine keeps the clients' state "
+                "where a checkpoint cannot reach it"
+            )
+    else:
+        config = config_from_args(args)
+    from common.files import ensure_writable_folder
     from common.scenarios import build_scenario
+
+    build_scenario(config)  # missing data or impossible splits: fail before a folder is made
+    ensure_writable_folder(Path(config.out))  # fail now, not after training
+    if args.engine == "flower":
+        from fedtide.flower_engine import run_flower_simulation
+
+        run_flower_simulation(config)
+        return
     from fedtide.inprocess import default_workers, run_inprocess
 
-    build_scenario(config)  # the data must still be there
-    run_inprocess(config, workers=args.workers or default_workers(config), vectorize=not args.no_vectorize, resume=True)
-    return 0
+    run_inprocess(config, workers=args.workers or default_workers(config), vectorize=not args.no_vectorize,
+                  resume=bool(args.resume))
 
 
 def _interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
@@ -211,24 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in DEPLOYMENT_COMMANDS:
             return DEPLOYMENT_COMMANDS[args.command].run(args) or 0
-        if args.resume:
-            return _resume_simulation(args)
-        config = config_from_args(args)
-        from common.scenarios import build_scenario
-        from common.files import ensure_writable_folder
-
-        build_scenario(config)  # missing data or impossible splits: fail before a folder is made
-        ensure_writable_folder(Path(config.out))  # fail now, not after training
-        if args.engine == "flower":
-            from fedtide.flower_engine import run_flower_simulation
-
-            run_flower_simulation(config)
-        else:
-            from fedtide.inprocess import default_workers, run_inprocess
-
-            if args.workers < 0:
-                raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
-            run_inprocess(config, workers=args.workers or default_workers(config), vectorize=not args.no_vectorize)
+        simulate_main(args)
     except FedtideError as err:
         print(f"fedtide: error: {err}", file=sys.stderr)
         return 2
