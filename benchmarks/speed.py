@@ -33,25 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tree_rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
+    from fedtide.flower_processes import process_tree
+
+    total = 0
+    for current in process_tree(pid):
         try:
             with open(f"/proc/{current}/statm") as handle:
                 total += int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, IndexError, ValueError):
             pass
-        stack.extend(children.get(current, []))
     return total
 
 
