@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedtide.flower_processes import process_tree  # noqa: E402
 
 
 def _tree_rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` and all its descendants, from /proc."""
-    from fedtide.flower_processes import process_tree
-
     total = 0
     for current in process_tree(pid):
         try:

@@ -54,23 +54,39 @@ def train_rounds_together(
     if not isinstance(model, MLP) or set(weights) != {n for n, _ in model.named_parameters()}:
         return None
     layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    params = {
-        n: weights[n].to(device).unsqueeze(0).repeat(len(jobs), *([1] * weights[n].dim())).requires_grad_(True)
-        for n in weights
-    }
+    params = {n: _stack(weights[n], len(jobs), n.endswith(".weight"), device) for n in weights}
     stats = _train(layers, params, plans, config, device)
     outcomes = []
     for k, ((_, _, state), plan) in enumerate(zip(jobs, plans)):
-        client_weights = {n: p[k].detach().cpu().clone() for n, p in params.items()}
+        client_weights = {n: _unstack(n, p[k]) for n, p in params.items()}
         outcomes.append(finish_round(config, plan, stats[k], state, client_weights, {}))
     return outcomes
+
+
+def _stack(tensor: torch.Tensor, copies: int, is_weight: bool, device: torch.device) -> torch.Tensor:
+    """``copies`` copies of one parameter along a new leading axis. A Linear weight is
+    stored transposed, [K, in, out], so that every product of the forward and backward
+    pass reads contiguous memory (with [K, out, in] the backward pass ran 2.5x slower)."""
+    stacked = tensor.to(device).unsqueeze(0).expand(copies, *tensor.shape)
+    if is_weight:
+        stacked = stacked.transpose(1, 2)
+    else:
+        stacked = stacked.unsqueeze(1)  # a bias [K, 1, out] broadcasts over the batch
+    return stacked.contiguous().requires_grad_(True)
+
+
+def _unstack(name: str, stacked: torch.Tensor) -> torch.Tensor:
+    """One client's parameter back in the model's own layout."""
+    tensor = stacked.detach()
+    tensor = tensor.t() if name.endswith(".weight") else tensor.squeeze(0)
+    return tensor.cpu().contiguous()
 
 
 def _forward(layers: list[str], params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The MLP on K clients at once: x [K, B, ...] -> logits [K, B, classes]."""
     h = x.flatten(2)
     for i, name in enumerate(layers):
-        h = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, params[f"{name}.weight"].transpose(1, 2))
+        h = torch.baddbmm(params[f"{name}.bias"], h, params[f"{name}.weight"])
         if i < len(layers) - 1:
             h = F.relu(h)
     return h
@@ -96,7 +112,7 @@ def _train(layers, params, plans: list[RoundPlan], config: RunConfig, device: to
             per_client.sum().backward()  # client k's loss only depends on client k's weights
             with torch.no_grad():
                 for p in params.values():
-                    p -= lr * p.grad
+                    p.add_(p.grad, alpha=-lr)
                     p.grad = None
                 losses += per_client.detach()
                 if epoch == 0:

@@ -189,13 +189,11 @@ def write_outputs(out: Path, records: list[dict[str, Any]], rows: list[dict[str,
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from common.figures import new_figure, write_png
 
     labels = [r["label"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    fig = new_figure(figsize=(11, 4), dpi=110)
+    axes = fig.subplots(1, 2)
     for ax, column, colour in ((axes[0], "ACC %", "tab:blue"), (axes[1], "forgetting pts", "tab:red")):
         means = [r[column][0] or 0.0 for r in rows]
         stds = [r[column][1] or 0.0 for r in rows]
@@ -204,10 +202,4 @@ def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    from common.files import write_bytes_atomic
-
-    write_bytes_atomic(path, buffer.getvalue())
+    write_png(fig, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
@@ -233,5 +234,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``fedtide`` command: ``main``, then a quick exit.
+
+    Once everything is written, tearing the interpreter down (freeing every module of
+    torch, numpy and Flower one object at a time) takes over half a second, a tenth of a
+    short simulation. The exit handlers still run and the output is flushed; only when
+    another thread is still alive does the exit go the normal way, which waits for it."""
+    code = main()
+    if threading.active_count() > 1:
+        sys.exit(code)
+    logging.shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from common.files import write_bytes_atomic
+from common.figures import new_figure, write_png
 from server.history import RunHistory
 
 
 def plot_task_accuracy(history: RunHistory, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rounds = [0] + [r.server_round for r in history.rounds]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig = new_figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.add_subplot()
     for task in range(history.num_tasks):
         values = [history.baseline[task] if history.baseline else float("nan")]
         values += [r.task_accuracies[task] for r in history.rounds]
@@ -33,8 +28,4 @@ def plot_task_accuracy(history: RunHistory, path: Path) -> None:
     ax.set_title("global model accuracy per task (dotted: task switch, red: drift detected)")
     ax.legend(loc="lower left", fontsize="small", ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_png(fig, path)

@@ -1,6 +1,8 @@
 """The command line a user types: errors are one line with exit code 2; a run leaves its folder."""
 
 import json
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -88,3 +90,17 @@ def test_a_preset_memory_size_does_not_block_methods_without_memory(tmp_path):
     out = tmp_path / "run"
     assert main(["simulate", "--preset", "split-digits", "--method", "naive", "--out", str(out), *FAST]) == 0
     assert json.loads((out / "config.json").read_text())["method"] == "naive"
+
+
+def test_the_command_exits_quickly_with_everything_written_and_printed(tmp_path):
+    """``fedtide`` skips the interpreter's teardown: its output, files and exit code must
+    still be complete, through a pipe as in a shell pipeline."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedtide.cli", "simulate", "--out", str(out), "--rounds-per-task", "1",
+               "--local-epochs", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "run folder" in done.stderr and done.stderr.endswith("┘\n")  # the summary table got out whole
+    assert (out / "accuracy.png").stat().st_size > 0 and json.loads((out / "summary.json").read_text())["acc"] >= 0
+    failed = subprocess.run([*command, "--alpha", "0"], capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and failed.stderr.startswith("fedtide: error: --alpha must be > 0")
