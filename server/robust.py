@@ -64,9 +64,11 @@ class AggregationRule:
         reason = self.precondition(len(replies))
         if reason:
             raise ValueError(reason)
+        w = np.asarray(weights, dtype=np.float64)
+        if self.name == "fedavg":
+            return weighted_average(replies, w, reference)
         names = list(reference)
         stack = np.stack([_flatten(r, names) for r in replies])  # [n, d] float64
-        w = np.asarray(weights, dtype=np.float64)
         if self.name == "median":
             flat = np.median(stack, axis=0)
         elif self.name == "trimmed-mean":
@@ -77,8 +79,6 @@ class AggregationRule:
         elif self.name == "clip":
             center = _flatten(reference, names)
             flat = weighted_mean(clip_updates(stack, center, self.clip_norm), w)
-        elif self.name == "fedavg":
-            flat = weighted_mean(stack, w)
         else:
             raise ValueError(f"unknown aggregation rule '{self.name}'")
         return _unflatten(flat, reference)
@@ -89,6 +89,19 @@ def weighted_mean(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
     huge weights cannot overflow)."""
     factors = weights / weights.sum()
     return factors @ stack
+
+
+def weighted_average(replies: list[Arrays], weights: np.ndarray, reference: Arrays) -> Arrays:
+    """FedAvg: per array, the mean of the replies weighted by ``weights``, summed in float64
+    one reply at a time (no [n, d] stack: memory stays one model's worth as n grows)."""
+    factors = weights / weights.sum()
+    out = {}
+    for name, ref in reference.items():
+        total = np.zeros(ref.shape, dtype=np.float64)
+        for factor, reply in zip(factors, replies):
+            total += factor * reply[name]
+        out[name] = total.astype(ref.dtype)
+    return out
 
 
 def trimmed_mean(stack: np.ndarray, cut: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from server.grids import GridWrapper, wait_for_nodes
 from server.history import RunHistory
 from server.robust import AggregationRule
 from server.timing import PhaseTimes
-from server.validation import METRICS_KEY, ArraySpec, array_specs, check_metrics, validate_reply
+from server.validation import METRICS_KEY, ArraySpec, array_specs, check_metrics, validate_and_decode
 
 log = logging.getLogger("fedtide.server")
 
@@ -32,7 +32,7 @@ log = logging.getLogger("fedtide.server")
 class ReplyValidation:
     """Mixin: validate replies, then delegate to the next strategy in the MRO.
 
-    Beyond the checks of ``validate_reply`` it counts each node's rejected replies and, after
+    Beyond the checks of ``validate_and_decode`` it counts each node's rejected replies and, after
     ``exclude_after`` of them (0: never), stops sampling that node. When the valid replies
     of a round cannot satisfy the aggregation ``rule`` (e.g. multikrum with too few), or the
     aggregate is not finite, the round keeps the previous global model and says why.
@@ -66,6 +66,8 @@ class ReplyValidation:
         self._reference: dict[str, np.ndarray] | None = None
         self._expected: dict[str, ArraySpec] = {}
         self.accepted_nodes: list[int] = []  # nodes whose replies the last round aggregated
+        # id(reply content) -> (that content, its arrays as validation decoded them), during aggregation
+        self.decoded_replies: dict[int, tuple[RecordDict, dict[str, np.ndarray]]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -146,7 +148,7 @@ class ReplyValidation:
             elif reply.has_error():
                 reason = f"client failed: {reply.error.reason}"
             else:
-                reason = validate_reply(
+                reason, decoded = validate_and_decode(
                     reply.content, self._expected, self.max_num_examples, max_reply_bytes=self.max_reply_bytes,
                     max_update_norm=self.max_update_norm, reference=self._reference,
                 )
@@ -154,11 +156,15 @@ class ReplyValidation:
                 self._reject(server_round, node, reason)
                 continue
             self.history.client_reply(node, dict(reply.content.metric_records[METRICS_KEY]))
+            self.decoded_replies[id(reply.content)] = (reply.content, decoded)
             valid.append(reply)
         self.accepted_nodes = [reply.metadata.src_node_id for reply in valid]
         if (reason := self.rule.precondition(len(valid))) is not None:
             return self._keep_global(server_round, reason)
-        arrays, metrics = super().aggregate_train(server_round, valid)
+        try:
+            arrays, metrics = super().aggregate_train(server_round, valid)
+        finally:
+            self.decoded_replies.clear()
         if metrics is not None:
             self.history.train_metrics(dict(metrics))
         if arrays is not None:
@@ -213,7 +219,9 @@ class RobustAggregation(FedAvg):
 
     It goes last among a strategy's bases, so that it takes FedAvg's place in the MRO:
     FedAvgM, FedAdam and FedProx then apply their server step to the robust aggregate.
-    Metrics are still Flower's weighted mean; with rule ``fedavg`` nothing changes at all.
+    Metrics are still Flower's weighted mean. Rule ``fedavg`` is FedAvg's weighted mean
+    (summed in float64). Arrays that validation decoded already (``decoded_replies``) are
+    not decoded again.
     """
 
     rule: AggregationRule = AggregationRule()
@@ -223,15 +231,20 @@ class RobustAggregation(FedAvg):
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
-        if self.rule.name == "fedavg":
-            return super().aggregate_train(server_round, replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
         contents = [message.content for message in valid]
         reference = {name: array.numpy() for name, array in self._rule_reference.items()}
+
+        def arrays_of(content) -> dict[str, np.ndarray]:
+            known = getattr(self, "decoded_replies", {}).get(id(content))
+            if known is not None and known[0] is content:
+                return known[1]
+            return {name: a.numpy() for name, a in content[self.arrayrecord_key].items()}
+
         aggregated = self.rule.aggregate(
-            [{name: a.numpy() for name, a in c[self.arrayrecord_key].items()} for c in contents],
+            [arrays_of(c) for c in contents],
             [float(c.metric_records[METRICS_KEY][self.weighted_by_key]) for c in contents],
             reference,
         )

@@ -46,10 +46,27 @@ def validate_reply(
     ``max_update_norm`` > 0 bounds the L2 norm of the reply's weights minus ``reference``,
     the current global model. Never raises: a reply that breaks the checks themselves is
     dropped as malformed."""
+    return validate_and_decode(
+        content, expected, max_num_examples, max_reply_bytes=max_reply_bytes, max_update_norm=max_update_norm,
+        reference=reference,
+    )[0]
+
+
+def validate_and_decode(
+    content: RecordDict,
+    expected: dict[str, ArraySpec],
+    max_num_examples: int,
+    *,
+    max_reply_bytes: int = 0,
+    max_update_norm: float = 0.0,
+    reference: dict[str, np.ndarray] | None = None,
+) -> tuple[str | None, dict[str, np.ndarray] | None]:
+    """``validate_reply``'s reason, and for a valid reply its arrays as decoded for the
+    checks, so that aggregation does not decode them a second time."""
     try:
         return _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference)
     except Exception as err:  # whatever a client sends must not crash the server
-        return f"malformed reply: {type(err).__name__}: {err}"
+        return f"malformed reply: {type(err).__name__}: {err}", None
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -61,7 +78,13 @@ def payload_bytes(content: RecordDict) -> int:
     return size
 
 
-def _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference) -> str | None:
+def _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference):
+    reason = _check(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference)
+    return (reason, None) if isinstance(reason, str) else (None, reason)
+
+
+def _check(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference):
+    """A reason (str), or the decoded arrays of a valid reply."""
     if max_reply_bytes > 0 and (size := payload_bytes(content)) > max_reply_bytes:
         return f"payload of {size / 2**20:.2f} MiB exceeds the limit of {max_reply_bytes / 2**20:.2f} MiB"
     if list(content.array_records) != [ARRAYS_KEY]:
@@ -97,7 +120,7 @@ def _validate(content, expected, max_num_examples, max_reply_bytes, max_update_n
         norm = update_norm(decoded, reference)
         if norm > max_update_norm:
             return f"update norm {norm:.4g} exceeds --max-update-norm {max_update_norm:g}"
-    return None
+    return decoded
 
 
 def check_metrics(metrics: MetricRecord, max_num_examples: int) -> str | None:

@@ -136,6 +136,23 @@ def run_rounds(replies_of, nodes: int, rounds: int, **strategy_settings):
     return models, history, asked
 
 
+def test_fedavg_is_the_weighted_mean_of_the_valid_replies_as_flower_computes_it():
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    values = {0: (1.0, 10), 1: (2.0, 30), 2: (float("nan"), 60)}  # node 2 is dropped: NaN
+    models, history, _ = run_rounds(lambda i, r: content(values[i][0], values[i][1]), 3, 1)
+    assert np.allclose(models[1]["w"].numpy(), (1.0 * 10 + 2.0 * 30) / 40) and models[1]["w"].dtype == torch.float32
+    assert len(history.rejects) == 1 and "NaN" in history.rejects[0]["reason"]
+    rng = np.random.default_rng(0)
+    replies = [{"w": rng.normal(size=(3, 4)).astype(np.float32)} for _ in range(5)]
+    weights = [int(n) for n in rng.integers(1, 100, size=5)]
+    ours = AggregationRule("fedavg").aggregate(replies, weights, {"w": np.zeros((3, 4), np.float32)})
+    theirs = aggregate_arrayrecords(
+        [RecordDict({"a": ArrayRecord({"w": torch.from_numpy(r["w"])}), "m": MetricRecord({"n": n})})
+         for r, n in zip(replies, weights)], "n")
+    assert np.allclose(ours["w"], theirs["w"].numpy(), atol=1e-6)
+
+
 def test_update_norm_bound_and_payload_limit_drop_replies_with_their_reason():
     specs, reference = array_specs(ArrayRecord(GLOBAL)), {k: v.numpy() for k, v in GLOBAL.items()}
     near, far = content(0.5), content(2.0)  # update norms sqrt(6) * 0.5 = 1.22 and 4.9
