@@ -2,8 +2,8 @@
 
 When every client of a round runs plain SGD with no method hooks, their local training is
 the same program on different data: stacking their weights along a new leading axis turns
-K small matrix products into one batched product (``baddbmm``), and one backward pass of
-the sum of the clients' losses gives every client its own gradient. This covers the MLP;
+K small matrix products into one batched product (``baddbmm``), forward and backward
+(``_sgd_step`` writes the backward pass out, fused with the SGD update). This covers the MLP;
 other models take the one-client-at-a-time path. Each client still shuffles with its own
 generator, sees its own samples in its own order, and gets its own prequential errors, so
 the result equals K separate ``train_local`` calls up to float rounding.
@@ -12,7 +12,6 @@ the result equals K separate ``train_local`` calls up to float rounding.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from client.learner import TrainStats
@@ -66,67 +65,83 @@ def train_rounds_together(
 def _stack(tensor: torch.Tensor, copies: int, is_weight: bool, device: torch.device) -> torch.Tensor:
     """``copies`` copies of one parameter along a new leading axis. A Linear weight is
     stored transposed, [K, in, out], so that every product of the forward and backward
-    pass reads contiguous memory (with [K, out, in] the backward pass ran 2.5x slower)."""
+    pass reads contiguous memory; a bias as [K, 1, out], to broadcast over the batch."""
     stacked = tensor.to(device).unsqueeze(0).expand(copies, *tensor.shape)
-    if is_weight:
-        stacked = stacked.transpose(1, 2)
-    else:
-        stacked = stacked.unsqueeze(1)  # a bias [K, 1, out] broadcasts over the batch
-    return stacked.contiguous().requires_grad_(True)
+    stacked = stacked.transpose(1, 2) if is_weight else stacked.unsqueeze(1)
+    return stacked.contiguous()
 
 
 def _unstack(name: str, stacked: torch.Tensor) -> torch.Tensor:
     """One client's parameter back in the model's own layout."""
-    tensor = stacked.detach()
-    tensor = tensor.t() if name.endswith(".weight") else tensor.squeeze(0)
+    tensor = stacked.t() if name.endswith(".weight") else stacked.squeeze(0)
     return tensor.cpu().contiguous()
 
 
-def _forward(layers: list[str], params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The MLP on K clients at once: x [K, B, ...] -> logits [K, B, classes]."""
-    h = x.flatten(2)
-    for i, name in enumerate(layers):
-        h = torch.baddbmm(params[f"{name}.bias"], h, params[f"{name}.weight"])
-        if i < len(layers) - 1:
-            h = F.relu(h)
-    return h
+def _sgd_step(
+    weights: list[torch.Tensor], biases: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of K MLPs (Linear + ReLU layers, cross-entropy loss) on their own
+    batches x [K, B, features], y [K, B]; returns (logits, per-client mean loss).
+
+    The backward pass is written out, because it can update each weight in the same
+    product that computes its gradient: ``W.baddbmm_(a^T, g, alpha=-lr)`` reads and writes
+    W once, where autograd writes a gradient, reads it back and then updates W (the step
+    is ~25% faster). The maths is that of autograd: for logits z = a W + b,
+    dL/dz = (softmax(z) - onehot(y)) / B; dL/dW = a^T dL/dz; dL/db = sum_B dL/dz;
+    dL/da = dL/dz W^T, masked where the ReLU was off."""
+    inputs = [x]
+    h = x
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = torch.baddbmm(b, h, w)
+        if i < len(weights) - 1:
+            h.clamp_(min=0)
+            inputs.append(h)
+    logits = h
+    log_p = torch.log_softmax(logits, dim=-1)
+    loss = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
+    grad = log_p.exp_()
+    grad.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(grad[..., :1], -1.0))
+    grad.div_(y.shape[1])
+    for i in reversed(range(len(weights))):
+        a = inputs[i]
+        below = torch.bmm(grad, weights[i].transpose(1, 2)).mul_(a > 0) if i > 0 else None  # with W before its step
+        weights[i].baddbmm_(a.transpose(1, 2), grad, alpha=-lr)
+        biases[i].sub_(grad.sum(1, keepdim=True), alpha=lr)
+        grad = below
+    return logits, loss
 
 
 def _train(layers, params, plans: list[RoundPlan], config: RunConfig, device: torch.device) -> list[TrainStats]:
     """SGD on every client at once; updates ``params`` in place."""
     n = len(plans[0].data)
     lr = plans[0].lr
-    xs = torch.stack([plan.data.x for plan in plans]).to(device)  # [K, n, ...]
+    weights = [params[f"{name}.weight"] for name in layers]
+    biases = [params[f"{name}.bias"] for name in layers]
+    xs = torch.stack([plan.data.x for plan in plans]).to(device).flatten(2)  # [K, n, features]
     ys = torch.stack([plan.data.y for plan in plans]).to(device)
     rows = torch.arange(len(plans), device=device).unsqueeze(1)
-    errors: list[list[torch.Tensor]] = [[] for _ in plans]
+    errors: list[torch.Tensor] = []
     losses = torch.zeros(len(plans), device=device)
     steps = 0
-    for epoch in range(config.local_epochs):
-        orders = torch.stack([torch.randperm(n, generator=plan.generator) for plan in plans]).to(device)
-        for start in range(0, n, config.batch_size):
-            idx = orders[:, start : start + config.batch_size]
-            x, y = xs[rows, idx], ys[rows, idx]
-            logits = _forward(layers, params, x)
-            per_client = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
-            per_client.sum().backward()  # client k's loss only depends on client k's weights
-            with torch.no_grad():
-                for p in params.values():
-                    p.add_(p.grad, alpha=-lr)
-                    p.grad = None
-                losses += per_client.detach()
+    with torch.no_grad():
+        for epoch in range(config.local_epochs):
+            orders = torch.stack([torch.randperm(n, generator=plan.generator) for plan in plans]).to(device)
+            for start in range(0, n, config.batch_size):
+                idx = orders[:, start : start + config.batch_size]
+                y = ys[rows, idx]
+                logits, loss = _sgd_step(weights, biases, xs[rows, idx], y, lr)
+                losses += loss
                 if epoch == 0:
-                    wrong = (logits.argmax(-1) != y).to(torch.uint8).cpu()
-                    for k in range(len(plans)):
-                        errors[k].append(wrong[k])
-            steps += 1
-    stats = []
-    for k in range(len(plans)):
-        bits = torch.cat(errors[k]) if errors[k] else torch.zeros(0, dtype=torch.uint8)
-        stats.append(TrainStats(
+                    errors.append(logits.argmax(-1) != y)
+                steps += 1
+    wrong = torch.cat(errors, dim=1).to(torch.uint8).cpu() if errors else torch.zeros((len(plans), 0), dtype=torch.uint8)
+    losses = losses.cpu()
+    return [
+        TrainStats(
             num_examples=n,
             loss=float(losses[k]) / max(steps, 1),
-            prequential_accuracy=1.0 - float(bits.float().mean()) if len(bits) else 0.0,
-            errors=bits,
-        ))
-    return stats
+            prequential_accuracy=1.0 - float(wrong[k].float().mean()) if wrong.shape[1] else 0.0,
+            errors=wrong[k].clone(),
+        )
+        for k in range(len(plans))
+    ]

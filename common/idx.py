@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import idx_cache
 from common.errors import FedtideError
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -53,7 +54,10 @@ def parse_idx(content: bytes, source: str) -> np.ndarray:
 
 
 def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
-    """Read one IDX file; with ``sha256``, check the decompressed content first."""
+    """Read one IDX file; with ``sha256``, check the decompressed content first (a file
+    verified before and unchanged since comes from ``common.idx_cache``)."""
+    if sha256 is not None and (cached := idx_cache.load_cached(path, sha256)) is not None:
+        return cached
     content = read_idx_bytes(path)
     if sha256 is not None:
         digest = hashlib.sha256(content).hexdigest()
@@ -63,4 +67,7 @@ def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
                 f"expected {sha256[:12]}...): the file is corrupted or not the original; "
                 "delete it and download it again"
             )
+        array = parse_idx(content, str(path))
+        idx_cache.store(path, sha256, array)
+        return array
     return parse_idx(content, str(path))

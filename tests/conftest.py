@@ -37,3 +37,9 @@ def fresh_fedtide_logger():
 def small_config(tmp_path) -> RunConfig:
     """The default scenario, shortened: a few seconds in-process."""
     return RunConfig(rounds_per_task=2, local_epochs=2, out=str(tmp_path / "run"), quiet=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_idx_cache(tmp_path_factory):
+    """Verified IDX files are cached under the user's cache folder; tests keep theirs apart."""
+    os.environ["FEDTIDE_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedtide-cache"))

@@ -1,6 +1,7 @@
 """MNIST-format loading: real files verify, damaged ones are refused with a clear message."""
 
 import gzip
+import hashlib
 import json
 import shutil
 import struct
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from common.errors import FedtideError
-from common.idx import parse_idx
+from common import idx
+from common.idx import parse_idx, read_idx
 from common.image_datasets import FILES, load_idx_dataset
 from fedtide.cli import main
 
@@ -115,3 +117,36 @@ def test_dataset_switch_alternates_between_two_datasets():
     assert not ({r.numpy().tobytes() for r in first} & {r.numpy().tobytes() for r in third})
     total_fashion = sum(len(scenario.train_data(c, 1)) for c in range(3))
     assert total_fashion == len(fashion.train)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> str:
+    content = _idx(array)
+    path.write_bytes(gzip.compress(content))
+    return hashlib.sha256(content).hexdigest()
+
+
+def test_a_verified_file_is_read_from_the_cache_until_it_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTIDE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "x-idx3-ubyte.gz"
+    array = np.arange(60, dtype=np.uint8).reshape(5, 3, 4)
+    sha = _write_idx(path, array)
+    assert np.array_equal(read_idx(path, sha), array)  # verified the long way, then cached
+    monkeypatch.setattr(idx, "read_idx_bytes", lambda p: pytest.fail("an unchanged verified file was read again"))
+    assert np.array_equal(read_idx(path, sha), array)
+    monkeypatch.undo()
+    monkeypatch.setenv("FEDTIDE_CACHE_DIR", str(tmp_path / "cache"))
+    _write_idx(path, array[:4])  # the file changed: the cache must not answer for it
+    with pytest.raises(FedtideError, match="checksum"):
+        read_idx(path, sha)
+
+
+def test_reading_works_when_the_cache_cannot_be_written_or_is_off(tmp_path, monkeypatch):
+    path = tmp_path / "x-idx1-ubyte.gz"
+    array = np.arange(10, dtype=np.uint8)
+    sha = _write_idx(path, array)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FEDTIDE_CACHE_DIR", str(blocker))
+    assert np.array_equal(read_idx(path, sha), array) and np.array_equal(read_idx(path, sha), array)
+    monkeypatch.setenv("FEDTIDE_CACHE_DIR", "off")
+    assert np.array_equal(read_idx(path, sha), array)

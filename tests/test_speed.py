@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 
 
-def test_vectorised_clients_match_one_by_one_training():
+@pytest.mark.parametrize("hidden", ["128,128", "48", "64,32,16"])
+def test_vectorised_clients_match_one_by_one_training(hidden):
     config = RunConfig(num_tasks=1, clients=4, iid=True, client_samples=200, method="naive", local_epochs=2,
-                       batch_size=16, drift_detector="adwin")
+                       batch_size=16, drift_detector="adwin", hidden=hidden)
     scenario = build_scenario(config)
     weights = build_model("mlp", scenario.input_shape, 10, config.hidden_widths, 0).state_dict()
     one_by_one = [train_round(config, p, 3, weights, {}) for p in range(4)]
