@@ -68,7 +68,7 @@ def _stack(tensor: torch.Tensor, copies: int, is_weight: bool, device: torch.dev
     pass reads contiguous memory; a bias as [K, 1, out], to broadcast over the batch."""
     stacked = tensor.to(device).unsqueeze(0).expand(copies, *tensor.shape)
     stacked = stacked.transpose(1, 2) if is_weight else stacked.unsqueeze(1)
-    return stacked.contiguous()
+    return stacked.clone(memory_format=torch.contiguous_format)  # never a view of the caller's tensor
 
 
 def _unstack(name: str, stacked: torch.Tensor) -> torch.Tensor:

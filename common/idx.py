@@ -53,10 +53,11 @@ def parse_idx(content: bytes, source: str) -> np.ndarray:
     return np.frombuffer(content, dtype=dtype, offset=header_size).reshape(dims)
 
 
-def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
-    """Read one IDX file; with ``sha256``, check the decompressed content first (a file
-    verified before and unchanged since comes from ``common.idx_cache``)."""
-    if sha256 is not None and (cached := idx_cache.load_cached(path, sha256)) is not None:
+def read_idx(path: Path, sha256: str | None = None, cache: bool = True) -> np.ndarray:
+    """Read one IDX file; with ``sha256``, check the decompressed content first. With
+    ``cache``, a file verified before and unchanged since comes from ``common.idx_cache``
+    (``fedtide download`` passes False: it must hash what it keeps or fetches)."""
+    if cache and sha256 is not None and (cached := idx_cache.load_cached(path, sha256)) is not None:
         return cached
     content = read_idx_bytes(path)
     if sha256 is not None:
@@ -68,6 +69,7 @@ def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
                 "delete it and download it again"
             )
         array = parse_idx(content, str(path))
-        idx_cache.store(path, sha256, array)
+        if cache:
+            idx_cache.store(path, sha256, array)
         return array
     return parse_idx(content, str(path))

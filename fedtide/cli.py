@@ -239,13 +239,12 @@ def run() -> None:
 
     Once everything is written, tearing the interpreter down (freeing every module of
     torch, numpy and Flower one object at a time) takes over half a second, a tenth of a
-    short simulation. The exit handlers still run and the output is flushed. The exit goes
-    the normal way when another thread is still alive (it waits for it) and under a
+    short simulation. The exit handlers still run (logging's among them) and the output is
+    flushed. The exit goes the normal way when another thread is still alive and under a
     profiler or tracer (they write their results after the program returns)."""
     code = main()
     if threading.active_count() > 1 or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
-    logging.shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

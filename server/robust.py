@@ -93,14 +93,14 @@ def weighted_mean(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def weighted_average(replies: list[Arrays], weights: np.ndarray, reference: Arrays) -> Arrays:
     """FedAvg: per array, the mean of the replies weighted by ``weights``, summed in float64
-    one reply at a time (no [n, d] stack: memory stays one model's worth as n grows)."""
+    one reply at a time (no [n, d] float64 stack of all replies)."""
     factors = weights / weights.sum()
     out = {}
     for name, ref in reference.items():
         total = np.zeros(ref.shape, dtype=np.float64)
         for factor, reply in zip(factors, replies):
             total += factor * reply[name]
-        out[name] = total.astype(ref.dtype)
+        out[name] = (total if np.issubdtype(ref.dtype, np.floating) else np.round(total)).astype(ref.dtype)
     return out
 
 

@@ -28,6 +28,10 @@ from server.validation import METRICS_KEY, ArraySpec, array_specs, check_metrics
 
 log = logging.getLogger("fedtide.server")
 
+# Decoded reply arrays kept from validation for aggregation, at most this many bytes per round:
+# past it (many clients, large models) aggregation decodes the rest again rather than hold them.
+DECODED_BUDGET = 256 * 2**20
+
 
 class ReplyValidation:
     """Mixin: validate replies, then delegate to the next strategy in the MRO.
@@ -134,13 +138,17 @@ class ReplyValidation:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         with self.times.phase("aggregate"):
-            return self._validate_and_aggregate(server_round, replies)
+            try:
+                return self._validate_and_aggregate(server_round, replies)
+            finally:
+                self.decoded_replies.clear()
 
     def _validate_and_aggregate(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid: list[Message] = []
         excluded = self.excluded
+        kept = 0  # bytes of decoded arrays kept for aggregation
         for reply in replies:
             node = reply.metadata.src_node_id
             if node in excluded:
@@ -156,15 +164,14 @@ class ReplyValidation:
                 self._reject(server_round, node, reason)
                 continue
             self.history.client_reply(node, dict(reply.content.metric_records[METRICS_KEY]))
-            self.decoded_replies[id(reply.content)] = (reply.content, decoded)
+            if decoded is not None and kept + (size := sum(a.nbytes for a in decoded.values())) <= DECODED_BUDGET:
+                self.decoded_replies[id(reply.content)] = (reply.content, decoded)
+                kept += size
             valid.append(reply)
         self.accepted_nodes = [reply.metadata.src_node_id for reply in valid]
         if (reason := self.rule.precondition(len(valid))) is not None:
             return self._keep_global(server_round, reason)
-        try:
-            arrays, metrics = super().aggregate_train(server_round, valid)
-        finally:
-            self.decoded_replies.clear()
+        arrays, metrics = super().aggregate_train(server_round, valid)
         if metrics is not None:
             self.history.train_metrics(dict(metrics))
         if arrays is not None:
