@@ -111,14 +111,31 @@ def _sgd_step(
     return logits, loss
 
 
+_last_stack: list = []  # [(data tensors, device), (xs, ys)] of the previous round
+
+
+def _stacked_data(plans: list[RoundPlan], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clients' samples as xs [K, n, features] and ys [K, n]. When a round's clients
+    hold the same data tensors as the previous round's (one task, all clients sampled), the
+    previous stack is reused instead of copied again."""
+    key = ([t for plan in plans for t in (plan.data.x, plan.data.y)], device)
+    if _last_stack and _last_stack[0][1] == device and len(_last_stack[0][0]) == len(key[0]) and all(
+        a is b for a, b in zip(_last_stack[0][0], key[0])
+    ):
+        return _last_stack[1]
+    xs = torch.stack([plan.data.x for plan in plans]).to(device).flatten(2)
+    ys = torch.stack([plan.data.y for plan in plans]).to(device)
+    _last_stack[:] = [key, (xs, ys)]
+    return xs, ys
+
+
 def _train(layers, params, plans: list[RoundPlan], config: RunConfig, device: torch.device) -> list[TrainStats]:
     """SGD on every client at once; updates ``params`` in place."""
     n = len(plans[0].data)
     lr = plans[0].lr
     weights = [params[f"{name}.weight"] for name in layers]
     biases = [params[f"{name}.bias"] for name in layers]
-    xs = torch.stack([plan.data.x for plan in plans]).to(device).flatten(2)  # [K, n, features]
-    ys = torch.stack([plan.data.y for plan in plans]).to(device)
+    xs, ys = _stacked_data(plans, device)
     rows = torch.arange(len(plans), device=device).unsqueeze(1)
     errors: list[torch.Tensor] = []
     losses = torch.zeros(len(plans), device=device)

@@ -18,7 +18,6 @@ from flwr.serverapp import Grid
 from rich.console import Console
 
 from common.config import INPUT_SHAPE_KEY, NUM_CLASSES_KEY, RunConfig
-from common import figures
 from common.errors import FedtideError
 from common.metrics import summarize
 from common.models import build_model
@@ -63,7 +62,6 @@ def run_federation(
     grid = TimedGrid(grid, times)
     console = console or Console(stderr=True)
     folder = RunFolder(Path(config.out), resume=True) if resume else RunFolder.for_config(config)
-    figures.preload()  # ready for the plot at the end
     if not resume:
         folder.write_config(config)
     scenario = build_scenario(config)

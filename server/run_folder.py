@@ -76,7 +76,7 @@ class RunFolder:
                 self.path / "rejected_replies.jsonl", "".join(json.dumps(r) + "\n" for r in history.rejects)
             )
             write_json_atomic(self.path / NODE_REJECTS_FILE, history.node_rejects().as_json())
-        from server.plots import plot_task_accuracy  # matplotlib: preloaded while the run trains
+        from server.plots import plot_task_accuracy  # matplotlib loads only when a run finishes
 
         plot_task_accuracy(history, self.path / "accuracy.png")
 
