@@ -111,22 +111,21 @@ def _sgd_step(
     return logits, loss
 
 
-_last_stack: list = []  # [(data tensors, device), (xs, ys)] of the previous round
+_last_stack: dict = {}  # the previous round's stack: "sources" (data tensors, kept alive), "key", "xs", "ys"
 
 
 def _stacked_data(plans: list[RoundPlan], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The clients' samples as xs [K, n, features] and ys [K, n]. When a round's clients
     hold the same data tensors as the previous round's (one task, all clients sampled), the
-    previous stack is reused instead of copied again."""
-    key = ([t for plan in plans for t in (plan.data.x, plan.data.y)], device)
-    if _last_stack and _last_stack[0][1] == device and len(_last_stack[0][0]) == len(key[0]) and all(
-        a is b for a, b in zip(_last_stack[0][0], key[0])
-    ):
-        return _last_stack[1]
-    xs = torch.stack([plan.data.x for plan in plans]).to(device).flatten(2)
-    ys = torch.stack([plan.data.y for plan in plans]).to(device)
-    _last_stack[:] = [key, (xs, ys)]
-    return xs, ys
+    previous stack is reused instead of copied again (the ids are safe to compare: the
+    previous tensors are kept alive, so no id can have been reused)."""
+    sources = [t for plan in plans for t in (plan.data.x, plan.data.y)]
+    key = (tuple(id(t) for t in sources), device)
+    if _last_stack.get("key") != key:
+        xs = torch.stack([plan.data.x for plan in plans]).to(device).flatten(2)
+        ys = torch.stack([plan.data.y for plan in plans]).to(device)
+        _last_stack.update(sources=sources, key=key, xs=xs, ys=ys)
+    return _last_stack["xs"], _last_stack["ys"]
 
 
 def _train(layers, params, plans: list[RoundPlan], config: RunConfig, device: torch.device) -> list[TrainStats]:

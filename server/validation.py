@@ -64,9 +64,10 @@ def validate_and_decode(
     """``validate_reply``'s reason, and for a valid reply its arrays as decoded for the
     checks, so that aggregation does not decode them a second time."""
     try:
-        return _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference)
+        outcome = _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference)
     except Exception as err:  # whatever a client sends must not crash the server
         return f"malformed reply: {type(err).__name__}: {err}", None
+    return (outcome, None) if isinstance(outcome, str) else (None, outcome)
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -79,11 +80,6 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 def _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference):
-    reason = _check(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference)
-    return (reason, None) if isinstance(reason, str) else (None, reason)
-
-
-def _check(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference):
     """A reason (str), or the decoded arrays of a valid reply."""
     if max_reply_bytes > 0 and (size := payload_bytes(content)) > max_reply_bytes:
         return f"payload of {size / 2**20:.2f} MiB exceeds the limit of {max_reply_bytes / 2**20:.2f} MiB"
