@@ -185,21 +185,15 @@ def write_outputs(out: Path, records: list[dict[str, Any]], rows: list[dict[str,
         md.append(f"| {row['label']} | " + " | ".join(format_cell(row[c[0]], c[3], row["seeds"]) for c in COLUMNS) + " |")
     write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
     write_json_atomic(out / "summary.json", {"title": title, "rows": rows})
-    _plot(out / "summary.png", rows, title)
+    _plot(out / "summary.svg", rows, title)
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    from common.figures import new_figure, write_png
+    from common.svg_charts import PALETTE, Bars, write_bar_charts
 
     labels = [r["label"] for r in rows]
-    fig = new_figure(figsize=(11, 4), dpi=110)
-    axes = fig.subplots(1, 2)
-    for ax, column, colour in ((axes[0], "ACC %", "tab:blue"), (axes[1], "forgetting pts", "tab:red")):
-        means = [r[column][0] or 0.0 for r in rows]
-        stds = [r[column][1] or 0.0 for r in rows]
-        ax.bar(labels, means, yerr=stds, color=colour, alpha=0.8, capsize=4)
-        ax.set_title(column)
-        ax.tick_params(axis="x", rotation=30)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title)
-    write_png(fig, path)
+    panels = [
+        Bars(column, labels, [r[column][0] or 0.0 for r in rows], [r[column][1] or 0.0 for r in rows], colour)
+        for column, colour in (("ACC %", PALETTE[0]), ("forgetting pts", PALETTE[3]))
+    ]
+    write_bar_charts(path, panels, title)

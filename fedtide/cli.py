@@ -149,7 +149,7 @@ def bench_main(args: argparse.Namespace) -> None:
     for row in rows:
         table.add_row(row["label"], *(format_cell(row[c[0]], c[3], row["seeds"]) for c in COLUMNS))
     Console(width=max(Console().width, 200)).print(table)
-    console.print(f"written: {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.png'}")
+    console.print(f"written: {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.svg'}")
 
 
 def download_main(args: argparse.Namespace) -> None:

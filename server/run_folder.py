@@ -16,6 +16,7 @@ import torch
 from common.config import RunConfig
 from common.files import ensure_writable_folder, save_tensors_atomic, write_json_atomic, write_text_atomic
 from server.history import NodeRejects, RoundRecord, RunHistory
+from server.plots import plot_task_accuracy
 
 NODE_REJECTS_FILE = "node_rejects.json"
 
@@ -76,9 +77,7 @@ class RunFolder:
                 self.path / "rejected_replies.jsonl", "".join(json.dumps(r) + "\n" for r in history.rejects)
             )
             write_json_atomic(self.path / NODE_REJECTS_FILE, history.node_rejects().as_json())
-        from server.plots import plot_task_accuracy  # matplotlib loads only when a run finishes
-
-        plot_task_accuracy(history, self.path / "accuracy.png")
+        plot_task_accuracy(history, self.path / "accuracy.svg")
 
 
 def _matrix_csv(matrix: list[list[float]]) -> str:

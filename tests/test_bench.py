@@ -16,7 +16,7 @@ def test_small_bench_writes_its_table_and_resumes_without_redoing_cells(tmp_path
     assert [r["label"] for r in rows] == ["naive", "replay", "local-only", "fed-joint", "central-joint"]
     assert all(r["seeds"] == "2" for r in rows)
     assert (out / "summary.md").read_text().count("\n|") >= 6
-    assert (out / "summary.png").stat().st_size > 0
+    assert (out / "summary.svg").stat().st_size > 0
     cells = list(csv.DictReader((out / "cells.csv").open()))
     assert len(cells) == 10
     # each cell records the settings it ran with, which is what resuming compares

@@ -50,7 +50,7 @@ def test_simulate_writes_a_complete_run_folder(tmp_path):
     out = tmp_path / "run"
     assert main(["simulate", "--out", str(out), "--method", "replay+ewc", "--prox-mu", "0.01", *FAST]) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "metrics.jsonl", "summary.json", "accuracy_matrix.csv", "model.safetensors", "accuracy.png"} <= names
+    assert {"config.json", "metrics.jsonl", "summary.json", "accuracy_matrix.csv", "model.safetensors", "accuracy.svg"} <= names
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "replay+ewc" and config["prox-mu"] == 0.01
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -101,6 +101,6 @@ def test_the_command_exits_quickly_with_everything_written_and_printed(tmp_path)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "run folder" in done.stderr and done.stderr.endswith("┘\n")  # the summary table got out whole
-    assert (out / "accuracy.png").stat().st_size > 0 and json.loads((out / "summary.json").read_text())["acc"] >= 0
+    assert (out / "accuracy.svg").stat().st_size > 0 and json.loads((out / "summary.json").read_text())["acc"] >= 0
     failed = subprocess.run([*command, "--alpha", "0"], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and failed.stderr.startswith("fedtide: error: --alpha must be > 0")

@@ -81,7 +81,7 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
     assert "refused" in intruder.output()
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == list(range(1, ROUNDS + 1))
-    for name in ("summary.json", "model.safetensors", "accuracy.png", "config.json"):
+    for name in ("summary.json", "model.safetensors", "accuracy.svg", "config.json"):
         assert (run / name).is_file()
 
     ledger_1 = {entry["name"]: entry for entry in read_ledger(state[0])}
