@@ -14,14 +14,12 @@ EWC therefore needs replay on the edge (``--method replay+ewc``); alone it has n
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 
 from client.inbox import QUARANTINE, collect_arrivals
-from client.learner import train_local
 from client.methods import Method, Replay, build_methods
 from client.rounds import (
     LAST_TASK_KEY,
@@ -34,6 +32,7 @@ from client.rounds import (
     model_weights,
     plan_lr,
     restore_methods,
+    train_and_react,
 )
 from client.state_store import ClientStateStore
 from common.config import RunConfig
@@ -98,13 +97,9 @@ def train_on_arrivals(
         data=new_data if new_data is not None else memory,
         generator=torch.Generator().manual_seed(derive_seed(config.seed, node_id, server_round)),
     )
-    stats = train_local(
-        model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=new_data is not None
-    )
-    if new_data is None:
-        # the memory is not the stream: its errors must not move the drift detector
-        stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
-    outcome = finish_round(config, plan, stats, state, model_weights(model), methods_state(methods))
+    fresh = new_data is not None
+    stats, drift = train_and_react(model, plan, methods, config, state, device, observe=fresh, stream=fresh)
+    outcome = finish_round(config, plan, stats, state, model_weights(model), methods_state(methods), drift)
     outcome.state[ROUNDS_INTO_TASK_KEY] = torch.tensor(rounds_into_task)
     outcome.metrics.update(
         {

@@ -19,6 +19,7 @@ class TrainStats:
     loss: float  # mean training loss (including penalties) over all steps
     prequential_accuracy: float  # accuracy on each new batch before training on it (epoch 1)
     errors: torch.Tensor  # uint8 [num_examples]: 1 where a new sample was mispredicted, stream order
+    epochs: int = 1  # passes over the data this round
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -86,4 +87,5 @@ def train_local(
         loss=loss_sum / max(steps, 1),
         prequential_accuracy=1.0 - float(error_bits.float().mean()) if len(error_bits) else 0.0,
         errors=error_bits,
+        epochs=config.local_epochs,
     )

@@ -140,8 +140,60 @@ def train_round(
             method.start_task(model, previous)
     # a client's data for a task is fixed, so memories are offered each sample once:
     # in the first round the client trains on that task
-    stats = train_local(model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=plan.task_changed)
-    return finish_round(config, plan, stats, state, model_weights(model), methods_state(methods))
+    stats, drift = train_and_react(model, plan, methods, config, state, device, observe=plan.task_changed)
+    return finish_round(config, plan, stats, state, model_weights(model), methods_state(methods), drift)
+
+
+@dataclass
+class DriftCheck:
+    """Where in this round's stream the client's detector saw the error rate rise, and the
+    detector's state after the round (``DRIFT_PREFIX`` keys)."""
+
+    positions: list[int]
+    state: dict[str, torch.Tensor]
+
+
+def check_drift(config: RunConfig, state: dict[str, torch.Tensor], errors: torch.Tensor) -> DriftCheck:
+    """Feed this round's prequential errors to the detector restored from ``state``."""
+    if config.drift_detector == "none":
+        return DriftCheck([], {})
+    monitor = DriftMonitor(config.drift_detector, config.drift_delta)
+    saved = {k[len(DRIFT_PREFIX):]: v for k, v in state.items() if k.startswith(DRIFT_PREFIX)}
+    if saved:
+        monitor.load_state(saved)
+    positions = monitor.update(errors)
+    return DriftCheck(positions, {DRIFT_PREFIX + k: v for k, v in monitor.state().items()})
+
+
+def train_and_react(
+    model: torch.nn.Module,
+    plan: RoundPlan,
+    methods: list[Method],
+    config: RunConfig,
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+    observe: bool,
+    stream: bool = True,
+) -> tuple[TrainStats, DriftCheck]:
+    """Train for the round's epochs and check the stream for drift. With
+    ``react_extra_epochs``, a client that found drift trains that many more epochs on the
+    same data before it replies, so that its reply in this very round already carries
+    more of the new concept (a reaction in the next round comes a round late).
+    ``stream`` is False when the data is not the stream (an edge client retraining on its
+    memory): then its errors must not move the detector."""
+    stats = train_local(model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=observe)
+    if not stream:
+        stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
+    drift = check_drift(config, state, stats.errors)
+    if drift.positions and config.react_extra_epochs > 0:
+        extra = train_local(
+            model, plan.data, methods, config.replace(lr=plan.lr, local_epochs=config.react_extra_epochs),
+            plan.generator, device, observe=False,
+        )
+        epochs = stats.epochs + extra.epochs
+        loss = (stats.loss * stats.epochs + extra.loss * extra.epochs) / epochs
+        stats = dataclasses.replace(stats, loss=loss, epochs=epochs)
+    return stats, drift
 
 
 def finish_round(
@@ -151,19 +203,13 @@ def finish_round(
     state: dict[str, torch.Tensor],
     weights: dict[str, torch.Tensor],
     method_state: dict[str, torch.Tensor],
+    drift: DriftCheck,
 ) -> TrainOutcome:
-    """Drift detection, the next state and the reply's metrics, after training."""
-    new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(plan.task), **method_state}
+    """The next state and the reply's metrics, after training and the drift check."""
+    new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(plan.task), **method_state, **drift.state}
     if config.lr_schedule == "plateau":
         new_state[PLATEAU_KEY] = update_plateau(state, stats.loss, plan.task_changed)
-    drift_at: list[int] = []
-    if config.drift_detector != "none":
-        monitor = DriftMonitor(config.drift_detector, config.drift_delta)
-        saved = {k[len(DRIFT_PREFIX):]: v for k, v in state.items() if k.startswith(DRIFT_PREFIX)}
-        if saved:
-            monitor.load_state(saved)
-        drift_at = monitor.update(stats.errors)
-        new_state.update({DRIFT_PREFIX + k: v for k, v in monitor.state().items()})
+    drift_at = drift.positions
     new_state[BOOST_KEY] = torch.tensor(int(bool(drift_at)))
     return TrainOutcome(
         weights=weights,
@@ -173,7 +219,7 @@ def finish_round(
             "prequential-acc": stats.prequential_accuracy,
             "task-id": plan.task,
             "lr": plan.lr,
-            "local-epochs": config.local_epochs,
+            "local-epochs": stats.epochs,
             "drift-detected": int(bool(drift_at)),
             "drift-position": drift_at[0] if drift_at else -1,
         },

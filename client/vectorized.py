@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from client.learner import TrainStats
-from client.rounds import RoundPlan, TrainOutcome, finish_round, plan_round
+from client.rounds import RoundPlan, TrainOutcome, check_drift, finish_round, plan_round
 from common.config import RunConfig
 from common.devices import resolve_device
 from common.models import MLP, build_model
@@ -23,9 +23,11 @@ from common.scenarios import build_scenario
 
 
 def can_vectorize(config: RunConfig) -> bool:
-    """Plain SGD with no per-client hooks: no methods, no proximal term, no frozen layers."""
+    """Plain SGD with no per-client hooks: no methods, no proximal term, no frozen layers,
+    and no in-round reaction to drift (it would train only some clients further)."""
     return (
         not config.methods
+        and config.react_extra_epochs == 0
         and config.prox_mu == 0
         and config.optimizer == "sgd"
         and not config.frozen_prefixes
@@ -58,7 +60,8 @@ def train_rounds_together(
     outcomes = []
     for k, ((_, _, state), plan) in enumerate(zip(jobs, plans)):
         client_weights = {n: _unstack(n, p[k]) for n, p in params.items()}
-        outcomes.append(finish_round(config, plan, stats[k], state, client_weights, {}))
+        drift = check_drift(config, state, stats[k].errors)
+        outcomes.append(finish_round(config, plan, stats[k], state, client_weights, {}, drift))
     return outcomes
 
 
@@ -158,6 +161,7 @@ def _train(layers, params, plans: list[RoundPlan], config: RunConfig, device: to
             loss=float(losses[k]) / max(steps, 1),
             prequential_accuracy=1.0 - float(wrong[k].float().mean()) if wrong.shape[1] else 0.0,
             errors=wrong[k].clone(),
+            epochs=config.local_epochs,
         )
         for k in range(len(plans))
     ]

@@ -96,6 +96,8 @@ class RunConfig:
     drift_quorum: float = 0.3
     drift_epoch_boost: int = 2
     react_lr_boost: float = 1.0  # a client's lr is multiplied by this in the round after it detects drift
+    react_extra_epochs: int = 0  # a client that detects drift trains this many more epochs in the same round
+    drift_weight: float = 1.0  # aggregation weight multiplier, in the same round, for replies reporting drift
     optimizer: str = "sgd"
     local_epochs: int = 5
     lr: float = 0.1
@@ -133,6 +135,12 @@ class RunConfig:
         if self.server_lr is not None:
             return self.server_lr
         return 0.01 if self.strategy == "fedadam" else 1.0
+
+    @property
+    def reacts_to_drift(self) -> bool:
+        """Whether any reaction to detected drift is on (each needs a detector)."""
+        return (self.react_server or self.react_lr_boost != 1.0 or self.react_extra_epochs > 0
+                or self.drift_weight != 1.0)
 
     @property
     def effective_min_clients(self) -> int:
@@ -229,7 +237,11 @@ class RunConfig:
         _positive_int("drift-epoch-boost", self.drift_epoch_boost)
         if not self.react_lr_boost > 0:
             raise FedtideError(f"--react-lr-boost must be > 0 (got {self.react_lr_boost})")
-        if (self.react_server or self.react_lr_boost != 1.0) and self.drift_detector == "none":
+        if self.react_extra_epochs < 0:
+            raise FedtideError(f"--react-extra-epochs must be >= 0 (got {self.react_extra_epochs})")
+        if not self.drift_weight > 0:
+            raise FedtideError(f"--drift-weight must be > 0 (got {self.drift_weight})")
+        if self.reacts_to_drift and self.drift_detector == "none":
             raise FedtideError("drift reactions need a detector: drop --drift-detector none")
         if not self.lwf_temperature > 0:
             raise FedtideError(f"--lwf-temperature must be > 0 (got {self.lwf_temperature})")

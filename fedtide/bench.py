@@ -71,8 +71,12 @@ def _with_method(base: RunConfig, method: str) -> RunConfig:
 
 def _reference(base: RunConfig, reference: str, reference_method: str) -> RunConfig:
     if reference == "local-only":
-        return _with_method(base, reference_method).replace(training="local-only", react_server=False)
-    joint = _with_method(base, "naive").replace(training="joint", react_server=False, react_lr_boost=1.0)
+        # no server, so no server reactions; a client's own reactions stay as configured
+        return _with_method(base, reference_method).replace(training="local-only", react_server=False, drift_weight=1.0)
+    # no drift, so no reactions
+    joint = _with_method(base, "naive").replace(
+        training="joint", react_server=False, react_lr_boost=1.0, react_extra_epochs=0, drift_weight=1.0
+    )
     if reference == "central-joint":
         return joint.replace(clients=1, iid=True, fraction_train=1.0)
     return joint

@@ -70,6 +70,10 @@ HELP = {
     "drift_quorum": "share of replies reporting drift that triggers the server reaction",
     "drift_epoch_boost": "local-epoch multiplier of the server reaction",
     "react_lr_boost": "client reaction: learning-rate multiplier for the round after a client detects drift",
+    "react_extra_epochs": "client reaction: a client that detects drift in a round trains this many more epochs "
+    "on that round's data before it replies (0: off)",
+    "drift_weight": "server reaction: in the round a reply reports drift, its aggregation weight is multiplied "
+    "by this (1: off)",
     "optimizer": f"client optimizer: {', '.join(OPTIMIZERS)}",
     "local_epochs": "local epochs per round",
     "lr": "client learning rate",

@@ -250,13 +250,30 @@ class RobustAggregation(FedAvg):
                 return known[1]
             return {name: a.numpy() for name, a in content[self.arrayrecord_key].items()}
 
-        aggregated = self.rule.aggregate(
-            [arrays_of(c) for c in contents],
-            [float(c.metric_records[METRICS_KEY][self.weighted_by_key]) for c in contents],
-            reference,
-        )
+        aggregated = self.rule.aggregate([arrays_of(c) for c in contents], self.aggregation_weights(contents), reference)
         arrays = ArrayRecord({name: Array(value) for name, value in aggregated.items()})
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def aggregation_weights(self, contents: list[RecordDict]) -> list[float]:
+        """Each reply's weight in the aggregate: its ``num-examples``."""
+        return [float(c.metric_records[METRICS_KEY][self.weighted_by_key]) for c in contents]
+
+
+class DriftWeighting:
+    """Mixin: the server's same-round reaction to drift. A reply that reports drift weighs
+    ``drift_weight`` times its ``num-examples`` in this round's aggregate, so that what the
+    drifting clients just learned is not averaged away by those still on the old data."""
+
+    def __init__(self, *args, drift_weight: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.drift_weight = drift_weight
+
+    def aggregation_weights(self, contents: list[RecordDict]) -> list[float]:
+        weights = super().aggregation_weights(contents)
+        return [
+            w * self.drift_weight if int(c.metric_records[METRICS_KEY].get("drift-detected", 0)) == 1 else w
+            for w, c in zip(weights, contents)
+        ]
 
 
 class DriftResponse:
@@ -355,9 +372,13 @@ class ValidatedFedAdam(ReplyValidation, FedAdam, RobustAggregation):
 
 def build_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | None = None) -> FedAvg:
     """The strategy a config names, sampling ``fraction_train`` of the nodes each round,
-    with the server's drift response in front when ``react_server`` is on."""
+    with the server's drift reactions in front: ``DriftWeighting`` when ``drift_weight`` is
+    not 1, ``DriftResponse`` when ``react_server`` is on."""
     strategy_class, kwargs = _strategy_parts(config, history)
     kwargs["times"] = times
+    if config.drift_weight != 1.0 and config.training != "local-only":
+        strategy_class = type(f"DriftWeighted{strategy_class.__name__}", (DriftWeighting, strategy_class), {})
+        kwargs["drift_weight"] = config.drift_weight
     if config.react_server:
         strategy_class = type(f"DriftResponsive{strategy_class.__name__}", (DriftResponse, strategy_class), {})
         kwargs.update(drift_quorum=config.drift_quorum, epoch_boost=config.drift_epoch_boost)

@@ -74,3 +74,65 @@ def test_reactions_follow_detected_drift(tmp_path):
             if c["drift-detected"]:
                 drifted_before.add(c["node"])
     assert quorum_rounds > 0
+
+
+def test_same_round_reactions_train_drifting_clients_longer(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--method", "replay", "--rounds-per-task", "3", "--local-epochs", "1", "--async-spread", "2",
+             "--react-extra-epochs", "2", "--drift-weight", "3", "--lr", "0.05", "--quiet"]
+    assert main(["simulate", "--out", str(out), *flags]) == 0
+    replies = [c for line in (out / "metrics.jsonl").read_text().splitlines() for c in json.loads(line)["clients"]]
+    assert any(c["drift-detected"] for c in replies) and not all(c["drift-detected"] for c in replies)
+    for c in replies:  # the client's extra epochs come in the very round it detects drift
+        assert c["local-epochs"] == (3 if c["drift-detected"] else 1)
+
+
+def test_a_reply_reporting_drift_weighs_more_in_that_rounds_aggregate():
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from common.config import RunConfig
+    from common.schedule import TaskSchedule
+    from server.history import RunHistory
+    from server.strategy import build_strategy
+
+    def reply(value: float, drifted: int) -> RecordDict:
+        return RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), value)}),
+                           "metrics": MetricRecord({"num-examples": 10, "drift-detected": drifted})})
+
+    config = RunConfig(drift_weight=3.0)
+    strategy = build_strategy(config, RunHistory(TaskSchedule.build(5, 2, 2, 0, 0)))
+    weights = strategy.aggregation_weights([reply(1.0, 0), reply(5.0, 1)])
+    assert weights == [10.0, 30.0]
+    assert build_strategy(RunConfig(), RunHistory(TaskSchedule.build(5, 2, 2, 0, 0))).aggregation_weights(
+        [reply(1.0, 0), reply(5.0, 1)]) == [10.0, 10.0]
+
+
+def test_same_round_reactions_need_a_detector():
+    from common.config import RunConfig
+    from common.errors import FedtideError
+
+    for settings in (dict(react_extra_epochs=1), dict(drift_weight=2.0)):
+        with pytest.raises(FedtideError, match="need a detector"):
+            RunConfig(drift_detector="none", **settings)
+    with pytest.raises(FedtideError, match="--drift-weight must be > 0"):
+        RunConfig(drift_weight=0)
+
+
+def test_the_drift_benchmark_runs_its_variants_in_a_tiny_configuration():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/drift.py", "--preset", "split-digits", "--spread", "1", "--json",
+         "--set", "rounds_per_task=2", "--set", "local_epochs=1", "--variants", "no reaction,server: weight x3 now"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert [m["variant"] for m in report["means"]] == ["no reaction", "server: weight x3 now"]
+    assert all(r["switches"] > 0 and 0 <= r["acc"] <= 1 for r in report["rows"])
+    bad = subprocess.run([sys.executable, "benchmarks/drift.py", "--preset", "split-digits", "--variants", "nope"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown variant" in bad.stderr
