@@ -153,6 +153,7 @@ def _resume(
         how = "without --no-vectorize" if written["vectorize"] else "with --no-vectorize"
         raise FedtideError(f"this run was started {how}: resume it {how} too, or its numbers would change")
     arrays = restore(checkpoint, strategy, history)
+    checkpoints.continue_after(checkpoint)
     if nodes is not None:
         nodes.restore_node_states(node_states(checkpoint))
     return arrays, checkpoint.server_round + 1

@@ -5,7 +5,7 @@
   FedYogi, FedAdagrad), FedAvgM's ``momentum_vector`` and ``current_arrays``, the local-only reference's per-node
   models, the drift response's pending boosts; a strategy that adds state between rounds
   must be added here;
-- the run history (what metrics.jsonl holds);
+- the run history (what metrics.jsonl holds), in the checkpoints' shared journal;
 - the RNG states: Python's ``random`` (Flower samples nodes with it), torch's and numpy's;
 - each simulated node's ``context.state`` (replay memory, EWC/LwF, drift detector), when the
   runtime holds them (deployment clients keep theirs on disk).
@@ -39,7 +39,7 @@ def capture(
     groups: dict[str, dict[str, torch.Tensor]] = {"model": arrays.to_torch_state_dict()}
     meta: dict[str, Any] = {
         "task": history.schedule.newest_task(server_round) if server_round > 0 else 0,
-        "history": {"baseline": history.baseline, "rounds": [r.as_json() for r in history.rounds]},
+        "baseline": history.baseline,
         "random": _python_random_state(),
         "runtime": runtime,
     }
@@ -51,14 +51,14 @@ def capture(
     meta["nodes"] = sorted(node_states) if node_states is not None else None
     for node, state in (node_states or {}).items():
         groups[f"node/{node}"] = state
-    return Checkpoint.build(server_round, groups, meta)
+    return Checkpoint.build(server_round, groups, meta, journal=history.rounds)
 
 
 def restore(checkpoint: Checkpoint, strategy: Any, history: RunHistory) -> ArrayRecord:
     """Put the strategy, the history and the RNGs back as they were; return the global model."""
     meta = checkpoint.meta
-    history.baseline = list(meta["history"]["baseline"])
-    history.rounds = [RoundRecord.from_json(line) for line in meta["history"]["rounds"]]
+    history.baseline = list(meta["baseline"])
+    history.rounds = [RoundRecord.from_json(line) for line in checkpoint.journal]
     _restore_strategy(strategy, checkpoint)
     version, internal, gauss = meta["random"]
     random.setstate((version, tuple(internal), gauss))

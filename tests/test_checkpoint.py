@@ -213,7 +213,7 @@ def test_checkpoints_keep_only_the_last_three(whole):
     assert len(list((whole / "checkpoints").glob("*.safetensors"))) == 3
 
 
-@pytest.mark.parametrize("damage", ["truncate-tensors", "edit-json"])
+@pytest.mark.parametrize("damage", ["truncate-tensors", "edit-json", "cut-journal"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, damage, whole):
     crashed = SMALL.replace(out=str(tmp_path / "crashed"))
     _crash(crashed, crash_in=5)  # checkpoints of rounds 2, 3, 4
@@ -221,13 +221,42 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     if damage == "truncate-tensors":
         data = (folder / "round-000004.safetensors").read_bytes()
         (folder / "round-000004.safetensors").write_bytes(data[: len(data) // 2])
-    else:
+    elif damage == "edit-json":
         text = (folder / "round-000004.json").read_text()
         (folder / "round-000004.json").write_text(text.replace('"round": 4', '"round": 5'))
+    else:  # the journal loses its last round's line
+        lines = (folder / "history.jsonl").read_text().splitlines(keepends=True)
+        (folder / "history.jsonl").write_text("".join(lines[:-1]))
     assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
     err = capsys.readouterr().err
-    assert "checkpoint of round 4 is not usable" in err and "checksum" in err
+    reason = "history.jsonl no longer holds" if damage == "cut-journal" else "checksum"
+    assert "checkpoint of round 4 is not usable" in err and reason in err
     _assert_same_run(whole, tmp_path / "crashed")
+
+
+def test_a_partial_journal_line_left_by_a_crash_is_dropped_on_resume(tmp_path, capsys, whole):
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)
+    journal = tmp_path / "crashed" / "checkpoints" / "history.jsonl"
+    with journal.open("a") as handle:
+        handle.write('{"round": 5, "task": 2, "task_accur')  # the server died while appending
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
+    assert "not usable" not in capsys.readouterr().err
+    _assert_same_run(whole, tmp_path / "crashed")
+    assert len(journal.read_text().splitlines()) == SMALL.num_rounds
+
+
+def test_a_checkpoint_costs_the_same_late_in_a_run_as_early(tmp_path):
+    """The history lives in one appended journal, not in every checkpoint: a checkpoint's
+    JSON does not grow from round to round (with the history inside, each round added a
+    line of ~1 KB to every later checkpoint)."""
+    config = SMALL.replace(rounds_per_task=20, num_tasks=2, out=str(tmp_path), method="naive")
+    run_inprocess(config)
+    folder = tmp_path / "checkpoints"
+    sizes = {int(p.stem.split("-")[1]): p.stat().st_size for p in folder.glob("round-*.json")}
+    assert sorted(sizes) == [38, 39, 40]
+    assert len(set(sizes.values())) == 1
+    assert len(CheckpointStore(tmp_path).load(40).journal) == 40 and len((folder / "history.jsonl").read_text().splitlines()) == 40
 
 
 def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, capsys):
