@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--engine", choices=ENGINES, default="inprocess",
                           help="inprocess (fast, no Ray) or flower (Flower's simulation engine)")
-    simulate.add_argument("--workers", type=int, default=1,
-                          help="worker processes for the in-process engine (1: none, clients run in this process; "
-                          "0: one per core); helps when each client's round is long")
+    simulate.add_argument("--workers", type=int, default=None,
+                          help="worker processes for the in-process engine (1, the default: none, clients run in this "
+                          "process; 0: one per core); helps when each client's round is long. --resume takes the "
+                          "run's own count")
     simulate.add_argument("--no-vectorize", action="store_true",
                           help="train each client separately even when a round's clients could share "
                           "one batched computation (plain SGD, no method hooks)")
@@ -174,7 +175,7 @@ def download_main(args: argparse.Namespace) -> None:
 def simulate_main(args: argparse.Namespace) -> None:
     """``fedtide simulate``, new or ``--resume RUN_DIR`` (which returns at once when that run
     already finished)."""
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
     if args.resume:
         from fedtide.resume import finished_message, resume_config
@@ -202,8 +203,15 @@ def simulate_main(args: argparse.Namespace) -> None:
         return
     from fedtide.inprocess import default_workers, run_inprocess
 
-    run_inprocess(config, workers=args.workers or default_workers(config), vectorize=not args.no_vectorize,
-                  resume=bool(args.resume))
+    workers, vectorize = args.workers, not args.no_vectorize
+    if args.resume:  # go on the way the run started, unless a flag says otherwise (then it is checked)
+        from fedtide.resume import recorded_runtime
+
+        started = recorded_runtime(Path(config.out))
+        workers = started.get("workers") if workers is None else workers
+        vectorize = vectorize and started.get("vectorize") is not False
+    workers = 1 if workers is None else workers
+    run_inprocess(config, workers=workers or default_workers(config), vectorize=vectorize, resume=bool(args.resume))
 
 
 def _interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature

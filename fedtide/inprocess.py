@@ -93,6 +93,7 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self.train_many = train_many
         self.vectorize = train_many is not None
+        self.workers = 1  # processes the clients run in
         self.run_id = run_id
         self._run = Run.create_empty(run_id)
         _set_identity(run_id)
@@ -177,6 +178,7 @@ class WorkerPoolGrid(InProcessGrid):
     def __init__(self, node_configs: list[dict[str, Any]], workers: int, run_id: int = 1, vectorize: bool = True) -> None:
         super().__init__(None, node_configs, run_id)
         self.vectorize = vectorize
+        self.workers = workers
         spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch started its threads
         threads = max(1, (os.cpu_count() or 1) // workers)
         self._owner = {node: i % workers for i, node in enumerate(self.node_configs)}

@@ -60,6 +60,21 @@ def resume_config(args: argparse.Namespace) -> RunConfig | None:
     return stored.replace(out=str(folder), **changes)
 
 
+def recorded_runtime(folder: Path) -> dict:
+    """How the run in ``folder`` ran (``workers``, ``vectorize``), from its newest
+    checkpoint's metadata; {} when unreadable (resuming then checks the checkpoint properly)."""
+    from server.checkpoint import CheckpointStore
+
+    store = CheckpointStore(folder)
+    for server_round in store.rounds():
+        try:
+            document = json.loads(store.meta_path(server_round).read_text(encoding="utf-8"))
+            return dict(document["checkpoint"]["runtime"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {}
+
+
 def _stored_config(folder: Path) -> RunConfig:
     path = folder / "config.json"
     if not path.is_file():

@@ -92,6 +92,10 @@ class CheckpointStore:
         stem = self.folder / f"round-{server_round:06d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
+    def meta_path(self, server_round: int) -> Path:
+        """The JSON file of ``server_round``'s checkpoint (read it through ``load`` to have it checked)."""
+        return self._paths(server_round)[1]
+
     def rounds(self) -> list[int]:
         """Rounds with a checkpoint JSON, newest first (not yet checked)."""
         if not self.folder.is_dir():

@@ -77,7 +77,10 @@ def run_federation(
     checkpoints = CheckpointStore(folder.path)
     if not resume:
         checkpoints.clear()  # an earlier run's (perhaps longer) checkpoints would be taken for ours
-    runtime = {"node_states": nodes is not None, "vectorize": getattr(nodes, "vectorize", None)}
+    runtime = {
+        "node_states": nodes is not None, "vectorize": getattr(nodes, "vectorize", None),
+        "workers": getattr(nodes, "workers", None),
+    }
     arrays, first_round = initial, 1
     if resume:
         arrays, first_round = _resume(checkpoints, runtime, nodes, strategy, history, console)
@@ -152,6 +155,11 @@ def _resume(
     if written["vectorize"] != runtime["vectorize"]:  # batched training rounds differently
         how = "without --no-vectorize" if written["vectorize"] else "with --no-vectorize"
         raise FedtideError(f"this run was started {how}: resume it {how} too, or its numbers would change")
+    if written.get("workers", runtime["workers"]) != runtime["workers"]:  # each worker batches its own clients
+        raise FedtideError(
+            f"this run was started with --workers {written['workers']}: resume it with that many (or without "
+            "--workers), or its numbers would change in their last digits"
+        )
     arrays = restore(checkpoint, strategy, history)
     checkpoints.continue_after(checkpoint)
     if nodes is not None:

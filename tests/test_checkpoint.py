@@ -320,11 +320,13 @@ def test_resume_may_change_where_the_data_is_and_what_is_shown(tmp_path, whole):
 
 
 @pytest.mark.slow
-def test_worker_processes_resume_their_nodes_state(tmp_path):
+def test_worker_processes_resume_their_nodes_state(tmp_path, capsys):
     run_inprocess(SMALL.replace(out=str(tmp_path / "whole")), workers=2)
     crashed = SMALL.replace(out=str(tmp_path / "crashed"))
     _crash(crashed, crash_in=3, workers=2)
-    run_inprocess(crashed, workers=2, resume=True)
+    assert main(["simulate", "--resume", str(tmp_path / "crashed"), "--workers", "1"]) == 2
+    assert "started with --workers 2: resume it with that many" in capsys.readouterr().err
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0  # takes the run's own 2 workers
     _assert_same_run(tmp_path / "whole", tmp_path / "crashed")
 
 
