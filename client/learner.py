@@ -37,18 +37,22 @@ def train_local(
     generator: torch.Generator,
     device: torch.device,
     observe: bool = True,
+    continuing: bool = False,
 ) -> TrainStats:
     """Train ``model`` in place for ``config.local_epochs`` epochs over ``data``.
 
     In the first epoch every sample is predicted before it is trained on (prequential
     accuracy); with ``observe`` it is also shown once to each method's ``observe`` (the
     caller passes False when these samples were already observed in an earlier round).
+    ``continuing``: more epochs of a round already trained, so the methods keep what
+    ``start_round`` gave them (FedProx's anchor stays the global model, not this one).
     """
     model.train()
     optimizer = make_optimizer(config, model)
     x_all, y_all = data.x.to(device), data.y.to(device)
-    for method in methods:
-        method.start_round(model)
+    if not continuing:
+        for method in methods:
+            method.start_round(model)
     steps, loss_sum = 0, 0.0
     errors: list[torch.Tensor] = []
     for epoch in range(config.local_epochs):

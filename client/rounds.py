@@ -188,7 +188,7 @@ def train_and_react(
     if drift.positions and config.react_extra_epochs > 0:
         extra = train_local(
             model, plan.data, methods, config.replace(lr=plan.lr, local_epochs=config.react_extra_epochs),
-            plan.generator, device, observe=False,
+            plan.generator, device, observe=False, continuing=True,
         )
         epochs = stats.epochs + extra.epochs
         loss = (stats.loss * stats.epochs + extra.loss * extra.epochs) / epochs

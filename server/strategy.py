@@ -271,7 +271,7 @@ class DriftWeighting:
     def aggregation_weights(self, contents: list[RecordDict]) -> list[float]:
         weights = super().aggregation_weights(contents)
         return [
-            w * self.drift_weight if int(c.metric_records[METRICS_KEY].get("drift-detected", 0)) == 1 else w
+            w * self.drift_weight if c.metric_records[METRICS_KEY].get("drift-detected", 0) == 1 else w
             for w, c in zip(weights, contents)
         ]
 

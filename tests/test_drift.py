@@ -95,14 +95,14 @@ def test_a_reply_reporting_drift_weighs_more_in_that_rounds_aggregate():
     from server.history import RunHistory
     from server.strategy import build_strategy
 
-    def reply(value: float, drifted: int) -> RecordDict:
+    def reply(value: float, drifted) -> RecordDict:
         return RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), value)}),
                            "metrics": MetricRecord({"num-examples": 10, "drift-detected": drifted})})
 
     config = RunConfig(drift_weight=3.0)
     strategy = build_strategy(config, RunHistory(TaskSchedule.build(5, 2, 2, 0, 0)))
-    weights = strategy.aggregation_weights([reply(1.0, 0), reply(5.0, 1)])
-    assert weights == [10.0, 30.0]
+    weights = strategy.aggregation_weights([reply(1.0, 0), reply(5.0, 1), reply(2.0, [1, 1])])
+    assert weights == [10.0, 30.0, 10.0]  # a malformed flag gains nothing
     assert build_strategy(RunConfig(), RunHistory(TaskSchedule.build(5, 2, 2, 0, 0))).aggregation_weights(
         [reply(1.0, 0), reply(5.0, 1)]) == [10.0, 10.0]
 

@@ -62,3 +62,17 @@ def test_methods_compose_from_one_flag():
     names = [m.name for m in build_methods(config, seed=0)]
     assert names == ["replay", "ewc", "lwf", "prox"]
     assert build_methods(RunConfig(method="naive"), seed=0) == []
+
+
+def test_more_epochs_of_the_same_round_keep_fedprox_anchored_to_the_global_model():
+    from client.learner import train_local
+
+    model, data = _model_and_data()
+    prox = Proximal(mu=0.1)
+    global_weights = [p.detach().clone() for p in model.parameters()]
+    config = RunConfig(local_epochs=1, batch_size=8, lr=0.1)
+    train_local(model, data, [prox], config, torch.Generator().manual_seed(0), torch.device("cpu"))
+    train_local(model, data, [prox], config, torch.Generator().manual_seed(1), torch.device("cpu"),
+                observe=False, continuing=True)  # a drift reaction's extra epochs
+    assert all(torch.equal(a, b) for a, b in zip(prox.global_params, global_weights))
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(global_weights, model.parameters()))
