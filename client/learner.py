@@ -71,7 +71,7 @@ def train_local(
             if loss is None:
                 loss = F.cross_entropy(logits, yb)
             for method in methods:
-                extra = method.penalty(model, xb, logits, len(y))
+                extra = method.penalty(model, xb, logits)
                 if extra is not None:
                     loss = loss + extra
             optimizer.zero_grad(set_to_none=True)

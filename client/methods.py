@@ -5,8 +5,7 @@ A method may
   Fisher of the old task, LwF freezes the old model as teacher);
 - ``start_round``: see the global model the server just sent (FedProx keeps it);
 - ``extend_batch``: add samples to a batch (replay mixes in memories);
-- ``penalty``: add a term to the loss (EWC, LwF, FedProx); the batch's first ``num_new``
-  samples are new, the rest were added by ``extend_batch``;
+- ``penalty``: add a term to the loss (EWC, LwF, FedProx);
 - ``observe``: see each new sample once, after it was trained on (replay stores it).
 Methods compose: ``replay+ewc`` with ``--prox-mu 0.01`` runs all three hooks on one loop.
 Each method's state is a flat dict of tensors, so it can live in memory or on disk.
@@ -38,7 +37,7 @@ class Method:
     def extend_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
 
-    def penalty(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, num_new: int) -> torch.Tensor | None:
+    def penalty(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
         return None
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -120,7 +119,7 @@ class EWC(Method):
             self.fisher[name] = self.fisher.get(name, torch.zeros_like(value)) + value
         self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    def penalty(self, model, x, logits, num_new):
+    def penalty(self, model, x, logits):
         if not self.anchor:
             return None
         total = logits.new_zeros(())
@@ -140,18 +139,13 @@ class EWC(Method):
 
 
 class LwF(Method):
-    """Learning without forgetting: distil the previous task's model into the current one.
-
-    With ``memory_only`` it distils on the replayed samples alone. Under domain drift the
-    old model's outputs on the new inputs are mostly wrong, and distilling on them holds the
-    new task back (rotated MNIST: each rotation learned to 89-92% instead of 95%)."""
+    """Learning without forgetting: distil the previous task's model into the current one."""
 
     name = "lwf"
 
-    def __init__(self, weight: float, temperature: float, memory_only: bool = False) -> None:
+    def __init__(self, weight: float, temperature: float) -> None:
         self.weight = weight
         self.temperature = temperature
-        self.memory_only = memory_only
         self.teacher: nn.Module | None = None
         self._teacher_state: dict[str, torch.Tensor] = {}
 
@@ -168,13 +162,9 @@ class LwF(Method):
                 p.requires_grad_(False)
         return self.teacher
 
-    def penalty(self, model, x, logits, num_new):
+    def penalty(self, model, x, logits):
         if not self._teacher_state:
             return None
-        if self.memory_only:
-            x, logits = x[num_new:], logits[num_new:]
-            if x.shape[0] == 0:
-                return None
         t = self.temperature
         with torch.no_grad():
             target = F.softmax(self._teacher_for(model)(x) / t, dim=1)
@@ -203,7 +193,7 @@ class Proximal(Method):
     def start_round(self, model):
         self.global_params = [p.detach().clone() for p in model.parameters()]
 
-    def penalty(self, model, x, logits, num_new):
+    def penalty(self, model, x, logits):
         total = logits.new_zeros(())
         for param, ref in zip(model.parameters(), self.global_params):
             total = total + ((param - ref) ** 2).sum()
@@ -241,7 +231,7 @@ def build_methods(config: RunConfig, seed: int) -> list[Method]:
     if "ewc" in parts:
         methods.append(EWC(config.ewc_lambda, max_coefficient=1.0 / config.lr))
     if "lwf" in parts:
-        methods.append(LwF(config.lwf_alpha, config.lwf_temperature, memory_only=config.lwf_on == "memory"))
+        methods.append(LwF(config.lwf_alpha, config.lwf_temperature))
     if config.prox_mu > 0:
         methods.append(Proximal(config.prox_mu))
     return methods

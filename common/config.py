@@ -21,7 +21,6 @@ MODELS = ("mlp", "cnn")
 DATASETS = ("digits", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
 REPLAY_LOSSES = ("ce", "ace")
-LWF_TARGETS = ("all", "memory")
 TRAINING_MODES = ("federated", "local-only", "joint")
 LR_SCHEDULES = ("constant", "restart", "plateau")
 DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
@@ -90,7 +89,6 @@ class RunConfig:
     ewc_lambda: float = 50.0
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
-    lwf_on: str = "all"  # samples LwF distils on: the whole batch, or only the replayed memories
     prox_mu: float = 0.0
     drift_detector: str = "adwin"
     drift_delta: float = 0.01
@@ -177,7 +175,6 @@ class RunConfig:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("drift-detector", self.drift_detector, DRIFT_DETECTORS)
         _one_of("replay-loss", self.replay_loss, REPLAY_LOSSES)
-        _one_of("lwf-on", self.lwf_on, LWF_TARGETS)
         _one_of("training", self.training, TRAINING_MODES)
         _one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         if isinstance(self.async_spread, bool) or not isinstance(self.async_spread, int) or self.async_spread < 0:

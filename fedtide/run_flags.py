@@ -62,8 +62,6 @@ HELP = {
     "ewc_lambda": "EWC penalty strength",
     "lwf_alpha": "LwF distillation weight",
     "lwf_temperature": "LwF distillation temperature",
-    "lwf_on": "samples LwF distils on: all (every batch) or memory (only replayed samples, with replay: new "
-    "inputs are learned freely; for domain drift, where the old model is wrong on the new inputs)",
     "prox_mu": "FedProx proximal term on clients (0: off); works with any method",
     "drift_detector": "River detector on each client's prequential error stream: adwin, page-hinkley, ddm, none",
     "drift_delta": "ADWIN's confidence delta: larger reacts faster and raises more false alarms",

@@ -24,9 +24,9 @@ def test_ewc_penalty_is_zero_at_anchor_and_positive_away():
     ewc = EWC(strength=10.0)
     ewc.start_task(model, data)
     logits = model(data.x)
-    assert float(ewc.penalty(model, data.x, logits, len(data)).detach()) == 0.0
+    assert float(ewc.penalty(model, data.x, logits).detach()) == 0.0
     _nudge(model)
-    assert float(ewc.penalty(model, data.x, model(data.x), len(data)).detach()) > 0.0
+    assert float(ewc.penalty(model, data.x, model(data.x)).detach()) > 0.0
 
 
 def test_ewc_fisher_is_nonnegative_and_accumulates_over_tasks():
@@ -43,18 +43,18 @@ def test_proximal_term_is_zero_at_global_model_and_grows_with_distance():
     model, data = _model_and_data()
     prox = Proximal(mu=0.1)
     prox.start_round(model)
-    assert float(prox.penalty(model, data.x, model(data.x), len(data)).detach()) == 0.0
+    assert float(prox.penalty(model, data.x, model(data.x)).detach()) == 0.0
     _nudge(model)
-    assert float(prox.penalty(model, data.x, model(data.x), len(data)).detach()) > 0.0
+    assert float(prox.penalty(model, data.x, model(data.x)).detach()) > 0.0
 
 
 def test_lwf_penalty_is_zero_when_student_equals_teacher():
     model, data = _model_and_data()
     lwf = LwF(weight=1.0, temperature=2.0)
     lwf.start_task(model, data)
-    assert abs(float(lwf.penalty(model, data.x, model(data.x), len(data)).detach())) < 1e-6
+    assert abs(float(lwf.penalty(model, data.x, model(data.x)).detach())) < 1e-6
     _nudge(model)
-    assert float(lwf.penalty(model, data.x, model(data.x), len(data)).detach()) > 1e-6
+    assert float(lwf.penalty(model, data.x, model(data.x)).detach()) > 1e-6
 
 
 def test_methods_compose_from_one_flag():
@@ -76,17 +76,3 @@ def test_more_epochs_of_the_same_round_keep_fedprox_anchored_to_the_global_model
                 observe=False, continuing=True)  # a drift reaction's extra epochs
     assert all(torch.equal(a, b) for a, b in zip(prox.global_params, global_weights))
     assert not all(torch.equal(a, b.detach()) for a, b in zip(global_weights, model.parameters()))
-
-
-def test_lwf_on_memory_distils_only_on_the_replayed_part_of_a_batch():
-    model, data = _model_and_data()
-    lwf = LwF(weight=1.0, temperature=2.0, memory_only=True)
-    lwf.start_task(model, data)
-    _nudge(model)
-    logits = model(data.x)
-    assert lwf.penalty(model, data.x, logits, len(data)) is None  # all new: nothing to distil
-    whole = LwF(weight=1.0, temperature=2.0)
-    whole.start_task(model, data)  # the same teacher...
-    whole._teacher_state = lwf._teacher_state
-    memory_part = whole.penalty(model, data.x[30:], logits[30:], 10)
-    assert torch.allclose(lwf.penalty(model, data.x, logits, 30), memory_part)  # ...on the last 10 only
