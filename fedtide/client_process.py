@@ -108,6 +108,9 @@ def _check_node_key(key: Path) -> None:
         )
 
 
+MAX_RETRY_PAUSE = 8.0  # seconds between attempts once the first quick retries failed
+
+
 def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) -> int:
     """Run the SuperNode and echo its log; start it again while the server refuses it (not
     up yet, or this node not registered yet) until ``max_wait`` passes; stop it on
@@ -130,11 +133,14 @@ def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) 
                 return 0
             refused = REFUSED in log
             if refused and (deadline is None or time.monotonic() + pause < deadline):
-                print(f"fedtide client: the server refused the connection (not up yet, or this node's key is not "
-                      f"registered); trying again in {pause:.0f} s", file=sys.stderr)
+                print(f"fedtide client: the server refused the connection (not up yet, this node's key not "
+                      f"registered, or this node's previous session not expired yet); trying again in {pause:.0f} s",
+                      file=sys.stderr)
                 if stopping.wait(pause):
                     return 0
-                pause = min(pause * 2, 30.0)
+                # a restarted client is refused until the SuperLink lets its last session expire
+                # (about a minute without heartbeats): retry often enough to rejoin within a round
+                pause = min(pause * 2, MAX_RETRY_PAUSE)
                 continue
             hint = next((meaning for needle, meaning in HINTS if needle in log), "see Flower's log above")
             raise FedtideError(f"the SuperNode stopped with exit code {code}: {hint}")

@@ -17,7 +17,7 @@ from loopback import Session, digits_arrays, drop_file, free_port, read_ledger, 
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 4
+ROUNDS = 5  # after the kill in round 2, rounds enough for the SuperLink to let the old session expire
 SAMPLES = (150, 120)  # per client: tells their replies apart
 ROUND_TIMEOUT = 30
 
