@@ -178,7 +178,8 @@ def train_and_react(
     """Train for the round's epochs and check the stream for drift. With
     ``react_extra_epochs``, a client that found drift trains that many more epochs on the
     same data before it replies, so that its reply in this very round already carries
-    more of the new concept (a reaction in the next round comes a round late).
+    more of the new concept (a reaction in the next round comes a round late). The extra
+    epochs start a fresh optimizer (Adam's moments too).
     ``stream`` is False when the data is not the stream (an edge client retraining on its
     memory): then its errors must not move the detector."""
     stats = train_local(model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=observe)
@@ -190,9 +191,8 @@ def train_and_react(
             model, plan.data, methods, config.replace(lr=plan.lr, local_epochs=config.react_extra_epochs),
             plan.generator, device, observe=False, continuing=True,
         )
-        epochs = stats.epochs + extra.epochs
-        loss = (stats.loss * stats.epochs + extra.loss * extra.epochs) / epochs
-        stats = dataclasses.replace(stats, loss=loss, epochs=epochs)
+        # the loss stays the round's own epochs' (a plateau schedule compares it round to round)
+        stats = dataclasses.replace(stats, epochs=stats.epochs + extra.epochs)
     return stats, drift
 
 

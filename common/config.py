@@ -239,8 +239,15 @@ class RunConfig:
             raise FedtideError(f"--react-lr-boost must be > 0 (got {self.react_lr_boost})")
         if self.react_extra_epochs < 0:
             raise FedtideError(f"--react-extra-epochs must be >= 0 (got {self.react_extra_epochs})")
-        if not self.drift_weight > 0:
-            raise FedtideError(f"--drift-weight must be > 0 (got {self.drift_weight})")
+        if not (self.drift_weight > 0 and math.isfinite(self.drift_weight)):
+            raise FedtideError(f"--drift-weight must be a finite number > 0 (got {self.drift_weight})")
+        if self.drift_weight != 1.0 and self.aggregation in ("median", "trimmed-mean"):
+            raise FedtideError(
+                f"--aggregation {self.aggregation} ignores reply weights, so --drift-weight would do nothing: "
+                "use fedavg, multikrum or clip, or drop --drift-weight"
+            )
+        if self.drift_weight != 1.0 and self.training == "local-only":
+            raise FedtideError("--training local-only aggregates nothing, so --drift-weight would do nothing: drop it")
         if self.reacts_to_drift and self.drift_detector == "none":
             raise FedtideError("drift reactions need a detector: drop --drift-detector none")
         if not self.lwf_temperature > 0:

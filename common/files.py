@@ -54,6 +54,14 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> None
         raise
 
 
+def append_synced(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` (created if missing) and have it on disk before returning."""
+    with Path(path).open("ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def _new_file_mode() -> int:
     """0o666 less the umask, as ``open`` would create a file (read from /proc: setting the
     umask to read it back is not thread-safe)."""

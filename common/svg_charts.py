@@ -23,7 +23,7 @@ FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 class Line:
     label: str
     xs: Sequence[float]
-    ys: Sequence[float]  # NaN leaves a gap
+    ys: Sequence[float]  # a NaN or infinite value is left out
 
 
 @dataclass
@@ -72,18 +72,20 @@ class _Frame:
         )
 
 
-def _tick_step(low: float, high: float, target: int) -> float:
-    """1, 2 or 5 times a power of ten, giving about ``target`` ticks over [low, high]."""
+def _tick_step(low: float, high: float, target: int, whole: bool = False) -> float:
+    """1, 2 or 5 times a power of ten, giving about ``target`` ticks over [low, high]
+    (at least 1 when the values are ``whole`` numbers, such as rounds)."""
     raw = (high - low) / target
     power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+    return max(step, 1.0) if whole else step
 
 
-def nice_ticks(low: float, high: float, target: int = 6) -> list[float]:
+def nice_ticks(low: float, high: float, target: int = 6, whole: bool = False) -> list[float]:
     """Round tick values inside [low, high]."""
     if not high > low:
         return [low]
-    step = _tick_step(low, high, target)
+    step = _tick_step(low, high, target, whole)
     first, last = math.ceil(low / step - 1e-6), math.floor(high / step + 1e-6)
     return [round(k * step, 10) for k in range(first, last + 1)]
 
@@ -122,11 +124,12 @@ def write_line_chart(
     """Lines with dots at each point, a legend in the lower left, grey dotted verticals at
     ``dotted_xs`` and red triangles near the top at ``markers`` (x values)."""
     width, height = 880, 495
-    all_x = [x for line in lines for x in line.xs] + list(dotted_xs) + list(markers)
+    all_x = [x for line in lines for x in line.xs if math.isfinite(x)] + list(dotted_xs) + list(markers)
     frame = _Frame(70, 40, width - 90, height - 95, (min(all_x, default=0), max(all_x, default=1)), y_range)
     frame.text(width / 2, 24, title, 14)
     frame.y_axis(y_label)
-    for tick in nice_ticks(*frame.x_range, target=10):
+    whole = all(float(x).is_integer() for x in all_x)
+    for tick in nice_ticks(*frame.x_range, target=10, whole=whole):
         frame.text(frame.x(tick), frame.top + frame.height + 18, _tick_label(tick), 11)
     frame.text(frame.left + frame.width / 2, height - 18, x_label, 12)
     for x in dotted_xs:
@@ -138,7 +141,7 @@ def write_line_chart(
     for index, line in enumerate(lines):
         colour = PALETTE[index % len(PALETTE)]
         legend.append((line.label, colour, "line"))
-        points = [(frame.x(x), frame.y(y)) for x, y in zip(line.xs, line.ys) if not math.isnan(y)]
+        points = [(frame.x(x), frame.y(y)) for x, y in zip(line.xs, line.ys) if math.isfinite(x) and math.isfinite(y)]
         if points:
             path_text = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
             frame.parts.append(f'<polyline points="{path_text}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
@@ -182,13 +185,16 @@ def _legend(frame: _Frame, entries: list[tuple[str, str, str]]) -> None:
 
 
 def write_bar_charts(path: Path, panels: Sequence[Bars], title: str) -> None:
-    """Side-by-side bar panels sharing the category labels, each bar with an error whisker."""
+    """Side-by-side bar panels sharing the category labels, each bar with an error whisker
+    (a value that is not finite is drawn as 0)."""
     panel_width, height = 470, 410
     width = panel_width * len(panels) + 20
     parts: list[str] = []
     frame = _Frame(0, 0, 0, 0, (0, 1), (0, 1), parts)
     frame.text(width / 2, 22, title, 14)
     for index, panel in enumerate(panels):
+        finite = [(v if math.isfinite(v) else 0.0, e if math.isfinite(e) else 0.0) for v, e in zip(panel.values, panel.errors)]
+        panel = Bars(panel.title, panel.labels, [v for v, _ in finite], [e for _, e in finite], panel.colour)
         low = min([0.0] + [v - e for v, e in zip(panel.values, panel.errors)])
         high = max([0.0] + [v + e for v, e in zip(panel.values, panel.errors)])
         frame = _Frame(index * panel_width + 70, 60, panel_width - 90, height - 170, (0, 1), nice_range(low, high), parts)

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from common.errors import FedtideError
-from common.files import write_bytes_atomic, write_text_atomic
+from common.files import append_synced, write_bytes_atomic, write_text_atomic
 
 CHECKPOINT_FOLDER = "checkpoints"
 JOURNAL = "history.jsonl"
@@ -127,10 +127,7 @@ class CheckpointStore:
         new = "".join(json.dumps(e.as_json()) + "\n" for e in entries[self._journal_lines :]).encode()
         if new or not self.journal_path.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
-            with self.journal_path.open("ab") as handle:
-                handle.write(new)
-                handle.flush()
-                os.fsync(handle.fileno())
+            append_synced(self.journal_path, new)
             self._journal_hash.update(new)
             self._journal_bytes += len(new)
             self._journal_lines = len(entries)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.files import ensure_writable_folder, save_tensors_atomic, write_json_atomic, write_text_atomic
+from common.files import append_synced, ensure_writable_folder, save_tensors_atomic, write_json_atomic, write_text_atomic
 from server.history import NodeRejects, RoundRecord, RunHistory
 from server.plots import plot_task_accuracy
 
@@ -51,10 +50,7 @@ class RunFolder:
         self._node_rejects = history.node_rejects()
 
     def append_round(self, record: RoundRecord) -> None:
-        with self._metrics.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record.as_json()) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_synced(self._metrics, (json.dumps(record.as_json()) + "\n").encode())
         if self._node_rejects.add(record):  # kept current while the run goes on
             write_json_atomic(self.path / NODE_REJECTS_FILE, self._node_rejects.as_json())
 

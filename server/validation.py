@@ -119,6 +119,9 @@ def _validate(content, expected, max_num_examples, max_reply_bytes, max_update_n
     return decoded
 
 
+DRIFT_KEY = "drift-detected"
+
+
 def check_metrics(metrics: MetricRecord, max_num_examples: int) -> str | None:
     """The reason a reply's metrics are unusable (bad weight, non-finite value), or None."""
     reason = _check_num_examples(metrics.get(WEIGHT_KEY), max_num_examples)
@@ -132,6 +135,8 @@ def check_metrics(metrics: MetricRecord, max_num_examples: int) -> str | None:
             finite = False
         if not finite:
             return f"metric '{key}' is not finite"
+    if metrics.get(DRIFT_KEY, 0) not in (0, 1):  # a flag: drift reactions and the drift log read it alike
+        return f"metric '{DRIFT_KEY}' must be 0 or 1, got {metrics.get(DRIFT_KEY)}"
     return None
 
 

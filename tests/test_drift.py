@@ -114,8 +114,23 @@ def test_same_round_reactions_need_a_detector():
     for settings in (dict(react_extra_epochs=1), dict(drift_weight=2.0)):
         with pytest.raises(FedtideError, match="need a detector"):
             RunConfig(drift_detector="none", **settings)
-    with pytest.raises(FedtideError, match="--drift-weight must be > 0"):
-        RunConfig(drift_weight=0)
+    for weight in (0, float("inf")):
+        with pytest.raises(FedtideError, match="--drift-weight must be a finite number > 0"):
+            RunConfig(drift_weight=weight)
+    with pytest.raises(FedtideError, match="ignores reply weights"):
+        RunConfig(drift_weight=3.0, aggregation="median")
+    with pytest.raises(FedtideError, match="aggregates nothing"):
+        RunConfig(drift_weight=3.0, training="local-only")
+
+
+def test_a_drift_flag_other_than_0_or_1_rejects_the_reply():
+    from flwr.app import MetricRecord
+
+    from server.validation import check_metrics
+
+    assert check_metrics(MetricRecord({"num-examples": 10, "drift-detected": 1}), 100) is None
+    assert "must be 0 or 1" in check_metrics(MetricRecord({"num-examples": 10, "drift-detected": 2}), 100)
+    assert "must be 0 or 1" in check_metrics(MetricRecord({"num-examples": 10, "drift-detected": [1]}), 100)
 
 
 def test_the_drift_benchmark_runs_its_variants_in_a_tiny_configuration():

@@ -43,3 +43,15 @@ def test_bar_charts_draw_one_bar_per_label_and_handle_negative_values(tmp_path):
     bars = [r for r in root.iter(f"{SVG}rect") if r.get("fill") in (PALETTE[0], PALETTE[3])]
     assert len(bars) == 6 and all(float(r.get("height")) >= 0 for r in bars)
     assert [t.text for t in root.iter(f"{SVG}text")].count("replay") == 2
+
+
+def test_charts_survive_values_that_are_not_finite_and_label_rounds_with_whole_numbers(tmp_path):
+    lines = [Line("task 0", [0, 1, 2, 3], [10, math.inf, 90, 85])]
+    write_line_chart(tmp_path / "a.svg", lines, title="t", x_label="round", y_label="acc", y_range=(0, 100))
+    root = ET.parse(tmp_path / "a.svg").getroot()
+    assert len(root.find(f"{SVG}polyline").get("points").split()) == 3
+    assert all("inf" not in (t.text or "") for t in root.iter(f"{SVG}text"))
+    ticks = [t.text for t in root.iter(f"{SVG}text") if t.get("y") == "458.0"]  # the x axis
+    assert ticks == ["0", "1", "2", "3"]
+    write_bar_charts(tmp_path / "b.svg", [Bars("ACC %", ["a", "b"], [math.nan, math.inf], [0, math.nan])], "t")
+    assert "nan" not in (tmp_path / "b.svg").read_text() and "inf" not in (tmp_path / "b.svg").read_text()
