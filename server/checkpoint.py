@@ -35,6 +35,7 @@ CHECKPOINT_FOLDER = "checkpoints"
 JOURNAL = "history.jsonl"
 KEEP = 3
 FORMAT = 2
+LEGACY_FORMAT = 1  # the history inside every checkpoint; still read, so older runs resume
 _NAME = re.compile(r"^round-(\d{6})\.json$")
 
 
@@ -151,6 +152,12 @@ class CheckpointStore:
         """Make the journal end where ``checkpoint``'s history ends (a crash may have left
         a round or a partial line after it), so that the run goes on from there."""
         record = checkpoint.meta["journal"]
+        if record is None:  # a legacy checkpoint: its history starts the journal
+            data = "".join(json.dumps(entry) + "\n" for entry in checkpoint.journal).encode()
+            write_bytes_atomic(self.journal_path, data)
+            self._journal_lines, self._journal_bytes = len(checkpoint.journal), len(data)
+            self._journal_hash = hashlib.sha256(data)
+            return
         with self.journal_path.open("r+b") as handle:
             handle.truncate(record["bytes"])
             handle.seek(0)
@@ -187,7 +194,7 @@ class CheckpointStore:
             raise ValueError(f"{meta_path.name} is unreadable ({err})") from None
         if document.get("sha256") != _sha256(text.encode()):
             raise ValueError(f"{meta_path.name} fails its checksum")
-        if body.get("format") != FORMAT:
+        if body.get("format") not in (LEGACY_FORMAT, FORMAT):
             raise ValueError(
                 f"{meta_path.name} has format {body.get('format')}, this fedtide reads {FORMAT}: "
                 "resume it with the fedtide version that started it"
@@ -198,6 +205,10 @@ class CheckpointStore:
             raise ValueError(f"{tensors_path.name} is unreadable ({err.strerror or err})") from None
         if len(data) != body["tensors_bytes"] or _sha256(data) != body["tensors_sha256"]:
             raise ValueError(f"{tensors_path.name} fails its checksum (truncated or damaged)")
+        if body["format"] == LEGACY_FORMAT:
+            history = body["history"]
+            body = {**body, "baseline": history["baseline"], "journal": None}
+            return Checkpoint(int(body["round"]), load(data), body, list(history["rounds"]))
         return Checkpoint(int(body["round"]), load(data), body, self._read_journal(body["journal"]))
 
     def latest(self, warn: Callable[[str], None]) -> Checkpoint:

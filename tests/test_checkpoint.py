@@ -246,6 +246,32 @@ def test_a_partial_journal_line_left_by_a_crash_is_dropped_on_resume(tmp_path, c
     assert len(journal.read_text().splitlines()) == SMALL.num_rounds
 
 
+def test_a_run_checkpointed_before_the_journal_existed_still_resumes(tmp_path, whole):
+    """Format 1 kept the whole history inside each checkpoint: such a checkpoint is read,
+    and its history starts the journal."""
+    import hashlib
+
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)
+    folder = tmp_path / "crashed" / "checkpoints"
+    document = json.loads((folder / "round-000004.json").read_text())
+    body = document["checkpoint"]
+    rounds = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()][: body["journal"]["lines"]]
+    legacy = {k: v for k, v in body.items() if k not in ("journal", "baseline")}
+    legacy.update(format=1, history={"baseline": body["baseline"], "rounds": rounds})
+    text = json.dumps(legacy, sort_keys=True)
+    (folder / "round-000004.json").write_text(
+        json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "checkpoint": legacy}) + "\n"
+    )
+    (folder / "history.jsonl").unlink()
+    for older in (2, 3):
+        for suffix in (".json", ".safetensors"):
+            (folder / f"round-{older:06d}{suffix}").unlink()
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
+    _assert_same_run(whole, tmp_path / "crashed")
+    assert len((folder / "history.jsonl").read_text().splitlines()) == SMALL.num_rounds
+
+
 def test_a_checkpoint_costs_the_same_late_in_a_run_as_early(tmp_path):
     """The history lives in one appended journal, not in every checkpoint: a checkpoint's
     JSON does not grow from round to round (with the history inside, each round added a
