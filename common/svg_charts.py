@@ -56,9 +56,7 @@ class _Frame:
         return self.top + self.height - (value - low) / ((high - low) or 1.0) * self.height
 
     def text(self, x: float, y: float, content: str, size: int = 12, anchor: str = "middle", extra: str = "") -> None:
-        self.parts.append(
-            f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" {FONT} {extra}>{escape(content)}</text>'
-        )
+        self.parts.append(_text(x, y, content, size, anchor, extra))
 
     def y_axis(self, label: str) -> None:
         for tick in nice_ticks(*self.y_range):
@@ -79,6 +77,10 @@ def _tick_step(low: float, high: float, target: int, whole: bool = False) -> flo
     power = 10.0 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
     return max(step, 1.0) if whole else step
+
+
+def _text(x: float, y: float, content: str, size: int = 12, anchor: str = "middle", extra: str = "") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" {FONT} {extra}>{escape(content)}</text>'
 
 
 def nice_ticks(low: float, high: float, target: int = 6, whole: bool = False) -> list[float]:
@@ -189,9 +191,7 @@ def write_bar_charts(path: Path, panels: Sequence[Bars], title: str) -> None:
     (a value that is not finite is drawn as 0)."""
     panel_width, height = 470, 410
     width = panel_width * len(panels) + 20
-    parts: list[str] = []
-    frame = _Frame(0, 0, 0, 0, (0, 1), (0, 1), parts)
-    frame.text(width / 2, 22, title, 14)
+    parts: list[str] = [_text(width / 2, 22, title, 14)]
     for index, panel in enumerate(panels):
         finite = [(v if math.isfinite(v) else 0.0, e if math.isfinite(e) else 0.0) for v, e in zip(panel.values, panel.errors)]
         panel = Bars(panel.title, panel.labels, [v for v, _ in finite], [e for _, e in finite], panel.colour)
