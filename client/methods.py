@@ -95,6 +95,93 @@ class Replay(Method):
         self.buffer.load_state(state)  # the memory stays on the CPU; batches move
 
 
+class DarkReplay(Replay):
+    """Dark experience replay (DER++, Buzzega et al., NeurIPS 2020): replay whose memories
+    also keep the model's logits, matched by a squared error beside the cross-entropy on
+    their labels. A logit vector says more than a label (how much a 7 looks like a 1), so
+    the few memories are not simply learned by heart.
+
+    Logits are taken when a task ends, from the model the client starts the next task
+    with: the global model after the task's last round, which learned it from every
+    client. (DER proper keeps the logits seen when a sample arrived; in a federation that
+    is the model before it learned the new task, whose outputs on it are poor.) Memories
+    of the task still running have no logits yet and only their labels count.
+
+    penalty = weight * mean over the replayed memories with logits of (z - z_stored)^2,
+    averaged over classes as well.
+    """
+
+    name = "der"
+
+    def __init__(self, capacity: int, seed: int, weight: float, ratio: float = 1.0, asymmetric: bool = False) -> None:
+        super().__init__(capacity, seed, ratio, asymmetric)
+        self.weight = weight
+        self.logits: torch.Tensor | None = None  # [capacity, classes], by buffer slot
+        self.known = torch.zeros(capacity, dtype=torch.bool)  # slots whose logits are set
+        self._drawn: torch.Tensor | None = None  # slots replayed in the current batch
+
+    def start_task(self, model, previous):
+        pending = (~self.known[: len(self.buffer)]).nonzero().flatten()
+        if len(pending) == 0 or self.buffer.x is None:
+            return
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(self.buffer.x[pending].to(device)).float().cpu()
+        model.train(was_training)
+        if self.logits is None:
+            self.logits = torch.zeros((self.buffer.capacity, logits.shape[1]))
+        self.logits[pending] = logits
+        self.known[pending] = True
+
+    def extend_batch(self, x, y):
+        if len(self.buffer) == 0:
+            self._drawn = None
+            return x, y
+        slots = self.buffer.sample_slots(max(1, round(x.shape[0] * self.ratio)))
+        self._drawn = slots
+        assert self.buffer.x is not None and self.buffer.y is not None
+        return torch.cat([x, self.buffer.x[slots].to(x.device)]), torch.cat([y, self.buffer.y[slots].to(y.device)])
+
+    def penalty(self, model, x, logits):
+        if self._drawn is None or self.logits is None:
+            return None
+        keep = self.known[self._drawn]
+        if not bool(keep.any()):
+            return None
+        # replay is the first method to extend a batch, and the only one: its memories are the tail
+        replayed = logits[logits.shape[0] - len(self._drawn) :][keep.to(logits.device)]
+        target = self.logits[self._drawn[keep]].to(logits.device)
+        return self.weight * F.mse_loss(replayed, target)
+
+    def observe(self, x, y):
+        written = self.buffer.add(x, y)
+        if written:
+            self.known[written] = False
+
+    def state(self):
+        out = self.buffer.state()
+        size = len(self.buffer)
+        out["known"] = self.known[:size].clone()
+        if self.logits is not None:
+            out["logits"] = self.logits[:size].clone()
+        return out
+
+    def load_state(self, state, device):
+        self.buffer.load_state({k: v for k, v in state.items() if k not in ("known", "logits")})
+        self.known = torch.zeros(self.buffer.capacity, dtype=torch.bool)
+        self.logits = None
+        if "known" in state:
+            keep = min(len(state["known"]), self.buffer.capacity)
+            self.known[:keep] = state["known"][:keep]
+        if "logits" in state:
+            stored = state["logits"]
+            self.logits = torch.zeros((self.buffer.capacity, stored.shape[1]))
+            keep = min(len(stored), self.buffer.capacity)
+            self.logits[:keep] = stored[:keep]
+
+
 class EWC(Method):
     """Elastic weight consolidation with a diagonal Fisher, accumulated over tasks (online EWC).
 
@@ -223,11 +310,15 @@ def diagonal_fisher(model: nn.Module, data: LabelledSplit, batch_size: int = 256
 
 
 def build_methods(config: RunConfig, seed: int) -> list[Method]:
-    """The hooks a config asks for, in a fixed order: replay, ewc, lwf, then prox."""
+    """The hooks a config asks for, in a fixed order: replay (or der), ewc, lwf, then prox."""
     methods: list[Method] = []
     parts = config.methods
     if "replay" in parts:
         methods.append(Replay(config.effective_memory_size, seed, config.replay_ratio, config.replay_loss == "ace"))
+    if "der" in parts:
+        methods.append(
+            DarkReplay(config.effective_memory_size, seed, config.der_alpha, config.replay_ratio, config.replay_loss == "ace")
+        )
     if "ewc" in parts:
         methods.append(EWC(config.ewc_lambda, max_coefficient=1.0 / config.lr))
     if "lwf" in parts:

@@ -22,12 +22,14 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return min(self.seen, self.capacity)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Offer every sample of a batch to the reservoir, in order."""
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> list[int]:
+        """Offer every sample of a batch to the reservoir, in order; returns the slots
+        written (a slot written twice by one batch is listed twice)."""
         x, y = x.detach().cpu(), y.detach().cpu()
         if self.x is None:
             self.x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype)
             self.y = torch.zeros((self.capacity,), dtype=y.dtype)
+        written = []
         for i in range(x.shape[0]):
             if self.seen < self.capacity:
                 slot = self.seen
@@ -36,15 +38,21 @@ class ReplayBuffer:
             if slot < self.capacity:
                 self.x[slot] = x[i]
                 self.y[slot] = y[i]
+                written.append(slot)
             self.seen += 1
+        return written
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` stored samples drawn uniformly with replacement (empty when the buffer is)."""
+        """``n`` stored samples drawn uniformly with replacement."""
+        idx = self.sample_slots(n)
+        return self.x[idx], self.y[idx]
+
+    def sample_slots(self, n: int) -> torch.Tensor:
+        """The slots of ``n`` stored samples drawn uniformly with replacement."""
         size = len(self)
         if size == 0 or self.x is None or self.y is None:
             raise ValueError("cannot sample from an empty replay buffer")
-        idx = torch.randint(0, size, (n,), generator=self._generator)
-        return self.x[idx], self.y[idx]
+        return torch.randint(0, size, (n,), generator=self._generator)
 
     def state(self) -> dict[str, torch.Tensor]:
         if self.x is None or self.y is None:

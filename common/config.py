@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from common.errors import FedtideError
 
-METHODS = ("naive", "replay", "ewc", "lwf")
+METHODS = ("naive", "replay", "der", "ewc", "lwf")
 SCENARIOS = ("class-incremental", "domain-incremental", "concept-drift", "dataset-switch")
 DOMAIN_TRANSFORMS = ("rotation", "permutation")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
@@ -86,6 +86,7 @@ class RunConfig:
     memory_size: int | None = None
     replay_ratio: float = 1.0
     replay_loss: str = "ce"
+    der_alpha: float = 0.5  # der: weight of the squared error between replayed and stored logits
     ewc_lambda: float = 50.0
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
@@ -117,6 +118,11 @@ class RunConfig:
     def methods(self) -> tuple[str, ...]:
         """The composable method parts, e.g. ``replay+ewc`` -> ("replay", "ewc")."""
         return tuple(part for part in self.method.split("+") if part != "naive")
+
+    @property
+    def keeps_memory(self) -> bool:
+        """Whether the method keeps a replay memory (replay, or der, which is replay with logits)."""
+        return any(part in ("replay", "der") for part in self.methods)
 
     @property
     def effective_memory_size(self) -> int:
@@ -191,7 +197,12 @@ class RunConfig:
                 f"--method {self.method}: 'naive' means no continual-learning method "
                 "and cannot be combined; drop it"
             )
-        if self.memory_size is not None and "replay" not in parts:
+        if "replay" in parts and "der" in parts:
+            raise FedtideError(
+                f"--method {self.method}: der is replay that also keeps logits, so it cannot be "
+                "combined with replay; use der alone (e.g. der+lwf)"
+            )
+        if self.memory_size is not None and not self.keeps_memory:
             raise FedtideError(
                 f"--memory-size is set but --method {self.method} keeps no memory: "
                 "drop --memory-size or add replay (e.g. --method replay)"
@@ -225,7 +236,7 @@ class RunConfig:
             raise FedtideError(f"--server-lr must be > 0 (got {self.server_lr})")
         if self.strategy == "fedprox" and self.prox_mu == 0:
             raise FedtideError("--strategy fedprox needs a proximal term: set --prox-mu (e.g. 0.01)")
-        for name in ("prox_mu", "ewc_lambda", "lwf_alpha", "server_momentum"):
+        for name in ("prox_mu", "ewc_lambda", "lwf_alpha", "der_alpha", "server_momentum"):
             if getattr(self, name) < 0:
                 raise FedtideError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
         if not 0 < self.drift_delta < 1:

@@ -65,7 +65,7 @@ def build_cells(
 
 
 def _with_method(base: RunConfig, method: str) -> RunConfig:
-    keeps_memory = "replay" in method.split("+")
+    keeps_memory = base.replace(method=method, memory_size=None).keeps_memory
     return base.replace(method=method, memory_size=base.memory_size if keeps_memory else None)
 
 

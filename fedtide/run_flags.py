@@ -56,10 +56,11 @@ HELP = {
     "pad_to": "zero-pad images to this size, e.g. 32 (0: keep)",
     "hidden": "hidden layer widths, comma-separated",
     "method": f"continual-learning method(s): {', '.join(METHODS)}, combined with + (e.g. replay+ewc)",
-    "memory_size": "replay memory per client, in samples (default 200; replay only)",
+    "memory_size": "replay memory per client, in samples (default 200; replay and der only)",
     "replay_ratio": "remembered samples mixed into each batch, per new sample",
     "replay_loss": "ce (plain experience replay) or ace (ER-ACE: new samples compete only among their own classes)",
     "ewc_lambda": "EWC penalty strength",
+    "der_alpha": "der: weight of the squared error that keeps replayed logits near those stored at the end of their task",
     "lwf_alpha": "LwF distillation weight",
     "lwf_temperature": "LwF distillation temperature",
     "prox_mu": "FedProx proximal term on clients (0: off); works with any method",
@@ -105,7 +106,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     given: dict[str, Any] = preset_settings(args.preset) if args.preset else {}
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
-    if "memory_size" not in flags and "replay" not in flags.get("method", given.get("method", "replay")).split("+"):
+    method_parts = flags.get("method", given.get("method", "replay")).split("+")
+    if "memory_size" not in flags and not {"replay", "der"} & set(method_parts):
         given.pop("memory_size", None)  # a preset's memory size only applies to a method with memory
     given.update(flags)
     if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):

@@ -11,7 +11,7 @@ def default_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     return {
         method: run_inprocess(RunConfig(method=method, out=str(out / method), quiet=True))
-        for method in ("naive", "replay")
+        for method in ("naive", "replay", "der")
     }
 
 
@@ -20,6 +20,13 @@ def test_replay_beats_naive_on_split_digits(default_runs):
     assert replay["acc"] >= naive["acc"] + 0.30
     assert replay["acc"] >= 0.70
     assert replay["bwt"] > naive["bwt"] + 0.30
+
+
+def test_der_forgets_less_than_replay_on_split_digits(default_runs):
+    # the same memories, also matched on their stored logits
+    replay, der = default_runs["replay"], default_runs["der"]
+    assert der["forgetting"] < replay["forgetting"] - 0.03
+    assert der["acc"] > replay["acc"] + 0.02
 
 
 def test_naive_forgets_old_classes(default_runs):

@@ -1,6 +1,8 @@
 import torch
 
-from client.methods import EWC, LwF, Proximal, build_methods
+import pytest
+
+from client.methods import EWC, DarkReplay, LwF, Proximal, build_methods
 from common.config import RunConfig
 from common.datasets import LabelledSplit
 from common.models import build_model
@@ -55,6 +57,69 @@ def test_lwf_penalty_is_zero_when_student_equals_teacher():
     assert abs(float(lwf.penalty(model, data.x, model(data.x)).detach())) < 1e-6
     _nudge(model)
     assert float(lwf.penalty(model, data.x, model(data.x)).detach()) > 1e-6
+
+
+def _dark_replay_after_one_task(model, data):
+    der = DarkReplay(capacity=20, seed=0, weight=1.0)
+    der.observe(data.x, data.y)
+    der.start_task(model, data)  # the task ends: its memories take the model's logits
+    return der
+
+
+def test_der_keeps_each_memorys_logits_from_the_end_of_its_task():
+    model, data = _model_and_data()
+    der = _dark_replay_after_one_task(model, data)
+    with torch.no_grad():
+        expected = model(der.buffer.x[:20])
+    assert torch.allclose(der.logits[:20], expected)
+    first_task_logits = der.logits[:20].clone()
+    _nudge(model)
+    der.observe(data.x + 1.0, data.y)  # the next task's samples replace some memories
+    replaced = ~der.known[:20]
+    assert 0 < int(replaced.sum()) < 20
+    der.start_task(model, data)
+    with torch.no_grad():
+        assert torch.allclose(der.logits[:20][replaced], model(der.buffer.x[:20][replaced]))
+    # memories of the first task keep the first model's logits
+    assert torch.equal(der.logits[:20][~replaced], first_task_logits[~replaced])
+
+
+def test_der_penalty_is_zero_at_the_stored_logits_and_positive_away():
+    model, data = _model_and_data()
+    der = _dark_replay_after_one_task(model, data)
+    x, y = der.extend_batch(data.x[:8], data.y[:8])
+    assert x.shape[0] == 16
+    assert float(der.penalty(model, x, model(x)).detach()) < 1e-10
+    _nudge(model)
+    assert float(der.penalty(model, x, model(x)).detach()) > 1e-4
+
+
+def test_der_memories_without_logits_count_only_by_their_label():
+    model, data = _model_and_data()
+    der = DarkReplay(capacity=20, seed=0, weight=1.0)
+    der.observe(data.x, data.y)  # the first task is still running: no logits yet
+    x, _ = der.extend_batch(data.x[:8], data.y[:8])
+    assert der.penalty(model, x, model(x)) is None
+
+
+def test_der_state_round_trips_memories_and_logits():
+    model, data = _model_and_data()
+    der = _dark_replay_after_one_task(model, data)
+    der.observe(data.x + 1.0, data.y)
+    restored = DarkReplay(capacity=20, seed=0, weight=1.0)
+    restored.load_state(der.state(), torch.device("cpu"))
+    assert torch.equal(restored.buffer.x, der.buffer.x)
+    assert torch.equal(restored.known, der.known)
+    assert torch.equal(restored.logits, der.logits)
+    assert torch.equal(restored.buffer.sample_slots(5), der.buffer.sample_slots(5))
+
+
+def test_der_cannot_be_combined_with_replay():
+    from common.errors import FedtideError
+
+    with pytest.raises(FedtideError, match="der alone"):
+        RunConfig(method="replay+der")
+    assert [m.name for m in build_methods(RunConfig(method="der+lwf", memory_size=50), seed=0)] == ["der", "lwf"]
 
 
 def test_methods_compose_from_one_flag():
