@@ -147,6 +147,25 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def reference_gaps(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per joint reference in ``rows``: how far the best method's mean ACC is below it.
+    The methods are the rows that are not references (local-only is a baseline, not a bound)."""
+    methods = [r for r in rows if r["label"] not in REFERENCES and r["ACC %"][0] is not None]
+    if not methods:
+        return []
+    best = max(methods, key=lambda r: r["ACC %"][0])
+    lines = []
+    for reference in ("fed-joint", "central-joint"):
+        ref = next((r for r in rows if r["label"] == reference and r["ACC %"][0] is not None), None)
+        if ref is not None:
+            gap = ref["ACC %"][0] - best["ACC %"][0]
+            lines.append(
+                f"best method {best['label']}: ACC {best['ACC %'][0]:.2f} %, "
+                f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} {reference} ({ref['ACC %'][0]:.2f} %)"
+            )
+    return lines
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -187,6 +206,9 @@ def write_outputs(out: Path, records: list[dict[str, Any]], rows: list[dict[str,
           "|---|" + "---|" * len(COLUMNS)]
     for row in rows:
         md.append(f"| {row['label']} | " + " | ".join(format_cell(row[c[0]], c[3], row["seeds"]) for c in COLUMNS) + " |")
+    gaps = reference_gaps(rows)
+    if gaps:
+        md += [""] + [f"- {line}" for line in gaps]
     write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
     write_json_atomic(out / "summary.json", {"title": title, "rows": rows})
     _plot(out / "summary.svg", rows, title)

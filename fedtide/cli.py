@@ -100,7 +100,7 @@ def bench_main(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from fedtide.bench import COLUMNS, aggregate, build_cells, format_cell, run_bench, write_outputs
+    from fedtide.bench import COLUMNS, aggregate, build_cells, format_cell, reference_gaps, run_bench, write_outputs
 
     if args.seeds < 1:
         raise FedtideError(f"--seeds must be at least 1 (got {args.seeds})")
@@ -150,6 +150,8 @@ def bench_main(args: argparse.Namespace) -> None:
     for row in rows:
         table.add_row(row["label"], *(format_cell(row[c[0]], c[3], row["seeds"]) for c in COLUMNS))
     Console(width=max(Console().width, 200)).print(table)
+    for line in reference_gaps(rows):
+        console.print(line)
     console.print(f"written: {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.svg'}")
 
 

@@ -40,13 +40,17 @@ def test_a_changed_setting_reruns_the_cell(tmp_path):
     assert before["config"]["lr"] != after["config"]["lr"] == 0.05
 
 
-def test_joint_references_beat_sequential_naive_training(tmp_path):
+def test_joint_references_beat_sequential_naive_training(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--methods", "naive", "--references", "fed-joint,central-joint", "--out", str(out),
                  "--set", "rounds-per-task=2", "--set", "local-epochs=2"]) == 0
     acc = {r["label"]: float(r["ACC % mean"]) for r in csv.DictReader((out / "summary.csv").open())}
     assert acc["central-joint"] > acc["naive"] + 50
     assert acc["fed-joint"] > acc["naive"] + 50
+    # the bench says how far the best method is from each upper bound
+    gap = f"{acc['fed-joint'] - acc['naive']:.2f} points below fed-joint"
+    assert gap in capsys.readouterr().err
+    assert gap in (out / "summary.md").read_text()
 
 
 def test_bad_bench_input_is_one_line(tmp_path, capsys):
