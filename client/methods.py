@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, vmap
 from client.replay import ReplayBuffer
 from common.config import RunConfig
 from common.datasets import LabelledSplit
+from common.transforms import random_shifts
 
 
 class Method:
@@ -56,14 +57,22 @@ class Method:
 
 class Replay(Method):
     """Experience replay: each batch of new data is joined by ``ratio`` times as many
-    remembered samples, drawn uniformly from a reservoir of the whole stream."""
+    remembered samples, drawn uniformly from a reservoir of the whole stream.
+
+    With ``shift`` > 0 each replayed image is moved by a fresh random offset of up to that
+    many pixels (independent buffer augmentation, Buzzega et al., ICPR 2020): a memory
+    replayed a hundred times is then not the same hundred times, so the model learns the
+    task from it rather than the memory itself. The new data is left as it is.
+    """
 
     name = "replay"
 
-    def __init__(self, capacity: int, seed: int, ratio: float = 1.0, asymmetric: bool = False) -> None:
+    def __init__(self, capacity: int, seed: int, ratio: float = 1.0, asymmetric: bool = False, shift: int = 0) -> None:
         self.buffer = ReplayBuffer(capacity, seed)
         self.ratio = ratio
         self.asymmetric = asymmetric
+        self.shift = shift
+        self._drawn: torch.Tensor | None = None  # buffer slots replayed in the current batch
 
     def classification_loss(self, logits, y, num_new):
         """ER-ACE (Caccia et al., ICLR 2022): new samples compete only among the classes of
@@ -80,10 +89,15 @@ class Replay(Method):
         return (new_loss + old_loss) / logits.shape[0]
 
     def extend_batch(self, x, y):
+        """The batch, then the replayed memories (the tail of the returned batch)."""
         if len(self.buffer) == 0:
+            self._drawn = None
             return x, y
-        old_x, old_y = self.buffer.sample(max(1, round(x.shape[0] * self.ratio)))
-        return torch.cat([x, old_x.to(x.device)]), torch.cat([y, old_y.to(y.device)])
+        slots = self.buffer.sample_slots(max(1, round(x.shape[0] * self.ratio)))
+        self._drawn = slots
+        assert self.buffer.x is not None and self.buffer.y is not None
+        old_x = random_shifts(self.buffer.x[slots], self.shift, self.buffer.generator)
+        return torch.cat([x, old_x.to(x.device)]), torch.cat([y, self.buffer.y[slots].to(y.device)])
 
     def observe(self, x, y):
         self.buffer.add(x, y)
@@ -113,12 +127,13 @@ class DarkReplay(Replay):
 
     name = "der"
 
-    def __init__(self, capacity: int, seed: int, weight: float, ratio: float = 1.0, asymmetric: bool = False) -> None:
-        super().__init__(capacity, seed, ratio, asymmetric)
+    def __init__(
+        self, capacity: int, seed: int, weight: float, ratio: float = 1.0, asymmetric: bool = False, shift: int = 0
+    ) -> None:
+        super().__init__(capacity, seed, ratio, asymmetric, shift)
         self.weight = weight
         self.logits: torch.Tensor | None = None  # [capacity, classes], by buffer slot
         self.known = torch.zeros(capacity, dtype=torch.bool)  # slots whose logits are set
-        self._drawn: torch.Tensor | None = None  # slots replayed in the current batch
 
     def start_task(self, model, previous):
         pending = (~self.known[: len(self.buffer)]).nonzero().flatten()
@@ -134,15 +149,6 @@ class DarkReplay(Replay):
             self.logits = torch.zeros((self.buffer.capacity, logits.shape[1]))
         self.logits[pending] = logits
         self.known[pending] = True
-
-    def extend_batch(self, x, y):
-        if len(self.buffer) == 0:
-            self._drawn = None
-            return x, y
-        slots = self.buffer.sample_slots(max(1, round(x.shape[0] * self.ratio)))
-        self._drawn = slots
-        assert self.buffer.x is not None and self.buffer.y is not None
-        return torch.cat([x, self.buffer.x[slots].to(x.device)]), torch.cat([y, self.buffer.y[slots].to(y.device)])
 
     def penalty(self, model, x, logits):
         if self._drawn is None or self.logits is None:
@@ -313,12 +319,12 @@ def build_methods(config: RunConfig, seed: int) -> list[Method]:
     """The hooks a config asks for, in a fixed order: replay (or der), ewc, lwf, then prox."""
     methods: list[Method] = []
     parts = config.methods
+    memory = (config.effective_memory_size, seed)
+    replay_options = {"ratio": config.replay_ratio, "asymmetric": config.replay_loss == "ace", "shift": config.replay_shift}
     if "replay" in parts:
-        methods.append(Replay(config.effective_memory_size, seed, config.replay_ratio, config.replay_loss == "ace"))
+        methods.append(Replay(*memory, **replay_options))
     if "der" in parts:
-        methods.append(
-            DarkReplay(config.effective_memory_size, seed, config.der_alpha, config.replay_ratio, config.replay_loss == "ace")
-        )
+        methods.append(DarkReplay(*memory, config.der_alpha, **replay_options))
     if "ewc" in parts:
         methods.append(EWC(config.ewc_lambda, max_coefficient=1.0 / config.lr))
     if "lwf" in parts:

@@ -17,7 +17,9 @@ class ReplayBuffer:
         self.seen = 0
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
-        self._generator = torch.Generator().manual_seed(seed)
+        # the buffer's one random stream, saved with its state: reservoir slots, replay draws
+        # and augmentation all take from it, so a restored client goes on with the same draws
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return min(self.seen, self.capacity)
@@ -34,7 +36,7 @@ class ReplayBuffer:
             if self.seen < self.capacity:
                 slot = self.seen
             else:
-                slot = int(torch.randint(0, self.seen + 1, (1,), generator=self._generator))
+                slot = int(torch.randint(0, self.seen + 1, (1,), generator=self.generator))
             if slot < self.capacity:
                 self.x[slot] = x[i]
                 self.y[slot] = y[i]
@@ -42,17 +44,12 @@ class ReplayBuffer:
             self.seen += 1
         return written
 
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` stored samples drawn uniformly with replacement."""
-        idx = self.sample_slots(n)
-        return self.x[idx], self.y[idx]
-
     def sample_slots(self, n: int) -> torch.Tensor:
         """The slots of ``n`` stored samples drawn uniformly with replacement."""
         size = len(self)
         if size == 0 or self.x is None or self.y is None:
             raise ValueError("cannot sample from an empty replay buffer")
-        return torch.randint(0, size, (n,), generator=self._generator)
+        return torch.randint(0, size, (n,), generator=self.generator)
 
     def state(self) -> dict[str, torch.Tensor]:
         if self.x is None or self.y is None:
@@ -61,7 +58,7 @@ class ReplayBuffer:
             "x": self.x[: len(self)].clone(),
             "y": self.y[: len(self)].clone(),
             "seen": torch.tensor(self.seen),
-            "rng": self._generator.get_state(),
+            "rng": self.generator.get_state(),
         }
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -73,4 +70,4 @@ class ReplayBuffer:
             keep = min(len(stored_y), self.capacity)
             self.x[:keep] = stored_x[:keep]
             self.y[:keep] = stored_y[:keep]
-            self._generator.set_state(state["rng"])
+            self.generator.set_state(state["rng"])

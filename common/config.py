@@ -86,6 +86,7 @@ class RunConfig:
     memory_size: int | None = None
     replay_ratio: float = 1.0
     replay_loss: str = "ce"
+    replay_shift: int = 0  # replayed images move by a random offset of up to this many pixels (0: off)
     der_alpha: float = 0.5  # der: weight of the squared error between replayed and stored logits
     ewc_lambda: float = 50.0
     lwf_alpha: float = 1.0
@@ -201,6 +202,18 @@ class RunConfig:
             raise FedtideError(
                 f"--method {self.method}: der is replay that also keeps logits, so it cannot be "
                 "combined with replay; use der alone (e.g. der+lwf)"
+            )
+        if isinstance(self.replay_shift, bool) or not isinstance(self.replay_shift, int) or self.replay_shift < 0:
+            raise FedtideError(f"--replay-shift must be a whole number of pixels >= 0 (got {self.replay_shift})")
+        if self.replay_shift and not self.keeps_memory:
+            raise FedtideError(
+                f"--replay-shift moves replayed memories but --method {self.method} keeps none: "
+                "drop --replay-shift or use replay or der"
+            )
+        if self.replay_shift and self.scenario == "domain-incremental" and self.domain_transform == "permutation":
+            raise FedtideError(
+                "--replay-shift moves pixels to their neighbours' places, which means nothing once the "
+                "pixels are permuted: drop --replay-shift for permuted tasks"
             )
         if self.memory_size is not None and not self.keeps_memory:
             raise FedtideError(

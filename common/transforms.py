@@ -1,4 +1,6 @@
-"""Input transforms that define a domain-incremental task: rotation or pixel permutation."""
+"""Input transforms: those that define a domain-incremental task (rotation, pixel
+permutation), the preprocessing (padding, standardization), and random shifts that
+augment replayed memories."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from common.errors import FedtideError
 
 
 def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -37,3 +41,23 @@ def pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
 def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Shift and scale pixel values by the training set's mean and standard deviation."""
     return (x - mean) / std
+
+
+def random_shifts(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Move each image of [N, C, H, W] by its own random offset of up to ``max_shift`` pixels
+    along each axis. Pixels that come in from outside repeat the nearest edge pixel, so
+    the background stays the background whatever the standardization."""
+    if max_shift == 0:
+        return x
+    if x.dim() != 4:
+        raise FedtideError(
+            f"--replay-shift moves images, but these samples have shape {tuple(x.shape[1:])} "
+            "instead of (channels, height, width): drop --replay-shift"
+        )
+    n, c, h, w = x.shape
+    padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift), mode="replicate")
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]

@@ -59,6 +59,7 @@ HELP = {
     "memory_size": "replay memory per client, in samples (default 200; replay and der only)",
     "replay_ratio": "remembered samples mixed into each batch, per new sample",
     "replay_loss": "ce (plain experience replay) or ace (ER-ACE: new samples compete only among their own classes)",
+    "replay_shift": "move each replayed image by a fresh random offset of up to N pixels (0: off); images only",
     "ewc_lambda": "EWC penalty strength",
     "der_alpha": "der: weight of the squared error that keeps replayed logits near those stored at the end of their task",
     "lwf_alpha": "LwF distillation weight",

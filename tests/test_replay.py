@@ -1,6 +1,11 @@
+import pytest
 import torch
 
+from client.methods import Replay
 from client.replay import ReplayBuffer
+from common.config import RunConfig
+from common.errors import FedtideError
+from common.transforms import random_shifts
 
 
 def _stream(n):
@@ -37,4 +42,41 @@ def test_state_round_trip_restores_memory_and_sampling():
     restored.load_state(buffer.state())
     assert torch.equal(restored.y[: len(restored)], buffer.y[: len(buffer)])
     assert restored.seen == 100
-    assert torch.equal(restored.sample(8)[1], buffer.sample(8)[1])
+    assert torch.equal(restored.sample_slots(8), buffer.sample_slots(8))
+
+
+def test_random_shifts_move_each_image_by_at_most_the_given_offset():
+    images = torch.zeros(200, 1, 9, 9)
+    images[:, 0, 4, 4] = 1.0  # one bright pixel in the centre of a dark image
+    moved = random_shifts(images, 2, torch.Generator().manual_seed(0))
+    assert moved.shape == images.shape
+    assert torch.equal(moved.sum(dim=(1, 2, 3)), torch.ones(200))  # the pixel moved, nothing else came in
+    where = moved[:, 0].flatten(1).argmax(dim=1)
+    rows, cols = where // 9, where % 9
+    assert set((rows - 4).tolist()) == {-2, -1, 0, 1, 2} and set((cols - 4).tolist()) == {-2, -1, 0, 1, 2}
+    assert torch.equal(random_shifts(images, 0, torch.Generator()), images)
+
+
+def test_replay_shift_moves_the_replayed_memories_and_leaves_new_samples_alone():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(30, 1, 8, 8, generator=g), torch.randint(0, 10, (30,), generator=g)
+    replay = Replay(capacity=30, seed=0, shift=1)
+    replay.observe(x, y)
+    new_x, new_y = x[:10] + 5.0, y[:10]
+    batch_x, batch_y = replay.extend_batch(new_x, new_y)
+    assert torch.equal(batch_x[:10], new_x)
+    drawn = replay._drawn
+    assert torch.equal(batch_y[10:], y[drawn])
+    assert not torch.equal(batch_x[10:], x[drawn])  # shifted copies, not the stored images
+    assert torch.equal(replay.buffer.x, x)  # the memory itself is unchanged
+
+
+def test_replay_shift_is_refused_where_it_means_nothing():
+    with pytest.raises(FedtideError, match="keeps none"):
+        RunConfig(method="naive", replay_shift=2)
+    with pytest.raises(FedtideError, match="permuted"):
+        RunConfig(method="der", replay_shift=2, scenario="domain-incremental", domain_transform="permutation")
+    on_vectors = Replay(capacity=4, seed=0, shift=1)  # e.g. an edge client fed flat feature rows
+    on_vectors.observe(torch.rand(4, 64), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(FedtideError, match="replay-shift"):
+        on_vectors.extend_batch(torch.rand(2, 64), torch.zeros(2, dtype=torch.long))
