@@ -65,8 +65,9 @@ def build_cells(
 
 
 def _with_method(base: RunConfig, method: str) -> RunConfig:
-    keeps_memory = base.replace(method=method, memory_size=None).keeps_memory
-    return base.replace(method=method, memory_size=base.memory_size if keeps_memory else None)
+    if base.replace(method=method, memory_size=None, replay_shift=0).keeps_memory:
+        return base.replace(method=method)
+    return base.replace(method=method, memory_size=None, replay_shift=0)  # no memory to size or shift
 
 
 def _reference(base: RunConfig, reference: str, reference_method: str) -> RunConfig:

@@ -122,7 +122,7 @@ def bench_main(args: argparse.Namespace) -> None:
         if reference not in REFERENCES:
             raise FedtideError(f"unknown reference '{reference}': use {', '.join(REFERENCES)} or none")
     for method in methods + [args.reference_method]:
-        base.replace(method=method, memory_size=None)  # validates the method name
+        base.replace(method=method, memory_size=None, replay_shift=0)  # validates the method name
     from common.scenarios import build_scenario
 
     build_scenario(base)  # data missing or settings impossible: say so before any run starts

@@ -53,6 +53,17 @@ def test_joint_references_beat_sequential_naive_training(tmp_path, capsys):
     assert gap in (out / "summary.md").read_text()
 
 
+def test_memory_settings_apply_only_to_methods_with_a_memory(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--methods", "naive,der", "--references", "fed-joint", "--out", str(out), *TINY,
+                 "--set", "memory-size=30", "--set", "replay-shift=1"]) == 0
+    config = {c: json.loads((out / "cells" / f"{c}-s0" / "cell.json").read_text())["config"]
+              for c in ("naive", "der", "fed-joint")}
+    assert config["der"]["replay-shift"] == 1 and config["der"]["memory-size"] == 30
+    assert config["naive"]["replay-shift"] == 0 and "memory-size" not in config["naive"]
+    assert config["fed-joint"]["replay-shift"] == 0
+
+
 def test_bad_bench_input_is_one_line(tmp_path, capsys):
     assert main(["bench", "--scenario", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown scenario preset 'nope'" in capsys.readouterr().err
