@@ -87,7 +87,7 @@ class RunConfig:
     replay_ratio: float = 1.0
     replay_loss: str = "ce"
     replay_shift: int = 0  # replayed images move by a random offset of up to this many pixels (0: off)
-    der_alpha: float = 0.5  # der: weight of the squared error between replayed and stored logits
+    der_alpha: float = 0.2  # der: weight of the squared error between replayed and stored logits
     ewc_lambda: float = 50.0
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
