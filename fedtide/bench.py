@@ -9,6 +9,7 @@ resumes where it stopped. The table is written as CSV, Markdown and a plot.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -58,24 +59,37 @@ def build_cells(
     cells = []
     for seed in range(seeds):
         for method in methods:
-            cells.append(Cell(method, seed, _with_method(base, method).replace(seed=seed)))
+            cells.append(Cell(method, seed, with_method(base, method).replace(seed=seed)))
         for reference in references:
             cells.append(Cell(reference, seed, _reference(base, reference, reference_method).replace(seed=seed)))
     return [Cell(c.label, c.seed, c.config.replace(out=str(out / "cells" / c.name), quiet=True)) for c in cells]
 
 
-def _with_method(base: RunConfig, method: str) -> RunConfig:
-    if base.replace(method=method, memory_size=None, replay_shift=0).keeps_memory:
-        return base.replace(method=method)
-    return base.replace(method=method, memory_size=None, replay_shift=0)  # no memory to size or shift
+# settings that only some methods read: a cell of another method keeps their defaults, so
+# it neither fails validation (--memory-size with naive) nor reruns when they change
+_METHOD_SETTINGS = {
+    "memory": ("memory_size", "replay_ratio", "replay_loss", "replay_shift"),
+    "der": ("der_alpha",),
+    "ewc": ("ewc_lambda",),
+    "lwf": ("lwf_alpha", "lwf_temperature"),
+}
+
+
+def with_method(base: RunConfig, method: str) -> RunConfig:
+    parts = set(method.split("+"))
+    used = {"memory"} if parts & {"replay", "der"} else set()
+    used |= parts
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    unused = {name: defaults[name] for key, names in _METHOD_SETTINGS.items() if key not in used for name in names}
+    return base.replace(method=method, **unused)
 
 
 def _reference(base: RunConfig, reference: str, reference_method: str) -> RunConfig:
     if reference == "local-only":
         # no server, so no server reactions; a client's own reactions stay as configured
-        return _with_method(base, reference_method).replace(training="local-only", react_server=False, drift_weight=1.0)
+        return with_method(base, reference_method).replace(training="local-only", react_server=False, drift_weight=1.0)
     # no drift, so no reactions
-    joint = _with_method(base, "naive").replace(
+    joint = with_method(base, "naive").replace(
         training="joint", react_server=False, react_lr_boost=1.0, react_extra_epochs=0, drift_weight=1.0
     )
     if reference == "central-joint":

@@ -100,7 +100,9 @@ def bench_main(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from fedtide.bench import COLUMNS, aggregate, build_cells, format_cell, reference_gaps, run_bench, write_outputs
+    from fedtide.bench import (
+        COLUMNS, aggregate, build_cells, format_cell, reference_gaps, run_bench, with_method, write_outputs,
+    )
 
     if args.seeds < 1:
         raise FedtideError(f"--seeds must be at least 1 (got {args.seeds})")
@@ -122,7 +124,7 @@ def bench_main(args: argparse.Namespace) -> None:
         if reference not in REFERENCES:
             raise FedtideError(f"unknown reference '{reference}': use {', '.join(REFERENCES)} or none")
     for method in methods + [args.reference_method]:
-        base.replace(method=method, memory_size=None, replay_shift=0)  # validates the method name
+        with_method(base, method)  # validates the method name
     from common.scenarios import build_scenario
 
     build_scenario(base)  # data missing or settings impossible: say so before any run starts

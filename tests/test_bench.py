@@ -63,6 +63,13 @@ def test_memory_settings_apply_only_to_methods_with_a_memory(tmp_path):
     assert config["naive"]["replay-shift"] == 0 and "memory-size" not in config["naive"]
     assert config["fed-joint"]["replay-shift"] == 0
 
+    # a setting only der reads reruns only der's cell
+    stamps = {c: (out / "cells" / f"{c}-s0" / "cell.json").stat().st_mtime_ns for c in config}
+    assert main(["bench", "--methods", "naive,der", "--references", "fed-joint", "--out", str(out), *TINY,
+                 "--set", "memory-size=30", "--set", "replay-shift=1", "--set", "der-alpha=0.3"]) == 0
+    rerun = {c for c in config if (out / "cells" / f"{c}-s0" / "cell.json").stat().st_mtime_ns != stamps[c]}
+    assert rerun == {"der"}
+
 
 def test_bad_bench_input_is_one_line(tmp_path, capsys):
     assert main(["bench", "--scenario", "nope", "--out", str(tmp_path)]) == 2
