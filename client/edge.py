@@ -66,6 +66,11 @@ def train_on_arrivals(
     ``task-id`` counts the task boundaries (drifts) so far. Raises FedtideError when there is
     no data at all yet, or when ``weights`` do not fit the config's model.
     """
+    if config.replay_shift and len(input_shape) != 3:
+        raise FedtideError(
+            f"--replay-shift moves images, but this federation's samples have shape {tuple(input_shape)} "
+            "instead of (channels, height, width): run the server without --replay-shift"
+        )
     device = resolve_device(device_name or config.device)
     store = ClientStateStore(state_dir)
     state, ledger = store.load()

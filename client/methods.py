@@ -23,7 +23,11 @@ from torch.func import functional_call, grad, vmap
 from client.replay import ReplayBuffer
 from common.config import RunConfig
 from common.datasets import LabelledSplit
+from common.seeding import derive_seed
 from common.transforms import random_shifts
+
+
+SHIFT_STREAM = 1  # derive_seed(seed, SHIFT_STREAM): the replay shifts' random stream
 
 
 class Method:
@@ -72,6 +76,9 @@ class Replay(Method):
         self.ratio = ratio
         self.asymmetric = asymmetric
         self.shift = shift
+        # shifts have their own stream, so turning them on changes how memories look, not which
+        # samples the reservoir keeps or replays
+        self.shift_generator = torch.Generator().manual_seed(derive_seed(seed, SHIFT_STREAM))
         self._drawn: torch.Tensor | None = None  # buffer slots replayed in the current batch
 
     def classification_loss(self, logits, y, num_new):
@@ -96,17 +103,19 @@ class Replay(Method):
         slots = self.buffer.sample_slots(max(1, round(x.shape[0] * self.ratio)))
         self._drawn = slots
         assert self.buffer.x is not None and self.buffer.y is not None
-        old_x = random_shifts(self.buffer.x[slots], self.shift, self.buffer.generator)
+        old_x = random_shifts(self.buffer.x[slots], self.shift, self.shift_generator)
         return torch.cat([x, old_x.to(x.device)]), torch.cat([y, self.buffer.y[slots].to(y.device)])
 
     def observe(self, x, y):
         self.buffer.add(x, y)
 
     def state(self):
-        return self.buffer.state()
+        return {**self.buffer.state(), "shift_rng": self.shift_generator.get_state()}
 
     def load_state(self, state, device):
         self.buffer.load_state(state)  # the memory stays on the CPU; batches move
+        if "shift_rng" in state:
+            self.shift_generator.set_state(state["shift_rng"])
 
 
 class DarkReplay(Replay):
@@ -167,7 +176,7 @@ class DarkReplay(Replay):
             self.known[written] = False
 
     def state(self):
-        out = self.buffer.state()
+        out = super().state()
         size = len(self.buffer)
         out["known"] = self.known[:size].clone()
         if self.logits is not None:
@@ -175,7 +184,7 @@ class DarkReplay(Replay):
         return out
 
     def load_state(self, state, device):
-        self.buffer.load_state({k: v for k, v in state.items() if k not in ("known", "logits")})
+        super().load_state({k: v for k, v in state.items() if k not in ("known", "logits")}, device)
         self.known = torch.zeros(self.buffer.capacity, dtype=torch.bool)
         self.logits = None
         if "known" in state:

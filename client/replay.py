@@ -15,14 +15,14 @@ class ReplayBuffer:
             raise ValueError(f"replay capacity must be positive, got {capacity}")
         self.capacity = capacity
         self.seen = 0
+        self.filled = 0  # slots holding a sample: min(seen, capacity), unless capacity grew on restore
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
-        # the buffer's one random stream, saved with its state: reservoir slots, replay draws
-        # and augmentation all take from it, so a restored client goes on with the same draws
+        # saved with the state, so a restored client goes on with the same reservoir and replay draws
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return min(self.seen, self.capacity)
+        return self.filled
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> list[int]:
         """Offer every sample of a batch to the reservoir, in order; returns the slots
@@ -33,8 +33,9 @@ class ReplayBuffer:
             self.y = torch.zeros((self.capacity,), dtype=y.dtype)
         written = []
         for i in range(x.shape[0]):
-            if self.seen < self.capacity:
-                slot = self.seen
+            if self.filled < self.capacity:
+                slot = self.filled  # empty slots first (a memory restored into a larger capacity has some)
+                self.filled += 1
             else:
                 slot = int(torch.randint(0, self.seen + 1, (1,), generator=self.generator))
             if slot < self.capacity:
@@ -63,6 +64,7 @@ class ReplayBuffer:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.seen = int(state["seen"])
+        self.filled = 0
         if "x" in state:
             stored_x, stored_y = state["x"], state["y"]
             self.x = torch.zeros((self.capacity, *stored_x.shape[1:]), dtype=stored_x.dtype)
@@ -70,4 +72,5 @@ class ReplayBuffer:
             keep = min(len(stored_y), self.capacity)
             self.x[:keep] = stored_x[:keep]
             self.y[:keep] = stored_y[:keep]
+            self.filled = keep
             self.generator.set_state(state["rng"])

@@ -228,6 +228,13 @@ def test_weights_from_another_model_are_a_user_error(config, inbox, tmp_path):
         run(config, other, inbox, tmp_path / "state")
 
 
+def test_replay_shift_on_flat_samples_is_a_user_error_before_training(config, inbox, tmp_path):
+    flat = (64,)
+    weights = build_model(config.model, flat, CLASSES, config.hidden_widths, config.seed).state_dict()
+    with pytest.raises(FedtideError, match="replay-shift.*channels, height, width"):
+        train_on_arrivals(config.replace(replay_shift=1), flat, CLASSES, 1, weights, inbox, tmp_path / "state")
+
+
 def test_a_memory_only_round_trains_without_feeding_the_drift_detector(config, weights, inbox, tmp_path):
     state = tmp_path / "state"
     arrive(inbox, "a.npz", *samples(30, 1), mtime=100)

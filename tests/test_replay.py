@@ -80,3 +80,28 @@ def test_replay_shift_is_refused_where_it_means_nothing():
     on_vectors.observe(torch.rand(4, 64), torch.zeros(4, dtype=torch.long))
     with pytest.raises(FedtideError, match="replay-shift"):
         on_vectors.extend_batch(torch.rand(2, 64), torch.zeros(2, dtype=torch.long))
+
+
+def test_a_memory_restored_into_a_larger_capacity_holds_no_blank_samples():
+    small = ReplayBuffer(capacity=5, seed=0)
+    small.add(*_stream(100))
+    larger = ReplayBuffer(capacity=10, seed=0)  # e.g. --memory-size raised between runs
+    larger.load_state(small.state())
+    assert len(larger) == 5
+    assert set(larger.sample_slots(200).tolist()) <= set(range(5))
+    larger.add(torch.tensor([[1000.0]]), torch.tensor([7]))  # the next sample fills an empty slot
+    assert len(larger) == 6 and float(larger.x[5, 0]) == 1000.0
+
+
+def test_replay_shift_changes_how_memories_look_not_which_are_kept_or_replayed():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 1, 8, 8, generator=g), torch.randint(0, 10, (60,), generator=g)
+    plain, shifted = Replay(capacity=20, seed=3), Replay(capacity=20, seed=3, shift=2)
+    for start in range(0, 60, 10):
+        for replay in (plain, shifted):
+            if len(replay.buffer):
+                replay.extend_batch(x[start : start + 10], y[start : start + 10])
+            replay.observe(x[start : start + 10], y[start : start + 10])
+        assert torch.equal(plain.buffer.x, shifted.buffer.x)
+        if plain._drawn is not None:
+            assert torch.equal(plain._drawn, shifted._drawn)
