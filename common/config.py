@@ -218,7 +218,7 @@ class RunConfig:
         if self.memory_size is not None and not self.keeps_memory:
             raise FedtideError(
                 f"--memory-size is set but --method {self.method} keeps no memory: "
-                "drop --memory-size or add replay (e.g. --method replay)"
+                "drop --memory-size or add a memory (e.g. --method replay or der)"
             )
         _positive_int("num-tasks", self.num_tasks)
         _positive_int("clients", self.clients)
