@@ -258,8 +258,13 @@ def test_install_recipe_puts_a_working_fedtide_into_a_venv(tmp_path):
         copy(REPO / source, src / source, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                               if (REPO / source).is_dir() else {}))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    # the new venv sees this interpreter's packages (torch, flwr, pip, setuptools): `--system-site-packages`
+    # would show it the base interpreter's instead, which lack them when the tests run in a venv
+    (site,) = venv.glob("lib/python3*/site-packages")
+    (site / "outer-packages.pth").write_text("\n".join(_site_dirs()) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TORCH_SPEC", "TORCH_INDEX_URL")}
+    env.update(PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0")  # nothing is downloaded: all it needs is here
     for attempt in ("install", "re-run"):  # the recipe must be safe to run twice
         done = subprocess.run(["sh", str(src / "docker" / "install.sh"), str(venv)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=240)
@@ -278,3 +283,12 @@ def test_install_recipe_puts_a_working_fedtide_into_a_venv(tmp_path):
     assert where.returncode == 0, where.stderr
     for module_file in where.stdout.split():
         assert Path(module_file).resolve().is_relative_to(venv.resolve()), f"imported {module_file}, not the venv's copy"
+
+
+def _site_dirs() -> list[str]:
+    """The folders this interpreter imports installed packages from."""
+    import site
+    import sysconfig
+
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    return list(dict.fromkeys(d for d in dirs if Path(d).is_dir()))
