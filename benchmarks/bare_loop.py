@@ -37,12 +37,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    config = RunConfig(
+    config = RunConfig.of(
         dataset="mnist", data_dir=args.data_dir, num_tasks=1, clients=args.clients, client_samples=args.samples,
         iid=True, rounds_per_task=args.rounds, method="naive", hidden="200,200", local_epochs=1,
         batch_size=32, lr=0.05, seed=args.seed, drift_detector="none",
     )
-    scenario = build_scenario(config)
+    scenario = build_scenario(config.data, config.seed)
     device = torch.device("cpu")
     model = build_model("mlp", scenario.input_shape, scenario.num_classes, (200, 200), args.seed)
     global_weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -54,12 +54,12 @@ def main() -> None:
         for client in range(args.clients):
             data = scenario.train_data(client, 0)
             model.load_state_dict(global_weights)
-            optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+            optimizer = torch.optim.SGD(model.parameters(), lr=config.learner.lr)
             generator = torch.Generator().manual_seed(derive_seed(args.seed, client, server_round))
             order = torch.randperm(len(data), generator=generator)
             model.train()
-            for start in range(0, len(data), config.batch_size):
-                idx = order[start : start + config.batch_size]
+            for start in range(0, len(data), config.learner.batch_size):
+                idx = order[start : start + config.learner.batch_size]
                 loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -52,7 +52,7 @@ def main() -> None:
         if not args.run_dir:
             from fedtide.inprocess import run_inprocess
 
-            config = RunConfig(
+            config = RunConfig.of(
                 dataset=args.dataset, data_dir=args.data_dir, rounds_per_task=args.rounds_per_task,
                 client_samples=args.client_samples, local_epochs=args.local_epochs, out=str(run_dir), quiet=True,
             )

@@ -7,8 +7,10 @@ Runs (each as its own `fedtide simulate` process, seed 0):
   ewc-prox     split-digits with replay+ewc and a FedProx term, fedadam server step
   fedavgm      split-digits with lwf, fedavgm and drift reactions
 
-For each it prints the sha256 of model.safetensors and the summary's ACC, BWT, FWT and
-final accuracies. `--save FILE` writes them as JSON; `--compare FILE` checks that every run
+For each it prints the sha256 of the final weights' values (each tensor's name, dtype, shape
+and bytes, in name order: the safetensors file itself is not byte-stable, its header's
+metadata order varies from process to process) and the summary's ACC, BWT, FWT and final
+accuracies. `--save FILE` writes them as JSON; `--compare FILE` checks that every run
 gives bit-exact the same weights and figures as the saved ones and exits 1 otherwise.
 
 Usage: python benchmarks/parity.py --data-dir ../shared/datasets [--save F | --compare F] [--only NAMES]
@@ -52,10 +54,20 @@ def measure(name: str, flags: list[str], folder: Path) -> dict:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     return {
-        "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
+        "weights_sha256": weights_digest(out / "model.safetensors"),
         "acc": summary["acc"], "bwt": summary["bwt"], "fwt": summary["fwt"],
         "final_task_accuracies": summary["final_task_accuracies"],
     }
+
+
+def weights_digest(path: Path) -> str:
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, array in sorted(load_file(str(path)).items()):
+        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def main() -> None:

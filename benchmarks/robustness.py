@@ -56,7 +56,7 @@ def fuzz(seed: int, replies: int = 1000, per_round: int = 10) -> list[dict]:
     rows = []
     for strategy in ("fedavg", "fedadam", "fedavgm"):
         for rule in RULES:
-            config = RunConfig(clients=per_round, strategy=strategy, **rule_settings(rule))
+            config = RunConfig.of(clients=per_round, strategy=strategy, **rule_settings(rule))
             history = RunHistory(TaskSchedule.build(1, replies // per_round, per_round, 0, seed))
             with np.errstate(all="ignore"):  # FedAdam squares huge updates: overflow is what we test
                 result = run_fuzz(build_strategy(config, history), global_arrays, [c for _, c in records], per_round)
@@ -66,7 +66,7 @@ def fuzz(seed: int, replies: int = 1000, per_round: int = 10) -> list[dict]:
 
 
 def attacked_runs(seed: int, overrides: dict, out: Path) -> list[dict]:
-    base = RunConfig(**{**SCENARIO, **overrides, "seed": seed})
+    base = RunConfig.of(**{**SCENARIO, **overrides, "seed": seed})
     runs = [("clean", "fedavg", {})]
     for name, attack in ATTACKS.items():
         runs += [(name, rule, {**attack, "attackers": 2}) for rule in RULES]

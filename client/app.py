@@ -1,7 +1,8 @@
 """The Flower ClientApp: Message in, plain objects to ``client.rounds``, Message out.
 
-The run's settings arrive with every message from the server (its ``config`` record), so a
-client needs only its node_config:
+The client's settings (``common.config.ClientSettings``: scenario, model, learner, methods,
+drift) arrive with every message from the server (its ``config`` record) beside their digest;
+a client parses and checks them once per digest. Besides those it needs only its node_config:
 - simulated client: its ``partition-id`` of the scenario's data (and optionally ``device``);
   its continual-learning state lives in ``context.state``;
 - edge client (``fedtide client``): ``inbox``, the folder where its data files arrive, and
@@ -11,32 +12,64 @@ client needs only its node_config:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.faults import BEFORE_TRAINING, attack_outcome, attacks, label_poison
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
-from common.config import INPUT_SHAPE_KEY, NUM_CLASSES_KEY, RunConfig
+from common.config import EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, SETTINGS_HASH_KEY, ClientSettings
+from common.datasets import LabelledSplit
 from common.errors import FedtideError
+from common.settings import Setting
 
 STATE_KEY = "fedtide-state"
+_PARSED: dict[str, ClientSettings] = {}  # settings digest -> parsed settings (a few at most)
+_EPOCH_BOOST = Setting(EPOCH_BOOST_KEY, int, 1, "local-epoch multiplier for this round", minimum=1, maximum=100)
 app = ClientApp()
 
 
-def _settings(msg: Message) -> tuple[RunConfig, int]:
-    record = dict(msg.content["config"])
-    server_round = int(record.pop("server-round", 0))
-    return RunConfig.from_mapping(record, ignore_unknown=True), server_round
+class Tampering(Protocol):
+    """What a simulated faulty client changes (``client.faults``): its data before training,
+    its reply after."""
+
+    def poison(self, settings: ClientSettings, partition_id: int) -> Callable[[LabelledSplit], LabelledSplit] | None: ...
+
+    def reply(self, settings: ClientSettings, partition_id: int, server_round: int,
+              received: dict, outcome: TrainOutcome) -> TrainOutcome: ...
 
 
-def _local(config: RunConfig, context: Context) -> RunConfig:
+def received_settings(msg: Message) -> tuple[ClientSettings, int]:
+    """The client settings the server sent, and the round; parsed once per digest. A drift
+    response's ``epoch-boost`` multiplies this round's local epochs."""
+    record = msg.content["config"]
+    server_round = int(record.get("server-round", 0))
+    digest = record.get(SETTINGS_HASH_KEY)
+    settings = _PARSED.get(digest) if isinstance(digest, str) else None
+    if settings is None:
+        settings = ClientSettings.from_mapping(dict(record))
+        if isinstance(digest, str):
+            if len(_PARSED) >= 4:
+                _PARSED.clear()
+            _PARSED[digest] = settings
+    boost = record.get(EPOCH_BOOST_KEY, 1)
+    if boost != 1:
+        epochs = settings.learner.local_epochs * _EPOCH_BOOST.parse(boost)
+        settings = dataclasses.replace(settings, learner=dataclasses.replace(settings.learner, local_epochs=epochs))
+    return settings, server_round
+
+
+def _local(settings: ClientSettings, context: Context) -> ClientSettings:
     """A node may hold its data elsewhere than the server said (node_config ``data-dir``)."""
     data_dir = context.node_config.get("data-dir")
-    return config.replace(data_dir=str(data_dir)) if data_dir else config
+    if not data_dir:
+        return settings
+    return dataclasses.replace(settings, data=dataclasses.replace(settings.data, data_dir=str(data_dir)))
 
 
 def _partition(context: Context) -> int:
@@ -55,24 +88,32 @@ def _reply(msg: Message, context: Context, outcome: TrainOutcome) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, server_round = _settings(msg)
+    return train_message(msg, context)
+
+
+def train_message(msg: Message, context: Context, tampering: Tampering | None = None) -> Message:
+    """One node's training round: an edge client's on its inbox, a simulated one's on its
+    partition (changed by ``tampering`` when it simulates a faulty client)."""
+    settings, server_round = received_settings(msg)
     if "inbox" in context.node_config:
-        return _train_edge(msg, context, config, server_round)
-    config = _local(config, context)
+        return _train_edge(msg, context, settings, server_round)
+    settings = _local(settings, context)
     partition, received = _partition(context), msg.content["arrays"].to_torch_state_dict()
     outcome = train_round(
-        config,
+        settings,
         partition,
         server_round,
         received,
         _state(context),
         device_name=context.node_config.get("device"),
-        poison=label_poison(config, partition),
+        poison=tampering.poison(settings, partition) if tampering else None,
     )
-    return _reply(msg, context, attack_outcome(config, partition, server_round, received, outcome))
+    if tampering is not None:
+        outcome = tampering.reply(settings, partition, server_round, received, outcome)
+    return _reply(msg, context, outcome)
 
 
-def _train_edge(msg: Message, context: Context, config: RunConfig, server_round: int) -> Message:
+def _train_edge(msg: Message, context: Context, config: ClientSettings, server_round: int) -> Message:
     from client.edge import train_on_arrivals
 
     record = msg.content["config"]
@@ -109,7 +150,9 @@ def _report_edge_round(server_round: int, metrics: dict) -> None:
     )
 
 
-def train_many(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
+def train_many(
+    messages: list[Message], contexts: list[Context], tampering: Tampering | None = None
+) -> list[Message] | None:
     """Several nodes' train messages in one vectorised computation, for a runtime that holds
     many nodes in one process. The replies and states are what ``train`` would give each
     node (up to float rounding). None when the messages cannot share one computation: then
@@ -122,8 +165,8 @@ def train_many(messages: list[Message], contexts: list[Context]) -> list[Message
     if any(c.node_config.get(k) for c in contexts for k in ("device", "data-dir", "inbox")):
         return None
     try:
-        config, server_round = _settings(messages[0])
-        if config.attack in BEFORE_TRAINING and any(attacks(config, _partition(c)) for c in contexts):
+        config, server_round = received_settings(messages[0])
+        if tampering is not None and any(tampering.poison(config, _partition(c)) for c in contexts):
             return None  # a poisoned client trains on other data: one by one
         received = first["arrays"].to_torch_state_dict()
         jobs = [(_partition(c), server_round, _state(c)) for c in contexts]
@@ -132,13 +175,14 @@ def train_many(messages: list[Message], contexts: list[Context]) -> list[Message
         return None  # the per-node path reports the error as each node's reply
     if outcomes is None:
         return None
-    outcomes = [attack_outcome(config, job[0], server_round, received, o) for job, o in zip(jobs, outcomes)]
+    if tampering is not None:
+        outcomes = [tampering.reply(config, job[0], server_round, received, o) for job, o in zip(jobs, outcomes)]
     return [_reply(m, c, o) for m, c, o in zip(messages, contexts, outcomes)]
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, server_round = _settings(msg)
+    config, server_round = received_settings(msg)
     config = _local(config, context)
     metrics = evaluate_round(
         config,

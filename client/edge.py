@@ -66,17 +66,22 @@ def train_on_arrivals(
     ``task-id`` counts the task boundaries (drifts) so far. Raises FedtideError when there is
     no data at all yet, or when ``weights`` do not fit the config's model.
     """
-    if config.replay_shift and len(input_shape) != 3:
+    if config.methods.options["replay-shift"] and len(input_shape) != 3:
         raise FedtideError(
             f"--replay-shift moves images, but this federation's samples have shape {tuple(input_shape)} "
             "instead of (channels, height, width): run the server without --replay-shift"
         )
-    device = resolve_device(device_name or config.device)
+    device = resolve_device(device_name or config.learner.device)
     store = ClientStateStore(state_dir)
     state, ledger = store.load()
     model = load_global(config, input_shape, num_classes, weights).to(device)
-    freeze(model, config.frozen_prefixes)
-    methods = build_methods(config, seed=derive_seed(config.seed, node_id))  # each device its own draws
+    freeze(model, config.network.frozen_prefixes)
+    boundary = drifted_last_round(state)
+    task_changed = boundary or LAST_TASK_KEY not in state
+    rounds_into_task = 0 if task_changed else int(state.get(ROUNDS_INTO_TASK_KEY, 0)) + 1
+    lr = plan_lr(config, rounds_into_task, state, task_changed)
+    # each device its own draws; methods see the rate the optimizer runs at this round
+    methods = build_methods(config.methods.parts, config.methods.options, derive_seed(config.seed, node_id), lr)
     restore_methods(methods, state, device)
 
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger)
@@ -88,17 +93,14 @@ def train_on_arrivals(
             + (f"; {invalid} invalid file(s) were moved to {Path(inbox) / QUARANTINE}" if invalid else "")
         )
 
-    boundary = drifted_last_round(state)
     if boundary:
         log.info("drift detected last round: consolidating the old concept before round %d", server_round)
         for method in methods:
             method.start_task(model, memory)
-    task_changed = boundary or LAST_TASK_KEY not in state
-    rounds_into_task = 0 if task_changed else int(state.get(ROUNDS_INTO_TASK_KEY, 0)) + 1
     plan = RoundPlan(
         task=int(state.get(LAST_TASK_KEY, 0)) + int(boundary),
         task_changed=task_changed,
-        lr=plan_lr(config, rounds_into_task, state, task_changed),
+        lr=lr,
         data=new_data if new_data is not None else memory,
         generator=torch.Generator().manual_seed(derive_seed(config.seed, node_id, server_round)),
     )

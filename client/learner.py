@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.methods import Method
-from common.config import RunConfig
 from common.datasets import LabelledSplit
+from common.sections import LearnerSettings
 
 
 @dataclass(frozen=True)
@@ -22,24 +22,40 @@ class TrainStats:
     epochs: int = 1  # passes over the data this round
 
 
-def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class LocalTraining:
+    """What one stretch of local training runs with: the rate this round's optimizer uses
+    (scheduled, perhaps boosted), the epochs, the batch size and the optimizer."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+    optimizer: str = "sgd"
+
+    @classmethod
+    def of(cls, learner: LearnerSettings, lr: float | None = None, epochs: int | None = None) -> "LocalTraining":
+        return cls(learner.lr if lr is None else lr, learner.local_epochs if epochs is None else epochs,
+                   learner.batch_size, learner.optimizer)
+
+
+def make_optimizer(training: LocalTraining, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr)
-    return torch.optim.SGD(params, lr=config.lr)
+    if training.optimizer == "adam":
+        return torch.optim.Adam(params, lr=training.lr)
+    return torch.optim.SGD(params, lr=training.lr)
 
 
 def train_local(
     model: nn.Module,
     data: LabelledSplit,
     methods: list[Method],
-    config: RunConfig,
+    training: LocalTraining,
     generator: torch.Generator,
     device: torch.device,
     observe: bool = True,
     continuing: bool = False,
 ) -> TrainStats:
-    """Train ``model`` in place for ``config.local_epochs`` epochs over ``data``.
+    """Train ``model`` in place for ``training.epochs`` epochs over ``data``.
 
     In the first epoch every sample is predicted before it is trained on (prequential
     accuracy); with ``observe`` it is also shown once to each method's ``observe`` (the
@@ -48,17 +64,17 @@ def train_local(
     ``start_round`` gave them (FedProx's anchor stays the global model, not this one).
     """
     model.train()
-    optimizer = make_optimizer(config, model)
+    optimizer = make_optimizer(training, model)
     x_all, y_all = data.x.to(device), data.y.to(device)
     if not continuing:
         for method in methods:
             method.start_round(model)
     steps, loss_sum = 0, 0.0
     errors: list[torch.Tensor] = []
-    for epoch in range(config.local_epochs):
+    for epoch in range(training.epochs):
         order = torch.randperm(len(data), generator=generator).to(device)
-        for start in range(0, len(data), config.batch_size):
-            idx = order[start : start + config.batch_size]
+        for start in range(0, len(data), training.batch_size):
+            idx = order[start : start + training.batch_size]
             x, y = x_all[idx], y_all[idx]
             xb, yb = x, y
             for method in methods:
@@ -91,5 +107,5 @@ def train_local(
         loss=loss_sum / max(steps, 1),
         prequential_accuracy=1.0 - float(error_bits.float().mean()) if len(error_bits) else 0.0,
         errors=error_bits,
-        epochs=config.local_epochs,
+        epochs=training.epochs,
     )

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from client.drift import DriftMonitor
-from client.learner import TrainStats, train_local
+from client.learner import LocalTraining, TrainStats, train_local
 from client.lr_schedule import PLATEAU_KEY, round_lr, update_plateau
 from common.evaluation import accuracy
 from client.methods import Method, build_methods
-from common.config import RunConfig
+from common.config import ClientSettings
 from common.datasets import LabelledSplit
 from common.devices import resolve_device
 from common.errors import FedtideError
 from common.models import build_model
 from common.scenarios import build_scenario
+from common.sections import DriftSettings
 from common.seeding import derive_seed
 from common.weights import freeze
 
@@ -39,22 +40,22 @@ class TrainOutcome:
     state: dict[str, torch.Tensor]
 
 
-def _load_global(config: RunConfig, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    scenario = build_scenario(config)
+def _load_global(config: ClientSettings, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    scenario = build_scenario(config.data, config.seed)
     return load_global(config, scenario.input_shape, scenario.num_classes, weights)
 
 
 def load_global(
-    config: RunConfig, input_shape: tuple[int, ...], num_classes: int, weights: dict[str, torch.Tensor]
+    config: ClientSettings, input_shape: tuple[int, ...], num_classes: int, weights: dict[str, torch.Tensor]
 ) -> torch.nn.Module:
-    """The config's model with the server's ``weights``; FedtideError when they do not fit."""
-    model = build_model(config.model, input_shape, num_classes, config.hidden_widths, config.seed)
+    """The settings' model with the server's ``weights``; FedtideError when they do not fit."""
+    model = build_model(config.network.model, input_shape, num_classes, config.network.hidden_widths, config.seed)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise FedtideError(
-            f"the server's model does not fit this client's model ({config.model}, hidden "
-            f"{config.hidden}): {str(err).splitlines()[0]}; run server and clients with the same settings"
+            f"the server's model does not fit this client's model ({config.network.model}, hidden "
+            f"{config.network.hidden}): {str(err).splitlines()[0]}; run server and clients with the same settings"
         ) from None
     return model
 
@@ -74,10 +75,10 @@ def drifted_last_round(state: dict[str, torch.Tensor]) -> bool:
     return BOOST_KEY in state and int(state[BOOST_KEY]) == 1
 
 
-def plan_lr(config: RunConfig, rounds_into_task: int, state: dict[str, torch.Tensor], task_changed: bool) -> float:
+def plan_lr(config: ClientSettings, rounds_into_task: int, state: dict[str, torch.Tensor], task_changed: bool) -> float:
     """This round's learning rate: the schedule's, boosted in the round after a detected drift."""
-    lr = round_lr(config.lr, config.lr_schedule, rounds_into_task, config.rounds_per_task, state, task_changed)
-    return lr * config.react_lr_boost if drifted_last_round(state) else lr
+    lr = round_lr(config.learner.lr, config.learner.lr_schedule, rounds_into_task, config.data.rounds_per_task, state, task_changed)
+    return lr * config.drift.react_lr_boost if drifted_last_round(state) else lr
 
 
 def restore_methods(methods: list[Method], state: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -98,8 +99,8 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def plan_round(config: RunConfig, partition_id: int, server_round: int, state: dict[str, torch.Tensor]) -> RoundPlan:
-    scenario = build_scenario(config)
+def plan_round(config: ClientSettings, partition_id: int, server_round: int, state: dict[str, torch.Tensor]) -> RoundPlan:
+    scenario = build_scenario(config.data, config.seed)
     task = scenario.task_of(partition_id, server_round)
     last_task = int(state[LAST_TASK_KEY]) if LAST_TASK_KEY in state else -1
     task_changed = last_task != task
@@ -114,7 +115,7 @@ def plan_round(config: RunConfig, partition_id: int, server_round: int, state: d
 
 
 def train_round(
-    config: RunConfig,
+    config: ClientSettings,
     partition_id: int,
     server_round: int,
     weights: dict[str, torch.Tensor],
@@ -124,14 +125,14 @@ def train_round(
 ) -> TrainOutcome:
     """Train the received global weights on this client's data for its current task
     (first passed through ``poison``, when a simulated attacker poisons its data)."""
-    scenario = build_scenario(config)
-    device = resolve_device(device_name or config.device)
+    scenario = build_scenario(config.data, config.seed)
+    device = resolve_device(device_name or config.learner.device)
     plan = plan_round(config, partition_id, server_round, state)
     if poison is not None:
         plan = dataclasses.replace(plan, data=poison(plan.data))
     model = _load_global(config, weights).to(device)
-    freeze(model, config.frozen_prefixes)
-    methods = build_methods(config, seed=derive_seed(config.seed, partition_id))
+    freeze(model, config.network.frozen_prefixes)
+    methods = build_methods(config.methods.parts, config.methods.options, derive_seed(config.seed, partition_id), plan.lr)
     restore_methods(methods, state, device)
     last_task = int(state[LAST_TASK_KEY]) if LAST_TASK_KEY in state else -1
     if 0 <= last_task != plan.task:
@@ -153,11 +154,11 @@ class DriftCheck:
     state: dict[str, torch.Tensor]
 
 
-def check_drift(config: RunConfig, state: dict[str, torch.Tensor], errors: torch.Tensor) -> DriftCheck:
+def check_drift(drift: DriftSettings, state: dict[str, torch.Tensor], errors: torch.Tensor) -> DriftCheck:
     """Feed this round's prequential errors to the detector restored from ``state``."""
-    if config.drift_detector == "none":
+    if drift.drift_detector == "none":
         return DriftCheck([], {})
-    monitor = DriftMonitor(config.drift_detector, config.drift_delta)
+    monitor = DriftMonitor(drift.drift_detector, drift.drift_delta)
     saved = {k[len(DRIFT_PREFIX):]: v for k, v in state.items() if k.startswith(DRIFT_PREFIX)}
     if saved:
         monitor.load_state(saved)
@@ -169,7 +170,7 @@ def train_and_react(
     model: torch.nn.Module,
     plan: RoundPlan,
     methods: list[Method],
-    config: RunConfig,
+    config: ClientSettings,
     state: dict[str, torch.Tensor],
     device: torch.device,
     observe: bool,
@@ -182,13 +183,14 @@ def train_and_react(
     epochs start a fresh optimizer (Adam's moments too).
     ``stream`` is False when the data is not the stream (an edge client retraining on its
     memory): then its errors must not move the detector."""
-    stats = train_local(model, plan.data, methods, config.replace(lr=plan.lr), plan.generator, device, observe=observe)
+    stats = train_local(model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr), plan.generator, device,
+                        observe=observe)
     if not stream:
         stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
-    drift = check_drift(config, state, stats.errors)
-    if drift.positions and config.react_extra_epochs > 0:
+    drift = check_drift(config.drift, state, stats.errors)
+    if drift.positions and config.drift.react_extra_epochs > 0:
         extra = train_local(
-            model, plan.data, methods, config.replace(lr=plan.lr, local_epochs=config.react_extra_epochs),
+            model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr, epochs=config.drift.react_extra_epochs),
             plan.generator, device, observe=False, continuing=True,
         )
         # the loss stays the round's own epochs' (a plateau schedule compares it round to round)
@@ -197,7 +199,7 @@ def train_and_react(
 
 
 def finish_round(
-    config: RunConfig,
+    config: ClientSettings,
     plan: RoundPlan,
     stats: TrainStats,
     state: dict[str, torch.Tensor],
@@ -207,7 +209,7 @@ def finish_round(
 ) -> TrainOutcome:
     """The next state and the reply's metrics, after training and the drift check."""
     new_state: dict[str, torch.Tensor] = {LAST_TASK_KEY: torch.tensor(plan.task), **method_state, **drift.state}
-    if config.lr_schedule == "plateau":
+    if config.learner.lr_schedule == "plateau":
         new_state[PLATEAU_KEY] = update_plateau(state, stats.loss, plan.task_changed)
     drift_at = drift.positions
     new_state[BOOST_KEY] = torch.tensor(int(bool(drift_at)))
@@ -228,15 +230,15 @@ def finish_round(
 
 
 def evaluate_round(
-    config: RunConfig,
+    config: ClientSettings,
     partition_id: int,
     server_round: int,
     weights: dict[str, torch.Tensor],
     device_name: str | None = None,
 ) -> dict[str, float | int]:
     """Accuracy of the received weights on the test sets of every task seen so far."""
-    scenario = build_scenario(config)
-    device = resolve_device(device_name or config.device)
+    scenario = build_scenario(config.data, config.seed)
+    device = resolve_device(device_name or config.learner.device)
     model = _load_global(config, weights).to(device)
     task = scenario.task_of(partition_id, server_round)
     total, correct, loss_sum = 0, 0.0, 0.0

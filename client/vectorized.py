@@ -16,27 +16,27 @@ from torch import nn
 
 from client.learner import TrainStats
 from client.rounds import RoundPlan, TrainOutcome, check_drift, finish_round, plan_round
-from common.config import RunConfig
+from common.config import ClientSettings
 from common.devices import resolve_device
 from common.models import MLP, build_model
 from common.scenarios import build_scenario
 
 
-def can_vectorize(config: RunConfig) -> bool:
-    """Plain SGD with no per-client hooks: no methods, no proximal term, no frozen layers,
+def can_vectorize(config: ClientSettings) -> bool:
+    """Plain SGD with no per-client hooks: no method that is not ``vectorized`` (none of the
+    built-ins is yet; the proximal term is one of them), no frozen layers,
     and no in-round reaction to drift (it would train only some clients further)."""
     return (
-        not config.methods
-        and config.react_extra_epochs == 0
-        and config.prox_mu == 0
-        and config.optimizer == "sgd"
-        and not config.frozen_prefixes
-        and config.training != "local-only"
+        config.methods.vectorized
+        and config.drift.react_extra_epochs == 0
+        and config.learner.optimizer == "sgd"
+        and not config.network.frozen_prefixes
+        and config.data.training != "local-only"
     )
 
 
 def train_rounds_together(
-    config: RunConfig,
+    config: ClientSettings,
     jobs: list[tuple[int, int, dict[str, torch.Tensor]]],
     weights: dict[str, torch.Tensor],
 ) -> list[TrainOutcome] | None:
@@ -49,9 +49,9 @@ def train_rounds_together(
     sizes = {len(plan.data) for plan in plans}
     if len(sizes) != 1 or 0 in sizes or len({plan.lr for plan in plans}) != 1:
         return None  # unequal data: the clients' steps would not line up
-    scenario = build_scenario(config)
-    device = resolve_device(config.device)
-    model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+    scenario = build_scenario(config.data, config.seed)
+    device = resolve_device(config.learner.device)
+    model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
     if not isinstance(model, MLP) or set(weights) != {n for n, _ in model.named_parameters()}:
         return None
     layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -60,7 +60,7 @@ def train_rounds_together(
     outcomes = []
     for k, ((_, _, state), plan) in enumerate(zip(jobs, plans)):
         client_weights = {n: _unstack(n, p[k]) for n, p in params.items()}
-        drift = check_drift(config, state, stats[k].errors)
+        drift = check_drift(config.drift, state, stats[k].errors)
         outcomes.append(finish_round(config, plan, stats[k], state, client_weights, {}, drift))
     return outcomes
 
@@ -131,7 +131,7 @@ def _stacked_data(plans: list[RoundPlan], device: torch.device) -> tuple[torch.T
     return _last_stack["xs"], _last_stack["ys"]
 
 
-def _train(layers, params, plans: list[RoundPlan], config: RunConfig, device: torch.device) -> list[TrainStats]:
+def _train(layers, params, plans: list[RoundPlan], config: ClientSettings, device: torch.device) -> list[TrainStats]:
     """SGD on every client at once; updates ``params`` in place."""
     n = len(plans[0].data)
     lr = plans[0].lr
@@ -143,10 +143,10 @@ def _train(layers, params, plans: list[RoundPlan], config: RunConfig, device: to
     losses = torch.zeros(len(plans), device=device)
     steps = 0
     with torch.no_grad():
-        for epoch in range(config.local_epochs):
+        for epoch in range(config.learner.local_epochs):
             orders = torch.stack([torch.randperm(n, generator=plan.generator) for plan in plans]).to(device)
-            for start in range(0, n, config.batch_size):
-                idx = orders[:, start : start + config.batch_size]
+            for start in range(0, n, config.learner.batch_size):
+                idx = orders[:, start : start + config.learner.batch_size]
                 y = ys[rows, idx]
                 logits, loss = _sgd_step(weights, biases, xs[rows, idx], y, lr)
                 losses += loss
@@ -161,7 +161,7 @@ def _train(layers, params, plans: list[RoundPlan], config: RunConfig, device: to
             loss=float(losses[k]) / max(steps, 1),
             prequential_accuracy=1.0 - float(wrong[k].float().mean()) if wrong.shape[1] else 0.0,
             errors=wrong[k].clone(),
-            epochs=config.local_epochs,
+            epochs=config.learner.local_epochs,
         )
         for k in range(len(plans))
     ]

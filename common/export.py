@@ -87,8 +87,8 @@ def load_run(run_dir: Path, data_dir: str | None = None) -> RunModel:
         config = config.replace(data_dir=data_dir)
     from common.scenarios import build_scenario  # loads data: only once the folder looks right
 
-    scenario = build_scenario(config)
-    model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+    scenario = build_scenario(config.data, config.seed)
+    model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
     try:
         weights = load_tensors(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -97,10 +97,10 @@ def load_run(run_dir: Path, data_dir: str | None = None) -> RunModel:
     if set(weights) != set(expected) or any(weights[n].shape != expected[n].shape for n in expected):
         raise FedtideError(
             f"{weights_path} does not fit the model config.json describes "
-            f"({config.model}, hidden {config.hidden}, {config.dataset}): was config.json edited?"
+            f"({config.network.model}, hidden {config.network.hidden}, {config.data.dataset}): was config.json edited?"
         )
     model.load_state_dict({n: weights[n].to(expected[n].dtype) for n in expected})
-    tests = [scenario.test_data(t) for t in range(config.num_tasks)]
+    tests = [scenario.test_data(t) for t in range(config.data.num_tasks)]
     union = LabelledSplit(torch.cat([s.x for s in tests]), torch.cat([s.y for s in tests]))
     return RunModel(config, model.eval(), union, weights_path)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.config import RunConfig
+from common.sections import DataSettings
 from common.datasets import Dataset, LabelledSplit, load_dataset
 from common.errors import FedtideError
 from common.partition import dirichlet_partition, iid_partition
@@ -57,38 +57,38 @@ class Task:
 class Scenario:
     """The tasks, each client's training data per task, and the test set of each task."""
 
-    def __init__(self, config: RunConfig, dataset: Dataset) -> None:
-        self.config = config
+    def __init__(self, data: DataSettings, seed: int, dataset: Dataset) -> None:
+        self.data = data
         self.dataset = dataset
-        self.num_tasks = config.num_tasks
+        self.num_tasks = data.num_tasks
         self.num_classes = dataset.num_classes
         self.input_shape = dataset.input_shape
-        rng = np.random.default_rng(config.seed)
-        if config.scenario == "dataset-switch":
-            sources = [dataset, _second_dataset(config, dataset)]
-            self.tasks = [Task(i) for i in range(config.num_tasks)]
-            self._client_tasks = _split_switch(config, sources, rng)
-            self._test = [sources[t % 2].test for t in range(config.num_tasks)]
+        rng = np.random.default_rng(seed)
+        if data.scenario == "dataset-switch":
+            sources = [dataset, _second_dataset(data, dataset)]
+            self.tasks = [Task(i) for i in range(data.num_tasks)]
+            self._client_tasks = _split_switch(data, sources, rng)
+            self._test = [sources[t % 2].test for t in range(data.num_tasks)]
         else:
-            self.tasks = _make_tasks(config, dataset, rng)
-            self._client_tasks = _split_clients(config, dataset, self.tasks, rng)
+            self.tasks = _make_tasks(data, dataset, rng)
+            self._client_tasks = _split_clients(data, dataset, self.tasks, rng)
             self._test = [task.apply(dataset.test) for task in self.tasks]
-        self._prepare_inputs(config, dataset)
+        self._prepare_inputs(data, dataset)
         self._joint: dict[int, LabelledSplit] = {}
         self.schedule = TaskSchedule.build(
-            config.num_tasks, config.rounds_per_task, config.clients, config.async_spread, config.seed
+            data.num_tasks, data.rounds_per_task, data.clients, data.async_spread, seed
         )
 
-    def _prepare_inputs(self, config: RunConfig, dataset: Dataset) -> None:
+    def _prepare_inputs(self, data: DataSettings, dataset: Dataset) -> None:
         """Padding and standardization come after the task transforms (a rotation pads with
         black, which standardization then maps like any black pixel)."""
-        if not config.normalize and not config.pad_to:
+        if not data.normalize and not data.pad_to:
             return
         mean, std = float(dataset.train.x.mean()), float(dataset.train.x.std())
 
         def prepare(split: LabelledSplit) -> LabelledSplit:
-            x = pad_to(split.x, config.pad_to) if config.pad_to else split.x
-            return LabelledSplit(standardize(x, mean, std) if config.normalize else x, split.y)
+            x = pad_to(split.x, data.pad_to) if data.pad_to else split.x
+            return LabelledSplit(standardize(x, mean, std) if data.normalize else x, split.y)
 
         self._client_tasks = [[prepare(s) for s in tasks] for tasks in self._client_tasks]
         self._test = [prepare(s) for s in self._test]
@@ -96,18 +96,18 @@ class Scenario:
 
     def task_of(self, partition_id: int, server_round: int) -> int:
         """The task a client trains on in a (1-based) round (always 0 in joint training)."""
-        if self.config.training == "joint":
+        if self.data.training == "joint":
             return 0
         return self.schedule.task_of(partition_id, server_round)
 
     def train_data(self, partition_id: int, task: int) -> LabelledSplit:
         """The client's data for ``task``; in joint training, all its tasks' data at once."""
-        if not 0 <= partition_id < self.config.clients:
+        if not 0 <= partition_id < self.data.clients:
             raise FedtideError(
-                f"partition-id {partition_id} is outside 0..{self.config.clients - 1}: "
+                f"partition-id {partition_id} is outside 0..{self.data.clients - 1}: "
                 "start as many clients as --clients says"
             )
-        if self.config.training == "joint":
+        if self.data.training == "joint":
             if partition_id not in self._joint:
                 parts = self._client_tasks[partition_id]
                 self._joint[partition_id] = LabelledSplit(
@@ -120,9 +120,9 @@ class Scenario:
         return self._test[task]
 
 
-def _make_tasks(config: RunConfig, dataset: Dataset, rng: np.random.Generator) -> list[Task]:
-    n = config.num_tasks
-    if config.scenario == "class-incremental":
+def _make_tasks(data: DataSettings, dataset: Dataset, rng: np.random.Generator) -> list[Task]:
+    n = data.num_tasks
+    if data.scenario == "class-incremental":
         if n > dataset.num_classes:
             raise FedtideError(
                 f"--num-tasks {n} is more than the {dataset.num_classes} classes of "
@@ -130,8 +130,8 @@ def _make_tasks(config: RunConfig, dataset: Dataset, rng: np.random.Generator) -
             )
         groups = np.array_split(np.arange(dataset.num_classes), n)
         return [Task(i, classes=tuple(int(c) for c in g)) for i, g in enumerate(groups)]
-    if config.scenario == "domain-incremental":
-        if config.domain_transform == "rotation":
+    if data.scenario == "domain-incremental":
+        if data.domain_transform == "rotation":
             step = 180.0 / n
             return [Task(i, rotation=i * step) for i in range(n)]
         pixels = int(np.prod(dataset.input_shape[1:]))
@@ -148,10 +148,10 @@ def _make_tasks(config: RunConfig, dataset: Dataset, rng: np.random.Generator) -
 
 
 def _split_clients(
-    config: RunConfig, dataset: Dataset, tasks: list[Task], rng: np.random.Generator
+    data: DataSettings, dataset: Dataset, tasks: list[Task], rng: np.random.Generator
 ) -> list[list[LabelledSplit]]:
     labels = dataset.train.y.numpy()
-    class_incremental = config.scenario == "class-incremental"
+    class_incremental = data.scenario == "class-incremental"
     if class_incremental:
         task_of_class = np.zeros(dataset.num_classes, dtype=np.int64)
         for task in tasks:
@@ -159,21 +159,21 @@ def _split_clients(
         groups = task_of_class[labels]
     else:
         groups = np.zeros(len(labels), dtype=np.int64)
-    minimum = MIN_SAMPLES_PER_CLIENT_TASK * (1 if class_incremental else config.num_tasks)
-    if config.iid:
-        parts = iid_partition(len(labels), config.clients, rng)
+    minimum = MIN_SAMPLES_PER_CLIENT_TASK * (1 if class_incremental else data.num_tasks)
+    if data.iid:
+        parts = iid_partition(len(labels), data.clients, rng)
         smallest = min(int(np.sum(groups[p] == g)) for p in parts for g in np.unique(groups))
         if smallest < minimum:
             raise FedtideError(
-                f"{config.clients} clients leave some client fewer than {minimum} samples "
+                f"{data.clients} clients leave some client fewer than {minimum} samples "
                 "per task: use fewer --clients or fewer --num-tasks"
             )
     else:
         parts = dirichlet_partition(
-            labels, config.clients, config.alpha, rng, groups=groups, min_per_group=minimum
+            labels, data.clients, data.alpha, rng, groups=groups, min_per_group=minimum
         )
-    if config.client_samples:
-        parts = [np.sort(rng.permutation(part)[: config.client_samples]) for part in parts]
+    if data.client_samples:
+        parts = [np.sort(rng.permutation(part)[: data.client_samples]) for part in parts]
     per_client = []
     for part in parts:
         client = LabelledSplit(dataset.train.x[part], dataset.train.y[part])
@@ -182,38 +182,38 @@ def _split_clients(
         else:
             # a stream: the client's samples in a random order, cut into consecutive tasks
             order = torch.from_numpy(rng.permutation(len(part)))
-            chunks = torch.tensor_split(order, config.num_tasks)
+            chunks = torch.tensor_split(order, data.num_tasks)
             per_client.append(
                 [task.apply(LabelledSplit(client.x[c], client.y[c])) for task, c in zip(tasks, chunks)]
             )
     return per_client
 
 
-def _second_dataset(config: RunConfig, first: Dataset) -> Dataset:
-    second = load_dataset(config.second_dataset, config.data_dir)
+def _second_dataset(data: DataSettings, first: Dataset) -> Dataset:
+    second = load_dataset(data.second_dataset, data.data_dir)
     if second.input_shape != first.input_shape or second.num_classes != first.num_classes:
         raise FedtideError(
-            f"--second-dataset {config.second_dataset} has inputs {second.input_shape} and "
-            f"{second.num_classes} classes, {config.dataset} has {first.input_shape} and "
+            f"--second-dataset {data.second_dataset} has inputs {second.input_shape} and "
+            f"{second.num_classes} classes, {data.dataset} has {first.input_shape} and "
             f"{first.num_classes}: a dataset switch needs two datasets of the same shape"
         )
     return second
 
 
-def _split_switch(config: RunConfig, sources: list[Dataset], rng: np.random.Generator) -> list[list[LabelledSplit]]:
+def _split_switch(data: DataSettings, sources: list[Dataset], rng: np.random.Generator) -> list[list[LabelledSplit]]:
     """Even tasks come from the first dataset, odd ones from the second: each dataset is
     split across clients, and each client's share is cut into the tasks that use it."""
-    per_client: list[list[LabelledSplit | None]] = [[None] * config.num_tasks for _ in range(config.clients)]
+    per_client: list[list[LabelledSplit | None]] = [[None] * data.num_tasks for _ in range(data.clients)]
     for index, source in enumerate(sources):
-        task_ids = list(range(index, config.num_tasks, 2))
+        task_ids = list(range(index, data.num_tasks, 2))
         if not task_ids:
             continue
         labels = source.train.y.numpy()
         minimum = MIN_SAMPLES_PER_CLIENT_TASK * len(task_ids)
-        if config.iid:
-            parts = iid_partition(len(labels), config.clients, rng)
+        if data.iid:
+            parts = iid_partition(len(labels), data.clients, rng)
         else:
-            parts = dirichlet_partition(labels, config.clients, config.alpha, rng, min_per_group=minimum)
+            parts = dirichlet_partition(labels, data.clients, data.alpha, rng, min_per_group=minimum)
         for client, part in enumerate(parts):
             order = torch.from_numpy(rng.permutation(part))
             for task, chunk in zip(task_ids, torch.tensor_split(order, len(task_ids))):
@@ -224,18 +224,11 @@ def _split_switch(config: RunConfig, sources: list[Dataset], rng: np.random.Gene
 _CACHE: dict[tuple, Scenario] = {}
 
 
-def build_scenario(config: RunConfig) -> Scenario:
-    """Build (or reuse, within one process) the scenario a config describes.
-
-    Only the fields that shape the data are part of the key, so a server and its
-    in-process clients share one copy.
-    """
-    key = (
-        config.dataset, config.data_dir, config.scenario, config.num_tasks, config.domain_transform,
-        config.clients, config.client_samples, config.iid, config.alpha, config.seed, config.rounds_per_task,
-        config.async_spread, config.training, config.normalize, config.pad_to, config.second_dataset,
-    )
+def build_scenario(data: DataSettings, seed: int) -> Scenario:
+    """Build (or reuse, within one process) the scenario these data settings describe with
+    this seed, so that a server and its in-process clients share one copy."""
+    key = (data, seed)
     if key not in _CACHE:
         _CACHE.clear()  # one scenario at a time is enough; keeps memory bounded
-        _CACHE[key] = Scenario(config, load_dataset(config.dataset, config.data_dir))
+        _CACHE[key] = Scenario(data, seed, load_dataset(data.dataset, data.data_dir))
     return _CACHE[key]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.config import RunConfig
+from common.method_registry import MethodSettings
 from common.files import write_json_atomic, write_text_atomic
 
 REFERENCES = ("local-only", "fed-joint", "central-joint")
@@ -53,41 +54,32 @@ class Cell:
 
 
 def build_cells(
-    base: RunConfig, methods: list[str], seeds: int, references: list[str], reference_method: str, out: Path
+    base: RunConfig, methods: list[str], seeds: int, references: list[str], reference_method: str, out: Path,
+    options: dict[str, Any] | None = None,
 ) -> list[Cell]:
-    """Every method, then every reference, for each seed; all cells of a seed share its splits."""
+    """Every method, then every reference, for each seed; all cells of a seed share its splits.
+    ``options``: method settings for the cells whose methods read them."""
     cells = []
     for seed in range(seeds):
         for method in methods:
-            cells.append(Cell(method, seed, with_method(base, method).replace(seed=seed)))
+            cells.append(Cell(method, seed, with_method(base, method, options).replace(seed=seed)))
         for reference in references:
-            cells.append(Cell(reference, seed, _reference(base, reference, reference_method).replace(seed=seed)))
+            cells.append(Cell(reference, seed, _reference(base, reference, reference_method, options).replace(seed=seed)))
     return [Cell(c.label, c.seed, c.config.replace(out=str(out / "cells" / c.name), quiet=True)) for c in cells]
 
 
-# settings that only some methods read: a cell of another method keeps their defaults, so
-# it neither fails validation (--memory-size with naive) nor reruns when they change
-_METHOD_SETTINGS = {
-    "memory": ("memory_size", "replay_ratio", "replay_loss", "replay_shift"),
-    "der": ("der_alpha",),
-    "ewc": ("ewc_lambda",),
-    "lwf": ("lwf_alpha", "lwf_temperature"),
-}
+def with_method(base: RunConfig, method: str, options: dict[str, Any] | None = None) -> RunConfig:
+    """``base`` running ``method``, with those of ``options`` (method settings by flag name,
+    e.g. from ``--set``) that its methods read. A cell keeps the defaults of the settings its
+    method does not read, so it neither fails validation (--memory-size with naive) nor
+    reruns when they change."""
+    return dataclasses.replace(base, methods=MethodSettings(method, {**base.methods.given, **(options or {})}).only_read())
 
 
-def with_method(base: RunConfig, method: str) -> RunConfig:
-    parts = set(method.split("+"))
-    used = {"memory"} if parts & {"replay", "der"} else set()
-    used |= parts
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-    unused = {name: defaults[name] for key, names in _METHOD_SETTINGS.items() if key not in used for name in names}
-    return base.replace(method=method, **unused)
-
-
-def _reference(base: RunConfig, reference: str, reference_method: str) -> RunConfig:
+def _reference(base: RunConfig, reference: str, reference_method: str, options: dict[str, Any] | None) -> RunConfig:
     if reference == "local-only":
         # no server, so no server reactions; a client's own reactions stay as configured
-        return with_method(base, reference_method).replace(training="local-only", react_server=False, drift_weight=1.0)
+        return with_method(base, reference_method, options).replace(training="local-only", react_server=False, drift_weight=1.0)
     # no drift, so no reactions
     joint = with_method(base, "naive").replace(
         training="joint", react_server=False, react_lr_boost=1.0, react_extra_epochs=0, drift_weight=1.0
@@ -105,12 +97,12 @@ def _run_cell(cell: Cell, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     summary = run_inprocess(cell.config)
     record = {"label": cell.label, "seed": cell.seed, "config": cell.config.to_mapping(), "summary": summary}
-    write_json_atomic(Path(cell.config.out) / "cell.json", record)
+    write_json_atomic(Path(cell.config.run.out) / "cell.json", record)
     return record
 
 
 def finished(cell: Cell) -> dict[str, Any] | None:
-    path = Path(cell.config.out) / "cell.json"
+    path = Path(cell.config.run.out) / "cell.json"
     if not path.is_file():
         return None
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.config import RunConfig
+from common.method_registry import method_settings
 from common.errors import FedtideError
 from fedtide import certs, client_process, data_files, export_command, server_process
 from fedtide.bench import REFERENCES
@@ -117,19 +118,23 @@ def bench_main(args: argparse.Namespace) -> None:
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV, "")
     if data_dir:
         settings["data_dir"] = data_dir
-    base = RunConfig.from_mapping(settings)
+    method_known = method_settings()
+    options = {key.replace("_", "-"): settings.pop(key) for key in list(settings) if key.replace("_", "-") in method_known}
+    options = {key: method_known[key].parse(value) for key, value in options.items()
+               if not (method_known[key].zero_means_default and value in (0, "0"))}
+    base = RunConfig.from_mapping({**settings, "method": "naive"})
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     references = [] if args.references == "none" else [r.strip() for r in args.references.split(",") if r.strip()]
     for reference in references:
         if reference not in REFERENCES:
             raise FedtideError(f"unknown reference '{reference}': use {', '.join(REFERENCES)} or none")
     for method in methods + [args.reference_method]:
-        with_method(base, method)  # validates the method name
+        with_method(base, method, options)  # validates the method name and its settings
     from common.scenarios import build_scenario
 
-    build_scenario(base)  # data missing or settings impossible: say so before any run starts
+    build_scenario(base.data, base.seed)  # data missing or settings impossible: say so before any run starts
     out = Path(args.out or Path("bench") / args.scenario)
-    cells = build_cells(base, methods, args.seeds, references, args.reference_method, out)
+    cells = build_cells(base, methods, args.seeds, references, args.reference_method, out, options)
     from common.files import ensure_writable_folder
 
     ensure_writable_folder(out)
@@ -198,8 +203,8 @@ def simulate_main(args: argparse.Namespace) -> None:
     from common.files import ensure_writable_folder
     from common.scenarios import build_scenario
 
-    build_scenario(config)  # missing data or impossible splits: fail before a folder is made
-    ensure_writable_folder(Path(config.out))  # fail now, not after training
+    build_scenario(config.data, config.seed)  # missing data or impossible splits: fail before a folder is made
+    ensure_writable_folder(Path(config.run.out))  # fail now, not after training
     if args.engine == "flower":
         from fedtide.flower_engine import run_flower_simulation
 
@@ -211,7 +216,7 @@ def simulate_main(args: argparse.Namespace) -> None:
     if args.resume:  # go on the way the run started, unless a flag says otherwise (then it is checked)
         from fedtide.resume import recorded_runtime
 
-        started = recorded_runtime(Path(config.out))
+        started = recorded_runtime(Path(config.run.out))
         workers = started.get("workers") if workers is None else workers
         vectorize = vectorize and started.get("vectorize") is not False
     workers = 1 if workers is None else workers

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     written = write_client_files(config, Path(args.to), args.files_per_task, args.force)
     samples = sum(n for _, n in written)
-    print(f"wrote {len(written)} files ({samples} samples) for {config.clients} clients to {args.to}")
+    print(f"wrote {len(written)} files ({samples} samples) for {config.data.clients} clients to {args.to}")
 
 
 def write_client_files(config: RunConfig, folder: Path, files_per_task: int, force: bool = False) -> list[tuple[Path, int]]:
@@ -56,10 +56,10 @@ def write_client_files(config: RunConfig, folder: Path, files_per_task: int, for
     existing = sorted(folder.glob("client-*")) if folder.exists() else []
     if existing and not force:
         raise FedtideError(f"{folder} already holds {existing[0].name} and more: choose an empty --to or pass --force")
-    scenario = build_scenario(config)
+    scenario = build_scenario(config.data, config.seed)
     written = []
-    for client in range(config.clients):
-        for task in range(config.num_tasks):
+    for client in range(config.data.clients):
+        for task in range(config.data.num_tasks):
             data = scenario.train_data(client, task)
             for part, index in enumerate(np.array_split(np.arange(len(data)), files_per_task)):
                 if len(index) == 0:

@@ -20,7 +20,7 @@ def run_flower_simulation(config: RunConfig) -> dict[str, Any]:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from client.faults import faulty_client_app
     from server.federation import quiet_flower_logs, run_federation
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -46,8 +46,8 @@ def run_flower_simulation(config: RunConfig) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=server_app,
-            client_app=client_app,
-            num_supernodes=config.clients,
+            client_app=faulty_client_app(config.faults),
+            num_supernodes=config.data.clients,
             backend_config=backend_config,
         )
     if failure:

@@ -23,6 +23,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
+from common.sections import FaultSettings
 from common.errors import FedtideError
 
 if TYPE_CHECKING:
@@ -145,11 +146,14 @@ class InProcessGrid(Grid):
         pass
 
 
-def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]], threads: int, vectorize: bool) -> None:
+def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]], threads: int, vectorize: bool,
+                 faults: FaultSettings) -> None:
     """A warm worker: keeps its nodes' Contexts and runs the ClientApp for each message sent."""
     import torch
 
-    from client.app import app, train_many
+    from client.faults import faulty_client_app, faulty_train_many
+
+    app, train_many = faulty_client_app(faults), faulty_train_many(faults)
 
     torch.set_num_threads(threads)
     _set_identity(run_id)
@@ -175,7 +179,8 @@ def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]
 class WorkerPoolGrid(InProcessGrid):
     """Nodes spread over ``workers`` processes; a round's messages run in all of them at once."""
 
-    def __init__(self, node_configs: list[dict[str, Any]], workers: int, run_id: int = 1, vectorize: bool = True) -> None:
+    def __init__(self, node_configs: list[dict[str, Any]], workers: int, run_id: int = 1, vectorize: bool = True,
+                 faults: FaultSettings = FaultSettings()) -> None:
         super().__init__(None, node_configs, run_id)
         self.vectorize = vectorize
         self.workers = workers
@@ -187,7 +192,7 @@ class WorkerPoolGrid(InProcessGrid):
         for index in range(workers):
             mine = {n: cfg for n, cfg in self.node_configs.items() if self._owner[n] == index}
             parent, child = spawn.Pipe()
-            process = spawn.Process(target=_worker_main, args=(child, run_id, mine, threads, vectorize), daemon=True)
+            process = spawn.Process(target=_worker_main, args=(child, run_id, mine, threads, vectorize, faults), daemon=True)
             process.start()
             child.close()
             self._connections.append(parent)
@@ -238,28 +243,28 @@ class WorkerPoolGrid(InProcessGrid):
 
 
 def node_configs(config: RunConfig) -> list[dict[str, Any]]:
-    return [{"partition-id": i, "num-partitions": config.clients} for i in range(config.clients)]
+    return [{"partition-id": i, "num-partitions": config.data.clients} for i in range(config.data.clients)]
 
 
 def default_workers(config: RunConfig) -> int:
     """One worker per core when there are clients to share; 1 means no worker processes."""
-    return max(1, min(os.cpu_count() or 1, config.clients))
+    return max(1, min(os.cpu_count() or 1, config.data.clients))
 
 
 def run_inprocess(config: RunConfig, workers: int = 1, vectorize: bool = True, resume: bool = False) -> dict[str, Any]:
     """Run ``config`` with the project's ServerApp main and ClientApp in this process
     (``workers`` = 1) or across ``workers`` warm worker processes. With ``vectorize``, a
     round's clients that run plain SGD train in one batched computation. With ``resume``,
-    go on with the run in ``config.out`` after its last checkpoint."""
-    from client.app import app as client_app
-    from client.app import train_many
+    go on with the run in ``config.run.out`` after its last checkpoint."""
+    from client.faults import faulty_client_app, faulty_train_many
     from server.federation import quiet_flower_logs, run_federation
 
     quiet_flower_logs()
     if workers <= 1:
-        grid = InProcessGrid(client_app, node_configs(config), train_many=train_many if vectorize else None)
+        train_many = faulty_train_many(config.faults) if vectorize else None
+        grid = InProcessGrid(faulty_client_app(config.faults), node_configs(config), train_many=train_many)
     else:
-        grid = WorkerPoolGrid(node_configs(config), workers, vectorize=vectorize)
+        grid = WorkerPoolGrid(node_configs(config), workers, vectorize=vectorize, faults=config.faults)
     try:
         return run_federation(grid, config, resume=resume)
     finally:

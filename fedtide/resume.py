@@ -9,7 +9,6 @@ say where data is or how long to wait may differ.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -32,18 +31,19 @@ def resume_config(args: argparse.Namespace) -> RunConfig | None:
     stored = _stored_config(folder)
     if getattr(args, "preset", None):
         raise FedtideError(f"--resume takes the settings of {folder / 'config.json'}: drop --preset")
+    from fedtide.run_flags import given_flags
+
     changes, refused = {}, []
-    for field in dataclasses.fields(RunConfig):
-        given = getattr(args, field.name, None)
-        if given is None:
-            continue
-        if field.name == "out":
+    has = stored.to_mapping()
+    for name, given in given_flags(args).items():
+        flag = name.replace("_", "-")
+        if name == "out":
             if Path(given).expanduser().resolve() != folder.resolve():
                 refused.append(f"--out {given}")
-        elif field.name in ADJUSTABLE:
-            changes[field.name] = given
-        elif given != getattr(stored, field.name):
-            refused.append(f"--{field.name.replace('_', '-')} {given} (the run has {getattr(stored, field.name)})")
+        elif name in ADJUSTABLE:
+            changes[name] = given
+        elif given != has.get(flag):
+            refused.append(f"--{flag} {given} (the run has {has.get(flag)})")
     if refused:
         raise FedtideError(
             f"--resume keeps the settings of {folder / 'config.json'}; {', '.join(refused)} would change what "

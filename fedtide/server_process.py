@@ -78,18 +78,18 @@ def run(args: argparse.Namespace) -> None:
         config = config.replace(quiet=bool(args.quiet))  # the stored config is the ServerApp's (always quiet)
     else:
         config = config_from_args(args)
-    if config.fraction_evaluate > 0:
+    if config.server.fraction_evaluate > 0:
         raise FedtideError(
             "--fraction-evaluate must stay 0 with `fedtide server`: edge clients hold no test set; "
             "the server evaluates the global model on the dataset's test split every round"
         )
-    if config.training != "federated":
-        raise FedtideError(f"--training {config.training} is a simulation reference: use `fedtide simulate`")
+    if config.data.training != "federated":
+        raise FedtideError(f"--training {config.data.training} is a simulation reference: use `fedtide simulate`")
     from common.scenarios import build_scenario
     from common.files import ensure_writable_folder
 
-    build_scenario(config)  # the server's test data must be readable before anything starts
-    out = ensure_writable_folder(Path(config.out)).resolve()
+    build_scenario(config.data, config.seed)  # the server's test data must be readable before anything starts
+    out = ensure_writable_folder(Path(config.run.out)).resolve()
     config = config.replace(out=str(out))
     database = Path(args.database).expanduser().resolve()
     ensure_writable_folder(database.parent, "the database folder", "--database")
@@ -122,10 +122,10 @@ def serve(
     console: Console, resume: bool = False,
 ) -> dict[str, Any]:
     """Start the SuperLink, register the nodes, run ``config`` on it (with ``resume``: go on
-    after the last checkpoint of ``config.out``); return the run's summary."""
+    after the last checkpoint of ``config.run.out``); return the run's summary."""
     host, port = parse_address(address, "--address")
     local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    out = Path(config.out)
+    out = Path(config.run.out)
     _require_free_port(host, port)
     command = [
         flower_executable("flower-superlink"), "--database", str(database), "--host", host, "--port", str(port),
@@ -148,7 +148,7 @@ def serve(
             write_connection(home, f"{local_host}:{port}", None if certs is None else certs.ca_cert)
             if certs is not None:
                 registered = register_nodes(home, certs.node_public_keys())
-                console.print(f"server: {registered} node key(s) registered; waiting for {config.clients} client(s) on {address}")
+                console.print(f"server: {registered} node key(s) registered; waiting for {config.data.clients} client(s) on {address}")
             run_id = flwr_cli(home, "run", str(write_app(home / "app", config, resume)))["run-id"]
             follow_run(home, run_id, config, superlink, console)
         finally:
@@ -156,7 +156,7 @@ def serve(
     finally:
         shutil.rmtree(home, ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
-    if not config.quiet:
+    if not config.run.quiet:
         from server.progress import summary_table
 
         console.print(summary_table(summary))
@@ -224,11 +224,11 @@ def follow_run(home: Path, run_id: str, config: RunConfig, superlink: FlowerProc
     from server.history import RoundRecord
     from server.progress import RoundProgress
 
-    metrics = Path(config.out) / "metrics.jsonl"
-    summary = Path(config.out) / "summary.json"
+    metrics = Path(config.run.out) / "metrics.jsonl"
+    summary = Path(config.run.out) / "summary.json"
     started = time.time()
     shown, next_status, failed_looks = 0, time.monotonic() + STATUS_POLL_SECONDS, 0
-    with RoundProgress(config.num_rounds, config.num_tasks, config.quiet, console) as progress:
+    with RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console) as progress:
         while True:
             if not superlink.running():
                 raise FedtideError(

@@ -19,5 +19,5 @@ def main(grid: Grid, context: Context) -> None:
     settings = dict(context.run_config)
     resume = bool(settings.pop(RESUME_KEY, False))
     config = RunConfig.from_mapping(settings)
-    bound_reply_pulls(config.round_timeout / 2)
+    bound_reply_pulls(config.server.round_timeout / 2)
     run_federation(grid, config, resume=resume)

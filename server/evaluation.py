@@ -16,9 +16,9 @@ class TaskEvaluator:
 
     def __init__(self, config: RunConfig, scenario: Scenario) -> None:
         self.scenario = scenario
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.learner.device)
         self.model = build_model(
-            config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed
+            config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed
         ).to(self.device)
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> list[float]:

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from common.config import INPUT_SHAPE_KEY, NUM_CLASSES_KEY, RunConfig
+from common.config import INPUT_SHAPE_KEY, NUM_CLASSES_KEY, SETTINGS_HASH_KEY, RunConfig
 from common.errors import FedtideError
 from common.metrics import summarize
 from common.models import build_model
@@ -34,12 +34,12 @@ from server.run_state import capture, node_states, restore
 from server.strategy import build_strategy
 from server.timing import PhaseTimes, TimedGrid
 
-# settings only the server uses; clients get everything else with each round
-SERVER_ONLY_KEYS = ("out", "quiet")
-
-
 def client_config(config: RunConfig, scenario: Scenario) -> ConfigRecord:
-    record = {k: v for k, v in config.to_mapping().items() if k not in SERVER_ONLY_KEYS}
+    """What every client is sent with each round: its settings (``ClientSettings``: no
+    server-only or fault-injection setting) with their digest, and the model's shape."""
+    settings = config.client
+    record: dict = settings.to_mapping()
+    record[SETTINGS_HASH_KEY] = settings.digest()
     record[INPUT_SHAPE_KEY] = ",".join(str(d) for d in scenario.input_shape)
     record[NUM_CLASSES_KEY] = scenario.num_classes
     return ConfigRecord(record)
@@ -51,7 +51,7 @@ def run_federation(
     """Run all tasks' rounds, write the run folder, print the summary; return the summary.
 
     A checkpoint is written after every completed round (``server.checkpoint``). With
-    ``resume``, the run in ``config.out`` goes on after its last usable checkpoint: no
+    ``resume``, the run in ``config.run.out`` goes on after its last usable checkpoint: no
     finished round is redone or lost, and the numbers are those of an uninterrupted run.
     A grid that holds its nodes' state (the in-process runtimes: ``node_states`` and
     ``restore_node_states``) has it checkpointed too.
@@ -61,17 +61,17 @@ def run_federation(
     nodes = grid if hasattr(grid, "node_states") else None
     grid = TimedGrid(grid, times)
     console = console or Console(stderr=True)
-    folder = RunFolder(Path(config.out), resume=True) if resume else RunFolder.for_config(config)
+    folder = RunFolder(Path(config.run.out), resume=True) if resume else RunFolder.for_config(config)
     if not resume:
         folder.write_config(config)
-    scenario = build_scenario(config)
+    scenario = build_scenario(config.data, config.seed)
     history = RunHistory(scenario.schedule)
     strategy = build_strategy(config, history, times)
     evaluator = TaskEvaluator(config, scenario)
-    model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
-    if config.init_from:
-        load_initial_weights(model, config.init_from)
-    freeze(model, config.frozen_prefixes)  # fail here, before any round, if a prefix is wrong
+    model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
+    if config.network.init_from:
+        load_initial_weights(model, config.network.init_from)
+    freeze(model, config.network.frozen_prefixes)  # fail here, before any round, if a prefix is wrong
     initial = ArrayRecord(model.state_dict())
     random.seed(config.seed)  # Flower samples nodes with the `random` module
     checkpoints = CheckpointStore(folder.path)
@@ -85,14 +85,14 @@ def run_federation(
     if resume:
         arrays, first_round = _resume(checkpoints, runtime, nodes, strategy, history, console)
         folder.rewrite_metrics(history)
-        if not config.quiet:
+        if not config.run.quiet:
             console.print(f"resuming {folder.path} after round {first_round - 1} of {config.num_rounds}")
     round_started = time.perf_counter()
 
-    with RoundProgress(config.num_rounds, config.num_tasks, config.quiet, console, completed=first_round - 1) as progress:
+    with RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console, completed=first_round - 1) as progress:
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            models = getattr(strategy, "models_to_evaluate", lambda a: [a])(arrays)
+            models = strategy.models_to_evaluate(arrays)
             with times.phase("evaluate"):
                 per_model = [evaluator(m.to_torch_state_dict()) for m in models]
             accuracies = [float(np.mean(column)) for column in zip(*per_model)]
@@ -116,7 +116,7 @@ def run_federation(
             arrays,
             first_round=first_round,
             num_rounds=config.num_rounds,
-            timeout=config.round_timeout,
+            timeout=config.server.round_timeout,
             train_config=client_config(config, scenario),
             evaluate_config=client_config(config, scenario),
             evaluate_fn=evaluate,
@@ -131,10 +131,9 @@ def run_federation(
         phase_seconds=breakdown,
         round_seconds=(breakdown["total"] - breakdown["overhead"]) / max(len(history.rounds), 1),
     )
-    if hasattr(strategy, "boosted_rounds"):
-        summary["boosted_rounds"] = strategy.boosted_rounds
+    summary.update(strategy.run_summary())
     folder.write_results(history, summary, final.to_torch_state_dict(), config)
-    if not config.quiet:
+    if not config.run.quiet:
         console.print(summary_table(summary))
     return summary
 
@@ -168,41 +167,80 @@ def _resume(
 
 
 def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, model_bytes: int) -> dict[str, Any]:
-    """Every figure of a finished run that the summary, the bench and the table report."""
+    """Every figure of a finished run that the summary, the bench and the table report.
+
+    Figures that need a metric no client reported (a plain Flower client sends only
+    ``num-examples``) are None, and ``unavailable`` (present only then) says why, one
+    ``"figure: reason"`` line each.
+    """
     matrix = history.accuracy_matrix
     schedule = scenario.schedule
-    curves = [[history.baseline[t]] + [r.task_accuracies[t] for r in history.rounds] for t in range(config.num_tasks)]
+    curves = [[history.baseline[t]] + [r.task_accuracies[t] for r in history.rounds] for t in range(config.data.num_tasks)]
     recover = [
         rounds_to_recover(curves[t], schedule.start_round(t), schedule.end_round(t))
-        for t in range(1, config.num_tasks)
+        for t in range(1, config.data.num_tasks)
     ]
     recover = [r for r in recover if r is not None]
-    early = [early_accuracy(curves[t], schedule.start_round(t)) for t in range(1, config.num_tasks)]
+    early = [early_accuracy(curves[t], schedule.start_round(t)) for t in range(1, config.data.num_tasks)]
     early = [e for e in early if e is not None]
-    last = history.rounds[-1].clients if history.rounds else []
-    weights = sum(c["num-examples"] for c in last)
-    prequential = sum(c["prequential-acc"] * c["num-examples"] for c in last) / weights if weights else 0.0
+    client_figures, unavailable = _client_figures(history)
     return {
-        "method": config.method,
-        "scenario": config.scenario,
-        "dataset": config.dataset,
-        "strategy": config.strategy,
-        "training": config.training,
+        "method": config.methods.method,
+        "scenario": config.data.scenario,
+        "dataset": config.data.dataset,
+        "strategy": config.server.strategy,
+        "training": config.data.training,
         "seed": config.seed,
         "rounds": len(history.rounds),
         "accuracy_matrix": matrix,
         "baseline": history.baseline,
         "final_task_accuracies": history.rounds[-1].task_accuracies if history.rounds else [],
-        "final_prequential_acc": prequential,
+        "final_prequential_acc": client_figures["final_prequential_acc"],
         "rounds_to_recover": float(np.mean(recover)) if recover else None,
         "new_task_early_acc": float(np.mean(early)) if early else None,
-        "client_rounds_to_recover": client_recovery_rounds(history.client_timelines()),
+        "client_rounds_to_recover": client_figures["client_rounds_to_recover"],
         "rejected_replies": len(history.rejects),
-        "drift_events": len(history.drift_events),
-        "drift_detection": score_detections(history.client_timelines()),
+        "drift_events": client_figures["drift_events"],
+        "drift_detection": client_figures["drift_detection"],
         "bytes_per_client_round": 2 * model_bytes,  # the model down, the update up
         **summarize(matrix, history.baseline[: len(matrix)]),
+        **({"unavailable": unavailable} if unavailable else {}),
     }
+
+
+# the summary's figures that come from clients' reply metrics, and the metrics each needs
+CLIENT_FIGURE_METRICS = {
+    "final_prequential_acc": ("prequential-acc",),
+    "client_rounds_to_recover": ("task-id", "prequential-acc"),
+    "drift_events": ("drift-detected",),
+    "drift_detection": ("task-id", "drift-detected"),
+}
+
+
+def _client_figures(history: RunHistory) -> tuple[dict[str, Any], list[str]]:
+    """The figures of ``CLIENT_FIGURE_METRICS`` (None where unavailable) and why each
+    unavailable one is."""
+    last = history.rounds[-1].clients if history.rounds else []
+    reporting = [c for c in last if "prequential-acc" in c]
+    weights = sum(c["num-examples"] for c in reporting)
+    timelines = history.client_timelines()
+    figures = {
+        "final_prequential_acc": (
+            sum(c["prequential-acc"] * c["num-examples"] for c in reporting) / weights if weights else None
+        ),
+        "client_rounds_to_recover": client_recovery_rounds(timelines),
+        "drift_events": len(history.drift_events),
+        "drift_detection": score_detections(timelines),
+    }
+    unavailable = []
+    for figure, metrics in CLIENT_FIGURE_METRICS.items():
+        missing = [m for m in metrics if not history.reported(m)]
+        if missing:
+            figures[figure] = None
+            unavailable.append(f"{figure}: no client reported {' or '.join(missing)}")
+    if not weights and history.reported("prequential-acc"):  # e.g. every reply of the last round rejected
+        unavailable.append("final_prequential_acc: no reply accepted in the last round reported prequential-acc")
+    return figures, unavailable
 
 
 def quiet_flower_logs() -> None:

@@ -139,10 +139,13 @@ class RunHistory:
 
     def client_timelines(self) -> dict[int, list[tuple[int, int, bool, float]]]:
         """Per node: (round, task-id, drift-detected, prequential accuracy) for every accepted
-        reply, in round order."""
+        reply that reports its task-id, in round order. A reply without one (e.g. from a plain
+        Flower client) is left out: counted as task 0 it would fake task switches."""
         timelines: dict[int, list[tuple[int, int, bool, float]]] = {}
         for record in self.rounds:
             for c in record.clients:
+                if "task-id" not in c:
+                    continue
                 timelines.setdefault(c["node"], []).append(
                     (
                         record.server_round,
@@ -152,6 +155,11 @@ class RunHistory:
                     )
                 )
         return timelines
+
+    def reported(self, metric: str) -> bool:
+        """Whether any accepted reply so far carried ``metric`` (plain Flower clients send
+        only ``num-examples``)."""
+        return any(metric in c for record in self.rounds for c in record.clients)
 
     @property
     def rejects(self) -> list[dict[str, Any]]:

@@ -61,6 +61,9 @@ class RoundProgress:
             self._progress.update(self._task, rate=f"{speed:.2f} rounds/s")
 
 
+NOT_AVAILABLE = "n/a"  # a figure that needs a metric no client reported (summary["unavailable"] says which)
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"fedtide: {summary['method']} on {summary['scenario']}")
     table.add_column("metric")
@@ -76,12 +79,15 @@ def summary_table(summary: dict[str, Any]) -> Table:
     detection = summary["drift_detection"]
     table.add_row(
         "drift detection",
-        f"{detection['detected']}/{detection['switches']} switches within 1 round, "
-        f"{detection['false_alarms']} false alarms",
+        NOT_AVAILABLE if detection is None else (
+            f"{detection['detected']}/{detection['switches']} switches within 1 round, "
+            f"{detection['false_alarms']} false alarms"
+        ),
     )
     if summary.get("rounds_to_recover") is not None:
         table.add_row("rounds to learn a new task (90% of best)", f"{summary['rounds_to_recover']:.1f}")
-    table.add_row("final prequential accuracy (%)", f"{100 * summary['final_prequential_acc']:.2f}")
+    prequential = summary["final_prequential_acc"]
+    table.add_row("final prequential accuracy (%)", NOT_AVAILABLE if prequential is None else f"{100 * prequential:.2f}")
     table.add_row("wall time (s)", f"{summary['wall_seconds']:.1f}")
     phases = summary.get("phase_seconds")
     if phases:
@@ -90,4 +96,6 @@ def summary_table(summary: dict[str, Any]) -> Table:
             " / ".join(f"{phases[k]:.1f}" for k in ("train", "aggregate", "evaluate", "overhead")),
         )
     table.add_row("run folder", summary["run_dir"])
+    if summary.get("unavailable"):
+        table.caption = f"{NOT_AVAILABLE}: " + "; ".join(summary["unavailable"])
     return table

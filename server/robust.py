@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import RunConfig, trimmed_count
+from common.config import trimmed_count
+from common.sections import ServerSettings
 
 Arrays = dict[str, np.ndarray]
 
@@ -39,8 +40,8 @@ class AggregationRule:
     clip_norm: float = 0.0
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> "AggregationRule":
-        return cls(config.aggregation, config.trim_fraction, config.tolerated_attackers, config.clip_norm)
+    def from_settings(cls, server: ServerSettings) -> "AggregationRule":
+        return cls(server.aggregation, server.trim_fraction, server.tolerated_attackers, server.clip_norm)
 
     def precondition(self, replies: int) -> str | None:
         """Why ``replies`` valid replies are too few for this rule, or None when they suffice."""

@@ -22,7 +22,7 @@ NODE_REJECTS_FILE = "node_rejects.json"
 
 def default_run_dir(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{config.scenario}-{config.method}-s{config.seed}"
+    return Path("runs") / f"{stamp}-{config.data.scenario}-{config.methods.method}-s{config.seed}"
 
 
 class RunFolder:
@@ -39,7 +39,7 @@ class RunFolder:
 
     @classmethod
     def for_config(cls, config: RunConfig) -> "RunFolder":
-        return cls(Path(config.out) if config.out else default_run_dir(config))
+        return cls(Path(config.run.out) if config.run.out else default_run_dir(config))
 
     def write_config(self, config: RunConfig) -> None:
         write_json_atomic(self.path / "config.json", config.to_mapping())
@@ -62,7 +62,7 @@ class RunFolder:
         save_tensors_atomic(
             self.path / "model.safetensors",
             weights,
-            metadata={"model": config.model, "hidden": config.hidden, "dataset": config.dataset},
+            metadata={"model": config.network.model, "hidden": config.network.hidden, "dataset": config.data.dataset},
         )
         if history.drift_events:
             write_text_atomic(

@@ -1,10 +1,9 @@
 """Everything a run carries from one round to the next, as a ``Checkpoint`` and back.
 
 - the global model;
-- the strategy's state between rounds: Flower's FedOpt moments (``m_t``, ``v_t`` of FedAdam,
-  FedYogi, FedAdagrad), FedAvgM's ``momentum_vector`` and ``current_arrays``, the local-only reference's per-node
-  models, the drift response's pending boosts; a strategy that adds state between rounds
-  must be added here;
+- the strategy's state between rounds, as its parts give it (``FedtideStrategy.state()``):
+  FedAdam's moments, FedAvgM's momentum and float64 model, the local-only reference's
+  per-node models, the drift response's pending boosts;
 - the run history (what metrics.jsonl holds), in the checkpoints' shared journal;
 - the RNG states: Python's ``random`` (Flower samples nodes with it), torch's and numpy's;
 - each simulated node's ``context.state`` (replay memory, EWC/LwF, drift detector), when the
@@ -22,9 +21,6 @@ from flwr.app import ArrayRecord
 
 from server.checkpoint import Checkpoint
 from server.history import RoundRecord, RunHistory
-from server.strategy import DriftResponse
-
-MOMENTS = ("m_t", "v_t")  # Flower FedOpt: {array name: ndarray}
 
 
 def capture(
@@ -83,48 +79,21 @@ def _python_random_state() -> list[Any]:
 
 
 def _strategy_state(strategy: Any) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The strategy's ``state()``: groups of arrays become ``strategy/<key>`` groups, the rest
+    JSON in the checkpoint's meta."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     meta: dict[str, Any] = {}
-    for name in MOMENTS:
-        moments = getattr(strategy, name, None)
-        if moments:
-            groups[f"strategy/{name}"] = {key: torch.from_numpy(np.array(v)) for key, v in moments.items()}
-    momentum = getattr(strategy, "momentum_vector", None)
-    if momentum is not None:  # FedAvgM: a list in the model's array order
-        groups["strategy/momentum_vector"] = {str(i): torch.from_numpy(np.array(v)) for i, v in enumerate(momentum)}
-    current = getattr(strategy, "current_arrays", None)
-    if isinstance(current, ArrayRecord):  # FedAvgM's last model, in the float64 of its server step
-        groups["strategy/current_arrays"] = current.to_torch_state_dict()
-    node_arrays = getattr(strategy, "node_arrays", None)
-    if node_arrays is not None:  # the local-only reference: each node's own model
-        meta["node_arrays"] = list(node_arrays)  # in their order: evaluation averages over them
-        for node, record in node_arrays.items():
-            groups[f"strategy/node_arrays/{node}"] = record.to_torch_state_dict()
-    if isinstance(strategy, DriftResponse):
-        meta["drift_response"] = {
-            "sample_all_next": strategy._sample_all_next,
-            "to_boost": sorted(strategy._to_boost),
-            "boosted_rounds": list(strategy.boosted_rounds),
-        }
+    for key, value in strategy.state().items():
+        if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+            groups[f"strategy/{key}"] = {name: torch.from_numpy(np.array(v)) for name, v in value.items()}
+        else:
+            meta[key] = value
     return groups, meta
 
 
 def _restore_strategy(strategy: Any, checkpoint: Checkpoint) -> None:
-    order = checkpoint.meta["order"]
-    for name in MOMENTS:
-        if f"strategy/{name}" in order:
-            setattr(strategy, name, {k: t.numpy() for k, t in checkpoint.group(f"strategy/{name}").items()})
-    if "strategy/momentum_vector" in order:
-        strategy.momentum_vector = [t.numpy() for t in checkpoint.group("strategy/momentum_vector").values()]
-    if "strategy/current_arrays" in order:
-        strategy.current_arrays = ArrayRecord(checkpoint.group("strategy/current_arrays"))
-    meta = checkpoint.meta["strategy"]
-    if "node_arrays" in meta:
-        strategy.node_arrays = {
-            int(node): ArrayRecord(checkpoint.group(f"strategy/node_arrays/{node}")) for node in meta["node_arrays"]
-        }
-    if "drift_response" in meta and isinstance(strategy, DriftResponse):
-        response = meta["drift_response"]
-        strategy._sample_all_next = bool(response["sample_all_next"])
-        strategy._to_boost = set(response["to_boost"])
-        strategy.boosted_rounds = list(response["boosted_rounds"])
+    state: dict[str, Any] = dict(checkpoint.meta["strategy"])
+    for group in checkpoint.meta["order"]:
+        if group.startswith("strategy/"):
+            state[group.removeprefix("strategy/")] = {k: t.numpy() for k, t in checkpoint.group(group).items()}
+    strategy.load_state(state)

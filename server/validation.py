@@ -150,3 +150,33 @@ def _check_num_examples(value: object, max_num_examples: int) -> str | None:
     if not 0 < value <= max_num_examples:
         return f"'{WEIGHT_KEY}' = {value} is outside 1..{max_num_examples}"
     return None
+
+
+class ReplyValidator:
+    """The checks of ``validate_and_decode`` with the run's limits, against the round's global
+    model: the first model it sees fixes the names, shapes and dtypes for the whole run."""
+
+    def __init__(self, max_num_examples: int, max_update_norm: float = 0.0, max_reply_mb: float = 0.0) -> None:
+        self.max_num_examples = max_num_examples
+        self.max_update_norm = max_update_norm
+        self.max_reply_bytes = int(max_reply_mb * 2**20)
+        self.expected: dict[str, ArraySpec] = {}
+        self._reference: dict[str, np.ndarray] | None = None
+
+    def start_round(self, global_arrays: ArrayRecord) -> None:
+        if not self.expected:
+            self.expected = array_specs(global_arrays)
+        if self.max_update_norm > 0:
+            self._reference = {name: array.numpy() for name, array in global_arrays.items()}
+
+    def check(self, content: RecordDict) -> tuple[str | None, dict[str, np.ndarray] | None]:
+        """(reason to drop, None) or (None, the reply's decoded arrays)."""
+        return validate_and_decode(
+            content, self.expected, self.max_num_examples, max_reply_bytes=self.max_reply_bytes,
+            max_update_norm=self.max_update_norm, reference=self._reference,
+        )
+
+    def check_evaluation(self, content: RecordDict) -> bool:
+        """Whether an evaluation reply's metrics may be aggregated."""
+        metrics = content.metric_records.get(METRICS_KEY)
+        return metrics is not None and check_metrics(metrics, self.max_num_examples) is None

@@ -36,7 +36,7 @@ def fresh_fedtide_logger():
 @pytest.fixture
 def small_config(tmp_path) -> RunConfig:
     """The default scenario, shortened: a few seconds in-process."""
-    return RunConfig(rounds_per_task=2, local_epochs=2, out=str(tmp_path / "run"), quiet=True)
+    return RunConfig.of(rounds_per_task=2, local_epochs=2, out=str(tmp_path / "run"), quiet=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -60,7 +60,7 @@ def test_memory_settings_apply_only_to_methods_with_a_memory(tmp_path):
     config = {c: json.loads((out / "cells" / f"{c}-s0" / "cell.json").read_text())["config"]
               for c in ("naive", "der", "fed-joint")}
     assert config["der"]["replay-shift"] == 1 and config["der"]["memory-size"] == 30
-    assert config["naive"]["replay-shift"] == 0 and "memory-size" not in config["naive"]
+    assert config["naive"]["replay-shift"] == 0 and config["naive"]["memory-size"] == 200  # the defaults
     assert config["fed-joint"]["replay-shift"] == 0
 
     # a setting only der reads reruns only der's cell

@@ -35,7 +35,7 @@ from server.run_state import capture, restore
 from server.strategy import build_strategy
 from server.timing import PhaseTimes, TimedGrid
 
-SMALL = RunConfig(num_tasks=3, rounds_per_task=2, local_epochs=1, quiet=True)
+SMALL = RunConfig.of(num_tasks=3, rounds_per_task=2, local_epochs=1, quiet=True)
 
 
 class Crash(Exception):
@@ -101,16 +101,17 @@ def _crash(config: RunConfig, crash_in: int, workers: int = 1) -> None:
 
 def test_checkpoint_round_trip_keeps_weights_fedadam_moments_history_and_rng(tmp_path):
     config = SMALL.replace(strategy="fedadam", react_server=True, out=str(tmp_path))
-    schedule = build_scenario(config).schedule
+    schedule = build_scenario(config.data, config.seed).schedule
     history = RunHistory(schedule)
     history.close_round(0, [0.1, 0.2, 0.3], 0.5)
     history.client_reply(3, {"num-examples": 10, "drift-detected": 1})
     history.close_round(1, [0.4, 0.5, 0.6], 0.5)
     strategy = build_strategy(config, history)
     gen = np.random.default_rng(0)
-    strategy.m_t = {"w": gen.normal(size=(3, 4)), "b": gen.normal(size=4)}
-    strategy.v_t = {"w": gen.random((3, 4)), "b": gen.random(4)}
-    strategy._to_boost, strategy._sample_all_next = {3}, True
+    drift_response = strategy.hooks[-1]
+    strategy.step.load_state({"m_t": {"w": gen.normal(size=(3, 4)), "b": gen.normal(size=4)},
+                              "v_t": {"w": gen.random((3, 4)), "b": gen.random(4)}})
+    drift_response.load_state({"drift_response": {"to_boost": [3], "sample_all_next": True, "boosted_rounds": [1]}})
     arrays = ArrayRecord({"w": torch.randn(3, 4), "b": torch.randn(4)})
     random.seed(7)
     random.random()
@@ -128,10 +129,10 @@ def test_checkpoint_round_trip_keeps_weights_fedadam_moments_history_and_rng(tmp
     assert list(restored) == ["w", "b"]  # the model's array order survives safetensors' sorting
     assert all(np.array_equal(restored[k].numpy(), arrays[k].numpy()) for k in arrays)
     for name in ("m_t", "v_t"):
-        assert list(getattr(fresh, name)) == ["w", "b"]
-        assert all(np.array_equal(getattr(fresh, name)[k], getattr(strategy, name)[k]) for k in ("w", "b"))
-        assert getattr(fresh, name)["w"].dtype == np.float64
-    assert fresh._to_boost == {3} and fresh._sample_all_next is True
+        assert list(getattr(fresh.step, name)) == ["w", "b"]
+        assert all(np.array_equal(getattr(fresh.step, name)[k], getattr(strategy.step, name)[k]) for k in ("w", "b"))
+        assert getattr(fresh.step, name)["w"].dtype == np.float64
+    assert fresh.state()["drift_response"] == {"to_boost": [3], "sample_all_next": True, "boosted_rounds": [1]}
     assert [r.as_json() for r in fresh_history.rounds] == [r.as_json() for r in history.rounds]
     assert fresh_history.baseline == [0.1, 0.2, 0.3]
     assert random.random() == expected_random
@@ -142,13 +143,13 @@ def test_checkpoint_round_trip_keeps_weights_fedadam_moments_history_and_rng(tmp
 def test_our_round_loop_computes_what_flowers_strategy_start_does(tmp_path):
     """A fresh run is unchanged by the switch from Flower's loop to ours (same calls, same order)."""
     config = SMALL.replace(strategy="fedavgm", fraction_train=0.6, rounds_per_task=1, out=str(tmp_path))
-    scenario = build_scenario(config)
+    scenario = build_scenario(config.data, config.seed)
     finals = []
     for loop in ("flower", "ours"):
         history = RunHistory(scenario.schedule)
         strategy = build_strategy(config, history)
         grid = InProcessGrid(client_app, node_configs(config), train_many=train_many)
-        model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+        model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
         initial = ArrayRecord(model.state_dict())
         random.seed(config.seed)
         seen = []
@@ -158,10 +159,10 @@ def test_our_round_loop_computes_what_flowers_strategy_start_does(tmp_path):
 
         kwargs = dict(train_config=client_config(config, scenario), evaluate_config=client_config(config, scenario))
         if loop == "flower":
-            result = strategy.start(grid, initial, config.num_rounds, config.round_timeout, evaluate_fn=evaluate, **kwargs)
+            result = strategy.start(grid, initial, config.num_rounds, config.server.round_timeout, evaluate_fn=evaluate, **kwargs)
             final = result.arrays
         else:
-            final = run_rounds(strategy, grid, initial, 1, config.num_rounds, config.round_timeout,
+            final = run_rounds(strategy, grid, initial, 1, config.num_rounds, config.server.round_timeout,
                                evaluate_fn=evaluate, after_round=lambda r, a: None, **kwargs)
         finals.append(({k: a.numpy() for k, a in final.items()}, seen))
     (flower, flower_seen), (ours, ours_seen) = finals
@@ -171,7 +172,7 @@ def test_our_round_loop_computes_what_flowers_strategy_start_does(tmp_path):
 
 def test_a_fresh_run_gives_the_figures_it_gave_before_checkpoints(tmp_path):
     """Measured before checkpoints and our round loop existed (fedadam, 2 tasks x 2 rounds)."""
-    summary = run_inprocess(RunConfig(num_tasks=2, rounds_per_task=2, strategy="fedadam", quiet=True, out=str(tmp_path)))
+    summary = run_inprocess(RunConfig.of(num_tasks=2, rounds_per_task=2, strategy="fedadam", quiet=True, out=str(tmp_path)))
     assert summary["acc"] == pytest.approx(0.46944444444444444, abs=1e-9)
     assert summary["bwt"] == pytest.approx(0.12777777777777777, abs=1e-9)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-2:] == ["round-000004.json", "round-000004.safetensors"]
@@ -341,7 +342,7 @@ def test_resume_may_change_where_the_data_is_and_what_is_shown(tmp_path, whole):
     crashed = SMALL.replace(out=str(tmp_path / "crashed"))
     _crash(crashed, crash_in=3)
     assert main(["simulate", "--resume", str(tmp_path / "crashed"), "--quiet", "--round-timeout", "60",
-                 "--lr", str(SMALL.lr)]) == 0
+                 "--lr", str(SMALL.learner.lr)]) == 0
     _assert_same_run(whole, tmp_path / "crashed")
 
 

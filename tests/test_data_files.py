@@ -14,7 +14,7 @@ def test_split_files_writes_each_clients_tasks_in_order_and_the_inbox_reads_them
     out = tmp_path / "parts"
     code = main(["split-files", "--to", str(out), "--clients", "2", "--num-tasks", "3", "--files-per-task", "2"])
     assert code == 0 and "for 2 clients" in capsys.readouterr().out
-    scenario = build_scenario(RunConfig(clients=2, num_tasks=3))
+    scenario = build_scenario(*_scenario_args(RunConfig.of(clients=2, num_tasks=3)))
     for client in range(2):
         names = sorted(p.name for p in (out / f"client-{client + 1}").iterdir())
         assert names == ["t0-0.npz", "t0-1.npz", "t1-0.npz", "t1-1.npz", "t2-0.npz", "t2-1.npz"]
@@ -34,3 +34,7 @@ def test_split_files_does_not_write_over_earlier_files(tmp_path, capsys):
     assert main(["split-files", "--to", str(out), "--clients", "2"]) == 0
     assert main(["split-files", "--to", str(out), "--clients", "2"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def _scenario_args(config):
+    return config.data, config.seed

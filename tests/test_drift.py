@@ -99,12 +99,17 @@ def test_a_reply_reporting_drift_weighs_more_in_that_rounds_aggregate():
         return RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), value)}),
                            "metrics": MetricRecord({"num-examples": 10, "drift-detected": drifted})})
 
-    config = RunConfig(drift_weight=3.0)
+    config = RunConfig.of(drift_weight=3.0)
+    def weights(strategy, replies):
+        out = [10.0] * len(replies)
+        for hook in strategy.hooks:
+            out = hook.weights(replies, out)
+        return out
+
     strategy = build_strategy(config, RunHistory(TaskSchedule.build(5, 2, 2, 0, 0)))
-    weights = strategy.aggregation_weights([reply(1.0, 0), reply(5.0, 1), reply(2.0, [1, 1])])
-    assert weights == [10.0, 30.0, 10.0]  # a malformed flag gains nothing
-    assert build_strategy(RunConfig(), RunHistory(TaskSchedule.build(5, 2, 2, 0, 0))).aggregation_weights(
-        [reply(1.0, 0), reply(5.0, 1)]) == [10.0, 10.0]
+    assert weights(strategy, [reply(1.0, 0), reply(5.0, 1), reply(2.0, [1, 1])]) == [10.0, 30.0, 10.0]  # a malformed flag gains nothing
+    assert weights(build_strategy(RunConfig(), RunHistory(TaskSchedule.build(5, 2, 2, 0, 0))),
+                   [reply(1.0, 0), reply(5.0, 1)]) == [10.0, 10.0]
 
 
 def test_same_round_reactions_need_a_detector():
@@ -113,14 +118,14 @@ def test_same_round_reactions_need_a_detector():
 
     for settings in (dict(react_extra_epochs=1), dict(drift_weight=2.0)):
         with pytest.raises(FedtideError, match="need a detector"):
-            RunConfig(drift_detector="none", **settings)
+            RunConfig.of(drift_detector="none", **settings)
     for weight in (0, float("inf")):
-        with pytest.raises(FedtideError, match="--drift-weight must be a finite number > 0"):
-            RunConfig(drift_weight=weight)
+        with pytest.raises(FedtideError, match="--drift-weight must be (> 0|a finite number)"):
+            RunConfig.of(drift_weight=weight)
     with pytest.raises(FedtideError, match="ignores reply weights"):
-        RunConfig(drift_weight=3.0, aggregation="median")
+        RunConfig.of(drift_weight=3.0, aggregation="median")
     with pytest.raises(FedtideError, match="aggregates nothing"):
-        RunConfig(drift_weight=3.0, training="local-only")
+        RunConfig.of(drift_weight=3.0, training="local-only")
 
 
 def test_a_drift_flag_other_than_0_or_1_rejects_the_reply():

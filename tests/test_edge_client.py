@@ -24,12 +24,12 @@ CLASSES = 10
 
 @pytest.fixture
 def config() -> RunConfig:
-    return RunConfig(hidden="16", local_epochs=1, batch_size=16, memory_size=50, quiet=True)
+    return RunConfig.of(hidden="16", local_epochs=1, batch_size=16, memory_size=50, quiet=True)
 
 
 @pytest.fixture
 def weights(config) -> dict[str, torch.Tensor]:
-    return build_model(config.model, SHAPE, CLASSES, config.hidden_widths, config.seed).state_dict()
+    return build_model(config.network.model, SHAPE, CLASSES, config.network.hidden_widths, config.seed).state_dict()
 
 
 @pytest.fixture
@@ -230,7 +230,7 @@ def test_weights_from_another_model_are_a_user_error(config, inbox, tmp_path):
 
 def test_replay_shift_on_flat_samples_is_a_user_error_before_training(config, inbox, tmp_path):
     flat = (64,)
-    weights = build_model(config.model, flat, CLASSES, config.hidden_widths, config.seed).state_dict()
+    weights = build_model(config.network.model, flat, CLASSES, config.network.hidden_widths, config.seed).state_dict()
     with pytest.raises(FedtideError, match="replay-shift.*channels, height, width"):
         train_on_arrivals(config.replace(replay_shift=1), flat, CLASSES, 1, weights, inbox, tmp_path / "state")
 
@@ -267,7 +267,7 @@ def test_a_drift_last_round_makes_a_task_boundary(config, weights, inbox, tmp_pa
 
 
 def test_a_real_drift_is_detected_and_consolidated_in_the_next_round(weights, inbox, tmp_path):
-    config = RunConfig(hidden="16", local_epochs=3, memory_size=50, method="replay+lwf", quiet=True)
+    config = RunConfig.of(hidden="16", local_epochs=3, memory_size=50, method="replay+lwf", quiet=True)
     state = tmp_path / "state"
     for server_round in (1, 2):  # the first concept, until it is predicted well
         arrive(inbox, f"{server_round}.npz", *samples(200, server_round), mtime=100 * server_round)

@@ -21,8 +21,8 @@ def _edge_node(inbox, state) -> InProcessGrid:
 
 
 def _train(grid: InProcessGrid, config: RunConfig, server_round: int) -> Message:
-    scenario = build_scenario(config)
-    model = build_model(config.model, scenario.input_shape, scenario.num_classes, config.hidden_widths, config.seed)
+    scenario = build_scenario(config.data, config.seed)
+    model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
     record = client_config(config, scenario)
     record["server-round"] = server_round
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(dict(record))})
@@ -31,7 +31,7 @@ def _train(grid: InProcessGrid, config: RunConfig, server_round: int) -> Message
 
 
 def test_an_edge_node_trains_on_its_inbox_and_keeps_state_on_disk(tmp_path, capsys):
-    config = RunConfig(hidden="16", local_epochs=1, quiet=True)
+    config = RunConfig.of(hidden="16", local_epochs=1, quiet=True)
     inbox, state = tmp_path / "inbox", tmp_path / "state"
     inbox.mkdir()
     rng = np.random.default_rng(0)
@@ -53,6 +53,6 @@ def test_an_edge_node_trains_on_its_inbox_and_keeps_state_on_disk(tmp_path, caps
 
 
 def test_an_edge_node_with_no_data_answers_with_an_error_not_a_crash(tmp_path):
-    config = RunConfig(hidden="16", local_epochs=1, quiet=True)
+    config = RunConfig.of(hidden="16", local_epochs=1, quiet=True)
     reply = _train(_edge_node(tmp_path / "in", tmp_path / "s"), config, 1)
     assert reply.has_error() and "no data yet" in reply.error.reason

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:D
 def run_dir(tmp_path_factory):
     """A real run folder: 8x8 digits in 2 tasks, one round each (a few seconds)."""
     out = tmp_path_factory.mktemp("export") / "run"
-    run_inprocess(RunConfig(num_tasks=2, rounds_per_task=1, local_epochs=1, out=str(out), quiet=True))
+    run_inprocess(RunConfig.of(num_tasks=2, rounds_per_task=1, local_epochs=1, out=str(out), quiet=True))
     return out
 
 

@@ -10,7 +10,7 @@ from fedtide.inprocess import run_inprocess
 @pytest.mark.slow
 def test_flower_engine_matches_inprocess_runtime(tmp_path):
     # der with shifted memories: the client state Flower keeps holds stored logits and flags too
-    config = RunConfig(rounds_per_task=2, local_epochs=2, quiet=True, method="der", replay_shift=1)
+    config = RunConfig.of(rounds_per_task=2, local_epochs=2, quiet=True, method="der", replay_shift=1)
     flower = run_flower_simulation(config.replace(out=str(tmp_path / "flower")))
     local = run_inprocess(config.replace(out=str(tmp_path / "inprocess")))
     assert flower["rounds"] == local["rounds"] == config.num_rounds

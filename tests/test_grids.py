@@ -51,7 +51,7 @@ def test_waiting_ends_as_soon_as_enough_clients_are_connected(clock):
 
 
 def _train_messages(config: RunConfig, grid, excluded=()):
-    history = RunHistory(TaskSchedule.build(5, 8, config.clients, 0, 0))
+    history = RunHistory(TaskSchedule.build(5, 8, config.data.clients, 0, 0))
     for node in excluded:
         history.node_excluded(0, node)
     strategy = build_strategy(config, history)
@@ -63,13 +63,13 @@ def test_a_round_samples_every_node_that_connects_while_it_waits_for_the_minimum
     """Flower sizes its sample from the nodes connected when it first looks; a node that
     (re)connects a moment later must still train in that round."""
     grid = Connected(lambda look: [11] if look == 1 else [11, 12])
-    messages = _train_messages(RunConfig(clients=2), grid)
+    messages = _train_messages(RunConfig.of(clients=2), grid)
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
 
 
 def test_an_excluded_node_that_went_away_is_not_waited_for(clock):
     grid = Connected(lambda look: [11, 12])  # node 13 was excluded, then disconnected
-    messages = _train_messages(RunConfig(clients=3, client_wait=5), grid, excluded=[13])
+    messages = _train_messages(RunConfig.of(clients=3, client_wait=5), grid, excluded=[13])
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
 
 
@@ -106,7 +106,7 @@ def test_a_round_samples_every_node_that_connects_while_it_waits_for_the_minimum
             return [11] if self.calls == 1 else [11, 12]
 
     monkeypatch.setattr("time.sleep", lambda seconds: None)
-    config = RunConfig(clients=2)
+    config = RunConfig.of(clients=2)
     strategy = build_strategy(config, RunHistory(TaskSchedule.build(5, 8, 2, 0, 0)))
     arrays = ArrayRecord({"w": torch.zeros(3)})
     messages = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), ArrivingGrid(None, [{}, {}])))

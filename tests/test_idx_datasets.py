@@ -105,8 +105,8 @@ def test_dataset_switch_alternates_between_two_datasets():
     from common.config import RunConfig
     from common.scenarios import build_scenario
 
-    config = RunConfig(dataset="mnist", scenario="dataset-switch", num_tasks=3, clients=3, data_dir=str(SHARED))
-    scenario = build_scenario(config)
+    config = RunConfig.of(dataset="mnist", scenario="dataset-switch", num_tasks=3, clients=3, data_dir=str(SHARED))
+    scenario = build_scenario(config.data, config.seed)
     mnist, fashion = load_idx_dataset("mnist", str(SHARED)), load_idx_dataset("fashion-mnist", str(SHARED))
     assert torch.equal(scenario.test_data(0).x, mnist.test.x)
     assert torch.equal(scenario.test_data(1).x, fashion.test.x)

@@ -10,7 +10,7 @@ from fedtide.inprocess import run_inprocess
 def default_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     return {
-        method: run_inprocess(RunConfig(method=method, out=str(out / method), quiet=True))
+        method: run_inprocess(RunConfig.of(method=method, out=str(out / method), quiet=True))
         for method in ("naive", "replay", "der")
     }
 
@@ -36,14 +36,14 @@ def test_naive_forgets_old_classes(default_runs):
 
 
 def test_same_seed_gives_the_same_numbers(tmp_path):
-    config = RunConfig(rounds_per_task=1, local_epochs=1, quiet=True, method="replay+lwf")
+    config = RunConfig.of(rounds_per_task=1, local_epochs=1, quiet=True, method="replay+lwf")
     first = run_inprocess(config.replace(out=str(tmp_path / "a")))
     second = run_inprocess(config.replace(out=str(tmp_path / "b")))
     assert first["accuracy_matrix"] == second["accuracy_matrix"]
 
 
 def test_worker_processes_give_the_same_numbers_as_one_process(tmp_path):
-    config = RunConfig(rounds_per_task=1, local_epochs=1, quiet=True, method="replay+ewc", num_tasks=3)
+    config = RunConfig.of(rounds_per_task=1, local_epochs=1, quiet=True, method="replay+ewc", num_tasks=3)
     sequential = run_inprocess(config.replace(out=str(tmp_path / "one")))
     parallel = run_inprocess(config.replace(out=str(tmp_path / "two")), workers=2)
     assert parallel["accuracy_matrix"] == sequential["accuracy_matrix"]

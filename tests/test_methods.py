@@ -118,26 +118,27 @@ def test_der_cannot_be_combined_with_replay():
     from common.errors import FedtideError
 
     with pytest.raises(FedtideError, match="der alone"):
-        RunConfig(method="replay+der")
-    assert [m.name for m in build_methods(RunConfig(method="der+lwf", memory_size=50), seed=0)] == ["der", "lwf"]
+        RunConfig.of(method="replay+der")
+    config = RunConfig.of(method="der+lwf", memory_size=50)
+    assert [m.name for m in build_methods(config.methods.parts, config.methods.options, 0, config.learner.lr)] == ["der", "lwf"]
 
 
 def test_methods_compose_from_one_flag():
-    config = RunConfig(method="replay+ewc+lwf", prox_mu=0.01)
-    names = [m.name for m in build_methods(config, seed=0)]
+    config = RunConfig.of(method="replay+ewc+lwf", prox_mu=0.01)
+    names = [m.name for m in build_methods(config.methods.parts, config.methods.options, 0, config.learner.lr)]
     assert names == ["replay", "ewc", "lwf", "prox"]
-    assert build_methods(RunConfig(method="naive"), seed=0) == []
+    assert build_methods((), RunConfig().methods.options, 0, 0.1) == []
 
 
 def test_more_epochs_of_the_same_round_keep_fedprox_anchored_to_the_global_model():
-    from client.learner import train_local
+    from client.learner import LocalTraining, train_local
 
     model, data = _model_and_data()
     prox = Proximal(mu=0.1)
     global_weights = [p.detach().clone() for p in model.parameters()]
-    config = RunConfig(local_epochs=1, batch_size=8, lr=0.1)
-    train_local(model, data, [prox], config, torch.Generator().manual_seed(0), torch.device("cpu"))
-    train_local(model, data, [prox], config, torch.Generator().manual_seed(1), torch.device("cpu"),
+    training = LocalTraining(lr=0.1, epochs=1, batch_size=8)
+    train_local(model, data, [prox], training, torch.Generator().manual_seed(0), torch.device("cpu"))
+    train_local(model, data, [prox], training, torch.Generator().manual_seed(1), torch.device("cpu"),
                 observe=False, continuing=True)  # a drift reaction's extra epochs
     assert all(torch.equal(a, b) for a, b in zip(prox.global_params, global_weights))
     assert not all(torch.equal(a, b.detach()) for a, b in zip(global_weights, model.parameters()))

@@ -72,10 +72,10 @@ def test_replay_shift_moves_the_replayed_memories_and_leaves_new_samples_alone()
 
 
 def test_replay_shift_is_refused_where_it_means_nothing():
-    with pytest.raises(FedtideError, match="keeps none"):
-        RunConfig(method="naive", replay_shift=2)
+    with pytest.raises(FedtideError, match="does not use it"):
+        RunConfig.of(method="naive", replay_shift=2)
     with pytest.raises(FedtideError, match="permuted"):
-        RunConfig(method="der", replay_shift=2, scenario="domain-incremental", domain_transform="permutation")
+        RunConfig.of(method="der", replay_shift=2, scenario="domain-incremental", domain_transform="permutation")
     on_vectors = Replay(capacity=4, seed=0, shift=1)  # e.g. an edge client fed flat feature rows
     on_vectors.observe(torch.rand(4, 64), torch.zeros(4, dtype=torch.long))
     with pytest.raises(FedtideError, match="replay-shift"):

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 
 from client.app import train_many
-from client.faults import attack_outcome, poison_labels
+from client.faults import FaultInjection, faulty_train_many, poison_labels
 from client.rounds import TrainOutcome
 from common.config import RunConfig
 from common.datasets import LabelledSplit
@@ -22,7 +22,8 @@ from server.history import RunHistory
 from server.reply_fuzz import fuzz_replies, run_fuzz
 from server.robust import AggregationRule
 from server.run_folder import RunFolder
-from server.strategy import ValidatedFedAvg, build_strategy
+from server.strategy import FedtideStrategy, NodeSampling, build_strategy
+from server.validation import ReplyValidator
 from server.validation import array_specs, validate_reply
 
 ZERO = {"v": np.zeros(2, np.float32)}
@@ -95,7 +96,7 @@ def test_rules_accept_enough_replies():
 )
 def test_impossible_robustness_settings_fail_at_startup(settings, words):
     with pytest.raises(FedtideError) as err:
-        RunConfig(**settings)
+        RunConfig.of(**settings)
     assert words in str(err.value)
 
 
@@ -121,10 +122,11 @@ def federation(replies_of, nodes: int, asked: list):
     return InProcessGrid(app, [{"partition-id": i} for i in range(nodes)])
 
 
-def run_rounds(replies_of, nodes: int, rounds: int, **strategy_settings):
+def run_rounds(replies_of, nodes: int, rounds: int, max_update_norm: float = 0.0, **strategy_settings):
     history = RunHistory(TaskSchedule.build(num_tasks=1, rounds_per_task=rounds, clients=nodes, spread=0, seed=0))
-    strategy = ValidatedFedAvg(
-        history=history, max_num_examples=1000, fraction_evaluate=0.0, min_available_nodes=nodes, **strategy_settings
+    strategy = FedtideStrategy(
+        history=history, validator=ReplyValidator(1000, max_update_norm=max_update_norm),
+        sampling=NodeSampling(1.0, 0.0, nodes, client_wait=60.0), **strategy_settings
     )
     models, asked = {}, []
 
@@ -203,7 +205,7 @@ def test_a_round_that_cannot_satisfy_multikrum_keeps_the_global_model_and_says_s
 @pytest.mark.parametrize("rule", ["fedavg", "median", "trimmed-mean", "multikrum", "clip"])
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_fuzzed_replies_never_crash_or_poison_any_rule(rule, strategy):
-    config = RunConfig(clients=10, aggregation=rule, clip_norm=5.0 if rule == "clip" else 0.0, strategy=strategy)
+    config = RunConfig.of(clients=10, aggregation=rule, clip_norm=5.0 if rule == "clip" else 0.0, strategy=strategy)
     history = RunHistory(TaskSchedule.build(num_tasks=1, rounds_per_task=10, clients=10, spread=0, seed=0))
     rng = np.random.default_rng(0)
     global_arrays = {"w": rng.normal(size=(6, 4)).astype(np.float32), "b": np.zeros(4, np.float32)}
@@ -215,12 +217,12 @@ def test_fuzzed_replies_never_crash_or_poison_any_rule(rule, strategy):
 
 # ---- fault injection ----------------------------------------------------------------
 def attacked(attack: str, partition: int = 0, **settings) -> tuple[dict, TrainOutcome, TrainOutcome]:
-    config = RunConfig(attack=attack, attackers=1, **settings)
+    config = RunConfig.of(attack=attack, attackers=1, **settings)
     received = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
     honest = TrainOutcome(
         weights={"w": torch.ones(2, 3) + 0.5, "b": torch.full((3,), -0.25)}, metrics={"num-examples": 40}, state={}
     )
-    return received, honest, attack_outcome(config, partition, 1, received, honest)
+    return received, honest, FaultInjection(config.faults).reply(config.client, partition, 1, received, honest)
 
 
 def test_sign_flip_sends_the_update_reversed():
@@ -263,11 +265,11 @@ def test_honest_clients_and_label_flip_leave_the_reply_alone():
 
 
 def test_vectorised_training_declines_label_flip_and_attacks_per_node_after():
-    config = RunConfig(clients=2, num_tasks=1, iid=True, method="naive", local_epochs=1, attack="sign-flip", attackers=1)
-    weights = ArrayRecord(build_model("mlp", (1, 8, 8), 10, config.hidden_widths, 0).state_dict())
+    config = RunConfig.of(clients=2, num_tasks=1, iid=True, method="naive", local_epochs=1, attack="sign-flip", attackers=1)
+    weights = ArrayRecord(build_model("mlp", (1, 8, 8), 10, config.network.hidden_widths, 0).state_dict())
 
     def messages(cfg: RunConfig):
-        record = ConfigRecord({**cfg.to_mapping(), "server-round": 1})
+        record = ConfigRecord({**cfg.client.to_mapping(), "server-round": 1})
         content = RecordDict({"arrays": weights, "config": record})
         return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
 
@@ -276,9 +278,10 @@ def test_vectorised_training_declines_label_flip_and_attacks_per_node_after():
                 for n in (1, 2)]
 
     InProcessGrid(None, [])  # sets the run identity messages need
-    assert train_many(messages(config.replace(attack="label-flip")), contexts()) is None
-    attacked_replies = train_many(messages(config), contexts())
-    honest_replies = train_many(messages(config.replace(attack="none", attackers=0)), contexts())
+    flipping = config.replace(attack="label-flip")
+    assert faulty_train_many(flipping.faults)(messages(flipping), contexts()) is None
+    attacked_replies = faulty_train_many(config.faults)(messages(config), contexts())
+    honest_replies = train_many(messages(config), contexts())  # the plain ClientApp: no fault injection
     assert attacked_replies is not None and honest_replies is not None  # equal iid shares: one computation
     g = weights.to_torch_state_dict()
     sent = attacked_replies[0].content["arrays"].to_torch_state_dict()
@@ -290,7 +293,7 @@ def test_vectorised_training_declines_label_flip_and_attacks_per_node_after():
 
 @pytest.mark.slow  # three short runs: ~25 s on 2 idle cores
 def test_median_withstands_a_scaling_attacker_that_breaks_fedavg(tmp_path):
-    base = RunConfig(clients=6, num_tasks=1, rounds_per_task=4, local_epochs=1, iid=True, method="naive", quiet=True)
+    base = RunConfig.of(clients=6, num_tasks=1, rounds_per_task=4, local_epochs=1, iid=True, method="naive", quiet=True)
     attack = dict(attack="scale", attackers=1, attack_scale=-10.0)
     clean = run_inprocess(base.replace(out=str(tmp_path / "clean")))["acc"]
     broken = run_inprocess(base.replace(out=str(tmp_path / "fedavg"), **attack))["acc"]

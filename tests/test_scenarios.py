@@ -14,7 +14,7 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 
 
 def test_class_incremental_tasks_have_disjoint_classes_and_cover_all():
-    scenario = build_scenario(RunConfig())
+    scenario = build_scenario(*_scenario_args(RunConfig()))
     seen: set[int] = set()
     for task in range(scenario.num_tasks):
         classes = set(scenario.test_data(task).y.tolist())
@@ -26,7 +26,7 @@ def test_class_incremental_tasks_have_disjoint_classes_and_cover_all():
 
 
 def test_every_training_sample_used_once_and_no_test_sample_trained_on():
-    scenario = build_scenario(RunConfig())
+    scenario = build_scenario(*_scenario_args(RunConfig()))
     digits = load_digits()
     train_rows = [scenario.train_data(c, t).x for c in range(5) for t in range(5)]
     total = sum(len(x) for x in train_rows)
@@ -38,7 +38,7 @@ def test_every_training_sample_used_once_and_no_test_sample_trained_on():
 
 @pytest.mark.parametrize("transform", ["rotation", "permutation"])
 def test_domain_incremental_keeps_labels_and_changes_inputs(transform):
-    scenario = build_scenario(RunConfig(scenario="domain-incremental", domain_transform=transform))
+    scenario = build_scenario(*_scenario_args(RunConfig.of(scenario="domain-incremental", domain_transform=transform)))
     first, second = scenario.test_data(0), scenario.test_data(1)
     assert torch.equal(first.y, second.y)
     assert set(first.y.tolist()) == set(range(10))
@@ -47,7 +47,7 @@ def test_domain_incremental_keeps_labels_and_changes_inputs(transform):
 
 
 def test_concept_drift_remaps_labels_of_the_same_inputs():
-    scenario = build_scenario(RunConfig(scenario="concept-drift"))
+    scenario = build_scenario(*_scenario_args(RunConfig.of(scenario="concept-drift")))
     first, second = scenario.test_data(0), scenario.test_data(1)
     assert torch.equal(first.x, second.x)
     assert (first.y != second.y).all()
@@ -63,10 +63,14 @@ def test_dirichlet_partition_is_disjoint_complete_and_skewed():
 
 
 def test_rounds_map_to_tasks():
-    scenario = build_scenario(RunConfig(rounds_per_task=3))
+    scenario = build_scenario(*_scenario_args(RunConfig.of(rounds_per_task=3)))
     assert [scenario.task_of(0, r) for r in range(1, 16)] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 3
 
 
 def test_too_many_clients_is_a_clear_error():
     with pytest.raises(FedtideError, match="clients"):
-        build_scenario(RunConfig(clients=400, seed=123))
+        build_scenario(*_scenario_args(RunConfig.of(clients=400, seed=123)))
+
+
+def _scenario_args(config):
+    return config.data, config.seed

@@ -27,8 +27,8 @@ def test_async_schedule_spreads_switches_and_gives_every_task_its_rounds():
 
 
 def test_scenario_uses_the_async_schedule():
-    scenario = build_scenario(RunConfig(async_spread=2, rounds_per_task=2))
-    assert RunConfig(async_spread=2, rounds_per_task=2).num_rounds == scenario.schedule.num_rounds
+    scenario = build_scenario(*_scenario_args(RunConfig.of(async_spread=2, rounds_per_task=2)))
+    assert RunConfig.of(async_spread=2, rounds_per_task=2).num_rounds == scenario.schedule.num_rounds
 
 
 def test_rounds_to_recover_counts_rounds_until_near_the_best():
@@ -57,3 +57,7 @@ def test_client_recovery_counts_replies_until_prequential_accuracy_is_back():
     }
     assert client_recovery_rounds(timelines) == 2.0
     assert client_recovery_rounds({1: [(1, 0, False, 0.9)]}) is None
+
+
+def _scenario_args(config):
+    return config.data, config.seed

@@ -22,10 +22,10 @@ SHARED = ROOT.parent / "shared" / "datasets"
 
 @pytest.mark.parametrize("hidden", ["128,128", "48", "64,32,16"])
 def test_vectorised_clients_match_one_by_one_training(hidden):
-    config = RunConfig(num_tasks=1, clients=4, iid=True, client_samples=200, method="naive", local_epochs=2,
+    config = RunConfig.of(num_tasks=1, clients=4, iid=True, client_samples=200, method="naive", local_epochs=2,
                        batch_size=16, drift_detector="adwin", hidden=hidden)
-    scenario = build_scenario(config)
-    weights = build_model("mlp", scenario.input_shape, 10, config.hidden_widths, 0).state_dict()
+    scenario = build_scenario(config.data, config.seed)
+    weights = build_model("mlp", scenario.input_shape, 10, config.network.hidden_widths, 0).state_dict()
     one_by_one = [train_round(config, p, 3, weights, {}) for p in range(4)]
     together = train_rounds_together(config, [(p, 3, {}) for p in range(4)], weights)
     for a, b in zip(one_by_one, together):
@@ -37,15 +37,15 @@ def test_vectorised_clients_match_one_by_one_training(hidden):
 
 
 def test_clients_that_cannot_share_a_computation_are_left_to_the_plain_path():
-    config = RunConfig(num_tasks=1, clients=4, iid=True, client_samples=200)
-    weights = build_model("mlp", build_scenario(config).input_shape, 10, config.hidden_widths, 0).state_dict()
+    config = RunConfig.of(num_tasks=1, clients=4, iid=True, client_samples=200)
+    weights = build_model("mlp", build_scenario(config.data, config.seed).input_shape, 10, config.network.hidden_widths, 0).state_dict()
     assert train_rounds_together(config, [(0, 1, {}), (1, 1, {})], weights) is None  # replay has hooks
     unequal = config.replace(method="naive", client_samples=0, iid=False)
     assert train_rounds_together(unequal, [(0, 1, {}), (1, 1, {})], weights) is None  # unequal data
 
 
 def test_vectorised_run_matches_the_plain_run(tmp_path):
-    config = RunConfig(num_tasks=2, clients=5, iid=True, client_samples=100, method="naive", rounds_per_task=2,
+    config = RunConfig.of(num_tasks=2, clients=5, iid=True, client_samples=100, method="naive", rounds_per_task=2,
                        local_epochs=1, quiet=True)
     fast = run_inprocess(config.replace(out=str(tmp_path / "fast")), vectorize=True)
     plain = run_inprocess(config.replace(out=str(tmp_path / "plain")), vectorize=False)
@@ -56,7 +56,7 @@ def test_vectorised_run_matches_the_plain_run(tmp_path):
 def _peak_rss_kib(clients: int, tmp_path: Path) -> int:
     code = (
         "import resource, sys; from common.config import RunConfig; from fedtide.inprocess import run_inprocess; "
-        f"run_inprocess(RunConfig(clients={clients}, iid=True, num_tasks=1, method='naive', rounds_per_task=2, "
+        f"run_inprocess(RunConfig.of(clients={clients}, iid=True, num_tasks=1, method='naive', rounds_per_task=2, "
         f"local_epochs=1, fraction_train=0.1, quiet=True, out=sys.argv[1])); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )

@@ -55,7 +55,7 @@ def test_freezing_an_unknown_layer_lists_the_real_ones(tmp_path, capsys):
 
 
 def test_padding_and_standardization_shape_the_inputs():
-    scenario = build_scenario(RunConfig(pad_to=12, normalize=True))
+    scenario = build_scenario(*_scenario_args(RunConfig.of(pad_to=12, normalize=True)))
     x = scenario.train_data(0, 0).x
     assert tuple(x.shape[1:]) == (1, 12, 12)
     assert abs(float(scenario.test_data(0).x.mean())) < 1.0
@@ -81,3 +81,7 @@ def test_schedules_run_end_to_end(tmp_path):
                      "--local-epochs", "1", "--num-tasks", "2", "--quiet"]) == 0
         lrs = [json.loads(l)["clients"][0]["lr"] for l in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(set(lrs)) > 1 or schedule == "plateau"
+
+
+def _scenario_args(config):
+    return config.data, config.seed

@@ -9,7 +9,8 @@ from fedtide.inprocess import InProcessGrid
 
 from common.schedule import TaskSchedule
 from server.history import RunHistory
-from server.strategy import ValidatedFedAvg
+from server.strategy import FedtideStrategy, NodeSampling
+from server.validation import ReplyValidator
 from server.validation import array_specs, validate_reply
 
 GLOBAL = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
@@ -70,8 +71,8 @@ def _federation(contents: list[RecordDict]):
 
 def _one_round(contents):
     history = RunHistory(TaskSchedule.build(num_tasks=1, rounds_per_task=1, clients=len(contents), spread=0, seed=0))
-    strategy = ValidatedFedAvg(
-        history=history, max_num_examples=1000, fraction_evaluate=0.0, min_available_nodes=len(contents)
+    strategy = FedtideStrategy(
+        history=history, validator=ReplyValidator(1000), sampling=NodeSampling(1.0, 0.0, len(contents), 60.0)
     )
     seen = {}
 

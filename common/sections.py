@@ -1,0 +1,231 @@
+"""The run's settings in sections, each a small frozen object that checks its own values.
+
+A function receives the section it uses (the scenario its ``DataSettings``, the strategy
+its ``ServerSettings``), never the whole run. Rules that tie several sections together live
+in ``common.config.RunConfig``; a method's own settings live with the method
+(``common.method_registry``). The flag of a field is its name in kebab case.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.errors import FedtideError
+from common.settings import Section, setting
+
+SCENARIOS = ("class-incremental", "domain-incremental", "concept-drift", "dataset-switch")
+DOMAIN_TRANSFORMS = ("rotation", "permutation")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
+MODELS = ("mlp", "cnn")
+DATASETS = ("digits", "mnist", "fashion-mnist")
+OPTIMIZERS = ("sgd", "adam")
+TRAINING_MODES = ("federated", "local-only", "joint")
+LR_SCHEDULES = ("constant", "restart", "plateau")
+DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
+ATTACKS = ("none", "sign-flip", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip")
+
+
+@dataclass(frozen=True)
+class DataSettings(Section):
+    """What each client sees: the dataset, how it drifts task by task, how it is split."""
+
+    dataset: str = setting("digits", "digits (embedded, no download), mnist or fashion-mnist (IDX files in --data-dir)",
+                           choices=DATASETS)
+    data_dir: str = setting("", "folder with the IDX files of mnist / fashion-mnist (default: $FEDTIDE_DATA_DIR)")
+    normalize: bool = setting(False, "standardize pixels with the training set's mean and std")
+    pad_to: int = setting(0, "zero-pad images to this size, e.g. 32 (0: keep)", minimum=0)
+    scenario: str = setting("class-incremental", f"kind of drift: {', '.join(SCENARIOS)}", choices=SCENARIOS)
+    second_dataset: str = setting("fashion-mnist", "dataset-switch: the dataset odd tasks come from", choices=DATASETS)
+    num_tasks: int = setting(5, "number of tasks in the sequence", minimum=1)
+    domain_transform: str = setting("rotation", "input transform per task for domain-incremental: "
+                                    f"{', '.join(DOMAIN_TRANSFORMS)}", choices=DOMAIN_TRANSFORMS)
+    clients: int = setting(5, "number of clients", minimum=1)
+    client_samples: int = setting(0, "training samples each client keeps (0: its whole share of the dataset)", minimum=0)
+    iid: bool = setting(False, "split data IID across clients (default: Dirichlet over labels, see --alpha)")
+    alpha: float = setting(1.0, "Dirichlet concentration of the non-IID split (> 0; small = more skewed)",
+                           minimum=0, above=True, hint="small values (0.1) give very non-IID clients, large ones "
+                           "(100) nearly IID; use --iid for an IID split")
+    rounds_per_task: int = setting(8, "federated rounds on each task", minimum=1)
+    async_spread: int = setting(0, "asynchronous drift: each client switches tasks up to this many rounds late "
+                                "(0: together)", minimum=0)
+    training: str = setting("federated", "federated; or a reference: local-only (no federation), joint (all tasks "
+                            "at once, no drift)", choices=TRAINING_MODES)
+
+    @property
+    def num_rounds(self) -> int:
+        return self.num_tasks * self.rounds_per_task + self.async_spread
+
+
+@dataclass(frozen=True)
+class ModelSettings(Section):
+    """The model server and clients share."""
+
+    model: str = setting("mlp", f"model: {', '.join(MODELS)}", choices=MODELS)
+    hidden: str = setting("128,128", "hidden layer widths, comma-separated")
+    init_from: str = setting("", "start from these weights (a .safetensors file, e.g. a run folder's model.safetensors)")
+    freeze: str = setting("", "comma-separated parameter-name prefixes clients do not train, e.g. features.1")
+
+    def check(self) -> None:
+        try:
+            widths = self.hidden_widths
+        except ValueError:
+            widths = ()
+        if not widths or min(widths) <= 0:
+            raise FedtideError(f"--hidden '{self.hidden}' is not a list of positive layer widths: use e.g. 256,128")
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        return tuple(int(w) for w in self.hidden.split(",") if w.strip())
+
+    @property
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.freeze.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class LearnerSettings(Section):
+    """How a client trains locally each round."""
+
+    optimizer: str = setting("sgd", f"client optimizer: {', '.join(OPTIMIZERS)}", choices=OPTIMIZERS)
+    local_epochs: int = setting(5, "local epochs per round", minimum=1)
+    lr: float = setting(0.1, "client learning rate", minimum=0, above=True)
+    lr_schedule: str = setting("constant", "constant; restart (cosine over each task, restarting at a switch); "
+                               "plateau (halve when the loss stalls, reset at a switch)", choices=LR_SCHEDULES)
+    batch_size: int = setting(16, "client batch size", minimum=1)
+    device: str = setting("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
+
+    def check(self) -> None:
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise FedtideError(f"--device '{self.device}': use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class DriftSettings(Section):
+    """Each client's drift detector, and how clients and server react to a detection."""
+
+    drift_detector: str = setting("adwin", "River detector on each client's prequential error stream: adwin, "
+                                  "page-hinkley, ddm, none", choices=DRIFT_DETECTORS)
+    drift_delta: float = setting(0.01, "ADWIN's confidence delta: larger reacts faster and raises more false alarms",
+                                 minimum=0, above=True, maximum=1)
+    react_server: bool = setting(False, "server reaction: after a round where --drift-quorum of clients report "
+                                 "drift, sample every client and multiply local epochs by --drift-epoch-boost")
+    drift_quorum: float = setting(0.3, "share of replies reporting drift that triggers the server reaction",
+                                  minimum=0, above=True, maximum=1)
+    drift_epoch_boost: int = setting(2, "local-epoch multiplier of the server reaction", minimum=1)
+    react_lr_boost: float = setting(1.0, "client reaction: learning-rate multiplier for the round after a client "
+                                    "detects drift", minimum=0, above=True)
+    react_extra_epochs: int = setting(0, "client reaction: a client that detects drift in a round trains this many "
+                                      "more epochs on that round's data before it replies (0: off)", minimum=0)
+    drift_weight: float = setting(1.0, "server reaction: in the round a reply reports drift, its aggregation weight "
+                                  "is multiplied by this (1: off)", minimum=0, above=True)
+
+    def check(self) -> None:
+        if self.drift_delta == 1:
+            raise FedtideError(f"--drift-delta must be between 0 and 1 (got {self.drift_delta})")
+        if self.reacts and self.drift_detector == "none":
+            raise FedtideError("drift reactions need a detector: drop --drift-detector none")
+
+    @property
+    def reacts(self) -> bool:
+        """Whether any reaction to detected drift is on (each needs a detector)."""
+        return self.react_server or self.react_lr_boost != 1.0 or self.react_extra_epochs > 0 or self.drift_weight != 1.0
+
+
+@dataclass(frozen=True)
+class ServerSettings(Section):
+    """The strategy: sampling, the server step, reply limits, the aggregation rule, waiting."""
+
+    strategy: str = setting("fedavg", f"server strategy: {', '.join(STRATEGIES)}", choices=STRATEGIES)
+    fraction_train: float = setting(1.0, "fraction of clients sampled for training each round",
+                                    minimum=0, above=True, maximum=1)
+    fraction_evaluate: float = setting(0.0, "fraction of clients asked to evaluate each round (0: server-side only)",
+                                       minimum=0, maximum=1)
+    server_lr: float = setting(0.0, "server learning rate for fedavgm/fedadam (0: their default, 1.0 / 0.01)",
+                               minimum=0)
+    server_momentum: float = setting(0.9, "server momentum for fedavgm", minimum=0)
+    max_num_examples: int = setting(1_000_000, "largest num-examples a client reply may claim", minimum=1)
+    round_timeout: float = setting(3600.0, "seconds a round waits for client replies; then it goes on with those "
+                                   "that arrived (deployment: a client that crashed mid-round does not stall the run)",
+                                   minimum=0, above=True)
+    max_update_norm: float = setting(0.0, "drop a reply whose update (reply - global weights) has an L2 norm above "
+                                     "this (0: off)", minimum=0)
+    max_reply_mb: float = setting(0.0, "drop a reply whose payload is larger than this many MiB (0: off)", minimum=0)
+    exclude_after: int = setting(0, "stop sampling a node after this many of its replies were rejected (0: never)",
+                                 minimum=0)
+    aggregation: str = setting("fedavg", f"aggregation rule: {', '.join(AGGREGATIONS)} (robust rules withstand "
+                               "faulty or hostile clients)", choices=AGGREGATIONS)
+    trim_fraction: float = setting(0.1, "trimmed-mean: share of replies cut from each side per coordinate, in [0, 0.5)",
+                                   minimum=0, maximum=0.5)
+    tolerated_attackers: int = setting(1, "multikrum: attackers F to withstand; needs more than 2F+2 replies per round",
+                                       minimum=0)
+    clip_norm: float = setting(0.0, "clip: cut each update's L2 norm to this before the weighted average", minimum=0)
+    min_clients: int = setting(0, "connected clients a round needs (0: all --clients); with fewer the round waits",
+                               minimum=0)
+    client_wait: float = setting(600.0, "seconds a round waits for --min-clients connected clients before the run "
+                                 "stops with an error", minimum=0, above=True)
+
+    def check(self) -> None:
+        if self.trim_fraction == 0.5:
+            raise FedtideError(
+                f"--trim-fraction must be in [0, 0.5) (got {self.trim_fraction}): it is the share of "
+                "replies cut from each side, so at least one must remain"
+            )
+        if self.aggregation == "clip" and self.clip_norm == 0:
+            raise FedtideError("--aggregation clip needs --clip-norm > 0 (the largest update norm kept, e.g. 5)")
+        if self.aggregation == "multikrum" and self.tolerated_attackers < 1:
+            raise FedtideError("--aggregation multikrum needs --tolerated-attackers >= 1 (with 0 it is fedavg)")
+
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr:
+            return self.server_lr
+        return 0.01 if self.strategy == "fedadam" else 1.0
+
+
+@dataclass(frozen=True)
+class FaultSettings(Section):
+    """Fault injection, for simulations only: some clients send a faulty or hostile reply."""
+
+    attack: str = setting("none", f"fault injection (simulation): what attacking clients send: "
+                          f"{', '.join(ATTACKS[1:])}", choices=ATTACKS)
+    attackers: int = setting(0, "fault injection: the first K partition ids attack", minimum=0)
+    attacker_ids: str = setting("", "fault injection: these partition ids attack, comma-separated (e.g. 0,3)")
+    attack_scale: float = setting(10.0, "scale attack: update multiplier; lie-num-examples: how many times the real "
+                                  "count is claimed")
+    attack_noise_std: float = setting(1.0, "noise attack: std of the Gaussian noise added to every weight", minimum=0)
+
+    def check(self) -> None:
+        try:
+            attackers = self.attacker_partitions
+        except ValueError:
+            raise FedtideError(
+                f"--attacker-ids '{self.attacker_ids}' is not a comma-separated list of partition ids (e.g. 0,3)"
+            ) from None
+        if self.attackers and self.attacker_ids.strip():
+            raise FedtideError("give either --attackers K or --attacker-ids, not both")
+        if self.attack == "none" and attackers:
+            raise FedtideError("--attackers/--attacker-ids name clients but --attack is none: choose an --attack")
+        if self.attack != "none" and not attackers:
+            raise FedtideError(f"--attack {self.attack} needs attacking clients: set --attackers K or --attacker-ids 0,3")
+        if self.attack == "lie-num-examples" and not self.attack_scale > 0:
+            raise FedtideError(f"--attack-scale must be > 0 for lie-num-examples (got {self.attack_scale})")
+        if not math.isfinite(self.attack_scale):
+            raise FedtideError(f"--attack-scale must be a finite number (got {self.attack_scale})")
+
+    @property
+    def attacker_partitions(self) -> frozenset[int]:
+        """Partition ids of the clients that attack."""
+        if self.attacker_ids.strip():
+            return frozenset(int(p) for p in self.attacker_ids.split(",") if p.strip())
+        return frozenset(range(self.attackers))
+
+
+@dataclass(frozen=True)
+class RunSettings(Section):
+    """The run itself: its seed, where it writes, what it shows."""
+
+    seed: int = setting(0, "random seed; the same seed gives the same numbers")
+    out: str = setting("", "run folder (default: runs/<time>-<scenario>-<method>-s<seed>)")
+    quiet: bool = setting(False, "no progress bar or summary table")

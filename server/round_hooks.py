@@ -1,0 +1,171 @@
+"""Round hooks: server behaviours that join a round at fixed points, composed in a list.
+
+``FedtideStrategy`` calls every hook of its list at each point, in order:
+- ``sample_everyone(round)``: whether this round's training asks every node;
+- ``configure(round, messages)``: change the training messages about to be sent
+  (``configure_evaluate``: the evaluation messages);
+- ``weights(contents, weights)``: change the aggregation weights of the accepted replies;
+- ``after_aggregate(round, accepted)``: see the accepted replies once the round is aggregated;
+- ``models_to_evaluate(arrays)``: the models whose accuracies the round reports (first hook
+  that answers wins);
+- ``state()`` / ``load_state()``: what it carries between rounds, for checkpoints;
+- ``summary()``: figures for the run's summary.
+
+A new server behaviour is one hook class here and its test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from common.config import EPOCH_BOOST_KEY
+from server.history import RunHistory
+from server.validation import METRICS_KEY
+
+ARRAYS_KEY, CONFIG_KEY = "arrays", "config"
+
+
+class RoundHook:
+    """Does nothing at every point; a hook overrides the points it joins."""
+
+    def sample_everyone(self, server_round: int) -> bool:
+        return False
+
+    def configure(self, server_round: int, messages: list[Message]) -> list[Message]:
+        return messages
+
+    def configure_evaluate(self, server_round: int, messages: list[Message]) -> list[Message]:
+        return messages
+
+    def weights(self, contents: list[RecordDict], weights: list[float]) -> list[float]:
+        return weights
+
+    def after_aggregate(self, server_round: int, accepted: list[Message]) -> None:
+        pass
+
+    def models_to_evaluate(self, arrays: ArrayRecord) -> list[ArrayRecord] | None:
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+def _reported_drift(content: RecordDict) -> bool:
+    return content.metric_records[METRICS_KEY].get("drift-detected", 0) == 1
+
+
+class DriftWeighting(RoundHook):
+    """The server's same-round reaction to drift: a reply that reports drift weighs ``factor``
+    times its ``num-examples`` in this round's aggregate, so that what the drifting clients
+    just learned is not averaged away by those still on the old data."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def weights(self, contents, weights):
+        return [w * self.factor if _reported_drift(c) else w for w, c in zip(weights, contents)]
+
+
+class DriftResponse(RoundHook):
+    """The server's reaction to drift its clients report, in the next round.
+
+    A node that reported drift trains its next round with ``epoch_boost`` times the local
+    epochs (it must learn a new task); after a round in which at least ``quorum`` of the
+    accepted replies reported drift, the next round samples every node.
+    """
+
+    def __init__(self, history: RunHistory, quorum: float, epoch_boost: int) -> None:
+        self.history = history
+        self.quorum = quorum
+        self.epoch_boost = epoch_boost
+        self.sample_all_next = False
+        self.to_boost: set[int] = set()
+        self.boosted_rounds: list[int] = []
+
+    def sample_everyone(self, server_round):
+        return self.sample_all_next
+
+    def configure(self, server_round, messages):
+        boosted_any = False
+        for message in messages:
+            if message.metadata.dst_node_id in self.to_boost:
+                content = RecordDict(dict(message.content))
+                boosted = ConfigRecord(dict(content[CONFIG_KEY]))
+                boosted[EPOCH_BOOST_KEY] = self.epoch_boost  # a round's instruction: the settings stay as they are
+                content[CONFIG_KEY] = boosted
+                message.content = content
+                self.to_boost.discard(message.metadata.dst_node_id)
+                boosted_any = True
+        if boosted_any or self.sample_all_next:
+            self.boosted_rounds.append(server_round)
+        return messages
+
+    def after_aggregate(self, server_round, accepted):
+        self.to_boost |= set(self.history.pending_drifted_nodes())
+        self.sample_all_next = self.history.pending_drift_fraction() >= self.quorum
+
+    def state(self):
+        return {"drift_response": {
+            "sample_all_next": self.sample_all_next, "to_boost": sorted(self.to_boost),
+            "boosted_rounds": list(self.boosted_rounds),
+        }}
+
+    def load_state(self, state):
+        if "drift_response" in state:
+            saved = state["drift_response"]
+            self.sample_all_next = bool(saved["sample_all_next"])
+            self.to_boost = set(saved["to_boost"])
+            self.boosted_rounds = list(saved["boosted_rounds"])
+
+    def summary(self):
+        return {"boosted_rounds": list(self.boosted_rounds)}
+
+
+class LocalModels(RoundHook):
+    """Reference without federation: every node keeps training its own model.
+
+    Each node is sent its own last model (the initial one at first); the global model is
+    still the aggregate, but a round reports the mean accuracy of the nodes' own models.
+    """
+
+    def __init__(self) -> None:
+        self.node_arrays: dict[int, ArrayRecord] = {}
+
+    def configure(self, server_round, messages):
+        for message in messages:
+            own = self.node_arrays.get(message.metadata.dst_node_id)
+            if own is not None:
+                content = RecordDict(dict(message.content))
+                content[ARRAYS_KEY] = own
+                message.content = content
+        return messages
+
+    configure_evaluate = configure  # a node evaluates its own model too
+
+    def after_aggregate(self, server_round, accepted):
+        for reply in accepted:
+            self.node_arrays[reply.metadata.src_node_id] = reply.content[ARRAYS_KEY]
+
+    def models_to_evaluate(self, arrays):
+        return list(self.node_arrays.values()) or [arrays]
+
+    def state(self):
+        out: dict[str, Any] = {"node_arrays": list(self.node_arrays)}  # in order: evaluation averages over them
+        for node, record in self.node_arrays.items():
+            out[f"node_arrays/{node}"] = {name: a.numpy() for name, a in record.items()}
+        return out
+
+    def load_state(self, state):
+        if "node_arrays" in state:
+            self.node_arrays = {
+                int(node): ArrayRecord({name: Array(a) for name, a in state[f"node_arrays/{node}"].items()})
+                for node in state["node_arrays"]
+            }
