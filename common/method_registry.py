@@ -56,6 +56,13 @@ def register_method(cls: Any) -> Any:
     return cls
 
 
+def unregister_method(name: str) -> None:
+    """Remove a method added with ``register_method`` (a test's, or a plugin's that unloads)."""
+    if registered().get(name) is not None and _registry[name].__module__ in BUILTIN_MODULES:
+        raise ValueError(f"'{name}' is a built-in method")
+    _registry.pop(name, None)
+
+
 def registered() -> dict[str, MethodClass]:
     """Every method, in the order their hooks run in a round: the built-ins in their fixed
     order, then the others as they were registered."""

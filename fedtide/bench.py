@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.config import RunConfig
+from common.errors import FedtideError
 from common.method_registry import MethodSettings
 from common.files import write_json_atomic, write_text_atomic
 
@@ -109,7 +110,11 @@ def finished(cell: Cell) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return record if record.get("config") == cell.config.to_mapping() else None
+    try:  # compared as settings, not as text: a cell written before a new setting existed still counts
+        same = RunConfig.from_mapping(record.get("config") or {}) == cell.config
+    except FedtideError:
+        return None
+    return record if same else None
 
 
 def run_bench(cells: list[Cell], jobs: int, on_done: Callable[[Cell, bool], None]) -> list[dict[str, Any]]:
