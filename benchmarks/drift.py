@@ -30,7 +30,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from common.config import RunConfig  # noqa: E402
-from fedtide.inprocess import run_inprocess  # noqa: E402
+from fedtide.runtimes.inprocess import run_inprocess  # noqa: E402
 from fedtide.presets import preset_settings  # noqa: E402
 
 VARIANTS = {

@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedtide-export-") as scratch:
         run_dir = Path(args.run_dir) if args.run_dir else Path(scratch) / "run"
         if not args.run_dir:
-            from fedtide.inprocess import run_inprocess
+            from fedtide.runtimes.inprocess import run_inprocess
 
             config = RunConfig.of(
                 dataset=args.dataset, data_dir=args.data_dir, rounds_per_task=args.rounds_per_task,

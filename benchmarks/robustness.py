@@ -1,6 +1,6 @@
 """Figures of the robustness issue (#7), from one command:
 
-a. 1000 fuzzed replies (``server.reply_fuzz``: wrong/missing keys, shapes, dtypes, NaN/Inf,
+a. 1000 fuzzed replies (``tests/reply_fuzz.py``: wrong/missing keys, shapes, dtypes, NaN/Inf,
    huge norms, bad num-examples, truncated bytes, empty records...) fed to validation and
    every aggregation rule (under FedAvg, FedAdam and FedAvgM): crashes and non-finite
    global models, both must be 0.
@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -26,10 +27,12 @@ from rich.table import Table
 
 from common.config import RunConfig
 from common.schedule import TaskSchedule
-from fedtide.inprocess import run_inprocess
+from fedtide.runtimes.inprocess import run_inprocess
 from server.history import RunHistory
-from server.reply_fuzz import fuzz_replies, run_fuzz
-from server.strategy import build_strategy
+from server.strategy import run_strategy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reply_fuzz import fuzz_replies, run_fuzz  # noqa: E402  (a test tool, kept with the tests)
 
 RULES = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
 ATTACKS = {"sign-flip": {"attack": "sign-flip"}, "scale x10": {"attack": "scale", "attack_scale": 10.0},
@@ -59,7 +62,7 @@ def fuzz(seed: int, replies: int = 1000, per_round: int = 10) -> list[dict]:
             config = RunConfig.of(clients=per_round, strategy=strategy, **rule_settings(rule))
             history = RunHistory(TaskSchedule.build(1, replies // per_round, per_round, 0, seed))
             with np.errstate(all="ignore"):  # FedAdam squares huge updates: overflow is what we test
-                result = run_fuzz(build_strategy(config, history), global_arrays, [c for _, c in records], per_round)
+                result = run_fuzz(run_strategy(config, history), global_arrays, [c for _, c in records], per_round)
             rows.append({"strategy": strategy, "rule": rule, "replies": result.replies, "accepted": result.accepted,
                          "crashes": result.crashes, "non_finite": result.non_finite, "rounds_kept": result.rounds_kept})
     return rows

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedtide.flower_processes import process_tree  # noqa: E402
+from fedtide.runtimes.flower_processes import process_tree  # noqa: E402
 
 
 def _tree_rss_bytes(pid: int) -> int:

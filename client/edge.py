@@ -35,7 +35,7 @@ from client.rounds import (
     train_and_react,
 )
 from client.state_store import ClientStateStore
-from common.config import RunConfig
+from common.config import ClientSettings
 from common.datasets import LabelledSplit
 from common.devices import resolve_device
 from common.errors import FedtideError
@@ -48,7 +48,7 @@ log = logging.getLogger("fedtide.client")
 
 
 def train_on_arrivals(
-    config: RunConfig,
+    config: ClientSettings,
     input_shape: tuple[int, ...],
     num_classes: int,
     server_round: int,
@@ -66,14 +66,53 @@ def train_on_arrivals(
     ``task-id`` counts the task boundaries (drifts) so far. Raises FedtideError when there is
     no data at all yet, or when ``weights`` do not fit the config's model.
     """
+    check_input_shape(config, input_shape)
+    store = ClientStateStore(state_dir)
+    state, ledger = store.load()
+    arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger)
+    outcome = learn_round(config, input_shape, num_classes, server_round, weights, state, arrivals.data,
+                          device_name, node_id)
+    if outcome is None:
+        invalid = len(arrivals.quarantined)
+        raise FedtideError(
+            f"no data yet in {inbox}: put .npz (arrays x, y) or .csv (a 'label' column) files there"
+            + (f"; {invalid} invalid file(s) were moved to {Path(inbox) / QUARANTINE}" if invalid else "")
+        )
+    outcome.metrics.update({"new-files": len(arrivals.files), "quarantined": len(arrivals.quarantined)})
+    consumed = [
+        {"name": f.name, "size": f.size, "sha256": f.sha256, "mtime_ns": f.mtime_ns, "round": server_round,
+         "samples": len(f.data)}
+        for f in arrivals.files
+    ]
+    store.save(outcome.state, ledger + consumed)
+    return outcome
+
+
+def check_input_shape(config: ClientSettings, input_shape: tuple[int, ...]) -> None:
     if config.methods.options["replay-shift"] and len(input_shape) != 3:
         raise FedtideError(
             f"--replay-shift moves images, but this federation's samples have shape {tuple(input_shape)} "
             "instead of (channels, height, width): run the server without --replay-shift"
         )
+
+
+def learn_round(
+    config: ClientSettings,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    server_round: int,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    new_data: LabelledSplit | None,
+    device_name: str | None = None,
+    node_id: int = 0,
+) -> TrainOutcome | None:
+    """One round of a client that sees its data as it comes, with no task labels: train the
+    server's ``weights`` on ``new_data`` plus the replay memory in ``state`` (on the memory
+    alone when nothing new came). A drift found last round is a task boundary. None when
+    there is neither new data nor a memory; the outcome's ``state`` is the next state."""
+    check_input_shape(config, input_shape)
     device = resolve_device(device_name or config.learner.device)
-    store = ClientStateStore(state_dir)
-    state, ledger = store.load()
     model = load_global(config, input_shape, num_classes, weights).to(device)
     freeze(model, config.network.frozen_prefixes)
     boundary = drifted_last_round(state)
@@ -83,16 +122,9 @@ def train_on_arrivals(
     # each device its own draws; methods see the rate the optimizer runs at this round
     methods = build_methods(config.methods.parts, config.methods.options, derive_seed(config.seed, node_id), lr)
     restore_methods(methods, state, device)
-
-    arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger)
-    new_data, memory = arrivals.data, replay_memory(methods)
+    memory = replay_memory(methods)
     if new_data is None and memory is None:
-        invalid = len(arrivals.quarantined)
-        raise FedtideError(
-            f"no data yet in {inbox}: put .npz (arrays x, y) or .csv (a 'label' column) files there"
-            + (f"; {invalid} invalid file(s) were moved to {Path(inbox) / QUARANTINE}" if invalid else "")
-        )
-
+        return None
     if boundary:
         log.info("drift detected last round: consolidating the old concept before round %d", server_round)
         for method in methods:
@@ -108,19 +140,7 @@ def train_on_arrivals(
     stats, drift = train_and_react(model, plan, methods, config, state, device, observe=fresh, stream=fresh)
     outcome = finish_round(config, plan, stats, state, model_weights(model), methods_state(methods), drift)
     outcome.state[ROUNDS_INTO_TASK_KEY] = torch.tensor(rounds_into_task)
-    outcome.metrics.update(
-        {
-            "new-files": len(arrivals.files),
-            "new-examples": 0 if new_data is None else len(new_data),
-            "quarantined": len(arrivals.quarantined),
-        }
-    )
-    consumed = [
-        {"name": f.name, "size": f.size, "sha256": f.sha256, "mtime_ns": f.mtime_ns, "round": server_round,
-         "samples": len(f.data)}
-        for f in arrivals.files
-    ]
-    store.save(outcome.state, ledger + consumed)
+    outcome.metrics["new-examples"] = 0 if new_data is None else len(new_data)
     return outcome
 
 

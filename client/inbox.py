@@ -160,7 +160,7 @@ def parse_data_file(name: str, raw: bytes, input_shape: tuple[int, ...], num_cla
     if not raw:
         raise BadFile("the file is empty")
     x, y = _read_npz(raw) if name.lower().endswith(".npz") else _read_csv(raw)
-    return _validate(x, y, input_shape, num_classes)
+    return validate_samples(x, y, input_shape, num_classes)
 
 
 def _read_npz(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +208,10 @@ def _read_csv(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
     return np.delete(values, label, axis=1), values[:, label]
 
 
-def _validate(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int) -> LabelledSplit:
+def validate_samples(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int) -> LabelledSplit:
+    """Samples fit for training: ``x`` as float32 ``[N, *input_shape]`` (uint8 pixels scaled by
+    1/255, flat rows reshaped), finite; ``y`` whole labels in ``0..num_classes-1``. BadFile says
+    what is wrong otherwise."""
     if x.ndim == 0 or x.shape[0] == 0:
         raise BadFile("holds no samples")
     n, shape = x.shape[0], tuple(input_shape)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.errors import FedtideError
 
 
 @dataclass(frozen=True)
@@ -65,14 +64,3 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
         test=LabelledSplit(x[test], y[test]),
         num_classes=10,
     )
-
-
-def load_dataset(name: str, data_dir: str = "") -> Dataset:
-    """``digits`` is embedded; ``mnist`` and ``fashion-mnist`` are read from ``data_dir``."""
-    if name == "digits":
-        return load_digits()
-    if name in ("mnist", "fashion-mnist"):
-        from common.image_datasets import load_idx_dataset
-
-        return load_idx_dataset(name, data_dir)
-    raise FedtideError(f"unknown dataset '{name}': use digits, mnist or fashion-mnist")

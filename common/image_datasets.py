@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.datasets import Dataset, LabelledSplit
+from common.datasets import Dataset, LabelledSplit, load_digits
 from common.errors import FedtideError
 from common.idx import read_idx
 
@@ -66,3 +66,12 @@ def load_idx_dataset(name: str, data_dir: str) -> Dataset:
         return LabelledSplit(x, torch.from_numpy(labels.astype("int64")))
 
     return Dataset(name=name, train=split("train"), test=split("t10k"), num_classes=10)
+
+
+def load_dataset(name: str, data_dir: str = "") -> Dataset:
+    """``digits`` is embedded; ``mnist`` and ``fashion-mnist`` are read from ``data_dir``."""
+    if name == "digits":
+        return load_digits()
+    if name in ("mnist", "fashion-mnist"):
+        return load_idx_dataset(name, data_dir)
+    raise FedtideError(f"unknown dataset '{name}': use digits, mnist or fashion-mnist")

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from common.sections import DataSettings
-from common.datasets import Dataset, LabelledSplit, load_dataset
+from common.datasets import Dataset, LabelledSplit
+from common.image_datasets import load_dataset
 from common.errors import FedtideError
 from common.partition import dirichlet_partition, iid_partition
 from common.schedule import TaskSchedule

@@ -93,7 +93,7 @@ def _reference(base: RunConfig, reference: str, reference_method: str, options: 
 def _run_cell(cell: Cell, threads: int) -> dict[str, Any]:
     import torch
 
-    from fedtide.inprocess import run_inprocess
+    from fedtide.runtimes.inprocess import run_inprocess
 
     torch.set_num_threads(threads)
     summary = run_inprocess(cell.config)

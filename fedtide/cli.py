@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from common.config import RunConfig
 from common.method_registry import method_settings
 from common.errors import FedtideError
-from fedtide import certs, client_process, data_files, export_command, server_process
+from fedtide import export_command
+from fedtide.deployment import certs, client_process, data_files, server_process
 from fedtide.bench import REFERENCES
 from fedtide.presets import PRESETS, preset_settings
 from fedtide.run_flags import DATA_DIR_ENV, add_config_flags, config_from_args
@@ -206,11 +207,11 @@ def simulate_main(args: argparse.Namespace) -> None:
     build_scenario(config.data, config.seed)  # missing data or impossible splits: fail before a folder is made
     ensure_writable_folder(Path(config.run.out))  # fail now, not after training
     if args.engine == "flower":
-        from fedtide.flower_engine import run_flower_simulation
+        from fedtide.runtimes.flower_engine import run_flower_simulation
 
         run_flower_simulation(config)
         return
-    from fedtide.inprocess import default_workers, run_inprocess
+    from fedtide.runtimes.inprocess import default_workers, run_inprocess
 
     workers, vectorize = args.workers, not args.no_vectorize
     if args.resume:  # go on the way the run started, unless a flag says otherwise (then it is checked)

@@ -6,6 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
+from common.errors import FedtideError
 from server.federation import run_federation
 from server.grids import bound_reply_pulls
 
@@ -19,5 +20,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = dict(context.run_config)
     resume = bool(settings.pop(RESUME_KEY, False))
     config = RunConfig.from_mapping(settings)
+    if config.faults.attack != "none":  # the wrapper that injects faults is the simulation runtimes' own
+        raise FedtideError(f"attack = {config.faults.attack!r} is fault injection for `fedtide simulate` only: set attack = \"none\"")
     bound_reply_pulls(config.server.round_timeout / 2)
     run_federation(grid, config, resume=resume)

@@ -31,7 +31,7 @@ from server.progress import RoundProgress, summary_table
 from server.round_loop import run_rounds
 from server.run_folder import RunFolder
 from server.run_state import capture, node_states, restore
-from server.strategy import build_strategy
+from server.strategy import run_strategy
 from server.timing import PhaseTimes, TimedGrid
 
 def client_config(config: RunConfig, scenario: Scenario) -> ConfigRecord:
@@ -66,7 +66,7 @@ def run_federation(
         folder.write_config(config)
     scenario = build_scenario(config.data, config.seed)
     history = RunHistory(scenario.schedule)
-    strategy = build_strategy(config, history, times)
+    strategy = run_strategy(config, history, times)
     evaluator = TaskEvaluator(config, scenario)
     model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
     if config.network.init_from:

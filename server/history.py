@@ -52,9 +52,11 @@ class RoundRecord:
 class RunHistory:
     """Collects per-round figures; accuracy-matrix row i is read at ``schedule.end_round(i)``."""
 
-    def __init__(self, schedule: TaskSchedule) -> None:
-        self.schedule = schedule
-        self.num_tasks = schedule.num_tasks
+    def __init__(self, schedule: TaskSchedule | None = None) -> None:
+        """``schedule``: the run's task schedule; a strategy used in your own ServerApp keeps its
+        log without one (one task, rounds numbered as they come)."""
+        self.schedule = schedule or TaskSchedule.build(num_tasks=1, rounds_per_task=1, clients=1, spread=0, seed=0)
+        self.num_tasks = self.schedule.num_tasks
         self.baseline: list[float] = []
         self.rounds: list[RoundRecord] = []
         self._pending_clients: list[dict[str, Any]] = []
@@ -165,9 +167,13 @@ class RunHistory:
     def rejects(self) -> list[dict[str, Any]]:
         return [r for record in self.rounds for r in record.rejected]
 
+    def rejects_so_far(self) -> list[dict[str, Any]]:
+        """Every rejected reply so far, this round's included."""
+        return [*self.rejects, *self._pending_rejects]
+
     def reject_count(self, node_id: int) -> int:
         """Rejected replies of a node so far, this round's included."""
-        return sum(1 for r in [*self.rejects, *self._pending_rejects] if r["node"] == node_id)
+        return sum(1 for r in self.rejects_so_far() if r["node"] == node_id)
 
     @property
     def excluded_nodes(self) -> set[int]:

@@ -16,7 +16,6 @@ replies that carry no fedtide metrics are aggregated like any other.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -26,9 +25,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.config import RunConfig
-from server.grids import GridWrapper, wait_for_nodes
+from common.sections import DriftSettings, ServerSettings
 from server.history import RunHistory
 from server.robust import AggregationRule
+from server.sampling import NodeSampling
 from server.round_hooks import ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, RoundHook
 from server.server_step import ServerStep, server_step
 from server.timing import PhaseTimes
@@ -39,32 +39,6 @@ log = logging.getLogger("fedtide.server")
 # Decoded reply arrays kept from validation for aggregation, at most this many bytes per round:
 # past it (many clients, large models) aggregation decodes the rest again rather than hold them.
 DECODED_BUDGET = 256 * 2**20
-
-
-class NodeSampling:
-    """Which nodes a round asks: ``fraction`` of those connected (at least one), never an
-    excluded node, after waiting up to ``client_wait`` seconds for ``min_available`` nodes."""
-
-    def __init__(self, fraction_train: float, fraction_evaluate: float, min_available: int, client_wait: float) -> None:
-        self.fraction_train = fraction_train
-        self.fraction_evaluate = fraction_evaluate
-        self.min_available = min_available
-        self.client_wait = client_wait
-
-    def sample(self, grid: Grid, fraction: float, excluded: set[int]) -> list[int] | None:
-        """Node ids, in Flower's sampling order (``random.sample``); None when every node is excluded."""
-        minimum = self.min_available
-        if excluded:
-            grid = _GridWithout(grid, excluded)
-            if not list(grid.get_node_ids()):
-                return None
-            minimum = max(0, minimum - len(excluded))
-        # Flower's strategies size the sample from the nodes connected at the moment they look:
-        # wait for the minimum first, or a node that reconnects a second late misses the round
-        wait_for_nodes(grid, minimum, self.client_wait)
-        size = max(int(len(list(grid.get_node_ids())) * fraction), 1)
-        wait_for_nodes(grid, max(minimum, size), self.client_wait)
-        return random.sample(list(grid.get_node_ids()), size)
 
 
 class FedtideStrategy(Strategy):
@@ -294,39 +268,53 @@ def weighted_metrics(contents: list[RecordDict]) -> MetricRecord:
     return MetricRecord(sums)
 
 
-def build_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | None = None) -> FedtideStrategy:
-    """The strategy a config asks for: its rule and server step, and the round hooks of
-    the local-only reference and of the server's drift reactions."""
+def build_strategy(
+    server: ServerSettings | None = None,
+    drift: DriftSettings | None = None,
+    *,
+    min_nodes: int,
+    history: RunHistory | None = None,
+    local_only: bool = False,
+    frozen: tuple[str, ...] = (),
+    proximal_mu: float = 0.0,
+    times: PhaseTimes | None = None,
+) -> FedtideStrategy:
+    """fedtide's strategy from its settings, for ``run_federation`` or your own ServerApp.
+
+    ``server``: sampling, server step, reply limits and aggregation rule; ``drift``: the
+    server's drift reactions; ``min_nodes``: connected nodes a round waits for;
+    ``local_only``: the no-federation reference (each node keeps its own model);
+    ``frozen``: parameter-name prefixes that keep their values; ``proximal_mu``: FedProx's
+    term, sent to clients as ``proximal-mu`` with ``--strategy fedprox``."""
+    server = server or ServerSettings()
+    drift = drift or DriftSettings()
+    history = history or RunHistory()
     hooks: list[RoundHook] = []
-    local_only = config.data.training == "local-only"  # each node keeps its own model: nothing to aggregate robustly
     if local_only:
         hooks.append(LocalModels())
-    elif config.drift.drift_weight != 1.0:
-        hooks.append(DriftWeighting(config.drift.drift_weight))
-    if config.drift.react_server:
-        hooks.append(DriftResponse(history, config.drift.drift_quorum, config.drift.drift_epoch_boost))
+    elif drift.drift_weight != 1.0:
+        hooks.append(DriftWeighting(drift.drift_weight))
+    if drift.react_server:
+        hooks.append(DriftResponse(history, drift.drift_quorum, drift.drift_epoch_boost))
     return FedtideStrategy(
         history=history,
-        validator=ReplyValidator(config.server.max_num_examples, config.server.max_update_norm, config.server.max_reply_mb),
-        sampling=NodeSampling(config.server.fraction_train, config.server.fraction_evaluate, config.effective_min_clients,
-                              config.server.client_wait),
-        rule=AggregationRule() if local_only else AggregationRule.from_settings(config.server),
-        step=ServerStep() if local_only else server_step(config.server.strategy, config.server.effective_server_lr,
-                                                         config.server.server_momentum),
+        validator=ReplyValidator(server.max_num_examples, server.max_update_norm, server.max_reply_mb),
+        sampling=NodeSampling(server.fraction_train, server.fraction_evaluate, min_nodes, server.client_wait),
+        rule=AggregationRule() if local_only else AggregationRule.from_settings(server),
+        step=ServerStep() if local_only else server_step(server.strategy, server.effective_server_lr,
+                                                         server.server_momentum),
         hooks=hooks,
-        exclude_after=config.server.exclude_after,
-        frozen=config.network.frozen_prefixes,
-        extra_config={"proximal-mu": config.methods.options["prox-mu"]} if config.server.strategy == "fedprox" and not local_only else None,
+        exclude_after=server.exclude_after,
+        frozen=frozen,
+        extra_config={"proximal-mu": proximal_mu} if server.strategy == "fedprox" and not local_only else None,
         times=times,
     )
 
 
-class _GridWithout(GridWrapper):
-    """A view of a grid that hides some nodes from sampling; everything else passes through."""
-
-    def __init__(self, grid: Grid, hidden: set[int]) -> None:
-        super().__init__(grid)
-        self._hidden = hidden
-
-    def get_node_ids(self) -> list[int]:
-        return [node for node in self.inner.get_node_ids() if node not in self._hidden]
+def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | None = None) -> FedtideStrategy:
+    """The strategy of a fedtide run."""
+    return build_strategy(
+        config.server, config.drift, min_nodes=config.effective_min_clients, history=history,
+        local_only=config.data.training == "local-only", frozen=config.network.frozen_prefixes,
+        proximal_mu=config.methods.options["prox-mu"], times=times,
+    )

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedtide.flower_processes import process_tree
+from fedtide.runtimes.flower_processes import process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
-from fedtide.certs import CertificateSet
+from fedtide.deployment.certs import CertificateSet
 from fedtide.cli import main
 
 

@@ -26,13 +26,13 @@ from common.errors import FedtideError
 from common.models import build_model
 from common.scenarios import build_scenario
 from fedtide.cli import main
-from fedtide.inprocess import InProcessGrid, WorkerPoolGrid, node_configs, run_inprocess
+from fedtide.runtimes.inprocess import InProcessGrid, WorkerPoolGrid, node_configs, run_inprocess
 from server.checkpoint import CheckpointStore
 from server.federation import client_config, run_federation
 from server.history import RunHistory
 from server.round_loop import run_rounds
 from server.run_state import capture, restore
-from server.strategy import build_strategy
+from server.strategy import run_strategy
 from server.timing import PhaseTimes, TimedGrid
 
 SMALL = RunConfig.of(num_tasks=3, rounds_per_task=2, local_epochs=1, quiet=True)
@@ -106,7 +106,7 @@ def test_checkpoint_round_trip_keeps_weights_fedadam_moments_history_and_rng(tmp
     history.close_round(0, [0.1, 0.2, 0.3], 0.5)
     history.client_reply(3, {"num-examples": 10, "drift-detected": 1})
     history.close_round(1, [0.4, 0.5, 0.6], 0.5)
-    strategy = build_strategy(config, history)
+    strategy = run_strategy(config, history)
     gen = np.random.default_rng(0)
     drift_response = strategy.hooks[-1]
     strategy.step.load_state({"m_t": {"w": gen.normal(size=(3, 4)), "b": gen.normal(size=4)},
@@ -124,7 +124,7 @@ def test_checkpoint_round_trip_keeps_weights_fedadam_moments_history_and_rng(tmp
     torch.manual_seed(99)
     checkpoint = store.latest(warn=pytest.fail)
     fresh_history = RunHistory(schedule)
-    fresh = build_strategy(config, fresh_history)
+    fresh = run_strategy(config, fresh_history)
     restored = restore(checkpoint, fresh, fresh_history)
     assert list(restored) == ["w", "b"]  # the model's array order survives safetensors' sorting
     assert all(np.array_equal(restored[k].numpy(), arrays[k].numpy()) for k in arrays)
@@ -147,7 +147,7 @@ def test_our_round_loop_computes_what_flowers_strategy_start_does(tmp_path):
     finals = []
     for loop in ("flower", "ours"):
         history = RunHistory(scenario.schedule)
-        strategy = build_strategy(config, history)
+        strategy = run_strategy(config, history)
         grid = InProcessGrid(client_app, node_configs(config), train_many=train_many)
         model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
         initial = ArrayRecord(model.state_dict())
@@ -394,7 +394,7 @@ def test_the_server_app_resumes_when_its_run_config_says_so(tmp_path, whole):
     """`fedtide server --resume` submits the run with ``resume = true`` beside the settings."""
     from flwr.app import Context, RecordDict
 
-    from fedtide.server_process import write_app
+    from fedtide.deployment.server_process import write_app
     from server.app import RESUME_KEY
     from server.app import main as server_main
 

@@ -93,7 +93,7 @@ def test_a_reply_reporting_drift_weighs_more_in_that_rounds_aggregate():
     from common.config import RunConfig
     from common.schedule import TaskSchedule
     from server.history import RunHistory
-    from server.strategy import build_strategy
+    from server.strategy import run_strategy
 
     def reply(value: float, drifted) -> RecordDict:
         return RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), value)}),
@@ -106,9 +106,9 @@ def test_a_reply_reporting_drift_weighs_more_in_that_rounds_aggregate():
             out = hook.weights(replies, out)
         return out
 
-    strategy = build_strategy(config, RunHistory(TaskSchedule.build(5, 2, 2, 0, 0)))
+    strategy = run_strategy(config, RunHistory(TaskSchedule.build(5, 2, 2, 0, 0)))
     assert weights(strategy, [reply(1.0, 0), reply(5.0, 1), reply(2.0, [1, 1])]) == [10.0, 30.0, 10.0]  # a malformed flag gains nothing
-    assert weights(build_strategy(RunConfig(), RunHistory(TaskSchedule.build(5, 2, 2, 0, 0))),
+    assert weights(run_strategy(RunConfig(), RunHistory(TaskSchedule.build(5, 2, 2, 0, 0))),
                    [reply(1.0, 0), reply(5.0, 1)]) == [10.0, 10.0]
 
 

@@ -11,7 +11,7 @@ from client.state_store import ClientStateStore
 from common.config import RunConfig
 from common.models import build_model
 from common.scenarios import build_scenario
-from fedtide.inprocess import InProcessGrid
+from fedtide.runtimes.inprocess import InProcessGrid
 from server.federation import client_config
 
 

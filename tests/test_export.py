@@ -17,7 +17,7 @@ from common.errors import FedtideError
 from common.evaluation import accuracy
 from common.export import export_run, load_run, prune_l1
 from fedtide.export_command import add_parser, run
-from fedtide.inprocess import run_inprocess
+from fedtide.runtimes.inprocess import run_inprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

@@ -3,8 +3,8 @@
 import pytest
 
 from common.config import RunConfig
-from fedtide.flower_engine import run_flower_simulation
-from fedtide.inprocess import run_inprocess
+from fedtide.runtimes.flower_engine import run_flower_simulation
+from fedtide.runtimes.inprocess import run_inprocess
 
 
 @pytest.mark.slow

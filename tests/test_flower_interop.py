@@ -19,7 +19,7 @@ from common.files import load_tensors
 from common.models import build_model
 from common.scenarios import build_scenario
 from common.schedule import TaskSchedule
-from fedtide.inprocess import InProcessGrid, node_configs
+from fedtide.runtimes.inprocess import InProcessGrid, node_configs
 from server.federation import run_federation, summarize_run
 from server.history import RunHistory
 

@@ -10,10 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord
 from common.config import RunConfig
 from common.errors import FedtideError
 from common.schedule import TaskSchedule
-from fedtide.inprocess import InProcessGrid
+from fedtide.runtimes.inprocess import InProcessGrid
 from server.grids import wait_for_nodes
 from server.history import RunHistory
-from server.strategy import build_strategy
+from server.strategy import run_strategy
 
 
 class Connected(InProcessGrid):
@@ -54,7 +54,7 @@ def _train_messages(config: RunConfig, grid, excluded=()):
     history = RunHistory(TaskSchedule.build(5, 8, config.data.clients, 0, 0))
     for node in excluded:
         history.node_excluded(0, node)
-    strategy = build_strategy(config, history)
+    strategy = run_strategy(config, history)
     arrays = ArrayRecord({"w": torch.zeros(3)})
     return list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), grid))
 
@@ -94,9 +94,9 @@ def test_a_round_samples_every_node_that_connects_while_it_waits_for_the_minimum
     from common.config import RunConfig
     from common.schedule import TaskSchedule
     from server.history import RunHistory
-    from server.strategy import build_strategy
+    from server.strategy import run_strategy
 
-    from fedtide.inprocess import InProcessGrid
+    from fedtide.runtimes.inprocess import InProcessGrid
 
     class ArrivingGrid(InProcessGrid):
         calls = 0
@@ -107,7 +107,7 @@ def test_a_round_samples_every_node_that_connects_while_it_waits_for_the_minimum
 
     monkeypatch.setattr("time.sleep", lambda seconds: None)
     config = RunConfig.of(clients=2)
-    strategy = build_strategy(config, RunHistory(TaskSchedule.build(5, 8, 2, 0, 0)))
+    strategy = run_strategy(config, RunHistory(TaskSchedule.build(5, 8, 2, 0, 0)))
     arrays = ArrayRecord({"w": torch.zeros(3)})
     messages = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), ArrivingGrid(None, [{}, {}])))
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]

@@ -3,7 +3,7 @@
 import pytest
 
 from common.config import RunConfig
-from fedtide.inprocess import run_inprocess
+from fedtide.runtimes.inprocess import run_inprocess
 
 
 @pytest.fixture(scope="module")

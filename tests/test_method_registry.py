@@ -59,7 +59,7 @@ def test_a_method_defined_in_one_file_gets_its_flag_help_and_validation(shrink, 
 
 
 def test_a_method_defined_in_one_file_trains_in_a_run(shrink, tmp_path):
-    from fedtide.inprocess import run_inprocess
+    from fedtide.runtimes.inprocess import run_inprocess
 
     base = RunConfig.of(num_tasks=2, rounds_per_task=1, local_epochs=1, quiet=True)
     strong = run_inprocess(base.replace(method="shrink", shrink_strength=1.0, out=str(tmp_path / "strong")))

@@ -17,12 +17,13 @@ from common.datasets import LabelledSplit
 from common.errors import FedtideError
 from common.models import build_model
 from common.schedule import TaskSchedule
-from fedtide.inprocess import InProcessGrid, run_inprocess
+from fedtide.runtimes.inprocess import InProcessGrid, run_inprocess
 from server.history import RunHistory
-from server.reply_fuzz import fuzz_replies, run_fuzz
+from reply_fuzz import fuzz_replies, run_fuzz
 from server.robust import AggregationRule
 from server.run_folder import RunFolder
-from server.strategy import FedtideStrategy, NodeSampling, build_strategy
+from server.sampling import NodeSampling
+from server.strategy import FedtideStrategy, run_strategy
 from server.validation import ReplyValidator
 from server.validation import array_specs, validate_reply
 
@@ -210,7 +211,7 @@ def test_fuzzed_replies_never_crash_or_poison_any_rule(rule, strategy):
     rng = np.random.default_rng(0)
     global_arrays = {"w": rng.normal(size=(6, 4)).astype(np.float32), "b": np.zeros(4, np.float32)}
     replies = fuzz_replies(global_arrays, 100, seed=3)
-    result = run_fuzz(build_strategy(config, history), global_arrays, [c for _, c in replies], per_round=10)
+    result = run_fuzz(run_strategy(config, history), global_arrays, [c for _, c in replies], per_round=10)
     assert (result.crashes, result.non_finite) == (0, 0), result.errors
     assert result.replies == 100 and 0 < result.accepted < 100
 

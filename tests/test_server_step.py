@@ -13,7 +13,7 @@ from server.server_step import AdamStep, MomentumStep, ServerStep, server_step
 @pytest.fixture(autouse=True)
 def _message_identity():
     """Flower's Message needs the identity of the run that sends it."""
-    from fedtide.inprocess import InProcessGrid
+    from fedtide.runtimes.inprocess import InProcessGrid
 
     InProcessGrid(None, [])  # sets the identity of an in-process run
 

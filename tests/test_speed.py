@@ -14,7 +14,7 @@ from client.vectorized import train_rounds_together
 from common.config import RunConfig
 from common.models import build_model
 from common.scenarios import build_scenario
-from fedtide.inprocess import run_inprocess
+from fedtide.runtimes.inprocess import run_inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -55,7 +55,7 @@ def test_vectorised_run_matches_the_plain_run(tmp_path):
 
 def _peak_rss_kib(clients: int, tmp_path: Path) -> int:
     code = (
-        "import resource, sys; from common.config import RunConfig; from fedtide.inprocess import run_inprocess; "
+        "import resource, sys; from common.config import RunConfig; from fedtide.runtimes.inprocess import run_inprocess; "
         f"run_inprocess(RunConfig.of(clients={clients}, iid=True, num_tasks=1, method='naive', rounds_per_task=2, "
         f"local_epochs=1, fraction_train=0.1, quiet=True, out=sys.argv[1])); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"

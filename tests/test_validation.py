@@ -5,11 +5,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtide.inprocess import InProcessGrid
+from fedtide.runtimes.inprocess import InProcessGrid
 
 from common.schedule import TaskSchedule
 from server.history import RunHistory
-from server.strategy import FedtideStrategy, NodeSampling
+from server.sampling import NodeSampling
+from server.strategy import FedtideStrategy
 from server.validation import ReplyValidator
 from server.validation import array_specs, validate_reply
 

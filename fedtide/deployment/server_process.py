@@ -25,8 +25,8 @@ from rich.console import Console
 import fedtide
 from common.config import RunConfig
 from common.errors import FedtideError
-from fedtide.certs import CertificateSet
-from fedtide.flower_processes import (
+from fedtide.deployment.cert_files import CertificateSet
+from fedtide.runtimes.flower_processes import (
     FlowerProcess, flower_env, flower_executable, flwr_cli, parse_address, write_connection,
 )
 from fedtide.run_flags import add_config_flags, config_from_args
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> None:
         )
     if config.data.training != "federated":
         raise FedtideError(f"--training {config.data.training} is a simulation reference: use `fedtide simulate`")
+    if config.faults.attack != "none":
+        raise FedtideError(f"--attack {config.faults.attack} is fault injection for simulations: use `fedtide simulate`")
     from common.scenarios import build_scenario
     from common.files import ensure_writable_folder
 

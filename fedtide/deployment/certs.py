@@ -7,58 +7,18 @@
   format, as Flower's node authentication expects): the server registers the public keys
   it finds in the folder, a client signs in with its private key.
 
-The keys and certificates themselves are made in ``fedtide.pki``.
+The keys and certificates themselves are made in ``fedtide.deployment.pki``.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedtideError
+from fedtide.deployment.cert_files import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CertificateSet, node_key_names
 
-CA_CERT, CA_KEY = "ca.crt", "ca.key"
-SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
-NODE_KEY_PATTERN = "node-*.pub"
-
-
-@dataclass(frozen=True)
-class CertificateSet:
-    """Where each file of a certificate folder is."""
-
-    folder: Path
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.folder / CA_CERT
-
-    @property
-    def server_cert(self) -> Path:
-        return self.folder / SERVER_CERT
-
-    @property
-    def server_key(self) -> Path:
-        return self.folder / SERVER_KEY
-
-    def node_public_keys(self) -> list[Path]:
-        """Every node public key in the folder, in node order (node-1, node-2, ... node-10)."""
-        keys = list(self.folder.glob(NODE_KEY_PATTERN))
-        return sorted(keys, key=lambda p: (len(p.stem), p.stem))
-
-    def require_server_files(self) -> None:
-        missing = [p.name for p in (self.ca_cert, self.server_cert, self.server_key) if not p.is_file()]
-        if missing:
-            raise FedtideError(
-                f"--certs {self.folder} lacks {', '.join(missing)}: make the folder with "
-                "`fedtide certs --out DIR --server-name HOST`, or run with --insecure"
-            )
-
-
-def node_key_names(index: int) -> tuple[str, str]:
-    return f"node-{index}.key", f"node-{index}.pub"
-
+__all__ = ["CA_CERT", "CA_KEY", "SERVER_CERT", "SERVER_KEY", "CertificateSet", "add_parser", "node_key_names", "run"]
 
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
@@ -76,7 +36,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from fedtide.pki import make_certificates  # cryptography loads only for this command
+    from fedtide.deployment.pki import make_certificates  # cryptography loads only for this command
 
     files = make_certificates(Path(args.out), args.server_name, args.nodes, args.days, args.force)
     print(f"wrote {len(files)} files to {args.out}: server gets the folder (keep ca.key offline); client i gets ca.crt and node-i.key")

@@ -1,5 +1,5 @@
 """Keys and certificates for a federation, made with the ``cryptography`` package (the file
-layout is ``fedtide.certs``'). Private keys are written with mode 0600, atomically;
+layout is ``fedtide.deployment.certs``'). Private keys are written with mode 0600, atomically;
 nothing is overwritten without ``force``."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import FedtideError
 from common.files import write_bytes_atomic
-from fedtide.certs import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, node_key_names
+from fedtide.deployment.cert_files import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, node_key_names
 
 PRIVATE_MODE, PUBLIC_MODE = 0o600, 0o644
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from common.errors import FedtideError
 from common.files import ensure_writable_folder
-from fedtide.certs import CA_CERT
-from fedtide.flower_processes import (
+from fedtide.deployment.cert_files import CA_CERT
+from fedtide.runtimes.flower_processes import (
     flower_env, flower_executable, free_port, parse_address, signal_group, start_group_leader, stop_group,
 )
 

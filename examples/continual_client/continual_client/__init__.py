@@ -1,0 +1,1 @@
+"""Example: fedtide's continual-learning client inside your own Flower ClientApp."""

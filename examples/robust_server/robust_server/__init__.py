@@ -1,0 +1,1 @@
+"""Example: fedtide's validated, robust strategy inside your own Flower ServerApp."""
