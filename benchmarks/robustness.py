@@ -25,7 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from common.config import RunConfig
+from common.config import RunConfig, all_settings
 from common.schedule import TaskSchedule
 from fedtide.runtimes.inprocess import run_inprocess
 from server.history import RunHistory
@@ -91,7 +91,9 @@ def _overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, _, value = pair.partition("=")
         out[key.replace("-", "_")] = value
-    return {k: v for k, v in RunConfig.from_mapping(out).__dict__.items() if k in out}
+    RunConfig.from_mapping(out)  # a bad setting stops here, with its name
+    known = all_settings()
+    return {k: known[k.replace("_", "-")].parse(v) for k, v in out.items()}
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 The client's settings (``common.config.ClientSettings``: scenario, model, learner, methods,
 drift) arrive with every message from the server (its ``config`` record) beside their digest;
-a client parses and checks them once per digest. Besides those it needs only its node_config:
+a client parses and checks them once while they stay the same. Besides those it needs only
+its node_config:
 - simulated client: its ``partition-id`` of the scenario's data (and optionally ``device``);
   its continual-learning state lives in ``context.state``;
 - edge client (``fedtide client``): ``inbox``, the folder where its data files arrive, and
@@ -23,14 +24,15 @@ from flwr.clientapp import ClientApp
 
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
-from common.config import EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, SETTINGS_HASH_KEY, ClientSettings
+from common.config import EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, ClientSettings
 from common.datasets import LabelledSplit
 from common.errors import FedtideError
-from common.settings import Setting
+from common.sections import DriftSettings
 
 STATE_KEY = "fedtide-state"
-_PARSED: dict[str, ClientSettings] = {}  # settings digest -> parsed settings (a few at most)
-_EPOCH_BOOST = Setting(EPOCH_BOOST_KEY, int, 1, "local-epoch multiplier for this round", minimum=1, maximum=100)
+_PARSED: dict[str, ClientSettings] = {}  # the settings as sent -> parsed (a few at most)
+ROUND_KEYS = ("server-round", EPOCH_BOOST_KEY)  # a round's own instructions, beside the settings
+_EPOCH_BOOST = dataclasses.replace(DriftSettings.declarations()["drift-epoch-boost"], name=EPOCH_BOOST_KEY, default=1)
 app = ClientApp()
 
 
@@ -45,18 +47,19 @@ class Tampering(Protocol):
 
 
 def received_settings(msg: Message) -> tuple[ClientSettings, int]:
-    """The client settings the server sent, and the round; parsed once per digest. A drift
-    response's ``epoch-boost`` multiplies this round's local epochs."""
+    """The client settings the server sent, and the round; parsed and checked once as long
+    as they stay the same. A drift response's ``epoch-boost`` multiplies this round's local
+    epochs."""
     record = msg.content["config"]
     server_round = int(record.get("server-round", 0))
-    digest = record.get(SETTINGS_HASH_KEY)
-    settings = _PARSED.get(digest) if isinstance(digest, str) else None
+    # keyed by what was sent, not by the digest the server claims: a record that changed is parsed again
+    key = repr(sorted((k, v) for k, v in record.items() if k not in ROUND_KEYS))
+    settings = _PARSED.get(key)
     if settings is None:
         settings = ClientSettings.from_mapping(dict(record))
-        if isinstance(digest, str):
-            if len(_PARSED) >= 4:
-                _PARSED.clear()
-            _PARSED[digest] = settings
+        if len(_PARSED) >= 4:
+            _PARSED.clear()
+        _PARSED[key] = settings
     boost = record.get(EPOCH_BOOST_KEY, 1)
     if boost != 1:
         epochs = settings.learner.local_epochs * _EPOCH_BOOST.parse(boost)

@@ -49,7 +49,8 @@ class ContinualLearner:
         node_id: int = 0,
         device: str | None = None,
     ) -> None:
-        self.settings = settings if isinstance(settings, ClientSettings) else ClientSettings.from_mapping(settings or {})
+        self.settings = (settings if isinstance(settings, ClientSettings)
+                         else ClientSettings.from_mapping(settings or {}, strict=True))
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_classes = int(num_classes)
         self.node_id = node_id

@@ -36,6 +36,9 @@ __all__ = [
 INPUT_SHAPE_KEY, NUM_CLASSES_KEY, SETTINGS_HASH_KEY = "input-shape", "num-classes", "settings-hash"
 EPOCH_BOOST_KEY = "epoch-boost"
 
+# settings in the sections a client is sent that only the server reads: they are not sent
+SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epoch-boost", "drift-weight"})
+
 # RunConfig attribute -> section class
 SECTIONS: dict[str, type[Section]] = {
     "data": DataSettings, "network": ModelSettings, "learner": LearnerSettings, "drift": DriftSettings,
@@ -43,14 +46,18 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 
-def all_settings() -> dict[str, Setting]:
-    """Every flat setting of a run by flag name (sections', then the methods')."""
+def section_settings() -> dict[str, Setting]:
+    """The sections' settings and ``--method`` by flag name (no method's own settings)."""
     out: dict[str, Setting] = {}
     for section in SECTIONS.values():
         out.update(section.declarations())
     out["method"] = Setting("method", str, "replay", "continual-learning method(s), combined with + (e.g. replay+ewc)")
-    out.update(method_settings())
     return out
+
+
+def all_settings() -> dict[str, Setting]:
+    """Every flat setting of a run by flag name (sections', then the methods')."""
+    return {**section_settings(), **method_settings()}
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,21 @@ class ClientSettings:
             out.update(section.to_flat())
         out.update(self.methods.to_flat())
         out["seed"] = self.seed
-        return out
+        return {k: v for k, v in out.items() if k not in SERVER_ONLY}
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "ClientSettings":
+    def from_mapping(cls, mapping: Mapping[str, Any], strict: bool = False) -> "ClientSettings":
         """From a server's config record; keys a client does not use are ignored (a plain
-        Flower strategy adds its own, e.g. ``proximal-mu``)."""
+        Flower strategy adds its own, e.g. ``proximal-mu``). ``strict`` (settings a person
+        wrote): snake_case is read as kebab-case, and an unknown key is an error."""
         flat = {str(k): v for k, v in mapping.items()}
+        if strict:
+            flat = {k.replace("_", "-"): v for k, v in flat.items()}
+            known = set(all_settings()) - SERVER_ONLY - set(FaultSettings.declarations()) - set(
+                ServerSettings.declarations()) - {"out", "quiet"}
+            unknown = sorted(set(flat) - known)
+            if unknown:
+                raise FedtideError(f"unknown client setting '{unknown[0]}': client settings are {', '.join(sorted(known))}")
         return cls(
             data=DataSettings.from_flat(flat), network=ModelSettings.from_flat(flat),
             learner=LearnerSettings.from_flat(flat), methods=MethodSettings.from_flat(flat),
@@ -110,7 +125,11 @@ class RunConfig:
     # ---- values that need several sections ---------------------------------
     @property
     def client(self) -> ClientSettings:
-        return ClientSettings(self.data, self.network, self.learner, self.methods, self.drift, self.run.seed)
+        """What its clients are sent: the server-only settings among the sections stay home."""
+        defaults = {k: v.default for k, v in all_settings().items() if k in SERVER_ONLY}
+        network = ModelSettings.from_flat({**self.network.to_flat(), **defaults})
+        drift = DriftSettings.from_flat({**self.drift.to_flat(), **defaults})
+        return ClientSettings(self.data, network, self.learner, self.methods, drift, self.run.seed)
 
     @property
     def seed(self) -> int:
@@ -139,34 +158,12 @@ class RunConfig:
                                                self.faults, self.run) for name, value in vars(section).items()}
         self.methods.check(context)
         server, drift, data = self.server, self.drift, self.data
-        if server.strategy == "fedprox" and self.methods.options["prox-mu"] == 0:
-            raise FedtideError("--strategy fedprox needs a proximal term: set --prox-mu (e.g. 0.01)")
         if server.min_clients > data.clients:
             raise FedtideError(
                 f"--min-clients must be between 0 (all) and --clients {data.clients} (got {server.min_clients})"
             )
-        if drift.drift_weight != 1.0 and server.aggregation in ("median", "trimmed-mean"):
-            raise FedtideError(
-                f"--aggregation {server.aggregation} ignores reply weights, so --drift-weight would do nothing: "
-                "use fedavg, multikrum or clip, or drop --drift-weight"
-            )
-        if drift.drift_weight != 1.0 and data.training == "local-only":
-            raise FedtideError("--training local-only aggregates nothing, so --drift-weight would do nothing: drop it")
-        replies = self.max_replies_per_round
-        if server.aggregation == "multikrum" and replies <= 2 * server.tolerated_attackers + 2:
-            f = server.tolerated_attackers
-            raise FedtideError(
-                f"--aggregation multikrum with --tolerated-attackers {f} needs more than {2 * f + 2} replies "
-                f"per round, but at most {replies} arrive: use --clients {2 * f + 3} or more "
-                f"(and --fraction-train 1), or lower --tolerated-attackers"
-            )
-        if server.aggregation == "trimmed-mean":
-            cut = trimmed_count(replies, server.trim_fraction)
-            if replies - 2 * cut < 1:
-                raise FedtideError(
-                    f"--aggregation trimmed-mean cuts {cut} of {replies} replies from each side and keeps none: "
-                    "use more --clients or a smaller --trim-fraction"
-                )
+        check_server(server, drift, self.max_replies_per_round, data.training == "local-only",
+                     self.methods.options["prox-mu"])
         attackers = self.faults.attacker_partitions
         if any(not 0 <= p < data.clients for p in attackers):
             raise FedtideError(
@@ -183,16 +180,17 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any], ignore_unknown: bool = False) -> "RunConfig":
+    def from_mapping(cls, mapping: Mapping[str, Any], ignore_unknown: bool = False, toml: bool = False) -> "RunConfig":
         """Build from kebab- or snake-case keys; an unknown key is an error unless
-        ``ignore_unknown``."""
+        ``ignore_unknown``. ``toml``: the mapping is a Flower run config, where TOML has no
+        null and 0 stands for "the default" of a setting that says so (``memory-size``)."""
         flat = {str(key).replace("_", "-"): value for key, value in mapping.items()}
         known = all_settings()
+        if toml:
+            flat = {k: v for k, v in flat.items() if not (k in known and known[k].zero_means_default and v == 0)}
         unknown = sorted(set(flat) - set(known))
         if unknown and not ignore_unknown:
             raise FedtideError(f"unknown setting '{unknown[0]}': valid settings are {', '.join(sorted(known))}")
-        if flat.get("server-lr") in ("",):
-            flat.pop("server-lr")
         sections = {name: section.from_flat(flat) for name, section in SECTIONS.items()}
         return cls(**sections, methods=MethodSettings.from_flat(flat))  # type: ignore[arg-type]
 
@@ -218,6 +216,36 @@ class RunConfig:
         if method_keys:
             updates["methods"] = MethodSettings.from_flat({**self.methods.to_flat(), **method_keys})
         return dataclasses.replace(self, **updates)
+
+
+def check_server(server: ServerSettings, drift: DriftSettings, replies: int, local_only: bool = False,
+                 proximal_mu: float = 0.0) -> None:
+    """The rules between the server's settings, its drift reactions and how many replies a
+    round can bring; FedtideError naming the flags. ``RunConfig`` and ``build_strategy`` both
+    apply them."""
+    if server.strategy == "fedprox" and proximal_mu == 0:
+        raise FedtideError("--strategy fedprox needs a proximal term: set --prox-mu (e.g. 0.01)")
+    if drift.drift_weight != 1.0 and server.aggregation in ("median", "trimmed-mean"):
+        raise FedtideError(
+            f"--aggregation {server.aggregation} ignores reply weights, so --drift-weight would do nothing: "
+            "use fedavg, multikrum or clip, or drop --drift-weight"
+        )
+    if drift.drift_weight != 1.0 and local_only:
+        raise FedtideError("--training local-only aggregates nothing, so --drift-weight would do nothing: drop it")
+    if server.aggregation == "multikrum" and replies <= 2 * server.tolerated_attackers + 2:
+        f = server.tolerated_attackers
+        raise FedtideError(
+            f"--aggregation multikrum with --tolerated-attackers {f} needs more than {2 * f + 2} replies "
+            f"per round, but at most {replies} arrive: use --clients {2 * f + 3} or more "
+            f"(and --fraction-train 1), or lower --tolerated-attackers"
+        )
+    if server.aggregation == "trimmed-mean":
+        cut = trimmed_count(replies, server.trim_fraction)
+        if replies - 2 * cut < 1:
+            raise FedtideError(
+                f"--aggregation trimmed-mean cuts {cut} of {replies} replies from each side and keeps none: "
+                "use more --clients or a smaller --trim-fraction"
+            )
 
 
 def trimmed_count(replies: int, trim_fraction: float) -> int:

@@ -6,22 +6,23 @@ it can be ``vectorized``, and what it cannot be combined with. ``register_method
 CLI flags, help, validation, the run config check and bench cells all read this registry,
 so a new method touches its own file and its test.
 
-The built-in methods live in ``client.methods``; like the components of a Flower app they are
-named here by module path and imported on first use, so that ``common`` needs no import of
-``client`` and any boundary (CLI, ServerApp, ClientApp, tests) sees the same methods.
+The built-in methods are the modules of the ``client.methods`` package; like the components of
+a Flower app the package is named here by its path and its modules are imported on first use,
+so that ``common`` needs no import of ``client`` and any boundary (CLI, ServerApp, ClientApp,
+tests) sees the same methods. A new built-in is a new module there; nothing else lists it.
+Hooks run in the order of each class's ``order`` (then registration).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, Protocol
 
 from common.errors import FedtideError
 from common.settings import Setting
 
-BUILTIN_MODULES = (
-    "client.methods.replay", "client.methods.der", "client.methods.ewc", "client.methods.lwf", "client.methods.prox",
-)
+BUILTIN_PACKAGE = "client.methods"
 NAIVE = "naive"  # no method: plain fine-tuning
 
 _registry: dict[str, "MethodClass"] = {}
@@ -46,7 +47,7 @@ class MethodClass(Protocol):
 def register_method(cls: Any) -> Any:
     """Class decorator: make a method available to ``--method`` and every other boundary."""
     existing = _registry.get(cls.name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"a method named '{cls.name}' is registered already ({existing.__module__})")
     for setting in cls.settings:  # methods may share a setting (der reads replay's), never redefine it
         other = next((s for c in _registry.values() for s in c.settings if s.name == setting.name), None)
@@ -58,20 +59,19 @@ def register_method(cls: Any) -> Any:
 
 def unregister_method(name: str) -> None:
     """Remove a method added with ``register_method`` (a test's, or a plugin's that unloads)."""
-    if registered().get(name) is not None and _registry[name].__module__ in BUILTIN_MODULES:
+    if registered().get(name) is not None and _registry[name].__module__.startswith(BUILTIN_PACKAGE + "."):
         raise ValueError(f"'{name}' is a built-in method")
     _registry.pop(name, None)
 
 
 def registered() -> dict[str, MethodClass]:
-    """Every method, in the order their hooks run in a round: the built-ins in their fixed
-    order, then the others as they were registered."""
+    """Every method, in the order their hooks run in a round (each class's ``order``, then
+    registration): replay or der, ewc, lwf, prox, then methods without an order of their own."""
     _load_builtins()
 
     def order(item: tuple[int, tuple[str, MethodClass]]) -> tuple[int, int]:
         index, (_, cls) = item
-        module = cls.__module__
-        return (0, BUILTIN_MODULES.index(module)) if module in BUILTIN_MODULES else (1, index)
+        return (getattr(cls, "order", 100), index)
 
     return dict(pair for _, pair in sorted(enumerate(_registry.items()), key=order))
 
@@ -122,8 +122,9 @@ def _load_builtins() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
+        package = importlib.import_module(BUILTIN_PACKAGE)
+        for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{BUILTIN_PACKAGE}.{module.name}")
 
 
 class MethodSettings:
@@ -134,13 +135,16 @@ class MethodSettings:
 
     def __init__(self, method: str = "replay", given: dict[str, Any] | None = None) -> None:
         known = method_settings()
-        for name, value in (given or {}).items():
+        for name in given or {}:
             if name not in known:
                 raise FedtideError(f"unknown method setting '{name}': the methods' settings are {', '.join(known)}")
         parsed = {name: known[name].parse(value) for name, value in (given or {}).items()}
         object.__setattr__(self, "method", str(method))
         object.__setattr__(self, "given", {k: v for k, v in parsed.items() if v != known[k].default})
-        self.parts  # an unknown method or an impossible mix fails here  # noqa: B018
+        # a setting that no method of the run reads changes nothing: it is not kept (the CLI
+        # refuses such a flag when it was typed, see ``unread``)
+        read = {s.name for cls in self.active for s in cls.settings}
+        object.__setattr__(self, "given", {k: v for k, v in self.given.items() if k in read})
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("MethodSettings is frozen")
@@ -177,26 +181,21 @@ class MethodSettings:
     def vectorized(self) -> bool:
         return all(cls.vectorized for cls in self.active)
 
-    def check(self, context: dict[str, Any]) -> None:
-        """Each given setting is read by a method of the run (unless at its default), and each
-        method's own rules against the run's other settings (``context``, by field name)."""
-        used = self.active
-        read = {s.name for cls in used for s in cls.settings}
-        for name in self.given:
-            if name not in read:
+    def unread(self, names: list[str]) -> str | None:
+        """Why a typed flag among ``names`` (method settings) is wrong for this run: no method
+        of it reads the setting; None when every one is read."""
+        read = {s.name for cls in self.active for s in cls.settings}
+        for name in names:
+            if name in method_settings() and name not in read:
                 users = " or ".join(readers(name)) or "none"
-                raise FedtideError(
-                    f"--{name} is set but --method {self.method} does not use it: "
-                    f"drop --{name} or use a method that reads it ({users})"
-                )
-        options = self.options
-        for cls in used:
-            cls.check(self.parts, options, context)
+                return f"--{name} is set but --method {self.method} does not use it: drop --{name} or use a method that reads it ({users})"
+        return None
 
-    def only_read(self) -> "MethodSettings":
-        """The same methods with only the given settings they read (a bench cell's view)."""
-        read = {s.name for cls in active_methods(self.parts, self.options) for s in cls.settings}
-        return MethodSettings(self.method, {k: v for k, v in self.given.items() if k in read})
+    def check(self, context: dict[str, Any]) -> None:
+        """Each method's own rules against the run's other settings (``context``, by field name)."""
+        options = self.options
+        for cls in self.active:
+            cls.check(self.parts, options, context)
 
     def to_flat(self) -> dict[str, Any]:
         return {"method": self.method, **self.options}
@@ -204,8 +203,4 @@ class MethodSettings:
     @classmethod
     def from_flat(cls, mapping: dict[str, Any]) -> "MethodSettings":
         known = method_settings()
-        given = {
-            name: value for name, value in mapping.items()
-            if name in known and not (known[name].zero_means_default and value in (0, 0.0, "", "0"))
-        }
-        return cls(mapping.get("method", "replay"), given)
+        return cls(mapping.get("method", "replay"), {name: value for name, value in mapping.items() if name in known})

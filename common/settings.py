@@ -20,7 +20,7 @@ from common.errors import FedtideError
 class Setting:
     """``name`` is the kebab-case flag (``memory-size``); ``kind`` int, float, str or bool.
 
-    ``minimum``/``maximum`` bound a number (``above`` makes the minimum exclusive);
+    ``minimum``/``maximum`` bound a number (``above``/``below`` make them exclusive);
     ``choices`` lists a string's allowed values; ``zero_means_default``: Flower's TOML
     run config has no null, so 0 there stands for "the default"."""
 
@@ -32,6 +32,7 @@ class Setting:
     minimum: float | None = None
     above: bool = False
     maximum: float | None = None
+    below: bool = False
     zero_means_default: bool = False
     hint: str = ""  # said after a range error: what the values mean
 
@@ -45,24 +46,30 @@ class Setting:
         if self.kind is str and self.choices and typed not in self.choices:
             raise FedtideError(f"unknown {self.name} '{typed}': use one of {', '.join(self.choices)}")
         if self.kind in (int, float):
-            if not math.isfinite(typed):
-                raise FedtideError(f"--{self.name} must be a finite number (got {value})")
+            if (self.kind is int and abs(typed) >= 2**63) or (self.kind is float and not math.isfinite(typed)):
+                raise FedtideError(f"--{self.name} must be a finite number of sensible size (got {str(value)[:40]})")
             low_ok = self.minimum is None or (typed > self.minimum if self.above else typed >= self.minimum)
-            high_ok = self.maximum is None or typed <= self.maximum
+            high_ok = self.maximum is None or (typed < self.maximum if self.below else typed <= self.maximum)
             if not (low_ok and high_ok):
                 hint = f": {self.hint}" if self.hint else ""
                 raise FedtideError(f"--{self.name} must be {self._range()} (got {value}){hint}")
         return typed
 
     def _range(self) -> str:
-        if self.kind is int and self.minimum == 1 and self.maximum is None and not self.above:
-            return "a positive integer"
+        def show(bound: float) -> str:
+            return f"{int(bound):,}" if self.kind is int else f"{bound:g}"
+
+        low, high = self.minimum, self.maximum
+        if self.kind is int and low == 1 and not self.above:
+            return "a positive integer" + (f" up to {show(high)}" if high is not None else "")
         whole = "a whole number " if self.kind is int else ""
-        if self.minimum is not None and self.maximum is not None:
-            return f"{whole}between {self.minimum:g} and {self.maximum:g}" + (f", above {self.minimum:g}" if self.above else "")
-        if self.minimum is not None:
-            return f"{whole}{'>' if self.above else '>='} {self.minimum:g}"
-        return f"{whole}<= {self.maximum:g}"
+        if low is not None and high is not None:
+            if not (self.above or self.below):
+                return f"{whole}between {show(low)} and {show(high)}"
+            return f"{whole}in {'(' if self.above else '['}{show(low)}, {show(high)}{')' if self.below else ']'}"
+        if low is not None:
+            return f"{whole}{'>' if self.above else '>='} {show(low)}"
+        return f"{whole}{'<' if self.below else '<='} {show(high)}"
 
     def _coerce(self, value: Any) -> Any:
         try:
@@ -73,7 +80,9 @@ class Setting:
                     if value.lower() in ("false", "0", "no"):
                         return False
                     raise ValueError(value)
-                return bool(value)
+                if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                    return bool(value)
+                raise ValueError(value)
             if self.kind is int:
                 if isinstance(value, bool):
                     raise ValueError(value)
@@ -88,7 +97,9 @@ class Setting:
                 if isinstance(value, bool):
                     raise ValueError(value)
                 return float(value)
-            return str(value)
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
         except (TypeError, ValueError, OverflowError):
             raise FedtideError(f"setting '{self.name}' got {value!r}, expected {self.kind.__name__}") from None
 

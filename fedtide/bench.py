@@ -74,7 +74,7 @@ def with_method(base: RunConfig, method: str, options: dict[str, Any] | None = N
     e.g. from ``--set``) that its methods read. A cell keeps the defaults of the settings its
     method does not read, so it neither fails validation (--memory-size with naive) nor
     reruns when they change."""
-    return dataclasses.replace(base, methods=MethodSettings(method, {**base.methods.given, **(options or {})}).only_read())
+    return dataclasses.replace(base, methods=MethodSettings(method, {**base.methods.given, **(options or {})}))
 
 
 def _reference(base: RunConfig, reference: str, reference_method: str, options: dict[str, Any] | None) -> RunConfig:

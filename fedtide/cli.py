@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.config import RunConfig
-from common.method_registry import method_settings
+from common.method_registry import registered
 from common.errors import FedtideError
 from fedtide import export_command
 from fedtide.deployment import certs, client_process, data_files, server_process
@@ -29,7 +29,9 @@ DEPLOYMENT_COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` (the subcommand about to run), the other subcommands get
+    no method flags (those import every method, and so torch)."""
     parser = argparse.ArgumentParser(prog="fedtide", description="Federated continual learning on Flower.")
     commands = parser.add_subparsers(dest="command", required=True)
     simulate = commands.add_parser(
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--resume", metavar="RUN_DIR",
                           help="go on with the run in RUN_DIR after its last checkpoint, with its own settings "
                           "(config.json); flags that would change what it computes are refused")
-    add_config_flags(simulate)
+    add_config_flags(simulate, methods=command in (None, "simulate"))
 
     download = commands.add_parser(
         "download", help="download mnist or fashion-mnist, verifying checksums",
@@ -80,9 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=int, default=1, help="cells run at once, in separate processes")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every cell, e.g. --set rounds-per-task=5 (repeatable)")
-    for module in DEPLOYMENT_COMMANDS.values():
-        module.add_parser(commands)
+    for name, module in DEPLOYMENT_COMMANDS.items():
+        module.add_parser(commands, methods=command in (None, name))
     return parser
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    """The subcommand in ``argv`` (the first word that is not an option), or "" for none."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return next((w for w in words if not w.startswith("-")), "")
 
 
 def _show_warnings() -> None:
@@ -119,10 +127,11 @@ def bench_main(args: argparse.Namespace) -> None:
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV, "")
     if data_dir:
         settings["data_dir"] = data_dir
-    method_known = method_settings()
-    options = {key.replace("_", "-"): settings.pop(key) for key in list(settings) if key.replace("_", "-") in method_known}
-    options = {key: method_known[key].parse(value) for key, value in options.items()
-               if not (method_known[key].zero_means_default and value in (0, "0"))}
+    # settings of methods named in --methods go to the cells that use them; those of methods that
+    # their settings turn on (prox-mu) stay with every cell
+    by_name = {"-".join(key.split("_")): key for key in settings}
+    chosen = {s.name for cls in registered().values() if cls.selectable for s in cls.settings}
+    options = {name: settings.pop(key) for name, key in by_name.items() if name in chosen}
     base = RunConfig.from_mapping({**settings, "method": "naive"})
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     references = [] if args.references == "none" else [r.strip() for r in args.references.split(",") if r.strip()]
@@ -229,7 +238,7 @@ def _interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signatur
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     _show_warnings()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, kill: clean up as for Ctrl-C

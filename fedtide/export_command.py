@@ -17,7 +17,7 @@ FORMATS = ("torchscript", "onnx")  # common.export.FORMATS' keys; a test keeps t
 QUANTIZATIONS = ("int8",)
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
+def add_parser(commands: Any, methods: bool = True) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to ``commands`` (what ``add_subparsers`` returned)."""
     export = commands.add_parser(
         "export",

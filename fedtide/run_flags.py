@@ -7,19 +7,22 @@ import argparse
 import os
 from typing import Any
 
-from common.config import RunConfig, all_settings
+from common.config import RunConfig, all_settings, section_settings
+from common.errors import FedtideError
 from common.method_registry import method_settings, readers, selectable_names
 from fedtide.presets import preset_settings
 
 DATA_DIR_ENV = "FEDTIDE_DATA_DIR"
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting: the sections' (``common.sections``) and the methods' (``common.method_registry``)."""
-    for setting in all_settings().values():
+def add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> None:
+    """One flag per setting: the sections' (``common.sections``) and, with ``methods``, the
+    methods' (``common.method_registry``; listing them imports the methods, and so torch: a
+    command that will not parse these flags leaves them out and starts in a fraction of the time)."""
+    for setting in (all_settings() if methods else section_settings()).values():
         help_text = setting.help
-        if setting.name == "method":
+        if setting.name == "method" and methods:
             help_text += f": {', '.join(selectable_names())}"
-        elif setting.name in method_settings():
+        elif methods and setting.name in method_settings():
             help_text += f" (default: {setting.default}; {' and '.join(readers(setting.name))})"
         elif setting.kind is not bool and setting.default not in ("", None):
             help_text += f" (default: {setting.default})"
@@ -48,6 +51,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):
         given["data_dir"] = os.environ[DATA_DIR_ENV]
     config = RunConfig.from_mapping(given)
+    unread = config.methods.unread([name.replace("_", "-") for name in flags])
+    if unread:
+        raise FedtideError(unread)
     if not config.run.out:
         from server.run_folder import default_run_dir
 

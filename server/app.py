@@ -19,7 +19,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     settings = dict(context.run_config)
     resume = bool(settings.pop(RESUME_KEY, False))
-    config = RunConfig.from_mapping(settings)
+    config = RunConfig.from_mapping(settings, toml=True)
     if config.faults.attack != "none":  # the wrapper that injects faults is the simulation runtimes' own
         raise FedtideError(f"attack = {config.faults.attack!r} is fault injection for `fedtide simulate` only: set attack = \"none\"")
     bound_reply_pulls(config.server.round_timeout / 2)

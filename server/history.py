@@ -86,16 +86,6 @@ class RunHistory:
     def evaluate_metrics(self, metrics: dict[str, float]) -> None:
         self._pending_evaluation = dict(metrics)
 
-    def pending_drift_fraction(self) -> float:
-        """Share of this round's accepted replies that report a drift."""
-        if not self._pending_clients:
-            return 0.0
-        return sum(1 for c in self._pending_clients if c.get("drift-detected")) / len(self._pending_clients)
-
-    def pending_drifted_nodes(self) -> list[int]:
-        """Nodes whose accepted reply this round reported a drift."""
-        return [c["node"] for c in self._pending_clients if c.get("drift-detected")]
-
     # called after the global model was evaluated
     def close_round(self, server_round: int, task_accuracies: list[float], seconds: float) -> RoundRecord | None:
         if server_round == 0:

@@ -21,7 +21,6 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common.config import EPOCH_BOOST_KEY
-from server.history import RunHistory
 from server.validation import METRICS_KEY
 
 ARRAYS_KEY, CONFIG_KEY = "arrays", "config"
@@ -82,8 +81,7 @@ class DriftResponse(RoundHook):
     accepted replies reported drift, the next round samples every node.
     """
 
-    def __init__(self, history: RunHistory, quorum: float, epoch_boost: int) -> None:
-        self.history = history
+    def __init__(self, quorum: float, epoch_boost: int) -> None:
         self.quorum = quorum
         self.epoch_boost = epoch_boost
         self.sample_all_next = False
@@ -109,8 +107,9 @@ class DriftResponse(RoundHook):
         return messages
 
     def after_aggregate(self, server_round, accepted):
-        self.to_boost |= set(self.history.pending_drifted_nodes())
-        self.sample_all_next = self.history.pending_drift_fraction() >= self.quorum
+        drifted = [reply.metadata.src_node_id for reply in accepted if _reported_drift(reply.content)]
+        self.to_boost |= set(drifted)
+        self.sample_all_next = bool(accepted) and len(drifted) / len(accepted) >= self.quorum
 
     def state(self):
         return {"drift_response": {

@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.config import RunConfig
+from common.config import RunConfig, check_server
 from common.sections import DriftSettings, ServerSettings
 from server.history import RunHistory
 from server.robust import AggregationRule
@@ -246,18 +246,21 @@ class FedtideStrategy(Strategy):
 def weighted_metrics(contents: list[RecordDict]) -> MetricRecord:
     """Each metric's mean over the replies that carry it, weighted by their ``num-examples``
     (which itself is left out). A plain Flower client's reply, with fewer metrics than
-    fedtide's, simply does not count in the means it has no value for."""
-    sums: dict[str, Any] = {}
-    totals: dict[str, float] = {}
+    fedtide's, simply does not count in the means it has no value for; a metric whose kind
+    (a number, or a list of one length) differs between replies is left out, not a crash."""
     records = [c.metric_records[METRICS_KEY] for c in contents]
+    kinds: dict[str, set] = {}
+    totals: dict[str, float] = {}
     for record in records:
-        for key in record:
+        for key, value in record.items():
             if key != WEIGHT_KEY:
+                kinds.setdefault(key, set()).add(len(value) if isinstance(value, list) else None)
                 totals[key] = totals.get(key, 0.0) + float(record[WEIGHT_KEY])
+    sums: dict[str, Any] = {}
     for record in records:
         weight = float(record[WEIGHT_KEY])
         for key, value in record.items():
-            if key == WEIGHT_KEY:
+            if key == WEIGHT_KEY or len(kinds[key]) > 1:
                 continue
             factor = weight / totals[key]
             if isinstance(value, list):
@@ -289,13 +292,15 @@ def build_strategy(
     server = server or ServerSettings()
     drift = drift or DriftSettings()
     history = history or RunHistory()
+    replies = min_nodes if drift.react_server else max(int(min_nodes * server.fraction_train), 1)
+    check_server(server, drift, replies, local_only, proximal_mu)
     hooks: list[RoundHook] = []
     if local_only:
         hooks.append(LocalModels())
     elif drift.drift_weight != 1.0:
         hooks.append(DriftWeighting(drift.drift_weight))
     if drift.react_server:
-        hooks.append(DriftResponse(history, drift.drift_quorum, drift.drift_epoch_boost))
+        hooks.append(DriftResponse(drift.drift_quorum, drift.drift_epoch_boost))
     return FedtideStrategy(
         history=history,
         validator=ReplyValidator(server.max_num_examples, server.max_update_norm, server.max_reply_mb),

@@ -25,7 +25,7 @@ FAST = ["--rounds-per-task", "1", "--local-epochs", "1", "--quiet"]
         (["--method", "ewc", "--memory-size", "100"], "does not use it"),
         (["--strategy", "fedprox"], "--prox-mu"),
         (["--hidden", "12,x"], "positive layer widths"),
-        (["--fraction-train", "1.5"], "between 0 and 1"),
+        (["--fraction-train", "1.5"], "in (0, 1]"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(flags, words, tmp_path, capsys):
@@ -67,7 +67,7 @@ def test_pyproject_run_config_matches_the_defaults():
     """`flwr run .` and `fedtide simulate` must mean the same run when given no settings."""
     pyproject = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
     app_config = pyproject["tool"]["flwr"]["app"]["config"]
-    from_flower = RunConfig.from_mapping(app_config)
+    from_flower = RunConfig.from_mapping(app_config, toml=True)
     assert from_flower.replace(quiet=False) == RunConfig()
     assert set(app_config) == set(RunConfig().to_mapping())  # every setting, the methods' too (from the registry)
 

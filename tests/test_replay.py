@@ -72,8 +72,12 @@ def test_replay_shift_moves_the_replayed_memories_and_leaves_new_samples_alone()
 
 
 def test_replay_shift_is_refused_where_it_means_nothing():
-    with pytest.raises(FedtideError, match="does not use it"):
-        RunConfig.of(method="naive", replay_shift=2)
+    assert RunConfig.of(method="naive", replay_shift=2) == RunConfig.of(method="naive")  # unread: changes nothing
+    from fedtide.cli import build_parser
+    from fedtide.run_flags import config_from_args
+
+    with pytest.raises(FedtideError, match="--replay-shift is set but --method naive does not use it"):
+        config_from_args(build_parser().parse_args(["simulate", "--method", "naive", "--replay-shift", "2"]))
     with pytest.raises(FedtideError, match="permuted"):
         RunConfig.of(method="der", replay_shift=2, scenario="domain-incremental", domain_transform="permutation")
     on_vectors = Replay(capacity=4, seed=0, shift=1)  # e.g. an edge client fed flat feature rows

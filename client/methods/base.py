@@ -28,6 +28,7 @@ from common.settings import Setting
 
 class Method:
     name: ClassVar[str] = "method"
+    order: ClassVar[int] = 100  # hooks run in this order among a run's methods (built-ins: 10-50)
     settings: ClassVar[tuple[Setting, ...]] = ()
     keeps_memory: ClassVar[bool] = False  # holds samples (a replay memory) in its state
     vectorized: ClassVar[bool] = False  # a round of clients using it can share one batched computation

@@ -28,6 +28,7 @@ class DarkReplay(Replay):
     """
 
     name = "der"
+    order = 20  # where its hooks run among the methods'
     settings = (*MEMORY_SETTINGS, Setting(
         "der-alpha", float, 0.2,
         "der: weight of the squared error that keeps replayed logits near those stored at the end of their task",

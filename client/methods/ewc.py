@@ -23,6 +23,7 @@ class EWC(Method):
     """
 
     name = "ewc"
+    order = 30  # where its hooks run among the methods'
     settings = (Setting("ewc-lambda", float, 50.0, "EWC penalty strength", minimum=0),)
 
     @classmethod

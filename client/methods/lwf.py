@@ -18,6 +18,7 @@ class LwF(Method):
     """Learning without forgetting: distil the previous task's model into the current one."""
 
     name = "lwf"
+    order = 40  # where its hooks run among the methods'
     settings = (
         Setting("lwf-alpha", float, 1.0, "LwF distillation weight", minimum=0),
         Setting("lwf-temperature", float, 2.0, "LwF distillation temperature", minimum=0, above=True),

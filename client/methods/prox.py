@@ -14,6 +14,7 @@ class Proximal(Method):
     """FedProx's proximal term mu / 2 * ||theta - theta_global||^2 (Li et al., 2020)."""
 
     name = "prox"
+    order = 50  # where its hooks run among the methods'
     settings = (Setting("prox-mu", float, 0.0, "FedProx proximal term on clients (0: off); works with any method",
                         minimum=0),)
     selectable = False

@@ -18,7 +18,7 @@ DEFAULT_MEMORY_SIZE = 200
 
 MEMORY_SETTINGS = (
     Setting("memory-size", int, DEFAULT_MEMORY_SIZE, "replay memory per client, in samples (replay and der)",
-            minimum=1, zero_means_default=True),
+            minimum=1, maximum=10_000_000, zero_means_default=True),
     Setting("replay-ratio", float, 1.0, "remembered samples mixed into each batch, per new sample", minimum=0, above=True),
     Setting("replay-loss", str, "ce", "ce (plain experience replay) or ace (ER-ACE: new samples compete only among "
             "their own classes)", choices=("ce", "ace")),
@@ -47,6 +47,7 @@ class Replay(Method):
     """
 
     name = "replay"
+    order = 10  # where its hooks run among the methods'
     settings = MEMORY_SETTINGS
     keeps_memory = True
 

@@ -20,7 +20,7 @@ from fedtide.deployment.cert_files import CA_CERT, CA_KEY, SERVER_CERT, SERVER_K
 
 __all__ = ["CA_CERT", "CA_KEY", "SERVER_CERT", "SERVER_KEY", "CertificateSet", "add_parser", "node_key_names", "run"]
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: Any, methods: bool = True) -> None:
     parser = commands.add_parser(
         "certs",
         help="make the CA, the server's TLS certificate and node keys for a secured federation",

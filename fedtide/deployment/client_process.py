@@ -38,7 +38,7 @@ HINTS = (
 )
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: Any, methods: bool = True) -> None:
     parser = commands.add_parser(
         "client",
         help="start an edge client: Flower SuperNode training on data files that arrive in a folder",

@@ -24,7 +24,7 @@ from common.files import write_bytes_atomic
 from fedtide.run_flags import add_config_flags, config_from_args
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: Any, methods: bool = True) -> None:
     parser = commands.add_parser(
         "split-files",
         help="write a scenario's client streams as .npz data files for edge clients",
@@ -37,7 +37,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--files-per-task", type=int, default=2, metavar="N", help="files per client and task (default: 2)")
     parser.add_argument("--force", action="store_true", help="write into a folder that already holds client folders")
     parser.add_argument("--preset", metavar="NAME", help="start from a named scenario (see `fedtide simulate --help`)")
-    add_config_flags(parser)
+    add_config_flags(parser, methods=methods)
 
 
 def run(args: argparse.Namespace) -> None:

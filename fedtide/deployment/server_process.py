@@ -35,7 +35,7 @@ DEFAULT_ADDRESS = "0.0.0.0:9092"
 STATUS_POLL_SECONDS = 10.0  # each look costs a `flwr ls` process: ~1 s of CPU
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: Any, methods: bool = True) -> None:
     parser = commands.add_parser(
         "server",
         help="start a server process: Flower SuperLink (TLS, node authentication) and the fedtide run",
@@ -57,7 +57,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="go on with the run in RUN_DIR after its last checkpoint, with its own settings "
                         "(config.json); restart the clients with their --state folders")
-    add_config_flags(parser)
+    add_config_flags(parser, methods=methods)
 
 
 def run(args: argparse.Namespace) -> None:
