@@ -56,7 +56,10 @@ class ContinualLearner:
         self.node_id = node_id
         self.device = device
         self._store = ClientStateStore(Path(state_dir)) if state_dir is not None else None
-        self.state: dict[str, torch.Tensor] = self._store.load()[0] if self._store else {}
+        self.state: dict[str, torch.Tensor] = {}
+        self._ledger: list[dict] = []  # what fedtide client records of its inbox files; kept as found
+        if self._store is not None:
+            self.state, self._ledger = self._store.load()
 
     def train(self, weights: Mapping[str, torch.Tensor], x: Any, y: Any, server_round: int) -> TrainOutcome:
         """Train ``weights`` (the server's model, by parameter name) on this round's new
@@ -70,7 +73,7 @@ class ContinualLearner:
             raise FedtideError("nothing to train on: give samples (x, y), or keep a replay memory (--method replay)")
         self.state = outcome.state
         if self._store is not None:
-            self._store.save(self.state, self._store.load()[1])
+            self._store.save(self.state, self._ledger)
         return outcome
 
     def initial_weights(self) -> dict[str, torch.Tensor]:

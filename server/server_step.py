@@ -38,7 +38,7 @@ class ServerStep:
         return {}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore from ``state()``'s output (keys it lacks leave the fresh values)."""
+        """Restore from ``state()``'s output; a key it lacks means the fresh value."""
 
 
 class MomentumStep(ServerStep):
@@ -85,12 +85,11 @@ class MomentumStep(ServerStep):
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
-        if "momentum_vector" in state:
-            group = state["momentum_vector"]
-            self.velocity = [group[str(i)] for i in range(len(group))]
-        if "current_arrays" in state:
-            self._names = list(state["current_arrays"])
-            self.current = list(state["current_arrays"].values())
+        group = state.get("momentum_vector")
+        self.velocity = [group[str(i)] for i in range(len(group))] if group else None
+        current = state.get("current_arrays")
+        self._names = list(current) if current else []
+        self.current = list(current.values()) if current else None
 
 
 class AdamStep(ServerStep):

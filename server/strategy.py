@@ -209,11 +209,13 @@ class FedtideStrategy(Strategy):
         for hook in self.hooks:
             weights = hook.weights(contents, weights)
         aggregate = self.rule.aggregate(arrays, weights, self._reference)
+        before = self.step.state()  # a step's state moves on only with a model that is kept
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
             new_model = self._as_global(self.step.apply(server_round, aggregate))
         metrics = weighted_metrics(contents)
         self.history.train_metrics(dict(metrics))
         if not all(np.isfinite(array.numpy()).all() for array in new_model.values()):
+            self.step.load_state(before)
             return self._keep_global(server_round, "the aggregate holds NaN or Inf")
         return new_model, metrics
 

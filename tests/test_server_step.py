@@ -108,3 +108,42 @@ def test_fedavg_and_fedprox_take_the_aggregate_as_it_is():
     start, aggregates = _sequence()
     for strategy in ("fedavg", "fedprox"):
         assert _our_rounds(server_step(strategy, 1.0, 0.9), start, aggregates)[-1] is aggregates[-1]
+
+
+def test_a_step_whose_model_is_not_kept_leaves_its_state_as_it_was():
+    """A round whose new model is not finite keeps the old model, and the server step's
+    momentum or moments stay those of the model that is kept."""
+    from flwr.clientapp import ClientApp
+
+    from fedtide.runtimes.inprocess import InProcessGrid
+    from server.history import RunHistory
+    from server.sampling import NodeSampling
+    from server.strategy import FedtideStrategy
+    from server.validation import ReplyValidator
+
+    start = {"w": np.ones((2, 2), dtype=np.float32)}
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        server_round = int(msg.content["config"]["server-round"])
+        value = 1.5 if server_round == 1 else 3e38  # round 2: a huge, finite step to the float32 limit
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full((2, 2), value, dtype=np.float32))}),
+                              "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content=content, reply_to=msg)
+
+    for step in (MomentumStep(lr=10.0, momentum=0.9),):
+        strategy = FedtideStrategy(history=RunHistory(), validator=ReplyValidator(10),
+                                   sampling=NodeSampling(1.0, 0.0, 1, 60.0), step=step)
+        grid = InProcessGrid(app, [{"partition-id": 0}])
+        arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+        list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+        first, _ = strategy.aggregate_train(1, grid.send_and_receive(
+            strategy.configure_train(1, arrays, ConfigRecord(), grid)))
+        kept = {k: {n: np.array(a) for n, a in v.items()} if isinstance(v, dict) else v for k, v in step.state().items()}
+        replies = grid.send_and_receive(strategy.configure_train(2, first, ConfigRecord(), grid))
+        assert strategy.aggregate_train(2, replies) == (None, None)  # the model is not finite: not kept
+        after = step.state()
+        assert set(after) == set(kept)
+        for key, group in kept.items():
+            assert all(np.array_equal(group[n], after[key][n]) for n in group), key
