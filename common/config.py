@@ -8,7 +8,6 @@ sections together. Defaults live in the sections and nowhere else.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -18,17 +17,10 @@ from typing import Any, Mapping
 from common.errors import FedtideError
 from common.method_registry import MethodSettings, method_settings
 from common.sections import (
-    AGGREGATIONS, ATTACKS, DATASETS, DOMAIN_TRANSFORMS, DRIFT_DETECTORS, LR_SCHEDULES, MODELS, OPTIMIZERS, SCENARIOS,
-    STRATEGIES, TRAINING_MODES, DataSettings, DriftSettings, FaultSettings, LearnerSettings, ModelSettings, RunSettings,
+    DataSettings, DriftSettings, FaultSettings, LearnerSettings, ModelSettings, RunSettings,
     ServerSettings,
 )
 from common.settings import Section, Setting
-
-__all__ = [
-    "AGGREGATIONS", "ATTACKS", "DATASETS", "DOMAIN_TRANSFORMS", "DRIFT_DETECTORS", "LR_SCHEDULES", "MODELS",
-    "OPTIMIZERS", "SCENARIOS", "STRATEGIES", "TRAINING_MODES", "ClientSettings", "RunConfig", "all_settings",
-    "trimmed_count",
-]
 
 # sent with each round beside the settings: the model's shape, for edge clients that hold
 # no copy of the dataset; the settings' digest, so a client parses them once per change; and
@@ -201,21 +193,7 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with flat ``changes`` by snake-case name (``lr=0.05``, ``memory_size=50``)."""
-        if not changes:
-            return self
-        flat = {str(k).replace("_", "-"): v for k, v in changes.items()}
-        unknown = sorted(set(flat) - set(all_settings()))
-        if unknown:
-            raise FedtideError(f"unknown setting '{unknown[0]}'")
-        updates: dict[str, Any] = {}
-        for name, section in SECTIONS.items():
-            mine = {k: v for k, v in flat.items() if k in section.declarations()}
-            if mine:
-                updates[name] = section.from_flat({**getattr(self, name).to_flat(), **mine})
-        method_keys = {k: v for k, v in flat.items() if k == "method" or k in method_settings()}
-        if method_keys:
-            updates["methods"] = MethodSettings.from_flat({**self.methods.to_flat(), **method_keys})
-        return dataclasses.replace(self, **updates)
+        return self.from_mapping({**self.to_mapping(), **changes}) if changes else self
 
 
 def check_server(server: ServerSettings, drift: DriftSettings, replies: int, local_only: bool = False,

@@ -173,11 +173,6 @@ class MethodSettings:
         return active_methods(self.parts, self.options)
 
     @property
-    def keeps_memory(self) -> bool:
-        """Whether a method of the run keeps a replay memory (replay, or der)."""
-        return any(cls.keeps_memory for cls in self.active)
-
-    @property
     def vectorized(self) -> bool:
         return all(cls.vectorized for cls in self.active)
 
