@@ -2,7 +2,7 @@
 
 No Docker daemon is needed: the recipe (docker/install.sh) runs here into a virtualenv, and the
 Dockerfiles and compose.yaml are read and checked against the `fedtide certs|server|client`
-contract.
+contract; the certs service's script runs here, to see which keys each service can read.
 """
 
 from __future__ import annotations
@@ -176,15 +176,37 @@ def test_build_context_sends_only_what_the_build_copies(role):
 
 # ---- compose ----------------------------------------------------------------------------------
 
-def fedtide_argv(service: dict) -> list[str]:
-    """The arguments after `fedtide` a compose service runs (through `sh -c` or the entrypoint)."""
+def shell_script(service: dict) -> str | None:
+    """The script a service runs through `sh -c`, after compose's `$$` escape; None for a plain command."""
+    if service.get("entrypoint") not in (["sh", "-c"], ["/bin/sh", "-c"]):
+        return None
     command = service["command"]
-    if service.get("entrypoint") in (["sh", "-c"], ["/bin/sh", "-c"]):
-        words = shlex.split(command[0] if isinstance(command, list) else command)
-        start = words.index("fedtide") + 1
-        end = next((i for i in range(start, len(words)) if words[i].endswith(";")), len(words))
-        return words[start:end] + ([words[end].rstrip(";")] if end < len(words) else [])
+    script = command[0] if isinstance(command, list) else command
+    assert "$" not in script.replace("$$", ""), "a lone $ is interpolated by compose: write $$"
+    return script.replace("$$", "$")
+
+
+def fedtide_argv(service: dict) -> list[str]:
+    """The arguments after `fedtide` a compose service runs (a line of its `sh -c` script, or the entrypoint's)."""
+    script = shell_script(service)
+    if script is not None:
+        (line,) = [line for line in script.splitlines() if line.strip().startswith("fedtide ")]
+        return shlex.split(line)[1:]
+    command = service["command"]
     return list(command) if isinstance(command, list) else shlex.split(command)
+
+
+def volume_mounts(service: dict) -> dict[str, tuple[str, str]]:
+    """Per target path in the container: (volume, subpath in it; "" for the whole volume)."""
+    mounts = {}
+    for volume in service["volumes"]:
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+            mounts[target] = (source, "")
+        else:
+            assert volume["type"] == "volume", f"{volume}: only named volumes"
+            mounts[volume["target"]] = (volume["source"], volume.get("volume", {}).get("subpath", ""))
+    return mounts
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +225,7 @@ def test_compose_starts_certs_then_server_then_two_clients(compose, run_flags):
     nodes = int(_option(argv["certs"], "--nodes"))
     assert nodes == 2 == int(_option(argv["server"], "--clients"))
     assert _option(argv["certs"], "--server-name") == "server"
-    assert _option(argv["certs"], "--out") == "/certs" == _option(argv["server"], "--certs")
+    assert _option(argv["server"], "--certs") == "/certs"
     assert _option(argv["server"], "--address").endswith(":9092")
     assert any(str(p).split(":")[-2:] == ["9092", "9092"] for p in services["server"]["ports"])
     for i in (1, 2):
@@ -220,20 +242,86 @@ def test_compose_starts_certs_then_server_then_two_clients(compose, run_flags):
         assert condition(client, "certs") == "service_completed_successfully"
         assert condition(client, "server") == "service_healthy"
 
-    mounts = {name: {v.split(":")[1]: v.split(":")[0] for v in s["volumes"]} for name, s in services.items()}
-    assert set(compose["volumes"]) == {m for s in mounts.values() for m in s.values()}, "undeclared volume"
+    mounts = {name: volume_mounts(service) for name, service in services.items()}
+    assert set(compose["volumes"]) == {v for s in mounts.values() for v, _ in s.values()}, "undeclared volume"
     assert mounts["server"]["/runs"] != mounts["server"]["/state"]
     assert _option(argv["server"], "--database").startswith("/state/")
     for i in (1, 2):
         own = mounts[f"client-{i}"]
-        assert own["/certs"] == "certs"
-        assert own["/data"] == f"client-{i}-data" and own["/state"] == f"client-{i}-state"
+        assert own["/data"] == (f"client-{i}-data", "") and own["/state"] == (f"client-{i}-state", "")
         assert _option(argv[f"client-{i}"], "--data") == "/data"
         assert _option(argv[f"client-{i}"], "--state") == "/state"
     for name, service in services.items():
         role = "client" if name.startswith("client") else "server"
         assert service["build"]["dockerfile"] == f"docker/Dockerfile.{role}"
         assert (DOCKER / service["build"]["context"] / "pyproject.toml").exists()
+
+
+def run_certs_service(compose: dict, root: Path) -> Path:
+    """Run the certs service's script here, its /certs and /tmp under ``root``; return the
+    folder that stands for the certs volume."""
+    service = compose["services"]["certs"]
+    (target,) = [t for t, (v, _) in volume_mounts(service).items() if v == "certs"]
+    script = shell_script(service)
+    assert script is not None and target == "/certs"
+    script = re.sub(r"(?<![\w.-])/(certs|tmp)\b", lambda m: f"{root}/{m.group(1)}", script)  # one pass
+    (root / "certs").mkdir(exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return root / "certs"
+
+
+def visible_files(mounts: dict[str, tuple[str, str]], certs_volume: Path) -> dict[str, bytes]:
+    """Every file a container sees in the certs volume: its path there and its content."""
+    seen = {}
+    for target, (volume, subpath) in mounts.items():
+        if volume != "certs":
+            continue
+        top = certs_volume / subpath
+        assert top.is_dir(), f"{target}: the certs service makes no folder {subpath!r}"
+        seen |= {f"{target}/{f.relative_to(top)}": f.read_bytes() for f in top.rglob("*") if f.is_file()}
+    return seen
+
+
+def test_compose_gives_each_client_only_ca_crt_and_its_own_node_key(compose, tmp_path):
+    """SECURITY.md: a device gets ca.crt and its own key; the server the folder without ca.key."""
+    from fedtide.deployment.cert_files import CertificateSet
+
+    volume = run_certs_service(compose, tmp_path)
+    services = compose["services"]
+    made = {f.name: f.read_bytes() for f in volume.rglob("*") if f.is_file()}
+    assert "ca.key" not in made, "ca.key is kept in the certs volume"
+    assert not (tmp_path / "tmp" / "issue").exists(), "the certs service leaves its working copy behind"
+    secrets = {name: made[name] for name in ("server.key", "node-1.key", "node-2.key")}
+
+    for i in (1, 2):
+        seen = visible_files(volume_mounts(services[f"client-{i}"]), volume)
+        assert set(seen) == {"/certs/ca.crt", f"/certs/node-{i}.key"}
+        assert seen[f"/certs/node-{i}.key"] == secrets[f"node-{i}.key"]
+        for name, content in secrets.items():  # not under another name either
+            assert name == f"node-{i}.key" or content not in seen.values(), f"client-{i} sees {name}"
+        assert _certs_read_only(services[f"client-{i}"]) == [True]
+
+    seen = visible_files(volume_mounts(services["server"]), volume)
+    assert set(seen) == {"/certs/ca.crt", "/certs/server.crt", "/certs/server.key", "/certs/node-1.pub", "/certs/node-2.pub"}
+    server_certs = CertificateSet(volume / volume_mounts(services["server"])["/certs"][1])
+    server_certs.require_server_files()  # what `fedtide server --certs /certs` reads is all there
+    assert [p.name for p in server_certs.node_public_keys()] == ["node-1.pub", "node-2.pub"]
+    assert _certs_read_only(services["server"]) == [True]
+
+    before = {f: f.read_bytes() for f in volume.rglob("*") if f.is_file()}
+    run_certs_service(compose, tmp_path)  # a later `up` keeps the set
+    assert {f: f.read_bytes() for f in volume.rglob("*") if f.is_file()} == before
+
+
+def _certs_read_only(service: dict) -> list[bool]:
+    """Per mount of the certs volume: whether it is read-only."""
+    return [
+        v.endswith(":ro") if isinstance(v, str) else v.get("read_only", False)
+        for v in service["volumes"] if (v.split(":")[0] if isinstance(v, str) else v["source"]) == "certs"
+    ]
 
 
 @pytest.mark.parametrize("command", sorted(CONTRACT))
