@@ -68,7 +68,9 @@ class RunHistory:
 
     # called from the strategy while a round is aggregated
     def client_reply(self, node_id: int, metrics: dict[str, Any]) -> None:
-        self._pending_clients.append({"node": node_id, **metrics})
+        """``metrics``: as the reply schema kept them (``server.reply_metrics``); the node id is
+        the server's, never the client's word."""
+        self._pending_clients.append({**metrics, "node": node_id})
 
     def rejected_reply(self, server_round: int, node_id: int, reason: str) -> None:
         self._pending_rejects.append({"round": server_round, "node": node_id, "reason": reason})

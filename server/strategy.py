@@ -32,7 +32,8 @@ from server.sampling import NodeSampling
 from server.round_hooks import ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, RoundHook
 from server.server_step import ServerStep, server_step
 from server.timing import PhaseTimes
-from server.validation import METRICS_KEY, WEIGHT_KEY, ReplyValidator
+from server.reply_metrics import WEIGHT_KEY, MetricSpec, ReplyMetrics, describe_dropped
+from server.validation import METRICS_KEY, ReplyValidator, Verdict, client_error
 
 log = logging.getLogger("fedtide.server")
 
@@ -120,7 +121,11 @@ class FedtideStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client-side evaluation replies carry only metrics; drop those that fail or lie."""
-        valid = [r.content for r in replies if not r.has_error() and self.validator.check_evaluation(r.content)]
+        valid = []
+        for reply in replies:
+            checked = None if reply.has_error() else self.validator.check_evaluation(reply.content)
+            if checked is not None:
+                valid.append(RecordDict({METRICS_KEY: MetricRecord(checked)}))
         metrics = weighted_metrics(valid) if valid else None
         if metrics is not None:
             self.history.evaluate_metrics(dict(metrics))
@@ -167,24 +172,29 @@ class FedtideStrategy(Strategy):
         return [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
 
     def _accept(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Message], list[dict | None]]:
-        """The replies that pass validation, and their decoded arrays (None past the budget)."""
+        """The replies that pass validation, and their decoded arrays (None past the budget).
+        An accepted reply's metrics are replaced by what the schema keeps of them, so that
+        the hooks, the history and the summary read only checked values."""
         valid: list[Message] = []
         decoded_arrays: list[dict | None] = []
         excluded = self.excluded
         kept = 0  # bytes of decoded arrays kept for aggregation
         for reply in replies:
             node = reply.metadata.src_node_id
-            decoded = None
             if node in excluded:
-                reason = "node is excluded after repeated rejected replies"
+                verdict = Verdict("node is excluded after repeated rejected replies")
             elif reply.has_error():
-                reason = f"client failed: {reply.error.reason}"
+                verdict = Verdict(f"client failed: {client_error(reply.error.code, reply.error.reason)}")
             else:
-                reason, decoded = self.validator.check(reply.content)
-            if reason is not None:
-                self._reject(server_round, node, reason)
+                verdict = self.validator.check(reply.content)
+            if verdict.reason is not None:
+                self._reject(server_round, node, verdict.reason)
                 continue
-            self.history.client_reply(node, dict(reply.content.metric_records[METRICS_KEY]))
+            if verdict.dropped:
+                log.warning("round %d: node %d: %s", server_round, node, describe_dropped(verdict.dropped))
+            reply.content[METRICS_KEY] = MetricRecord(verdict.metrics)
+            self.history.client_reply(node, verdict.metrics)
+            decoded = verdict.arrays
             size = sum(a.nbytes for a in decoded.values()) if decoded is not None else 0
             if decoded is not None and kept + size <= DECODED_BUDGET:
                 kept += size
@@ -282,6 +292,8 @@ def build_strategy(
     local_only: bool = False,
     frozen: tuple[str, ...] = (),
     proximal_mu: float = 0.0,
+    num_tasks: int | None = None,
+    reply_metrics: dict[str, MetricSpec] | None = None,
     times: PhaseTimes | None = None,
 ) -> FedtideStrategy:
     """fedtide's strategy from its settings, for ``run_federation`` or your own ServerApp.
@@ -290,7 +302,10 @@ def build_strategy(
     server's drift reactions; ``min_nodes``: connected nodes a round waits for;
     ``local_only``: the no-federation reference (each node keeps its own model);
     ``frozen``: parameter-name prefixes that keep their values; ``proximal_mu``: FedProx's
-    term, sent to clients as ``proximal-mu`` with ``--strategy fedprox``."""
+    term, sent to clients as ``proximal-mu`` with ``--strategy fedprox``; ``num_tasks``: the
+    run's tasks, which bound a reply's ``task-id``; ``reply_metrics``: your clients' own
+    metrics to keep, e.g. ``{"accuracy": MetricSpec("float", 0, 1)}`` (unknown metrics are
+    dropped, see ``server.reply_metrics``)."""
     server = server or ServerSettings()
     drift = drift or DriftSettings()
     history = history or RunHistory()
@@ -305,7 +320,8 @@ def build_strategy(
         hooks.append(DriftResponse(drift.drift_quorum, drift.drift_epoch_boost))
     return FedtideStrategy(
         history=history,
-        validator=ReplyValidator(server.max_num_examples, server.max_update_norm, server.max_reply_mb),
+        validator=ReplyValidator(server.max_num_examples, server.max_update_norm, server.max_reply_mb,
+                                 ReplyMetrics(server.max_num_examples, num_tasks, reply_metrics)),
         sampling=NodeSampling(server.fraction_train, server.fraction_evaluate, min_nodes, server.client_wait),
         rule=AggregationRule() if local_only else AggregationRule.from_settings(server),
         step=ServerStep() if local_only else server_step(server.strategy, server.effective_server_lr,
@@ -323,5 +339,5 @@ def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | Non
     return build_strategy(
         config.server, config.drift, min_nodes=config.effective_min_clients, history=history,
         local_only=config.data.training == "local-only", frozen=config.network.frozen_prefixes,
-        proximal_mu=config.methods.options["prox-mu"], times=times,
+        proximal_mu=config.methods.options["prox-mu"], num_tasks=history.num_tasks, times=times,
     )

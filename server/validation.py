@@ -7,17 +7,17 @@ reply must be dropped, or None when it is safe to aggregate.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from server.reply_metrics import WEIGHT_KEY, ReplyMetrics
 from server.robust import update_norm
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
-WEIGHT_KEY = "num-examples"
 
 
 @dataclass(frozen=True)
@@ -47,27 +47,37 @@ def validate_reply(
     the current global model. Never raises: a reply that breaks the checks themselves is
     dropped as malformed."""
     return validate_and_decode(
-        content, expected, max_num_examples, max_reply_bytes=max_reply_bytes, max_update_norm=max_update_norm,
-        reference=reference,
-    )[0]
+        content, expected, ReplyMetrics(max_num_examples), max_reply_bytes=max_reply_bytes,
+        max_update_norm=max_update_norm, reference=reference,
+    ).reason
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What validation made of a reply: the reason to drop it, or its decoded arrays and its
+    metrics as the schema keeps them (``dropped``: unknown metric names left out)."""
+
+    reason: str | None
+    arrays: dict[str, np.ndarray] | None = None
+    metrics: dict[str, int | float] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
 
 
 def validate_and_decode(
     content: RecordDict,
     expected: dict[str, ArraySpec],
-    max_num_examples: int,
+    schema: ReplyMetrics,
     *,
     max_reply_bytes: int = 0,
     max_update_norm: float = 0.0,
     reference: dict[str, np.ndarray] | None = None,
-) -> tuple[str | None, dict[str, np.ndarray] | None]:
-    """``validate_reply``'s reason, and for a valid reply its arrays as decoded for the
-    checks, so that aggregation does not decode them a second time."""
+) -> Verdict:
+    """``validate_reply``'s verdict with the decoded arrays of a valid reply, so that
+    aggregation does not decode them a second time."""
     try:
-        outcome = _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference)
+        return _validate(content, expected, schema, max_reply_bytes, max_update_norm, reference)
     except Exception as err:  # whatever a client sends must not crash the server
-        return f"malformed reply: {type(err).__name__}: {err}", None
-    return (outcome, None) if isinstance(outcome, str) else (None, outcome)
+        return Verdict(f"malformed reply: {type(err).__name__}: {str(err)[:200]!r}")
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -79,85 +89,66 @@ def payload_bytes(content: RecordDict) -> int:
     return size
 
 
-def _validate(content, expected, max_num_examples, max_reply_bytes, max_update_norm, reference):
-    """A reason (str), or the decoded arrays of a valid reply."""
+def _validate(content, expected, schema, max_reply_bytes, max_update_norm, reference) -> Verdict:
     if max_reply_bytes > 0 and (size := payload_bytes(content)) > max_reply_bytes:
-        return f"payload of {size / 2**20:.2f} MiB exceeds the limit of {max_reply_bytes / 2**20:.2f} MiB"
+        return Verdict(f"payload of {size / 2**20:.2f} MiB exceeds the limit of {max_reply_bytes / 2**20:.2f} MiB")
     if list(content.array_records) != [ARRAYS_KEY]:
-        return f"expected one array record '{ARRAYS_KEY}', got {sorted(content.array_records)}"
+        return Verdict(f"expected one array record '{ARRAYS_KEY}', got {_names(content.array_records)}")
     if list(content.metric_records) != [METRICS_KEY]:
-        return f"expected one metric record '{METRICS_KEY}', got {sorted(content.metric_records)}"
-    reason = check_metrics(content.metric_records[METRICS_KEY], max_num_examples)
-    if reason:
-        return reason
+        return Verdict(f"expected one metric record '{METRICS_KEY}', got {_names(content.metric_records)}")
+    metrics = schema.clean(content.metric_records[METRICS_KEY])
+    if metrics.reason:
+        return Verdict(metrics.reason)
     arrays = content.array_records[ARRAYS_KEY]
     names = set(arrays.keys())
     if names != set(expected):
         missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
-        return f"array names differ from the global model's (missing {missing}, unexpected {extra})"
+        return Verdict(f"array names differ from the global model's (missing {_names(missing)}, "
+                       f"unexpected {_names(extra)})")
     decoded: dict[str, np.ndarray] = {}
     for name, spec in expected.items():
         array = arrays[name]
         if tuple(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
-            return (
-                f"array '{name}' is {array.dtype}{list(array.shape)}, "
+            return Verdict(
+                f"array '{name}' is {str(array.dtype)[:20]!r}{list(array.shape)[:8]}, "
                 f"expected {spec.dtype}{list(spec.shape)}"
             )
         try:
             values = array.numpy()
         except Exception as err:  # malformed bytes must not crash the server
-            return f"array '{name}' cannot be decoded: {err}"
+            return Verdict(f"array '{name}' cannot be decoded: {type(err).__name__}")
         if values.shape != spec.shape:
-            return f"array '{name}' decodes to shape {values.shape}, expected {spec.shape}"
+            return Verdict(f"array '{name}' decodes to shape {values.shape}, expected {spec.shape}")
         if not np.isfinite(values).all():
-            return f"array '{name}' holds NaN or Inf"
+            return Verdict(f"array '{name}' holds NaN or Inf")
         decoded[name] = values
     if max_update_norm > 0 and reference is not None:
         norm = update_norm(decoded, reference)
         if norm > max_update_norm:
-            return f"update norm {norm:.4g} exceeds --max-update-norm {max_update_norm:g}"
-    return decoded
+            return Verdict(f"update norm {norm:.4g} exceeds --max-update-norm {max_update_norm:g}")
+    return Verdict(None, decoded, metrics.metrics, metrics.dropped)
 
 
-DRIFT_KEY = "drift-detected"
+def _names(names) -> str:
+    """A client's names for a reason: quoted (no control characters reach a log) and few."""
+    names = sorted(names)
+    shown = ", ".join(repr(str(n)[:40]) for n in names[:5])
+    return f"[{shown}{', ...' if len(names) > 5 else ''}]"
 
 
 def check_metrics(metrics: MetricRecord, max_num_examples: int) -> str | None:
-    """The reason a reply's metrics are unusable (bad weight, non-finite value), or None."""
-    reason = _check_num_examples(metrics.get(WEIGHT_KEY), max_num_examples)
-    if reason:
-        return reason
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        try:
-            finite = all(math.isfinite(float(v)) for v in values)
-        except (OverflowError, TypeError, ValueError):  # e.g. an int too large for a float
-            finite = False
-        if not finite:
-            return f"metric '{key}' is not finite"
-    if metrics.get(DRIFT_KEY, 0) not in (0, 1):  # a flag: drift reactions and the drift log read it alike
-        return f"metric '{DRIFT_KEY}' must be 0 or 1, got {metrics.get(DRIFT_KEY)}"
-    return None
-
-
-def _check_num_examples(value: object, max_num_examples: int) -> str | None:
-    if value is None:
-        return f"metric '{WEIGHT_KEY}' is missing"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"'{WEIGHT_KEY}' must be a number, got {type(value).__name__}"
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        return f"'{WEIGHT_KEY}' must be a whole number, got {value}"
-    if not 0 < value <= max_num_examples:
-        return f"'{WEIGHT_KEY}' = {value} is outside 1..{max_num_examples}"
-    return None
+    """The reason a reply's metrics are unusable (see ``server.reply_metrics``), or None."""
+    return ReplyMetrics(max_num_examples).clean(metrics).reason
 
 
 class ReplyValidator:
     """The checks of ``validate_and_decode`` with the run's limits, against the round's global
     model: the first model it sees fixes the names, shapes and dtypes for the whole run."""
 
-    def __init__(self, max_num_examples: int, max_update_norm: float = 0.0, max_reply_mb: float = 0.0) -> None:
+    def __init__(self, max_num_examples: int, max_update_norm: float = 0.0, max_reply_mb: float = 0.0,
+                 schema: ReplyMetrics | None = None) -> None:
         self.max_num_examples = max_num_examples
+        self.schema = schema or ReplyMetrics(max_num_examples)
         self.max_update_norm = max_update_norm
         self.max_reply_bytes = int(max_reply_mb * 2**20)
         self.expected: dict[str, ArraySpec] = {}
@@ -169,14 +160,33 @@ class ReplyValidator:
         if self.max_update_norm > 0:
             self._reference = {name: array.numpy() for name, array in global_arrays.items()}
 
-    def check(self, content: RecordDict) -> tuple[str | None, dict[str, np.ndarray] | None]:
-        """(reason to drop, None) or (None, the reply's decoded arrays)."""
+    def check(self, content: RecordDict) -> Verdict:
         return validate_and_decode(
-            content, self.expected, self.max_num_examples, max_reply_bytes=self.max_reply_bytes,
+            content, self.expected, self.schema, max_reply_bytes=self.max_reply_bytes,
             max_update_norm=self.max_update_norm, reference=self._reference,
         )
 
-    def check_evaluation(self, content: RecordDict) -> bool:
-        """Whether an evaluation reply's metrics may be aggregated."""
-        metrics = content.metric_records.get(METRICS_KEY)
-        return metrics is not None and check_metrics(metrics, self.max_num_examples) is None
+    def check_evaluation(self, content: RecordDict) -> dict[str, int | float] | None:
+        """An evaluation reply's metrics as the schema keeps them, or None when they may not
+        be aggregated."""
+        try:
+            if list(content.metric_records) != [METRICS_KEY]:
+                return None
+            metrics = self.schema.clean(content.metric_records[METRICS_KEY])
+        except Exception:  # whatever a client sends must not crash the server
+            return None
+        return metrics.metrics if metrics.reason is None else None
+
+
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/][^\s'\"]*")
+
+
+def client_error(code: int, reason: str, limit: int = 160) -> str:
+    """A failed client's error for the server's log and run folder: its first line, with
+    paths on the device blanked (they are the device's business), control characters
+    escaped and the length bounded."""
+    first = str(reason).strip().splitlines()[0] if str(reason).strip() else "no reason given"
+    text = _PATH.sub("<path>", first)
+    text = text.encode("unicode_escape").decode("ascii")
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{text} (error code {code})"
