@@ -15,7 +15,13 @@ global weights the client received and ``w`` what honest training gave:
 - ``wrong-shape``: the first array gets one extra row;
 - ``lie-num-examples``: claims ``--attack-scale`` times its real number of samples;
 - ``label-flip``: trains honestly on poisoned labels, ``y -> classes - 1 - y`` (before
-  training, see ``poison_labels``; the others apply after).
+  training, see ``poison_labels``; the others apply after);
+- ``replace``: model replacement (Bagdasaryan et al., 2020): trains on flipped labels, then
+  sends ``g + s * (w - g)``, boosted so that a plain mean would take it over;
+- ``backdoor``: trains with a corner trigger (``add_trigger``) on half of its samples, all
+  relabelled ``BACKDOOR_TARGET``, then boosts like ``replace``.
+
+``--attack-claim N`` makes the attacking clients claim ``N`` samples, whatever the attack.
 """
 
 from __future__ import annotations
@@ -36,7 +42,10 @@ from common.sections import FaultSettings
 from common.seeding import derive_seed
 
 NOISE_STREAM = 0xA77AC  # keeps the attack's noise apart from the training's random stream
-BEFORE_TRAINING = ("label-flip",)
+BEFORE_TRAINING = ("label-flip",)  # the attacks that change only the data
+POISONED = ("label-flip", "replace", "backdoor")  # the attacks that train on poisoned data
+BOOSTED = ("replace", "backdoor")  # the attacks that scale the update they send
+BACKDOOR_TARGET = 0
 
 
 class FaultInjection:
@@ -50,8 +59,10 @@ class FaultInjection:
 
     def poison(self, settings: ClientSettings, partition_id: int) -> Callable[[LabelledSplit], LabelledSplit] | None:
         """The function that poisons this client's training data, or None for an honest one."""
-        if self.faults.attack != "label-flip" or not self.attacks(partition_id):
+        if self.faults.attack not in POISONED or not self.attacks(partition_id):
             return None
+        if self.faults.attack == "backdoor":
+            return plant_backdoor
         num_classes = build_scenario(settings.data, settings.seed).num_classes
         return lambda data: poison_labels(data, num_classes)
 
@@ -60,11 +71,15 @@ class FaultInjection:
         """The reply an attacking client sends instead of ``outcome`` (unchanged for an honest
         client or an attack that acts before training). The client's own state is untouched."""
         faults = self.faults
-        if not self.attacks(partition_id) or faults.attack in BEFORE_TRAINING:
+        if not self.attacks(partition_id) or (faults.attack in BEFORE_TRAINING and not faults.attack_claim):
             return outcome
         weights, metrics = dict(outcome.weights), dict(outcome.metrics)
+        if faults.attack_claim:
+            metrics["num-examples"] = faults.attack_claim
         kind, scale = faults.attack, faults.attack_scale
-        if kind == "lie-num-examples":
+        if kind in BEFORE_TRAINING:
+            pass
+        elif kind == "lie-num-examples":
             metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * scale))
         elif kind == "wrong-shape":
             name = next(iter(weights))
@@ -102,13 +117,35 @@ def poison_labels(data: LabelledSplit, num_classes: int) -> LabelledSplit:
     return dataclasses.replace(data, y=(num_classes - 1) - data.y)
 
 
+def add_trigger(x: torch.Tensor, peak: float | None = None) -> torch.Tensor:
+    """``x`` with the backdoor's trigger: the bottom-right corner (a quarter of the side,
+    at least 2 pixels) of every image, or the last 4 features of flat inputs, set to
+    ``peak`` (default: the largest value in ``x``)."""
+    x = x.clone()
+    peak = x.max() if peak is None else peak
+    if x.dim() >= 3:
+        side = max(2, x.shape[-1] // 4)
+        x[..., -side:, -side:] = peak
+    else:
+        x[:, -4:] = peak
+    return x
+
+
+def plant_backdoor(data: LabelledSplit) -> LabelledSplit:
+    """Every second sample gets the trigger and the label ``BACKDOOR_TARGET``."""
+    x, y = data.x.clone(), data.y.clone()
+    x[::2] = add_trigger(x[::2], float(data.x.max()))
+    y[::2] = BACKDOOR_TARGET
+    return dataclasses.replace(data, x=x, y=y)
+
+
 def _attack(kind: str, g: torch.Tensor, w: torch.Tensor, scale: float, std: float, generator: torch.Generator) -> torch.Tensor:
     if not w.is_floating_point():
         return w
     g = g.to(w.dtype)
     if kind == "sign-flip":
         return g - (w - g)
-    if kind == "scale":
+    if kind in ("scale", *BOOSTED):
         return g + scale * (w - g)
     if kind == "noise":
         return w + std * torch.randn(w.shape, generator=generator, dtype=w.dtype)

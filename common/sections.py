@@ -23,7 +23,8 @@ TRAINING_MODES = ("federated", "local-only", "joint")
 LR_SCHEDULES = ("constant", "restart", "plateau")
 DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
-ATTACKS = ("none", "sign-flip", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip")
+ATTACKS = ("none", "sign-flip", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip",
+           "replace", "backdoor")
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,10 @@ class ServerSettings(Section):
     round_timeout: float = setting(3600.0, "seconds a round waits for client replies; then it goes on with those "
                                    "that arrived (deployment: a client that crashed mid-round does not stall the run)",
                                    minimum=0, above=True)
+    weight_cap: float = setting(2.0, "a reply's num-examples counts at most this many times the round's median "
+                                "claim (0: no cap; see SECURITY.md)", minimum=0, maximum=1e6)
+    norm_cap: float = setting(2.0, "cut each reply's update to this many times the round's median update norm "
+                              "before aggregation (0: no cut; see SECURITY.md)", minimum=0, maximum=1e6)
     max_update_norm: float = setting(0.0, "drop a reply whose update (reply - global weights) has an L2 norm above "
                                      "this (0: off)", minimum=0)
     max_reply_mb: float = setting(0.0, "drop a reply whose payload is larger than this many MiB (0: off)", minimum=0)
@@ -165,6 +170,10 @@ class ServerSettings(Section):
                                  "stops with an error", minimum=0, above=True)
 
     def check(self) -> None:
+        for flag, cap in (("--weight-cap", self.weight_cap), ("--norm-cap", self.norm_cap)):
+            if 0 < cap < 1:
+                raise FedtideError(f"{flag} {cap:g} would cut the median reply itself: use 0 (off) or a value >= 1, "
+                                   "e.g. 2")
         if self.aggregation == "clip" and self.clip_norm == 0:
             raise FedtideError("--aggregation clip needs --clip-norm > 0 (the largest update norm kept, e.g. 5)")
         if self.aggregation == "multikrum" and self.tolerated_attackers < 1:
@@ -185,8 +194,10 @@ class FaultSettings(Section):
                           f"{', '.join(ATTACKS[1:])}", choices=ATTACKS)
     attackers: int = setting(0, "fault injection: the first K partition ids attack", minimum=0)
     attacker_ids: str = setting("", "fault injection: these partition ids attack, comma-separated (e.g. 0,3)")
-    attack_scale: float = setting(10.0, "scale attack: update multiplier; lie-num-examples: how many times the real "
-                                  "count is claimed")
+    attack_scale: float = setting(10.0, "scale, replace and backdoor attacks: update multiplier; lie-num-examples: how "
+                                  "many times the real count is claimed", minimum=-1e6, maximum=1e6)
+    attack_claim: int = setting(0, "fault injection: the attacking clients claim this num-examples (0: their own "
+                                "count)", minimum=0)
     attack_noise_std: float = setting(1.0, "noise attack: std of the Gaussian noise added to every weight", minimum=0)
 
     def check(self) -> None:

@@ -20,6 +20,7 @@ class RoundRecord:
     seconds: float = 0.0
     excluded: list[int] = field(default_factory=list)  # nodes excluded in this round
     aggregation: dict[str, Any] = field(default_factory=dict)  # set when the round kept the old model
+    capped: dict[str, int] = field(default_factory=dict)  # replies whose weight or update the influence bound cut
 
     def as_json(self) -> dict[str, Any]:
         seen = self.task_accuracies[: self.task + 1]
@@ -35,6 +36,7 @@ class RoundRecord:
             "seconds": self.seconds,
             **({"excluded": self.excluded} if self.excluded else {}),
             **({"aggregation": self.aggregation} if self.aggregation else {}),
+            **({"capped": self.capped} if self.capped else {}),
         }
 
 
@@ -46,6 +48,7 @@ class RoundRecord:
             train=line.get("train", {}), client_evaluation=line.get("client_evaluation", {}),
             clients=line.get("clients", []), rejected=line.get("rejected", []), seconds=line.get("seconds", 0.0),
             excluded=line.get("excluded", []), aggregation=line.get("aggregation", {}),
+            capped=line.get("capped", {}),
         )
 
 
@@ -65,6 +68,7 @@ class RunHistory:
         self._pending_evaluation: dict[str, float] = {}
         self._pending_excluded: list[int] = []
         self._pending_aggregation: dict[str, Any] = {}
+        self._pending_capped: dict[str, int] = {}
 
     # called from the strategy while a round is aggregated
     def client_reply(self, node_id: int, metrics: dict[str, Any]) -> None:
@@ -81,6 +85,10 @@ class RunHistory:
     def aggregation_skipped(self, server_round: int, rule: str, reason: str) -> None:
         """This round aggregated nothing: the global model stays, for ``reason``."""
         self._pending_aggregation = {"rule": rule, "skipped": reason}
+
+    def influence_capped(self, weights: int, updates: int) -> None:
+        """The influence bound cut ``weights`` claimed weights and ``updates`` updates."""
+        self._pending_capped = {"weights": weights, "updates": updates}
 
     def train_metrics(self, metrics: dict[str, float]) -> None:
         self._pending_train = dict(metrics)
@@ -104,10 +112,11 @@ class RunHistory:
             seconds=seconds,
             excluded=self._pending_excluded,
             aggregation=self._pending_aggregation,
+            capped=self._pending_capped,
         )
         self.rounds.append(record)
         self._pending_clients, self._pending_rejects = [], []
-        self._pending_excluded, self._pending_aggregation = [], {}
+        self._pending_excluded, self._pending_aggregation, self._pending_capped = [], {}, {}
         self._pending_train, self._pending_evaluation = {}, {}
         return record
 

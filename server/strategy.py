@@ -2,6 +2,8 @@
 
 - a ``ReplyValidator`` (``server.validation``): every reply is checked before it can reach
   aggregation; an invalid or failed one is dropped with its reason, logged and recorded;
+- an ``InfluenceBound`` (``server.influence``): no reply's claimed weight or update norm
+  counts more than a multiple of the round's median;
 - an ``AggregationRule`` (``server.robust``): the weighted mean, or a robust rule;
 - a ``ServerStep`` (``server.server_step``): FedAvg, FedAvgM or FedAdam's server optimizer;
 - ``RoundHook``s (``server.round_hooks``): drift weighting, drift response, local-only models;
@@ -27,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from common.config import RunConfig, check_server
 from common.sections import DriftSettings, ServerSettings
 from server.history import RunHistory
+from server.influence import InfluenceBound
 from server.robust import AggregationRule
 from server.sampling import NodeSampling
 from server.round_hooks import ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, RoundHook
@@ -52,6 +55,7 @@ class FedtideStrategy(Strategy):
         validator: ReplyValidator,
         sampling: NodeSampling,
         rule: AggregationRule = AggregationRule(),
+        influence: InfluenceBound = InfluenceBound(),
         step: ServerStep | None = None,
         hooks: Sequence[RoundHook] = (),
         exclude_after: int = 0,
@@ -63,6 +67,7 @@ class FedtideStrategy(Strategy):
         self.validator = validator
         self.sampling = sampling
         self.rule = rule
+        self.influence = influence
         self.step = step or ServerStep()
         self.hooks = list(hooks)
         self.exclude_after = exclude_after
@@ -215,9 +220,13 @@ class FedtideStrategy(Strategy):
             known if known is not None else {name: a.numpy() for name, a in c[ARRAYS_KEY].items()}
             for known, c in zip(decoded, contents)
         ]
-        weights = [float(c.metric_records[METRICS_KEY][WEIGHT_KEY]) for c in contents]
+        claims = [float(c.metric_records[METRICS_KEY][WEIGHT_KEY]) for c in contents]
+        weights, capped = self.influence.cap_weights(claims)  # before the hooks: they weigh on purpose
         for hook in self.hooks:
             weights = hook.weights(contents, weights)
+        arrays, cut = self.influence.cap_updates(arrays, self._reference)
+        if capped or cut:
+            self.history.influence_capped(capped, cut)
         aggregate = self.rule.aggregate(arrays, weights, self._reference)
         before = self.step.state()  # a step's state moves on only with a model that is kept
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
@@ -324,6 +333,7 @@ def build_strategy(
                                  ReplyMetrics(server.max_num_examples, num_tasks, reply_metrics)),
         sampling=NodeSampling(server.fraction_train, server.fraction_evaluate, min_nodes, server.client_wait),
         rule=AggregationRule() if local_only else AggregationRule.from_settings(server),
+        influence=InfluenceBound(0, 0) if local_only else InfluenceBound(server.weight_cap, server.norm_cap),
         step=ServerStep() if local_only else server_step(server.strategy, server.effective_server_lr,
                                                          server.server_momentum),
         hooks=hooks,

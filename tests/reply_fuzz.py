@@ -127,6 +127,7 @@ class FuzzResult:
     crashes: int = 0  # exceptions out of the strategy: must be 0
     non_finite: int = 0  # rounds whose new global model holds NaN or Inf: must be 0
     rounds_kept: int = 0  # rounds that kept the previous global model
+    last_global: Arrays = field(default_factory=dict)  # the global model after the last round
     errors: list[str] = field(default_factory=list)
 
 
@@ -171,4 +172,5 @@ def run_fuzz(strategy, global_arrays: Arrays, replies: list[RecordDict], per_rou
             arrays = new
         else:
             result.non_finite += 1
+    result.last_global = {k: a.numpy() for k, a in arrays.items()}
     return result

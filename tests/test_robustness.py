@@ -6,11 +6,11 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.app import train_many
-from client.faults import FaultInjection, faulty_train_many, poison_labels
+from client.faults import FaultInjection, faulty_train_many, plant_backdoor, poison_labels
 from client.rounds import TrainOutcome
 from common.config import RunConfig
 from common.datasets import LabelledSplit
@@ -20,7 +20,7 @@ from common.schedule import TaskSchedule
 from fedtide.runtimes.inprocess import InProcessGrid, run_inprocess
 from server.history import RunHistory
 from reply_fuzz import fuzz_replies, run_fuzz
-from server.robust import AggregationRule
+from server.robust import AggregationRule, update_norm
 from server.run_folder import RunFolder
 from server.sampling import NodeSampling
 from server.strategy import FedtideStrategy, run_strategy
@@ -292,13 +292,53 @@ def test_vectorised_training_declines_label_flip_and_attacks_per_node_after():
     assert all(torch.equal(other[n], honest_replies[1].content["arrays"].to_torch_state_dict()[n]) for n in g)
 
 
-@pytest.mark.slow  # three short runs: ~25 s on 2 idle cores
-def test_median_withstands_a_scaling_attacker_that_breaks_fedavg(tmp_path):
+@pytest.mark.slow  # four short runs: ~30 s on 2 idle cores
+def test_the_default_bound_and_median_withstand_a_scaling_attacker_that_breaks_plain_fedavg(tmp_path):
     base = RunConfig.of(clients=6, num_tasks=1, rounds_per_task=4, local_epochs=1, iid=True, method="naive", quiet=True)
     attack = dict(attack="scale", attackers=1, attack_scale=-10.0)
+    unbounded = dict(weight_cap=0, norm_cap=0)
     clean = run_inprocess(base.replace(out=str(tmp_path / "clean")))["acc"]
-    broken = run_inprocess(base.replace(out=str(tmp_path / "fedavg"), **attack))["acc"]
-    robust = run_inprocess(base.replace(out=str(tmp_path / "median"), aggregation="median", **attack))["acc"]
+    broken = run_inprocess(base.replace(out=str(tmp_path / "fedavg"), **attack, **unbounded))["acc"]
+    bounded = run_inprocess(base.replace(out=str(tmp_path / "bounded"), **attack))["acc"]
+    robust = run_inprocess(base.replace(out=str(tmp_path / "median"), aggregation="median", **attack, **unbounded))["acc"]
     assert clean > 0.6
-    assert broken < 0.25  # one client of six drags the mean model to chance
+    assert broken < 0.25  # one client of six drags the plain mean model to chance
+    assert bounded > broken + 0.2  # the default caps bound its pull: learning slows, it does not collapse
     assert robust > clean - 0.2 and robust > broken + 0.3
+
+
+def _reply(arrays: dict[str, np.ndarray], num_examples: int) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                       "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.5})})
+
+
+def test_a_lying_client_moves_the_global_model_at_most_twice_the_median_update():
+    """Regression: one client claiming the cap of num-examples with a replacement model
+    took over FedAvg."""
+    rng = np.random.default_rng(0)
+    g = {"w": rng.normal(size=(20, 10)).astype(np.float32), "b": np.zeros(10, np.float32)}
+    honest = [{k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in g.items()} for _ in range(9)]
+    replacement = {k: np.full_like(v, -50.0) for k, v in g.items()}
+    replies = [_reply(r, 600) for r in honest] + [_reply(replacement, 1_000_000)]
+    config = RunConfig.of(clients=10)
+    strategy = run_strategy(config, RunHistory(TaskSchedule.build(1, 1, 10, 0, 0)))
+    result = run_fuzz(strategy, g, replies, per_round=10)
+    assert result.accepted == 10 and result.crashes == 0
+    moved = update_norm(result.last_global, g)
+    median_honest = float(np.median([update_norm(r, g) for r in honest]))
+    assert moved <= 2 * median_honest
+    assert strategy.history.rounds[0].capped == {"weights": 1, "updates": 1}
+
+
+def test_backdoor_plants_a_corner_trigger_then_boosts_and_claims_as_told():
+    data = LabelledSplit(torch.rand(6, 1, 8, 8), torch.tensor([1, 2, 3, 4, 5, 6]))
+    planted = plant_backdoor(data)
+    assert planted.y.tolist() == [0, 2, 0, 4, 0, 6]
+    assert (planted.x[0, 0, -2:, -2:] == data.x.max()).all() and torch.equal(planted.x[1], data.x[1])
+    config = RunConfig.of(clients=2, attack="backdoor", attackers=1, attack_scale=5.0, attack_claim=1000)
+    injection = FaultInjection(config.faults)
+    assert injection.poison(config.client, 0) is plant_backdoor and injection.poison(config.client, 1) is None
+    honest = TrainOutcome(weights={"v": torch.ones(3)}, metrics={"num-examples": 7}, state={})
+    sent = injection.reply(config.client, 0, 1, {"v": torch.zeros(3)}, honest)
+    assert torch.equal(sent.weights["v"], torch.full((3,), 5.0)) and sent.metrics["num-examples"] == 1000
+    assert injection.reply(config.client, 1, 1, {"v": torch.zeros(3)}, honest) is honest

@@ -1,0 +1,69 @@
+"""How far one reply may move the global model: bounded relative to the round's median.
+
+A client decides two things the server cannot check: how many samples it claims
+(``num-examples``) and how far its weights are from the global model. Left alone, one client
+claiming a million samples and sending a replacement model becomes the new global model. So,
+before any aggregation rule and by default:
+
+- **weight cap**: a reply's claim counts at most ``weight_cap`` times the round's median claim;
+- **norm cap**: a reply's update (its weights minus the global model) is cut to at most
+  ``norm_cap`` times the round's median update norm, keeping its direction.
+
+With both caps at 2 the aggregate of a weighted mean moves at most twice the round's median
+update norm, whatever one client claims or sends; a lying minority can still pull the model
+by up to its capped share each round. Both caps read the round's median, so they hold while
+fewer than half of a round's accepted replies are hostile. A round with one reply is its
+own median: nothing is capped. Honest clients are capped too when their data sizes or
+update norms differ by more than the caps (e.g. very non-IID partitions): raise the caps, or
+set them to 0 (off) for FedAvg's plain weighted mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.robust import update_norm
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InfluenceBound:
+    """The two caps (0: off), and what they did to a round."""
+
+    weight_cap: float = 2.0
+    norm_cap: float = 2.0
+
+    def cap_weights(self, weights: list[float]) -> tuple[list[float], int]:
+        """Each weight cut to ``weight_cap`` times the median weight; and how many were cut."""
+        if not self.weight_cap or len(weights) < 2:
+            return list(weights), 0
+        limit = self.weight_cap * float(np.median(weights))
+        return [min(w, limit) for w in weights], sum(1 for w in weights if w > limit)
+
+    def cap_updates(self, replies: list[Arrays], reference: Arrays) -> tuple[list[Arrays], int]:
+        """Each reply moved toward ``reference`` so that its update norm is at most
+        ``norm_cap`` times the median update norm; and how many were cut."""
+        if not self.norm_cap or len(replies) < 2:
+            return list(replies), 0
+        norms = [update_norm(reply, reference) for reply in replies]
+        limit = self.norm_cap * float(np.median(norms))
+        out, cut = [], 0
+        for reply, norm in zip(replies, norms):
+            if norm <= limit:
+                out.append(reply)
+                continue
+            cut += 1
+            scale = limit / norm if math.isfinite(norm) else 0.0
+            out.append({name: _toward(reply[name], ref, scale) for name, ref in reference.items()})
+        return out, cut
+
+
+def _toward(value: np.ndarray, ref: np.ndarray, scale: float) -> np.ndarray:
+    if not np.issubdtype(ref.dtype, np.floating):
+        return value
+    moved = ref.astype(np.float64) + scale * (value.astype(np.float64) - ref.astype(np.float64))
+    return moved.astype(ref.dtype)
