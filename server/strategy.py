@@ -126,11 +126,10 @@ class FedtideStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client-side evaluation replies carry only metrics; drop those that fail or lie."""
-        valid = []
-        for reply in replies:
-            checked = None if reply.has_error() else self.validator.check_evaluation(reply.content)
-            if checked is not None:
-                valid.append(RecordDict({METRICS_KEY: MetricRecord(checked)}))
+        checked = [None if r.has_error() else self.validator.check_evaluation(r.content) for r in replies]
+        kept = [metrics for metrics in checked if metrics is not None]
+        weights, _ = self.influence.cap_weights([float(m[WEIGHT_KEY]) for m in kept])  # no liar skews the mean
+        valid = [RecordDict({METRICS_KEY: MetricRecord({**m, WEIGHT_KEY: w})}) for m, w in zip(kept, weights)]
         metrics = weighted_metrics(valid) if valid else None
         if metrics is not None:
             self.history.evaluate_metrics(dict(metrics))

@@ -4,7 +4,8 @@ aggregation rule survive whatever a client sends.
 ``fuzz_replies(global_arrays, n, seed)`` gives ``n`` reply contents (``RecordDict``), a mix
 of honest ones and the kinds in ``KINDS``: wrong, missing or extra keys, wrong shapes and
 dtypes, NaN/Inf, huge values and norms, every sort of bad ``num-examples``, truncated or
-padded bytes, empty records. ``run_fuzz`` sends them through a real strategy, round after
+padded bytes, empty records, and metrics that are extra, missing, of the wrong type,
+non-finite, huge or claim another node's id (``METRIC_KINDS``). ``run_fuzz`` sends them through a real strategy, round after
 round, and counts crashes and non-finite global models (both must be 0).
 """
 
@@ -15,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 Arrays = dict[str, np.ndarray]
@@ -70,6 +72,52 @@ def _num_examples(value) -> Callable[[Arrays, np.random.Generator], RecordDict]:
     return lambda g, rng: _record(_honest(g, rng), {"num-examples": value, "train-loss": 0.5})
 
 
+HONEST_METRICS = {"num-examples": 10, "train-loss": 0.5, "prequential-acc": 0.8, "task-id": 0, "lr": 0.1,
+                  "local-epochs": 1, "drift-detected": 0, "drift-position": -1}
+
+
+def _metrics(**changes) -> Callable[[Arrays, np.random.Generator], RecordDict]:
+    """An honest reply whose metrics have ``changes`` (None: that key removed)."""
+    metrics = {k: v for k, v in {**HONEST_METRICS, **changes}.items() if v is not None}
+    return lambda g, rng: _record(_honest(g, rng), dict(metrics))
+
+
+def _many_keys(g: Arrays, rng: np.random.Generator) -> RecordDict:
+    return _record(_honest(g, rng), {**HONEST_METRICS, **{f"k{i}": float(i) for i in range(int(rng.integers(50, 2000)))}})
+
+
+# what a client may get wrong, or lie about, in its metrics
+METRIC_KINDS: dict[str, Callable[[Arrays, np.random.Generator], RecordDict]] = {
+    "extra-metric": _metrics(surprise=1.0),
+    "extra-list-metric": _metrics(histogram=[1.0, 2.0, 3.0]),
+    "many-extra-metrics": _many_keys,
+    "newline-metric-name": _metrics(**{"x\nround 1: forged line": 1.0}),
+    "missing-train-loss": _metrics(**{"train-loss": None}),
+    "only-num-examples": _metrics(**{k: None for k in HONEST_METRICS if k != "num-examples"}),
+    "spoofed-node": _metrics(node=123456789),
+    "spoofed-node-drift": _metrics(node=-7, **{"drift-detected": 1, "drift-position": 5}),
+    "huge-prequential-acc": _metrics(**{"prequential-acc": 1e300}),
+    "negative-prequential-acc": _metrics(**{"prequential-acc": -0.5}),
+    "huge-task-id": _metrics(**{"task-id": 10**15}),
+    "giant-task-id": _metrics(**{"task-id": 10**400}),
+    "negative-task-id": _metrics(**{"task-id": -1}),
+    "fraction-task-id": _metrics(**{"task-id": 0.5}),
+    "list-task-id": _metrics(**{"task-id": [0, 1]}),
+    "drift-flag-2": _metrics(**{"drift-detected": 2}),
+    "drift-flag-float": _metrics(**{"drift-detected": 0.5}),
+    "huge-drift-position": _metrics(**{"drift-detected": 1, "drift-position": 10**30}),
+    "inf-train-loss": _metrics(**{"train-loss": float("inf")}),
+    "negative-train-loss": _metrics(**{"train-loss": -3.0}),
+    "huge-train-loss": _metrics(**{"train-loss": 1e300}),
+    "nan-lr": _metrics(lr=float("nan")),
+    "huge-local-epochs": _metrics(**{"local-epochs": 10**12}),
+    "huge-eval-loss": _metrics(**{"eval-loss": 1e308}),
+    "metrics-as-config": lambda g, rng: RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in _honest(g, rng).items()}),
+        "metrics": ConfigRecord({"num-examples": 10, "train-loss": "low"})}),
+}
+
+
 KINDS: dict[str, Callable[[Arrays, np.random.Generator], RecordDict]] = {
     "honest": lambda g, rng: _record(_honest(g, rng)),
     "missing-array": lambda g, rng: _record({k: v for k, v in _honest(g, rng).items() if k != _first(g)}),
@@ -106,7 +154,35 @@ KINDS: dict[str, Callable[[Arrays, np.random.Generator], RecordDict]] = {
     "two-array-records": lambda g, rng: _record(_honest(g, rng), more=ArrayRecord({k: Array(v) for k, v in g.items()})),
     "two-metric-records": lambda g, rng: _record(_honest(g, rng), more=MetricRecord({"num-examples": 1})),
     "config-record": lambda g, rng: _record(_honest(g, rng), cfg=ConfigRecord({"x": "y" * 100})),
+    **METRIC_KINDS,
 }
+
+
+def fuzzing_client_app(seed: int, share: float = 0.5, sent: list[str] | None = None) -> ClientApp:
+    """fedtide's ClientApp, except that a train reply is, with probability ``share``, replaced
+    by a fuzzed one (a kind of ``KINDS`` other than honest) built around the honest reply's
+    weights; seeded by (seed, partition, round). In-process, ``sent`` collects the kinds sent
+    (``"honest"`` for a real reply). Evaluation replies stay honest."""
+    from client import app as plain
+
+    names = [kind for kind in KINDS if kind != "honest"]
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = plain.train_message(msg, context)
+        partition, server_round = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+        rng = np.random.default_rng([seed, partition, server_round])
+        kind = names[int(rng.integers(len(names)))] if rng.random() < share and not reply.has_error() else "honest"
+        if sent is not None:
+            sent.append(kind)
+        if kind == "honest":
+            return reply
+        weights = {name: array.numpy() for name, array in reply.content["arrays"].items()}
+        return Message(content=KINDS[kind](weights, rng), reply_to=msg)
+
+    app.evaluate()(plain.evaluate)
+    return app
 
 
 def fuzz_replies(global_arrays: Arrays, n: int, seed: int) -> list[tuple[str, RecordDict]]:

@@ -174,3 +174,21 @@ def test_a_failed_client_keeps_its_paths_to_itself():
     text = client_error(0, "<class 'FileNotFoundError'>:<'[Errno 2] No such file: /home/ana/secret/x.npz'>\nmore")
     assert "ana" not in text and "<path>" in text and "\n" not in text and "error code 0" in text
     assert len(client_error(0, "x" * 10_000)) < 200
+
+
+def test_client_evaluation_is_checked_and_a_liar_weighs_at_most_twice_the_median():
+    from types import SimpleNamespace
+
+    history = RunHistory()
+    strategy = FedtideStrategy(history=history, validator=ReplyValidator(10**6),
+                               sampling=NodeSampling(1.0, 1.0, 4, 60.0))
+
+    def evaluation(metrics):
+        return SimpleNamespace(has_error=lambda: False, content=RecordDict({"metrics": MetricRecord(metrics)}))
+
+    honest = [evaluation({"num-examples": 100, "eval-acc": 1.0}) for _ in range(3)]
+    liar = evaluation({"num-examples": 10**6, "eval-acc": 0.0, "node": 5})
+    absurd = evaluation({"num-examples": 100, "eval-acc": 7.0})
+    metrics = strategy.aggregate_evaluate(1, [*honest, liar, absurd])
+    assert metrics["eval-acc"] == pytest.approx(300 / 500)  # the liar's million counts as 200
+    assert "node" not in metrics

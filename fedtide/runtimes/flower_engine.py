@@ -15,7 +15,9 @@ from common.config import RunConfig
 from common.errors import FedtideError
 
 
-def run_flower_simulation(config: RunConfig) -> dict[str, Any]:
+def run_flower_simulation(config: RunConfig, client_app: Any = None) -> dict[str, Any]:
+    """``config`` under Flower's simulation engine; its summary. ``client_app``: another
+    ClientApp than fedtide's (with ``config``'s fault injection), e.g. a fuzzing one."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -46,7 +48,7 @@ def run_flower_simulation(config: RunConfig) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=server_app,
-            client_app=faulty_client_app(config.faults),
+            client_app=client_app or faulty_client_app(config.faults),
             num_supernodes=config.data.clients,
             backend_config=backend_config,
         )
