@@ -8,7 +8,8 @@ its node_config:
   its continual-learning state lives in ``context.state``;
 - edge client (``fedtide client``): ``inbox``, the folder where its data files arrive, and
   ``state-dir``, where its state lives on disk (``client.edge``), so that it survives a
-  restart of the SuperNode.
+  restart of the SuperNode; optionally ``feature-range`` (``LOW,HIGH``: what float values
+  its data files may hold).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
 
 def _train_edge(msg: Message, context: Context, config: ClientSettings, server_round: int) -> Message:
     from client.edge import train_on_arrivals
+    from client.feature_range import parse_feature_range
 
     record = msg.content["config"]
     state_dir = context.node_config.get("state-dir")
@@ -135,6 +137,8 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
         Path(str(state_dir)),
         device_name=context.node_config.get("device"),
         node_id=context.node_id,
+        **({"feature_range": parse_feature_range(str(context.node_config["feature-range"]))}
+           if "feature-range" in context.node_config else {}),
     )
     _report_edge_round(server_round, outcome.metrics)
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})

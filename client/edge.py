@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from client.feature_range import DEFAULT_FEATURE_RANGE
 from client.inbox import QUARANTINE, collect_arrivals
 from client.methods import Method, Replay, build_methods
 from client.rounds import (
@@ -57,26 +58,28 @@ def train_on_arrivals(
     state_dir: Path,
     device_name: str | None = None,
     node_id: int = 0,
+    feature_range: tuple[float, float] = DEFAULT_FEATURE_RANGE,
 ) -> TrainOutcome:
     """Train the server's ``weights`` on the inbox's new files plus the replay memory.
 
     With no new file the round trains on the memory alone. Saves the new state and ledger
     (one atomic write) before returning. Besides ``client.rounds``' metrics the outcome
-    reports ``new-files``, ``new-examples`` and ``quarantined`` (this round's counts);
+    reports ``new-files``, ``new-examples`` and ``quarantined`` (this round's counts; float
+    values outside ``feature_range`` make a file bad, see ``client.inbox``);
     ``task-id`` counts the task boundaries (drifts) so far. Raises FedtideError when there is
     no data at all yet, or when ``weights`` do not fit the config's model.
     """
     check_input_shape(config, input_shape)
     store = ClientStateStore(state_dir)
     state, ledger = store.load()
-    arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger)
+    arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger, feature_range)
     outcome = learn_round(config, input_shape, num_classes, server_round, weights, state, arrivals.data,
                           device_name, node_id)
     if outcome is None:
         invalid = len(arrivals.quarantined)
         raise FedtideError(
             f"no data yet in {inbox}: put .npz (arrays x, y) or .csv (a 'label' column) files there"
-            + (f"; {invalid} invalid file(s) were moved to {Path(inbox) / QUARANTINE}" if invalid else "")
+            + (f"; {invalid} invalid file(s) were found (see the log and {Path(inbox) / QUARANTINE})" if invalid else "")
         )
     outcome.metrics.update({"new-files": len(arrivals.files), "quarantined": len(arrivals.quarantined)})
     consumed = [

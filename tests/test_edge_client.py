@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import client.inbox as inbox_module
 from client.edge import train_on_arrivals
 from client.inbox import collect_arrivals
 from client.rounds import BOOST_KEY, LAST_TASK_KEY
@@ -40,12 +41,13 @@ def inbox(tmp_path) -> Path:
 
 
 def samples(n: int, seed: int, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable digits-like data: class c lights up pixel row c % 8 (plus noise)."""
+    """Learnable digits-like data in the pixel range [0, 1]: class c lights up pixel row c % 8
+    and column c // 8 (plus noise)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n)
-    x = rng.normal(0, 0.1, (n, *SHAPE)).astype(np.float32)
-    x[np.arange(n), 0, y % 8, :] += 1.0
-    x[np.arange(n), 0, :, y // 8] += 1.0
+    x = rng.uniform(0, 0.09, (n, *SHAPE)).astype(np.float32)
+    x[np.arange(n), 0, y % 8, :] += 0.45
+    x[np.arange(n), 0, :, y // 8] += 0.45
     return x, ((CLASSES - 1 - y) if flip else y)
 
 
@@ -132,7 +134,7 @@ def test_bad_files_are_quarantined_and_the_round_trains_on_the_good_ones(config,
     assert "0..9" in reasons["labels.npz"] and "[10, 1, 4, 8]" in reasons["shape.npz"]
     assert "Python objects" in reasons["objects.npz"] and "NaN" in reasons["nan.npz"]
     assert "empty" in reasons["empty.csv"] and "'label'" in reasons["nolabel.csv"]
-    assert "quarantined junk.npz" in caplog.text
+    assert "quarantined 'junk.npz'" in caplog.text
 
 
 def test_csv_and_npz_give_the_same_samples(inbox):
@@ -148,14 +150,24 @@ def test_csv_and_npz_give_the_same_samples(inbox):
     assert csv_file.data.x.dtype == torch.float32 and csv_file.data.y.dtype == torch.int64
 
 
-def test_uint8_pixels_are_scaled_and_float_kept(inbox):
+def test_uint8_pixels_are_scaled_and_floats_in_the_feature_range_kept(inbox):
     pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8)  # [N, H, W]: one channel
     arrive(inbox, "u8.npz", pixels, np.array([0, 1, 2]), mtime=100)
-    arrive(inbox, "f.npz", pixels.astype(np.float64), np.array([0.0, 1.0, 2.0]), mtime=200)
+    arrive(inbox, "f.npz", pixels / 255.0, np.array([0.0, 1.0, 2.0]), mtime=200)
     scaled, kept = collect_arrivals(inbox, SHAPE, CLASSES, []).files
     assert torch.allclose(scaled.data.x, torch.from_numpy(pixels / 255.0).float().unsqueeze(1))
-    assert float(scaled.data.x.max()) <= 1.0 and float(kept.data.x.max()) == float(pixels.max())
+    assert torch.equal(kept.data.x, torch.from_numpy(pixels / 255.0).float().unsqueeze(1))
     assert kept.data.y.tolist() == [0, 1, 2]
+
+
+def test_float_values_outside_the_feature_range_are_quarantined_unless_the_range_allows_them(inbox):
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8)).astype(np.float64)  # 0..255 as floats
+    arrive(inbox, "raw.npz", pixels, np.array([0, 1, 2]), mtime=100)
+    assert collect_arrivals(inbox, SHAPE, CLASSES, [], feature_range=(0.0, 255.0)).files[0].data.x.max() > 1
+    arrivals = collect_arrivals(inbox, SHAPE, CLASSES, [])  # default: [0, 1]
+    assert arrivals.files == [] and arrivals.quarantined == ["raw.npz"]
+    reason = (inbox / "quarantine" / "raw.npz.reason.txt").read_text()
+    assert "outside [0, 1]" in reason and "--feature-range" in reason
 
 
 def test_state_and_ledger_survive_a_restart(config, weights, inbox, tmp_path):
@@ -267,7 +279,7 @@ def test_a_drift_last_round_makes_a_task_boundary(config, weights, inbox, tmp_pa
 
 
 def test_a_real_drift_is_detected_and_consolidated_in_the_next_round(weights, inbox, tmp_path):
-    config = RunConfig.of(hidden="16", local_epochs=3, memory_size=50, method="replay+lwf", quiet=True)
+    config = RunConfig.of(hidden="16", local_epochs=3, lr=0.5, memory_size=50, method="replay+lwf", quiet=True)
     state = tmp_path / "state"
     for server_round in (1, 2):  # the first concept, until it is predicted well
         arrive(inbox, f"{server_round}.npz", *samples(200, server_round), mtime=100 * server_round)
@@ -294,8 +306,8 @@ def test_a_consumed_file_left_in_the_inbox_is_not_read_again(config, weights, in
     run(config, weights, inbox, state, 1)
     arrive(inbox, "b.npz", *samples(12, 2), mtime=200)
     read = []
-    original = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or original(self))
+    original = inbox_module._read_unfollowed
+    monkeypatch.setattr(inbox_module, "_read_unfollowed", lambda folder, name: read.append(name) or original(folder, name))
     second = run(config, weights, inbox, state, 2)
     assert second.metrics["new-files"] == 1
     assert "a.npz" not in read and "b.npz" in read  # a device's old files cost nothing per round

@@ -56,3 +56,16 @@ def test_an_edge_node_with_no_data_answers_with_an_error_not_a_crash(tmp_path):
     config = RunConfig.of(hidden="16", local_epochs=1, quiet=True)
     reply = _train(_edge_node(tmp_path / "in", tmp_path / "s"), config, 1)
     assert reply.has_error() and "no data yet" in reply.error.reason
+
+
+def test_an_edge_node_takes_its_feature_range_from_its_node_config(tmp_path):
+    config = RunConfig.of(hidden="16", local_epochs=1, quiet=True)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(inbox / "raw.npz", x=rng.integers(0, 256, (12, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 12))
+    refused = _train(_edge_node(inbox, tmp_path / "a"), config, 1)  # default [0, 1]: 0..255 floats are refused
+    assert refused.has_error() and "1 invalid file(s)" in refused.error.reason
+    (inbox / "quarantine" / "raw.npz").rename(inbox / "raw.npz")
+    grid = InProcessGrid(app, [{"inbox": str(inbox), "state-dir": str(tmp_path / "b"), "feature-range": "0,255"}])
+    assert _train(grid, config, 1).content["metrics"]["new-examples"] == 12

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.feature_range import parse_feature_range
 from common.errors import FedtideError
 from common.files import ensure_writable_folder
 from fedtide.deployment.cert_files import CA_CERT
@@ -54,6 +55,10 @@ def add_parser(commands: Any, methods: bool = True) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="folder where new data files arrive")
     parser.add_argument("--state", required=True, metavar="DIR", help="folder for this client's state (keep it)")
     parser.add_argument("--device", default=None, help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--feature-range", default=None, metavar="LOW,HIGH",
+                        help="the range every float value of a data file must lie in (uint8 pixels are scaled "
+                        "to [0, 1] first); a file with a value outside is quarantined (default: 0,1, the "
+                        "datasets' pixel range; write --feature-range=-1,4 for a negative LOW)")
     parser.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
                         help="give up when the server cannot be reached or refuses this node for this long "
                         "(default: keep trying)")
@@ -62,6 +67,7 @@ def add_parser(commands: Any, methods: bool = True) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the SuperNode until it stops; return its exit code."""
     parse_address(args.server, "--server")
+    feature_range = None if args.feature_range is None else parse_feature_range(args.feature_range)
     command = [flower_executable("flower-supernode"), "--superlink", args.server]
     if args.insecure:
         print("fedtide client: warning: --insecure: no TLS and no node authentication", file=sys.stderr)
@@ -73,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     node_config = f'inbox="{data}" state-dir="{state}"'
     if args.device:
         node_config += f' device="{args.device}"'
+    if feature_range is not None:
+        node_config += f' feature-range="{feature_range[0]!r},{feature_range[1]!r}"'
     command += ["--node-config", node_config, "--port", str(free_port())]
     if args.max_wait is not None:
         command += ["--max-wait-time", str(args.max_wait)]
