@@ -151,6 +151,8 @@ class ServerSettings(Section):
                                 "claim (0: no cap; see SECURITY.md)", minimum=0, maximum=1e6)
     norm_cap: float = setting(2.0, "cut each reply's update to this many times the round's median update norm "
                               "before aggregation (0: no cut; see SECURITY.md)", minimum=0, maximum=1e6)
+    norm_outlier: float = setting(5.0, "drop a reply whose update norm is more than this many times the round's "
+                                  "median update norm (0: never; see SECURITY.md)", minimum=0, maximum=1e6)
     max_update_norm: float = setting(0.0, "drop a reply whose update (reply - global weights) has an L2 norm above "
                                      "this (0: off)", minimum=0)
     max_reply_mb: float = setting(0.0, "drop a reply whose payload is larger than this many MiB (0: off)", minimum=0)
@@ -170,7 +172,8 @@ class ServerSettings(Section):
                                  "stops with an error", minimum=0, above=True)
 
     def check(self) -> None:
-        for flag, cap in (("--weight-cap", self.weight_cap), ("--norm-cap", self.norm_cap)):
+        for flag, cap in (("--weight-cap", self.weight_cap), ("--norm-cap", self.norm_cap),
+                          ("--norm-outlier", self.norm_outlier)):
             if 0 < cap < 1:
                 raise FedtideError(f"{flag} {cap:g} would cut the median reply itself: use 0 (off) or a value >= 1, "
                                    "e.g. 2")

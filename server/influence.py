@@ -6,8 +6,12 @@ claiming a million samples and sending a replacement model becomes the new globa
 before any aggregation rule and by default:
 
 - **weight cap**: a reply's claim counts at most ``weight_cap`` times the round's median claim;
-- **norm cap**: a reply's update (its weights minus the global model) is cut to at most
-  ``norm_cap`` times the round's median update norm, keeping its direction.
+- **outliers**: a reply whose update (its weights minus the global model) is more than
+  ``norm_outlier`` times the round's median update norm is dropped, with its reason: a
+  boosted model-replacement update is not cut to size but left out (rounds of 3 replies or
+  more; with fewer the median is not a majority's);
+- **norm cap**: the other replies' updates are cut to at most ``norm_cap`` times the round's
+  median update norm, keeping their direction.
 
 With both caps at 2 the aggregate of a weighted mean moves at most twice the round's median
 update norm, whatever one client claims or sends; a lying minority can still pull the model
@@ -32,10 +36,15 @@ Arrays = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class InfluenceBound:
-    """The two caps (0: off), and what they did to a round."""
+    """The caps and the outlier ratio (0: off), and what they do to a round."""
 
     weight_cap: float = 2.0
     norm_cap: float = 2.0
+    norm_outlier: float = 5.0
+
+    @property
+    def reads_norms(self) -> bool:
+        return bool(self.norm_cap or self.norm_outlier)
 
     def cap_weights(self, weights: list[float]) -> tuple[list[float], int]:
         """Each weight cut to ``weight_cap`` times the median weight; and how many were cut."""
@@ -44,12 +53,27 @@ class InfluenceBound:
         limit = self.weight_cap * float(np.median(weights))
         return [min(w, limit) for w in weights], sum(1 for w in weights if w > limit)
 
-    def cap_updates(self, replies: list[Arrays], reference: Arrays) -> tuple[list[Arrays], int]:
+    def outliers(self, norms: list[float]) -> dict[int, str]:
+        """The replies (by index) whose update norm is more than ``norm_outlier`` times the
+        median of ``norms``, with the reason to drop each."""
+        if not self.norm_outlier or len(norms) < 3:
+            return {}
+        median = float(np.median(norms))
+        return {
+            i: f"update norm {norm:.4g} is {norm / median:.1f}x the round's median {median:.4g} (over "
+               f"--norm-outlier {self.norm_outlier:g})" if median > 0 else
+               f"update norm {norm:.4g} while the round's median is 0 (--norm-outlier)"
+            for i, norm in enumerate(norms) if norm > self.norm_outlier * median
+        }
+
+    def cap_updates(self, replies: list[Arrays], reference: Arrays,
+                    norms: list[float] | None = None) -> tuple[list[Arrays], int]:
         """Each reply moved toward ``reference`` so that its update norm is at most
-        ``norm_cap`` times the median update norm; and how many were cut."""
+        ``norm_cap`` times the median update norm; and how many were cut. ``norms``: the
+        replies' update norms, when known."""
         if not self.norm_cap or len(replies) < 2:
             return list(replies), 0
-        norms = [update_norm(reply, reference) for reply in replies]
+        norms = norms if norms is not None else [update_norm(reply, reference) for reply in replies]
         limit = self.norm_cap * float(np.median(norms))
         out, cut = [], 0
         for reply, norm in zip(replies, norms):

@@ -17,6 +17,7 @@ replies that carry no fedtide metrics are aggregated like any other.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from common.config import RunConfig, check_server
 from common.sections import DriftSettings, ServerSettings
 from server.history import RunHistory
 from server.influence import InfluenceBound
-from server.robust import AggregationRule
+from server.robust import AggregationRule, update_norm
 from server.sampling import NodeSampling
 from server.round_hooks import ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, RoundHook
 from server.server_step import ServerStep, server_step
@@ -117,9 +118,9 @@ class FedtideStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         with self.times.phase("aggregate"):
-            valid, decoded = self._accept(server_round, replies)
+            valid, decoded, norms = self._accept(server_round, replies)
             try:
-                return self._aggregate(server_round, valid, decoded)
+                return self._aggregate(server_round, valid, decoded, norms)
             finally:
                 for hook in self.hooks:
                     hook.after_aggregate(server_round, valid)
@@ -175,12 +176,14 @@ class FedtideStrategy(Strategy):
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})  # one payload, shared
         return [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
 
-    def _accept(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Message], list[dict | None]]:
-        """The replies that pass validation, and their decoded arrays (None past the budget).
-        An accepted reply's metrics are replaced by what the schema keeps of them, so that
-        the hooks, the history and the summary read only checked values."""
-        valid: list[Message] = []
-        decoded_arrays: list[dict | None] = []
+    def _accept(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[Message], list[dict | None], list[float] | None]:
+        """The replies that pass validation and the influence bound's outlier check, their
+        decoded arrays (None past the budget) and their update norms (None when the bound
+        reads none). An accepted reply's metrics are replaced by what the schema keeps of
+        them, so that the hooks, the history and the summary read only checked values."""
+        candidates: list[tuple[Message, Verdict, float]] = []
         excluded = self.excluded
         kept = 0  # bytes of decoded arrays kept for aggregation
         for reply in replies:
@@ -194,23 +197,32 @@ class FedtideStrategy(Strategy):
             if verdict.reason is not None:
                 self._reject(server_round, node, verdict.reason)
                 continue
+            norm = update_norm(verdict.arrays, self._reference) if self.influence.reads_norms else 0.0
+            size = sum(a.nbytes for a in verdict.arrays.values())
+            if kept + size <= DECODED_BUDGET:
+                kept += size
+            else:
+                verdict = dataclasses.replace(verdict, arrays=None)
+            candidates.append((reply, verdict, norm))
+        outliers = self.influence.outliers([norm for _, _, norm in candidates])
+        valid, decoded_arrays, norms = [], [], []
+        for index, (reply, verdict, norm) in enumerate(candidates):
+            node = reply.metadata.src_node_id
+            if index in outliers:
+                self._reject(server_round, node, outliers[index])
+                continue
             if verdict.dropped:
                 log.warning("round %d: node %d: %s", server_round, node, describe_dropped(verdict.dropped))
             reply.content[METRICS_KEY] = MetricRecord(verdict.metrics)
             self.history.client_reply(node, verdict.metrics)
-            decoded = verdict.arrays
-            size = sum(a.nbytes for a in decoded.values()) if decoded is not None else 0
-            if decoded is not None and kept + size <= DECODED_BUDGET:
-                kept += size
-            else:
-                decoded = None
             valid.append(reply)
-            decoded_arrays.append(decoded)
+            decoded_arrays.append(verdict.arrays)
+            norms.append(norm)
         self.accepted_nodes = [reply.metadata.src_node_id for reply in valid]
-        return valid, decoded_arrays
+        return valid, decoded_arrays, norms if self.influence.reads_norms else None
 
     def _aggregate(
-        self, server_round: int, valid: list[Message], decoded: list[dict | None]
+        self, server_round: int, valid: list[Message], decoded: list[dict | None], norms: list[float] | None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if (reason := self.rule.precondition(len(valid))) is not None:
             return self._keep_global(server_round, reason)
@@ -223,7 +235,7 @@ class FedtideStrategy(Strategy):
         weights, capped = self.influence.cap_weights(claims)  # before the hooks: they weigh on purpose
         for hook in self.hooks:
             weights = hook.weights(contents, weights)
-        arrays, cut = self.influence.cap_updates(arrays, self._reference)
+        arrays, cut = self.influence.cap_updates(arrays, self._reference, norms)
         if capped or cut:
             self.history.influence_capped(capped, cut)
         aggregate = self.rule.aggregate(arrays, weights, self._reference)
@@ -332,7 +344,8 @@ def build_strategy(
                                  ReplyMetrics(server.max_num_examples, num_tasks, reply_metrics)),
         sampling=NodeSampling(server.fraction_train, server.fraction_evaluate, min_nodes, server.client_wait),
         rule=AggregationRule() if local_only else AggregationRule.from_settings(server),
-        influence=InfluenceBound(0, 0) if local_only else InfluenceBound(server.weight_cap, server.norm_cap),
+        influence=InfluenceBound(0, 0, 0) if local_only else InfluenceBound(server.weight_cap, server.norm_cap,
+                                                                            server.norm_outlier),
         step=ServerStep() if local_only else server_step(server.strategy, server.effective_server_lr,
                                                          server.server_momentum),
         hooks=hooks,

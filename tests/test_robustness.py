@@ -296,7 +296,7 @@ def test_vectorised_training_declines_label_flip_and_attacks_per_node_after():
 def test_the_default_bound_and_median_withstand_a_scaling_attacker_that_breaks_plain_fedavg(tmp_path):
     base = RunConfig.of(clients=6, num_tasks=1, rounds_per_task=4, local_epochs=1, iid=True, method="naive", quiet=True)
     attack = dict(attack="scale", attackers=1, attack_scale=-10.0)
-    unbounded = dict(weight_cap=0, norm_cap=0)
+    unbounded = dict(weight_cap=0, norm_cap=0, norm_outlier=0)
     clean = run_inprocess(base.replace(out=str(tmp_path / "clean")))["acc"]
     broken = run_inprocess(base.replace(out=str(tmp_path / "fedavg"), **attack, **unbounded))["acc"]
     bounded = run_inprocess(base.replace(out=str(tmp_path / "bounded"), **attack))["acc"]
@@ -314,20 +314,25 @@ def _reply(arrays: dict[str, np.ndarray], num_examples: int) -> RecordDict:
 
 def test_a_lying_client_moves_the_global_model_at_most_twice_the_median_update():
     """Regression: one client claiming the cap of num-examples with a replacement model
-    took over FedAvg."""
+    took over FedAvg. Far away, the replacement is dropped as an outlier; within the outlier
+    ratio, it is cut to twice the median update and weighs twice the median claim."""
     rng = np.random.default_rng(0)
     g = {"w": rng.normal(size=(20, 10)).astype(np.float32), "b": np.zeros(10, np.float32)}
     honest = [{k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in g.items()} for _ in range(9)]
-    replacement = {k: np.full_like(v, -50.0) for k, v in g.items()}
-    replies = [_reply(r, 600) for r in honest] + [_reply(replacement, 1_000_000)]
-    config = RunConfig.of(clients=10)
-    strategy = run_strategy(config, RunHistory(TaskSchedule.build(1, 1, 10, 0, 0)))
-    result = run_fuzz(strategy, g, replies, per_round=10)
-    assert result.accepted == 10 and result.crashes == 0
-    moved = update_norm(result.last_global, g)
     median_honest = float(np.median([update_norm(r, g) for r in honest]))
-    assert moved <= 2 * median_honest
-    assert strategy.history.rounds[0].capped == {"weights": 1, "updates": 1}
+    far = {k: np.full_like(v, -50.0) for k, v in g.items()}
+    direction = {k: far[k] - g[k] for k in g}
+    near = {k: g[k] + direction[k] * (4.5 * median_honest / update_norm(far, g)) for k in g}  # 4.5x the median
+    for replacement, accepted, capped in [(far, 9, {"weights": 0, "updates": 0}), (near, 10, {"weights": 1, "updates": 1})]:
+        strategy = run_strategy(RunConfig.of(clients=10), RunHistory(TaskSchedule.build(1, 1, 10, 0, 0)))
+        replies = [_reply(r, 600) for r in honest] + [_reply(replacement, 1_000_000)]
+        result = run_fuzz(strategy, g, replies, per_round=10)
+        assert result.accepted == accepted and result.crashes == 0
+        assert update_norm(result.last_global, g) <= 2 * median_honest
+        record = strategy.history.rounds[0]
+        assert record.capped == ({} if capped["weights"] == 0 else capped)
+        assert [r["reason"] for r in record.rejected if "--norm-outlier" in r["reason"]] == ([] if accepted == 10 else
+                                                                                           [record.rejected[0]["reason"]])
 
 
 def test_backdoor_plants_a_corner_trigger_then_boosts_and_claims_as_told():
