@@ -80,7 +80,8 @@ def w1_flags(data_dir: str, rounds: int, clients: int = 10, samples: int = 600) 
 
 
 def run_fedtide(flags: list[str], out: Path, env: dict[str, str]) -> dict:
-    seconds, peak, _ = measure([sys.executable, "-m", "fedtide.cli", "simulate", "--out", str(out), *flags], env)
+    # --force: each repeat replaces the previous one in the same folder
+    seconds, peak, _ = measure([sys.executable, "-m", "fedtide.cli", "simulate", "--force", "--out", str(out), *flags], env)
     summary = json.loads((out / "summary.json").read_text())
     return {
         "round_seconds": summary["round_seconds"], "process_seconds": seconds, "peak_rss_mib": peak / 2**20,

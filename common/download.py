@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.errors import FedtideError
+from common.files import ensure_writable_folder
 from common.idx import read_idx
 from common.image_datasets import CHECKSUMS, FILES
 
@@ -35,12 +36,12 @@ def download_dataset(
     """Fetch the four IDX files of ``name`` into ``dest/name``; return that folder.
 
     Files already there and valid are kept. ``progress(file, done_bytes, total_bytes)``
-    is called while downloading.
+    is called while downloading. FedtideError when ``dest`` cannot be written or a file
+    cannot be had from any mirror.
     """
     if name not in CHECKSUMS:
         raise FedtideError(f"unknown dataset '{name}' to download: use {', '.join(CHECKSUMS)}")
-    folder = Path(dest) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ensure_writable_folder(Path(dest) / name, "the download folder", "--to")
     for stem in FILES:
         target = folder / f"{stem}.gz"
         if target.is_file():

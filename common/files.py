@@ -54,12 +54,16 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> None
         raise
 
 
-def append_synced(path: Path, data: bytes) -> None:
-    """Append ``data`` to ``path`` (created if missing) and have it on disk before returning."""
-    with Path(path).open("ab") as handle:
+def append_synced(path: Path, data: bytes, mode: int = 0o666, sync: bool = True) -> None:
+    """Append ``data`` to ``path`` (created if missing, with permission bits ``mode`` less
+    the umask) and have it on disk before returning; ``sync=False`` leaves that to the system
+    (about 4 ms less, for a copy whose loss in a power cut can be afforded)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    with os.fdopen(fd, "ab") as handle:
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())
 
 
 def _new_file_mode() -> int:

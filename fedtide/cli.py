@@ -53,6 +53,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     simulate.add_argument("--resume", metavar="RUN_DIR",
                           help="go on with the run in RUN_DIR after its last checkpoint, with its own settings "
                           "(config.json); flags that would change what it computes are refused")
+    simulate.add_argument("--force", action="store_true",
+                          help="let --out name a folder that holds a run: that run's files are deleted first")
     add_config_flags(simulate, methods=command in (None, "simulate"))
 
     download = commands.add_parser(
@@ -147,7 +149,7 @@ def bench_main(args: argparse.Namespace) -> None:
     cells = build_cells(base, methods, args.seeds, references, args.reference_method, out, options)
     from common.files import ensure_writable_folder
 
-    ensure_writable_folder(out)
+    ensure_writable_folder(out, "the bench folder")
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -177,7 +179,9 @@ def download_main(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from common.download import download_dataset
+    from common.files import ensure_writable_folder
 
+    ensure_writable_folder(Path(args.to) / args.dataset, "the download folder", "--to")  # before the progress bars
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console) as progress:
         bars: dict[str, Any] = {}
@@ -193,12 +197,14 @@ def download_main(args: argparse.Namespace) -> None:
 
 def simulate_main(args: argparse.Namespace) -> None:
     """``fedtide simulate``, new or ``--resume RUN_DIR`` (which returns at once when that run
-    already finished)."""
+    already finished). The run folder is locked from its first check to the run's end."""
     if args.workers is not None and args.workers < 0:
         raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
-    if args.resume:
-        from fedtide.resume import finished_message, resume_config
+    from fedtide.resume import finished_message, resume_config
 
+    if args.resume:
+        if args.force:
+            raise FedtideError("--force replaces a run and --resume goes on with it: drop one of them")
         config = resume_config(args)
         if config is None:
             print(finished_message(args.resume), file=sys.stderr)
@@ -212,9 +218,21 @@ def simulate_main(args: argparse.Namespace) -> None:
         config = config_from_args(args)
     from common.files import ensure_writable_folder
     from common.scenarios import build_scenario
+    from server.run_folder import prepare_new_run
+    from server.run_lock import hold_run_folder
 
     build_scenario(config.data, config.seed)  # missing data or impossible splits: fail before a folder is made
-    ensure_writable_folder(Path(config.run.out))  # fail now, not after training
+    folder = ensure_writable_folder(Path(config.run.out))  # fail now, not after training
+    with hold_run_folder(folder):
+        if args.resume and resume_config(args) is None:  # finished by the process that held the lock till now
+            print(finished_message(args.resume), file=sys.stderr)
+            return
+        if not args.resume:
+            prepare_new_run(folder, replace=args.force)
+        _simulate(args, config)
+
+
+def _simulate(args: argparse.Namespace, config: RunConfig) -> None:
     if args.engine == "flower":
         from fedtide.runtimes.flower_engine import run_flower_simulation
 

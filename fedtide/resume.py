@@ -2,8 +2,9 @@
 checked before anything starts.
 
 A resumed run computes what the uninterrupted run would have, so its settings come from
-RUN_DIR/config.json; a flag that would change what is computed is refused. Flags that only
-say where data is or how long to wait may differ.
+RUN_DIR/config.json; a flag that would change what is computed is refused, and so is a
+config.json changed since the checkpoints were written (they record the settings). Flags
+that only say where data is or how long to wait may differ.
 """
 
 from __future__ import annotations
@@ -15,20 +16,24 @@ from pathlib import Path
 from common.config import RunConfig
 from common.errors import FedtideError
 
-# settings a resumed run may change: where the data is, what is shown, how long to wait
-ADJUSTABLE = ("data_dir", "quiet", "round_timeout", "client_wait")
-
 
 def resume_config(args: argparse.Namespace) -> RunConfig | None:
     """The settings to go on with, or None when the run already finished (nothing to do).
-    FedtideError when RUN_DIR is missing, is no run folder, has no checkpoint, or a flag
-    contradicts its settings."""
+    FedtideError when RUN_DIR is missing, is no run folder, has no checkpoint, runs in another
+    process, or a flag or an edit of its config.json contradicts its settings."""
     from server.checkpoint import CHECKPOINT_FOLDER, CheckpointStore
+    from server.run_lock import hold_run_folder
+    from server.run_state import RESUME_MAY_CHANGE, check_settings
 
     folder = Path(args.resume).expanduser()
     if not folder.is_dir():
-        raise FedtideError(f"--resume {folder}: no such folder")
+        raise FedtideError(f"--resume {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     stored = _stored_config(folder)
+    with hold_run_folder(folder):  # a run going on there (another process) is refused before anything starts
+        pass
+    store = CheckpointStore(folder)
+    check_settings(store.newest_meta().get("settings"), stored, str(folder / "config.json"))
+    adjustable = [name.replace("-", "_") for name in RESUME_MAY_CHANGE if name != "out"]
     if getattr(args, "preset", None):
         raise FedtideError(f"--resume takes the settings of {folder / 'config.json'}: drop --preset")
     from fedtide.run_flags import given_flags
@@ -40,7 +45,7 @@ def resume_config(args: argparse.Namespace) -> RunConfig | None:
         if name == "out":
             if Path(given).expanduser().resolve() != folder.resolve():
                 refused.append(f"--out {given}")
-        elif name in ADJUSTABLE:
+        elif name in adjustable:
             changes[name] = given
         elif given != has.get(flag):
             refused.append(f"--{flag} {given} (the run has {has.get(flag)})")
@@ -49,7 +54,7 @@ def resume_config(args: argparse.Namespace) -> RunConfig | None:
             f"--resume keeps the settings of {folder / 'config.json'}; {', '.join(refused)} would change what "
             "the run computes: drop it, or start a new run with --out"
         )
-    rounds = CheckpointStore(folder).rounds()
+    rounds = store.rounds()
     if not rounds:
         raise FedtideError(
             f"--resume {folder}: no checkpoints ({CHECKPOINT_FOLDER}/round-*.json); the run stopped before "
@@ -65,14 +70,8 @@ def recorded_runtime(folder: Path) -> dict:
     checkpoint's metadata; {} when unreadable (resuming then checks the checkpoint properly)."""
     from server.checkpoint import CheckpointStore
 
-    store = CheckpointStore(folder)
-    for server_round in store.rounds():
-        try:
-            document = json.loads(store.meta_path(server_round).read_text(encoding="utf-8"))
-            return dict(document["checkpoint"]["runtime"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return {}
+    runtime = CheckpointStore(folder).newest_meta().get("runtime")
+    return dict(runtime) if isinstance(runtime, dict) else {}
 
 
 def _stored_config(folder: Path) -> RunConfig:

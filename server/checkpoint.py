@@ -4,15 +4,22 @@ finished work.
 A checkpoint is two files in ``RUN_DIR/checkpoints/``: ``round-000012.safetensors`` (every
 tensor: the global model, the strategy's server-optimizer state, each simulated node's
 ``context.state``, torch's and numpy's RNG states) and ``round-000012.json`` (the rest: round,
-task, Python's ``random`` state, the drift response, the order of the tensors, and the sha256
-of both files), plus the journal ``history.jsonl`` that all checkpoints share: one line per
-finished round, appended (and synced) before the checkpoint of that round is written. A
+task, Python's ``random`` state, the drift response, the run's settings, the order of the
+tensors, and the sha256 of both files), plus the journal that all checkpoints share: one line
+per finished round, appended (and synced) before the checkpoint of that round is written. A
 checkpoint names how many journal lines are its history, with their byte count and sha256,
 so that saving round N costs the same at round 10 as at round 10,000 (a history stored in
-every checkpoint made a long run write quadratic bytes). The tensors file is written first
-and the JSON last, each atomically, so a checkpoint whose JSON exists is complete; a damaged
-one (bad checksum, truncated, unreadable, a journal that no longer holds its rounds) is
-skipped for the one before it. The last ``KEEP`` are kept. Nothing is pickled.
+every checkpoint made a long run write quadratic bytes).
+
+Every checkpoint needs every line of the journal before its own, so the journal is written
+twice (``history.jsonl`` and ``history-copy.jsonl``) and each line carries its index and a
+checksum of its own: a line damaged in one file is read from the other (with a warning), and
+only a round whose line is damaged in both costs the checkpoints that need it. The tensors
+file is written first and the JSON last, each atomically, so a checkpoint whose JSON exists
+is complete; a damaged one (bad checksum, truncated, unreadable, a journal that no longer
+holds its rounds) is skipped for the one before it. The last ``KEEP`` are kept. The folder
+is private to its owner (0700, files 0600): a simulation's checkpoints hold its clients'
+replay memories. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -29,13 +36,16 @@ from typing import Any, Protocol
 import torch
 
 from common.errors import FedtideError
-from common.files import append_synced, write_bytes_atomic, write_text_atomic
+from common.files import append_synced, write_bytes_atomic
 
 CHECKPOINT_FOLDER = "checkpoints"
 JOURNAL = "history.jsonl"
+JOURNAL_COPY = "history-copy.jsonl"
 KEEP = 3
-FORMAT = 2
+FORMAT = 3  # 2: one journal of bare lines, no copy (still read)
+READABLE = (1, 2, FORMAT)
 LEGACY_FORMAT = 1  # the history inside every checkpoint; still read, so older runs resume
+PRIVATE_FILE, PRIVATE_FOLDER = 0o600, 0o700
 _NAME = re.compile(r"^round-(\d{6})\.json$")
 
 
@@ -78,6 +88,45 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _frame(index: int, text: str) -> str:
+    """A journal line: its index and a checksum of both, so that it vouches for itself."""
+    return f"{index} {_sha256(f'{index} {text}'.encode())[:16]} {text}\n"
+
+
+def _journal_lines(path: Path, wanted: int, bare: bool) -> dict[int, str]:
+    """The entries (JSON text by index) among the first ``wanted`` of the journal ``path``
+    whose lines are intact; {} when it is missing or unreadable. With ``bare``, a line as
+    format 2 wrote it (no index, no checksum) stands at its position, checked only with the
+    whole (by the checkpoint's hash)."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return {}
+    found: dict[int, str] = {}
+    for position, line in enumerate(raw.split(b"\n")[:-1]):  # a last line without its newline is partial
+        text = line.decode("utf-8", "replace")
+        if bare and text.startswith("{"):
+            found.setdefault(position, text)
+            continue
+        index, _, rest = text.partition(" ")
+        checksum, _, entry = rest.partition(" ")
+        if index.isdigit() and int(index) < wanted and _sha256(f"{index} {entry}".encode())[:16] == checksum:
+            found.setdefault(int(index), entry)
+    return found
+
+
+def _spans(rounds: list[int]) -> str:
+    """``[2, 3, 4, 9]`` as ``2-4, 9``."""
+    spans: list[list[int]] = []
+    for value in rounds:
+        if spans and value == spans[-1][1] + 1:
+            spans[-1][1] = value
+        else:
+            spans.append([value, value])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 class CheckpointStore:
     """The checkpoints folder of one run folder."""
 
@@ -93,6 +142,9 @@ class CheckpointStore:
         stem = self.folder / f"round-{server_round:06d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
+    def _journals(self) -> tuple[Path, Path]:
+        return self.journal_path, self.folder / JOURNAL_COPY
+
     def meta_path(self, server_round: int) -> Path:
         """The JSON file of ``server_round``'s checkpoint (read it through ``load`` to have it checked)."""
         return self._paths(server_round)[1]
@@ -104,68 +156,89 @@ class CheckpointStore:
         found = (_NAME.match(p.name) for p in self.folder.iterdir())
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
+    def newest_meta(self) -> dict[str, Any]:
+        """The metadata of the newest checkpoint whose JSON reads, unchecked ({} when none):
+        for a quick look before a run starts; ``load`` checks a checkpoint properly."""
+        for server_round in self.rounds():
+            try:
+                return dict(json.loads(self.meta_path(server_round).read_text(encoding="utf-8"))["checkpoint"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return {}
+
+    def _make_folder(self) -> None:
+        self.folder.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
+        self.folder.chmod(PRIVATE_FOLDER)  # also a folder made by an older fedtide, or under a loose umask
+
     def save(self, checkpoint: Checkpoint) -> Path:
         from safetensors.torch import save
 
+        self._make_folder()
         journal = self._append_journal(checkpoint.journal)
         tensors_path, meta_path = self._paths(checkpoint.server_round)
         data = save(checkpoint.tensors, metadata={"format": str(FORMAT)})
-        write_bytes_atomic(tensors_path, data)
+        write_bytes_atomic(tensors_path, data, mode=PRIVATE_FILE)
         body = {
             **checkpoint.meta, "format": FORMAT, "tensors_sha256": _sha256(data), "tensors_bytes": len(data),
             "journal": journal,
         }
         text = json.dumps(body, sort_keys=True)
-        write_text_atomic(meta_path, json.dumps({"sha256": _sha256(text.encode()), "checkpoint": body}) + "\n")
+        document = json.dumps({"sha256": _sha256(text.encode()), "checkpoint": body}) + "\n"
+        write_bytes_atomic(meta_path, document.encode(), mode=PRIVATE_FILE)
         self._prune()
         return meta_path
 
     def _append_journal(self, entries: Sequence[JournalEntry]) -> dict[str, Any]:
-        """Append the entries this store has not written yet (normally one round's), synced
-        to disk; return what a checkpoint records of the journal."""
+        """Append the entries this store has not written yet (normally one round's) to the
+        journal (synced to disk) and its copy; return what a checkpoint records of the
+        journal: its entries' lines, bare (as format 2 wrote them), counted and hashed."""
         if len(entries) < self._journal_lines:
             raise ValueError(f"the history has {len(entries)} rounds, the journal already {self._journal_lines}")
-        new = "".join(json.dumps(e.as_json()) + "\n" for e in entries[self._journal_lines :]).encode()
-        if new or not self.journal_path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            append_synced(self.journal_path, new)
-            self._journal_hash.update(new)
-            self._journal_bytes += len(new)
+        texts = [json.dumps(e.as_json()) for e in entries[self._journal_lines :]]
+        if texts or not self.journal_path.exists():
+            framed = "".join(_frame(self._journal_lines + i, t) for i, t in enumerate(texts)).encode()
+            journal, copy = self._journals()
+            append_synced(journal, framed, mode=PRIVATE_FILE)
+            # unsynced: only a power cut loses it, and history.jsonl (synced) still has those lines
+            append_synced(copy, framed, mode=PRIVATE_FILE, sync=False)
+            bare = "".join(t + "\n" for t in texts).encode()
+            self._journal_hash.update(bare)
+            self._journal_bytes += len(bare)
             self._journal_lines = len(entries)
         return {"lines": self._journal_lines, "bytes": self._journal_bytes, "sha256": self._journal_hash.hexdigest()}
 
-    def _read_journal(self, record: dict[str, Any]) -> list[dict[str, Any]]:
-        """The journal's first ``record["lines"]`` entries, checked against the checkpoint."""
-        try:
-            with self.journal_path.open("rb") as handle:
-                data = handle.read(int(record["bytes"]))
-        except OSError as err:
-            raise ValueError(f"{JOURNAL} is unreadable ({err.strerror or err})") from None
+    def _read_journal(self, record: dict[str, Any], warn: Callable[[str], None], bare: bool) -> list[dict[str, Any]]:
+        """The journal's first ``record["lines"]`` entries, checked against the checkpoint;
+        a line damaged in ``history.jsonl`` is taken from its copy, with a ``warn``ing.
+        ``bare``: the checkpoint is of format 2, whose journal may still be unframed."""
+        wanted = int(record["lines"])
+        journal, copy = (_journal_lines(path, wanted, bare) for path in self._journals())
+        texts, repaired = [], []
+        for index in range(wanted):
+            text = journal.get(index, copy.get(index))
+            if text is None:
+                raise ValueError(f"{JOURNAL} and {JOURNAL_COPY} both lost or damaged the line of round {index + 1}")
+            if index not in journal:
+                repaired.append(index + 1)
+            texts.append(text)
+        data = "".join(t + "\n" for t in texts).encode()
         if len(data) != record["bytes"] or _sha256(data) != record["sha256"]:
-            raise ValueError(f"{JOURNAL} no longer holds this checkpoint's {record['lines']} rounds (truncated or changed)")
-        lines = data.decode("utf-8").splitlines()
-        if len(lines) != record["lines"]:
-            raise ValueError(f"{JOURNAL} holds {len(lines)} rounds where the checkpoint counts {record['lines']}")
-        return [json.loads(line) for line in lines]
+            raise ValueError(f"{JOURNAL} no longer holds this checkpoint's {wanted} rounds (truncated or changed)")
+        if repaired:
+            warn(f"{JOURNAL} lost or damaged the line of round(s) {_spans(repaired)}; read from {JOURNAL_COPY}")
+        return [json.loads(text) for text in texts]
 
     def continue_after(self, checkpoint: Checkpoint) -> None:
-        """Make the journal end where ``checkpoint``'s history ends (a crash may have left
-        a round or a partial line after it), so that the run goes on from there."""
-        record = checkpoint.meta["journal"]
-        if record is None:  # a legacy checkpoint: its history starts the journal
-            data = "".join(json.dumps(entry) + "\n" for entry in checkpoint.journal).encode()
-            write_bytes_atomic(self.journal_path, data)
-            self._journal_lines, self._journal_bytes = len(checkpoint.journal), len(data)
-            self._journal_hash = hashlib.sha256(data)
-            return
-        with self.journal_path.open("r+b") as handle:
-            handle.truncate(record["bytes"])
-            handle.seek(0)
-            data = handle.read()
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._journal_lines, self._journal_bytes = record["lines"], record["bytes"]
-        self._journal_hash = hashlib.sha256(data)
+        """Make the journal hold exactly ``checkpoint``'s history (a crash may have left a
+        round or a partial line after it, a line may have been repaired from the copy, an
+        older fedtide may have written it without a copy), so that the run goes on from there."""
+        texts = [json.dumps(entry) for entry in checkpoint.journal]
+        framed = "".join(_frame(i, t) for i, t in enumerate(texts)).encode()
+        self._make_folder()
+        for path in self._journals():
+            write_bytes_atomic(path, framed, mode=PRIVATE_FILE)
+        bare = "".join(t + "\n" for t in texts).encode()
+        self._journal_lines, self._journal_bytes, self._journal_hash = len(texts), len(bare), hashlib.sha256(bare)
 
     def clear(self) -> None:
         """Remove every checkpoint and the journal: a new run in this folder must not resume
@@ -173,7 +246,8 @@ class CheckpointStore:
         for server_round in self.rounds():
             for path in self._paths(server_round):
                 path.unlink(missing_ok=True)
-        self.journal_path.unlink(missing_ok=True)
+        for path in self._journals():
+            path.unlink(missing_ok=True)
         self._journal_lines, self._journal_bytes, self._journal_hash = 0, 0, hashlib.sha256()
 
     def _prune(self) -> None:
@@ -181,8 +255,9 @@ class CheckpointStore:
             for path in self._paths(server_round):
                 path.unlink(missing_ok=True)
 
-    def load(self, server_round: int) -> Checkpoint:
-        """The checkpoint of ``server_round``; ValueError says why it cannot be used."""
+    def load(self, server_round: int, warn: Callable[[str], None] = lambda message: None) -> Checkpoint:
+        """The checkpoint of ``server_round``; ValueError says why it cannot be used. A
+        journal line read from the copy is reported with ``warn``."""
         from safetensors.torch import load
 
         tensors_path, meta_path = self._paths(server_round)
@@ -194,7 +269,7 @@ class CheckpointStore:
             raise ValueError(f"{meta_path.name} is unreadable ({err})") from None
         if document.get("sha256") != _sha256(text.encode()):
             raise ValueError(f"{meta_path.name} fails its checksum")
-        if body.get("format") not in (LEGACY_FORMAT, FORMAT):
+        if body.get("format") not in READABLE:
             raise ValueError(
                 f"{meta_path.name} has format {body.get('format')}, this fedtide reads {FORMAT}: "
                 "resume it with the fedtide version that started it"
@@ -209,7 +284,7 @@ class CheckpointStore:
             history = body["history"]
             body = {**body, "baseline": history["baseline"], "journal": None}
             return Checkpoint(int(body["round"]), load(data), body, list(history["rounds"]))
-        return Checkpoint(int(body["round"]), load(data), body, self._read_journal(body["journal"]))
+        return Checkpoint(int(body["round"]), load(data), body, self._read_journal(body["journal"], warn, bare=body["format"] == 2))
 
     def latest(self, warn: Callable[[str], None]) -> Checkpoint:
         """The newest usable checkpoint; each damaged newer one is reported with ``warn``.
@@ -223,7 +298,7 @@ class CheckpointStore:
         problems = []
         for server_round in rounds:
             try:
-                return self.load(server_round)
+                return self.load(server_round, warn)
             except ValueError as err:
                 problems.append(str(err))
                 warn(f"checkpoint of round {server_round} is not usable: {err}; trying the one before")

@@ -29,8 +29,9 @@ from server.evaluation import TaskEvaluator
 from server.history import RunHistory
 from server.progress import RoundProgress, summary_table
 from server.round_loop import run_rounds
-from server.run_folder import RunFolder
-from server.run_state import capture, node_states, restore
+from server.run_folder import RunFolder, default_run_dir
+from server.run_lock import hold_run_folder
+from server.run_state import capture, check_settings, node_states, restore, run_settings
 from server.strategy import run_strategy
 from server.timing import PhaseTimes, TimedGrid
 
@@ -54,16 +55,23 @@ def run_federation(
     ``resume``, the run in ``config.run.out`` goes on after its last usable checkpoint: no
     finished round is redone or lost, and the numbers are those of an uninterrupted run.
     A grid that holds its nodes' state (the in-process runtimes: ``node_states`` and
-    ``restore_node_states``) has it checkpointed too.
+    ``restore_node_states``) has it checkpointed too. The run holds its folder's lock
+    (``server.run_lock``) throughout: FedtideError when another process runs there.
     """
+    if not config.run.out:
+        config = config.replace(out=str(default_run_dir(config)))
+    folder = RunFolder(Path(config.run.out), resume=resume)
+    with hold_run_folder(folder.path):
+        return _federate(grid, config, folder, console, resume)
+
+
+def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console | None, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
     times = PhaseTimes()
     nodes = grid if hasattr(grid, "node_states") else None
     grid = TimedGrid(grid, times)
     console = console or Console(stderr=True)
-    folder = RunFolder(Path(config.run.out), resume=True) if resume else RunFolder.for_config(config)
-    if not resume:
-        folder.write_config(config)
+    folder.start(config)
     scenario = build_scenario(config.data, config.seed)
     history = RunHistory(scenario.schedule)
     strategy = run_strategy(config, history, times)
@@ -81,9 +89,10 @@ def run_federation(
         "node_states": nodes is not None, "vectorize": getattr(nodes, "vectorize", None),
         "workers": getattr(nodes, "workers", None),
     }
+    settings = run_settings(config)
     arrays, first_round = initial, 1
     if resume:
-        arrays, first_round = _resume(checkpoints, runtime, nodes, strategy, history, console)
+        arrays, first_round = _resume(checkpoints, config, runtime, nodes, strategy, history, console)
         folder.rewrite_metrics(history)
         if not config.run.quiet:
             console.print(f"resuming {folder.path} after round {first_round - 1} of {config.num_rounds}")
@@ -104,7 +113,7 @@ def run_federation(
             and resuming rewrites it from the checkpoint."""
             nonlocal round_started
             states = nodes.node_states() if nodes is not None else None
-            checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime))
+            checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings))
             if server_round > 0:
                 folder.append_round(history.rounds[-1])
                 progress.round_done(history.rounds[-1])
@@ -139,12 +148,13 @@ def run_federation(
 
 
 def _resume(
-    checkpoints: CheckpointStore, runtime: dict[str, Any], nodes: Any, strategy: Any, history: RunHistory,
-    console: Console,
+    checkpoints: CheckpointStore, config: RunConfig, runtime: dict[str, Any], nodes: Any, strategy: Any,
+    history: RunHistory, console: Console,
 ) -> tuple[ArrayRecord, int]:
     """The global model and the first round to run, with strategy, history, RNGs and (in
     simulation) every node's state as the last usable checkpoint left them."""
     checkpoint = checkpoints.latest(warn=lambda message: console.print(f"[yellow]warning:[/] {message}"))
+    check_settings(checkpoint.meta.get("settings"), config, f"config.json of {checkpoints.folder.parent}")
     written = checkpoint.meta["runtime"]
     if written["node_states"] != runtime["node_states"]:
         made, now = ("a simulation", "`fedtide server`") if written["node_states"] else ("`fedtide server`", "a simulation")

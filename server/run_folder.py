@@ -1,5 +1,5 @@
 """The folder a run leaves behind for a person: config, per-round metrics, summary,
-accuracy matrix, final model and a plot."""
+accuracy matrix, final model and a plot; which files in it are fedtide's."""
 
 from __future__ import annotations
 
@@ -13,11 +13,18 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
+from common.errors import FedtideError
 from common.files import append_synced, ensure_writable_folder, save_tensors_atomic, write_json_atomic, write_text_atomic
+from server.checkpoint import CHECKPOINT_FOLDER, CheckpointStore
 from server.history import NodeRejects, RoundRecord, RunHistory
 from server.plots import plot_task_accuracy
 
 NODE_REJECTS_FILE = "node_rejects.json"
+# what a finished run leaves beside config.json and metrics.jsonl; a new run removes an older one's
+RESULT_FILES = ("summary.json", "accuracy_matrix.csv", "model.safetensors", "accuracy.svg", "drift_events.jsonl",
+                "rejected_replies.jsonl", NODE_REJECTS_FILE)
+# every file fedtide writes in a run folder but its lock: the server's SuperLink log, a bench's cell record
+RUN_FILES = ("config.json", "metrics.jsonl", *RESULT_FILES, "superlink.log", "cell.json")
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -25,23 +32,61 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{config.data.scenario}-{config.methods.method}-s{config.seed}"
 
 
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds a fedtide run, finished or not."""
+    path = Path(path)
+    return any((path / name).is_file() for name in RUN_FILES) or bool(CheckpointStore(path).rounds())
+
+
+def clear_run(path: Path) -> None:
+    """Remove every file fedtide writes in a run folder (checkpoints and journal included, and
+    what an interrupted atomic write left), so that nothing of an older run remains; files
+    of anyone else stay. Hold the folder's lock (``server.run_lock``) while calling it."""
+    path = Path(path)
+    checkpoints = path / CHECKPOINT_FOLDER
+    CheckpointStore(path).clear()
+    leftovers = [p for name in RUN_FILES for p in path.glob(f".{name}.*.tmp")]
+    if checkpoints.is_dir():
+        leftovers += checkpoints.glob(".*.tmp")
+    for file in [*(path / name for name in RUN_FILES), *leftovers]:
+        file.unlink(missing_ok=True)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+
+
+def prepare_new_run(path: Path, replace: bool) -> None:
+    """Make ``path`` ready for a new run: FedtideError when it holds a run (finished or not)
+    unless ``replace``, which removes that run's files (``clear_run``). Hold the folder's lock."""
+    if not holds_run(path):
+        return
+    if not replace:
+        raise FedtideError(
+            f"--out {path} already holds a run: choose another --out, go on with it with --resume {path}, "
+            "or pass --force to replace it (its files are deleted)"
+        )
+    clear_run(path)
+
+
 class RunFolder:
     """Creates the folder up front (failing early if it cannot be written) and fills it."""
 
     def __init__(self, path: Path, resume: bool = False) -> None:
-        """A new run starts metrics.jsonl empty; a resumed one keeps it (``rewrite_metrics``
-        then makes it match the checkpoint)."""
+        """Nothing is written until ``start`` (the run then holds the folder's lock)."""
         self.path = ensure_writable_folder(path)
+        self.resume = resume
         self._metrics = self.path / "metrics.jsonl"
         self._node_rejects = NodeRejects()
-        if not resume:
-            self._metrics.write_text("")
 
-    @classmethod
-    def for_config(cls, config: RunConfig) -> "RunFolder":
-        return cls(Path(config.run.out) if config.run.out else default_run_dir(config))
-
-    def write_config(self, config: RunConfig) -> None:
+    def start(self, config: RunConfig) -> None:
+        """A new run removes the results of an older one in this folder (so that none is
+        left beside its own), starts metrics.jsonl empty and writes its config.json; a
+        resumed one keeps them (``rewrite_metrics`` then makes metrics.jsonl match the
+        checkpoint)."""
+        if self.resume:
+            return
+        for name in RESULT_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        self._metrics.write_text("")
         write_json_atomic(self.path / "config.json", config.to_mapping())
 
     def rewrite_metrics(self, history: RunHistory) -> None:

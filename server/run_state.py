@@ -7,11 +7,14 @@
 - the run history (what metrics.jsonl holds), in the checkpoints' shared journal;
 - the RNG states: Python's ``random`` (Flower samples nodes with it), torch's and numpy's;
 - each simulated node's ``context.state`` (replay memory, EWC/LwF, drift detector), when the
-  runtime holds them (deployment clients keep theirs on disk).
+  runtime holds them (deployment clients keep theirs on disk);
+- the run's settings, but those a resumed run may change (``RESUME_MAY_CHANGE``), so that a
+  config.json edited since is refused instead of silently making another run.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -19,8 +22,36 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from common.config import RunConfig
+from common.errors import FedtideError
 from server.checkpoint import Checkpoint
 from server.history import RoundRecord, RunHistory
+
+# settings a resumed run may change: where the data is, what is shown, how long to wait, and
+# where the run folder is (it may have been moved)
+RESUME_MAY_CHANGE = ("out", "data-dir", "quiet", "round-timeout", "client-wait")
+
+
+def run_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings a checkpoint records: what decides the numbers of the run (as JSON has them)."""
+    kept = {name: value for name, value in config.to_mapping().items() if name not in RESUME_MAY_CHANGE}
+    return json.loads(json.dumps(kept))
+
+
+def check_settings(recorded: dict[str, Any] | None, config: RunConfig, source: str) -> None:
+    """FedtideError naming each setting of ``config`` (read from ``source``) that differs from
+    what the run's checkpoints ``recorded``. A setting one of them lacks (a fedtide of another
+    version) is not compared; a checkpoint that recorded none (older) passes."""
+    if recorded is None:
+        return
+    now = run_settings(config)
+    changed = [f"{name} {recorded[name]} -> {now[name]}" for name in sorted(set(recorded) & set(now))
+               if recorded[name] != now[name]]
+    if changed:
+        raise FedtideError(
+            f"{source} differs from the settings the run's checkpoints were written with ({', '.join(changed)}): "
+            "put it back as it was to resume, or start a new run with --out"
+        )
 
 
 def capture(
@@ -30,14 +61,17 @@ def capture(
     history: RunHistory,
     node_states: dict[int, dict[str, torch.Tensor]] | None,
     runtime: dict[str, Any],
+    settings: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """The state after ``server_round`` was aggregated and evaluated."""
+    """The state after ``server_round`` was aggregated and evaluated; ``settings``: the run's
+    (``run_settings``)."""
     groups: dict[str, dict[str, torch.Tensor]] = {"model": arrays.to_torch_state_dict()}
     meta: dict[str, Any] = {
         "task": history.schedule.newest_task(server_round) if server_round > 0 else 0,
         "baseline": history.baseline,
         "random": _python_random_state(),
         "runtime": runtime,
+        "settings": settings,
     }
     strategy_groups, meta["strategy"] = _strategy_state(strategy)
     groups.update(strategy_groups)

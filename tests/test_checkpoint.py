@@ -69,6 +69,30 @@ def _rounds(run_dir: Path) -> list[dict]:
     return lines
 
 
+def _journal(path: Path) -> list[dict]:
+    """The entries of a journal file (each line: index, checksum, JSON)."""
+    return [json.loads(line.split(" ", 2)[2]) for line in path.read_text().splitlines()]
+
+
+def _rewrite_checkpoint(path: Path, **changes) -> None:
+    """Change a checkpoint's JSON (a key set to None is removed), keeping its checksum valid."""
+    import hashlib
+
+    body = json.loads(path.read_text())["checkpoint"]
+    body.update(changes)
+    body = {k: v for k, v in body.items() if v is not None}
+    text = json.dumps(body, sort_keys=True)
+    path.write_text(json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "checkpoint": body}) + "\n")
+
+
+def _flip_byte(path: Path, line: int) -> None:
+    """Change one byte in the middle of line ``line`` (0-based) of ``path``."""
+    data = bytearray(path.read_bytes())
+    start = [0, *(i + 1 for i, b in enumerate(data) if b == ord("\n"))][line]
+    data[start + 200] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
 def _assert_same_run(a: Path, b: Path) -> None:
     wa, wb = _weights(a), _weights(b)
     assert list(wa) == list(wb)
@@ -225,12 +249,13 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     elif damage == "edit-json":
         text = (folder / "round-000004.json").read_text()
         (folder / "round-000004.json").write_text(text.replace('"round": 4', '"round": 5'))
-    else:  # the journal loses its last round's line
-        lines = (folder / "history.jsonl").read_text().splitlines(keepends=True)
-        (folder / "history.jsonl").write_text("".join(lines[:-1]))
+    else:  # the journal loses its last round's line, in both its files
+        for name in ("history.jsonl", "history-copy.jsonl"):
+            lines = (folder / name).read_text().splitlines(keepends=True)
+            (folder / name).write_text("".join(lines[:-1]))
     assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
     err = capsys.readouterr().err
-    reason = "history.jsonl no longer holds" if damage == "cut-journal" else "checksum"
+    reason = "both lost or damaged the line of round 4" if damage == "cut-journal" else "checksum"
     assert "checkpoint of round 4 is not usable" in err and reason in err
     _assert_same_run(whole, tmp_path / "crashed")
 
@@ -257,7 +282,7 @@ def test_a_run_checkpointed_before_the_journal_existed_still_resumes(tmp_path, w
     folder = tmp_path / "crashed" / "checkpoints"
     document = json.loads((folder / "round-000004.json").read_text())
     body = document["checkpoint"]
-    rounds = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()][: body["journal"]["lines"]]
+    rounds = _journal(folder / "history.jsonl")[: body["journal"]["lines"]]
     legacy = {k: v for k, v in body.items() if k not in ("journal", "baseline")}
     legacy.update(format=1, history={"baseline": body["baseline"], "rounds": rounds})
     text = json.dumps(legacy, sort_keys=True)
@@ -271,6 +296,84 @@ def test_a_run_checkpointed_before_the_journal_existed_still_resumes(tmp_path, w
     assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
     _assert_same_run(whole, tmp_path / "crashed")
     assert len((folder / "history.jsonl").read_text().splitlines()) == SMALL.num_rounds
+
+
+def test_one_flipped_byte_early_in_the_journal_costs_no_checkpoint(tmp_path, capsys, whole):
+    """Every checkpoint needs the journal's early lines: the copy stands in for a damaged one."""
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)  # checkpoints of rounds 2, 3, 4
+    _flip_byte(tmp_path / "crashed" / "checkpoints" / "history.jsonl", line=0)
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "lost or damaged the line of round(s) 1; read from history-copy.jsonl" in err and "not usable" not in err
+    _assert_same_run(whole, tmp_path / "crashed")
+
+
+def test_a_round_damaged_in_both_journal_files_costs_only_the_checkpoints_after_it(tmp_path, capsys, whole):
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)  # checkpoints of rounds 2, 3, 4
+    folder = tmp_path / "crashed" / "checkpoints"
+    for name in ("history.jsonl", "history-copy.jsonl"):
+        _flip_byte(folder / name, line=3)  # round 4's line: only round 4's checkpoint needs it
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "checkpoint of round 4 is not usable" in err and "checkpoint of round 3" not in err
+    _assert_same_run(whole, tmp_path / "crashed")
+    for name in ("history.jsonl", "history-copy.jsonl"):
+        _flip_byte(folder / name, line=0)  # round 1's line: every checkpoint needs it
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0  # finished: nothing to read
+    (tmp_path / "crashed" / "summary.json").unlink()
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedtide: error: no usable checkpoint in") and "line of round 1" in err[-1]
+
+
+def test_a_run_checkpointed_with_a_journal_of_bare_lines_still_resumes(tmp_path, whole):
+    """Format 2 wrote one journal of bare JSON lines, and no settings into the checkpoints."""
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)
+    folder = tmp_path / "crashed" / "checkpoints"
+    entries = _journal(folder / "history.jsonl")
+    (folder / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (folder / "history-copy.jsonl").unlink()
+    for path in folder.glob("round-*.json"):
+        _rewrite_checkpoint(path, format=2, settings=None)
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
+    _assert_same_run(whole, tmp_path / "crashed")
+    assert _journal(folder / "history-copy.jsonl") == _journal(folder / "history.jsonl")  # now with its copy
+
+
+@pytest.mark.parametrize(
+    "edit, change",
+    [({"lr": 0.5}, "lr 0.1 -> 0.5"), ({"rounds-per-task": 1}, "rounds-per-task 2 -> 1")],
+)
+def test_a_config_json_edited_since_the_checkpoints_is_refused(tmp_path, capsys, edit, change):
+    run = tmp_path / "run"
+    _crash(SMALL.replace(out=str(run)), crash_in=3)
+    settings = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**settings, **edit, "quiet": False}))  # quiet may change
+    assert main(["simulate", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "config.json differs from the settings" in err
+    assert change in err and "quiet" not in err and "start a new run with --out" in err
+    edited = RunConfig.from_mapping({**settings, **edit})  # what a server's ServerApp would be given
+    with pytest.raises(FedtideError, match=change):
+        run_inprocess(edited, resume=True)
+    assert len(_rounds(run)) == 2  # nothing ran
+
+
+def test_checkpoints_hold_client_data_so_only_their_owner_reads_them(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        config = SMALL.replace(out=str(tmp_path))
+        _crash(config, crash_in=3)
+        run_inprocess(config, resume=True)
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "checkpoints"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert set(modes.values()) == {0o600} and {"history.jsonl", "history-copy.jsonl"} <= set(modes)
 
 
 def test_a_checkpoint_costs_the_same_late_in_a_run_as_early(tmp_path):
@@ -298,10 +401,10 @@ def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys, whole):
     shutil.copytree(whole, tmp_path, dirs_exist_ok=True)
-    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "run.lock"}
     assert main(["simulate", "--resume", str(tmp_path)]) == 0
     assert "already finished" in capsys.readouterr().err
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "run.lock"} == before
 
 
 def test_a_run_that_died_after_its_last_checkpoint_only_writes_its_results(tmp_path, whole):

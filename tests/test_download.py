@@ -65,3 +65,12 @@ def test_an_unreachable_mirror_names_the_way_out(tmp_path, capsys):
     dest = tmp_path / "data"
     assert main(["download", "fashion-mnist", "--to", str(dest), "--mirror", "http://127.0.0.1:9/"]) == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["/proc/fedtide-nowhere", "a-file"])
+def test_a_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys, where):
+    (tmp_path / "a-file").write_text("not a folder")
+    to = where if where.startswith("/") else str(tmp_path / where)
+    assert main(["download", "mnist", "--to", to, "--mirror", "http://127.0.0.1:9/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedtide: error: cannot write the download folder") and "--to" in err and "\n" not in err
