@@ -8,6 +8,7 @@ not registered is refused."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -152,3 +153,52 @@ def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round(tmp
     for i in (1, 2):
         assert [e["name"] for e in read_ledger(tmp_path / f"state-{i}")] == ["batch-0.npz"]
     assert json.loads((run / "summary.json").read_text())["rounds"] == 4
+
+
+def test_a_supernode_killed_by_a_signal_is_started_again(tmp_path, capsys):
+    """kill -9 of the SuperNode alone (the OOM killer, a user) does not end `fedtide client`:
+    it starts the SuperNode again, and returns when that one ends cleanly."""
+    import sys
+
+    from fedtide.deployment.client_process import _supervise
+
+    marker = tmp_path / "started-once"
+    supernode = (f"import os, pathlib, signal; m = pathlib.Path({str(marker)!r})\n"
+                 "if not m.exists(): m.touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
+                 "print('second start')")
+    assert _supervise([sys.executable, "-c", supernode], dict(os.environ), max_wait=30) == 0
+    said = capsys.readouterr().err
+    assert "killed by signal 9" in said and "second start" in said
+
+
+def test_what_a_superlink_started_is_stopped_even_after_the_superlink_was_killed(tmp_path):
+    """A SuperLink killed with SIGKILL orphans its ServerApp (a session of its own), which then
+    holds the run folder's lock: `fedtide server` remembers it while it runs and stops it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedtide.deployment.server_process import Descendants, _start_time
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(120)")])
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30, "the child to start", every=0.1)
+        child = int(pid_file.read_text())
+        started = Descendants(parent.pid)
+        started.remember()
+        assert child in started.seen
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert _start_time(child) is not None  # orphaned, still running
+        started.stop(grace=5)
+        deadline = time.monotonic() + 10
+        while _start_time(child) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _start_time(child) is None
+    finally:
+        parent.kill()

@@ -120,9 +120,9 @@ MAX_RETRY_PAUSE = 8.0  # seconds between attempts once the first quick retries f
 
 
 def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) -> int:
-    """Run the SuperNode and echo its log; start it again while the server refuses it (not
-    up yet, or this node not registered yet) until ``max_wait`` passes; stop it on
-    SIGTERM/SIGINT; explain a failure."""
+    """Run the SuperNode and echo its log; start it again when a signal killed it, and while
+    the server refuses it (not up yet, or this node not registered yet) until ``max_wait``
+    passes; stop it on SIGTERM/SIGINT; explain a failure."""
     stopping = threading.Event()
     current: list[subprocess.Popen] = []
 
@@ -139,6 +139,13 @@ def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) 
             code, log = _run_once(command, env, current)
             if stopping.is_set() or code == 0:
                 return 0
+            if code < 0:  # killed by a signal this process did not send: the OOM killer, a kill -9
+                print(f"fedtide client: the SuperNode was killed by signal {-code}; starting it again "
+                      f"in {pause:.0f} s", file=sys.stderr)
+                if stopping.wait(pause):
+                    return 0
+                pause = min(pause * 2, MAX_RETRY_PAUSE)
+                continue
             refused = REFUSED in log
             if refused and (deadline is None or time.monotonic() + pause < deadline):
                 print(f"fedtide client: the server refused the connection (not up yet, this node's key not "

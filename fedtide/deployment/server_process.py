@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -27,7 +29,7 @@ from common.config import RunConfig
 from common.errors import FedtideError
 from fedtide.deployment.cert_files import CertificateSet
 from fedtide.runtimes.flower_processes import (
-    FlowerProcess, flower_env, flower_executable, flwr_cli, parse_address, write_connection,
+    FlowerProcess, flower_env, flower_executable, flwr_cli, parse_address, process_tree, write_connection,
 )
 from fedtide.run_flags import add_config_flags, config_from_args
 
@@ -145,6 +147,7 @@ def serve(
     home = Path(tempfile.mkdtemp(prefix="fedtide-server-"))  # Flower's CLI config, FABs; never ~/.flwr
     try:
         superlink = FlowerProcess.start("the SuperLink", command, flower_env(home), out / "superlink.log")
+        started = Descendants(superlink.process.pid)
         try:
             superlink.wait_listening(local_host, port, start_timeout)
             write_connection(home, f"{local_host}:{port}", None if certs is None else certs.ca_cert)
@@ -152,9 +155,10 @@ def serve(
                 registered = register_nodes(home, certs.node_public_keys())
                 console.print(f"server: {registered} node key(s) registered; waiting for {config.data.clients} client(s) on {address}")
             run_id = flwr_cli(home, "run", str(write_app(home / "app", config, resume)))["run-id"]
-            follow_run(home, run_id, config, superlink, console)
+            follow_run(home, run_id, config, superlink, console, started)
         finally:
             superlink.stop()
+            started.stop()
     finally:
         shutil.rmtree(home, ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
@@ -221,8 +225,12 @@ def write_app(folder: Path, config: RunConfig, resume: bool = False) -> Path:
     return folder
 
 
-def follow_run(home: Path, run_id: str, config: RunConfig, superlink: FlowerProcess, console: Console) -> None:
-    """Show each finished round of the run folder until Flower reports the run finished."""
+def follow_run(
+    home: Path, run_id: str, config: RunConfig, superlink: FlowerProcess, console: Console,
+    started: Descendants | None = None,
+) -> None:
+    """Show each finished round of the run folder until Flower reports the run finished;
+    remember what the SuperLink ``started`` meanwhile."""
     from server.history import RoundRecord
     from server.progress import RoundProgress
 
@@ -232,6 +240,8 @@ def follow_run(home: Path, run_id: str, config: RunConfig, superlink: FlowerProc
     shown, next_status, failed_looks = 0, time.monotonic() + STATUS_POLL_SECONDS, 0
     with RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console) as progress:
         while True:
+            if started is not None:
+                started.remember()
             if not superlink.running():
                 raise FedtideError(
                     f"the SuperLink stopped during the run (exit code {superlink.process.returncode}); "
@@ -268,6 +278,46 @@ def follow_run(home: Path, run_id: str, config: RunConfig, superlink: FlowerProc
             raise FedtideError(said.group(1).strip())
         tail = "\n".join(log.splitlines()[-25:])
         raise FedtideError(f"the run ended as {status}; the ServerApp's log ends:\n{tail}")
+
+
+class Descendants:
+    """The processes a SuperLink started (its SuperExec, the ServerApp), remembered while it
+    runs. A SuperLink killed outright (kill -9, the OOM killer) cannot stop them, and they no
+    longer descend from it: the orphaned ServerApp keeps retrying the dead SuperLink and
+    holds the run folder's lock, so that `fedtide server --resume` could never start."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[int, int] = {}  # pid -> start time, so that a reused pid is never signalled
+
+    def remember(self) -> None:
+        for pid in process_tree(self.root)[1:]:
+            start = _start_time(pid)
+            if start is not None:
+                self.seen.setdefault(pid, start)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the remembered processes still running, SIGKILL them after ``grace`` seconds."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+            alive = [pid for pid, start in self.seen.items() if _start_time(pid) == start]
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + wait
+            while alive and time.monotonic() < deadline:
+                time.sleep(0.1)
+                alive = [pid for pid in alive if _start_time(pid) == self.seen[pid]]
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def run_status(home: Path, run_id: str) -> str:
