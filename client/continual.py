@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from client.edge import learn_round
+from client.feature_range import DEFAULT_FEATURE_RANGE, parse_feature_range
 from client.inbox import BadFile, validate_samples
 from client.rounds import TrainOutcome, load_global
 from client.state_store import ClientStateStore
@@ -37,7 +38,9 @@ from common.models import build_model
 
 class ContinualLearner:
     """One device's learner (see the module docstring). ``state_dir`` None keeps the state in
-    this object only; ``node_id`` gives each device its own random draws."""
+    this object only; ``node_id`` gives each device its own random draws; ``feature_range``:
+    the (low, high) float values a sample may hold (default [0, 1], as fedtide's datasets and
+    uint8 pixels / 255; widen it for standardised features, e.g. (-5, 5))."""
 
     def __init__(
         self,
@@ -48,6 +51,7 @@ class ContinualLearner:
         state_dir: str | Path | None = None,
         node_id: int = 0,
         device: str | None = None,
+        feature_range: tuple[float, float] = DEFAULT_FEATURE_RANGE,
     ) -> None:
         self.settings = (settings if isinstance(settings, ClientSettings)
                          else ClientSettings.from_mapping(settings or {}, strict=True))
@@ -55,6 +59,7 @@ class ContinualLearner:
         self.num_classes = int(num_classes)
         self.node_id = node_id
         self.device = device
+        self.feature_range = parse_feature_range(",".join(str(float(v)) for v in feature_range), "feature_range")
         self._store = ClientStateStore(Path(state_dir)) if state_dir is not None else None
         self.state: dict[str, torch.Tensor] = {}
         self._ledger: list[dict] = []  # what fedtide client records of its inbox files; kept as found
@@ -93,6 +98,6 @@ class ContinualLearner:
     def _samples(self, x: Any, y: Any):
         as_numpy = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in (x, y)]
         try:
-            return validate_samples(as_numpy[0], as_numpy[1], self.input_shape, self.num_classes)
+            return validate_samples(as_numpy[0], as_numpy[1], self.input_shape, self.num_classes, self.feature_range)
         except BadFile as err:
             raise FedtideError(f"these samples cannot be trained on: {err}") from None

@@ -32,12 +32,19 @@ def test_the_continual_learner_trains_keeps_its_memory_on_disk_and_refuses_bad_s
     assert torch.equal(again.state["replay.x"], learner.state["replay.x"])  # a restarted device keeps its memory
     memory_only = again.train(first.weights, None, None, server_round=2)  # nothing new: the memory alone
     assert memory_only.metrics["new-examples"] == 0 and memory_only.metrics["num-examples"] == 50
-    with pytest.raises(fedtide.FedtideError, match="labels range"):
+    with pytest.raises(fedtide.FedtideError, match="label"):
         learner.train(weights, x[:4], np.array([0, 1, 2, 11]), server_round=3)
     with pytest.raises(fedtide.FedtideError, match="NaN"):
         learner.train(weights, np.full((2, 1, 8, 8), np.nan, dtype=np.float32), [0, 1], server_round=3)
+    with pytest.raises(fedtide.FedtideError, match="outside"):
+        learner.train(weights, np.full((2, 1, 8, 8), 1e30, dtype=np.float32), [0, 1], server_round=3)
+    standardised = (x - x.mean()) / x.std()  # outside [0, 1]: a learner told so takes them
+    wide = fedtide.ContinualLearner(settings, input_shape=(1, 8, 8), num_classes=10, feature_range=(-5, 5))
+    assert wide.train(weights, standardised[:20], y[:20], server_round=1).metrics["num-examples"] == 20
     with pytest.raises(fedtide.FedtideError, match="unknown setting|unknown method"):
         fedtide.ContinualLearner({"method": "nope"}, input_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(fedtide.FedtideError, match="feature_range"):
+        fedtide.ContinualLearner(settings, input_shape=(1, 8, 8), num_classes=10, feature_range=(1, float("nan")))
 
 
 def test_a_client_is_sent_its_own_settings_only_with_their_digest():
