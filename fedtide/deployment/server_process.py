@@ -147,7 +147,7 @@ def serve(
     home = Path(tempfile.mkdtemp(prefix="fedtide-server-"))  # Flower's CLI config, FABs; never ~/.flwr
     try:
         superlink = FlowerProcess.start("the SuperLink", command, flower_env(home), out / "superlink.log")
-        started = Descendants(superlink.process.pid)
+        spawned = Descendants(superlink.process.pid)
         try:
             superlink.wait_listening(local_host, port, start_timeout)
             write_connection(home, f"{local_host}:{port}", None if certs is None else certs.ca_cert)
@@ -155,10 +155,10 @@ def serve(
                 registered = register_nodes(home, certs.node_public_keys())
                 console.print(f"server: {registered} node key(s) registered; waiting for {config.data.clients} client(s) on {address}")
             run_id = flwr_cli(home, "run", str(write_app(home / "app", config, resume)))["run-id"]
-            follow_run(home, run_id, config, superlink, console, started)
+            follow_run(home, run_id, config, superlink, console, spawned)
         finally:
             superlink.stop()
-            started.stop()
+            spawned.stop()
     finally:
         shutil.rmtree(home, ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
@@ -227,10 +227,10 @@ def write_app(folder: Path, config: RunConfig, resume: bool = False) -> Path:
 
 def follow_run(
     home: Path, run_id: str, config: RunConfig, superlink: FlowerProcess, console: Console,
-    started: Descendants | None = None,
+    spawned: Descendants | None = None,
 ) -> None:
     """Show each finished round of the run folder until Flower reports the run finished;
-    remember what the SuperLink ``started`` meanwhile."""
+    remember meanwhile what the SuperLink ``spawned``."""
     from server.history import RoundRecord
     from server.progress import RoundProgress
 
@@ -240,8 +240,8 @@ def follow_run(
     shown, next_status, failed_looks = 0, time.monotonic() + STATUS_POLL_SECONDS, 0
     with RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console) as progress:
         while True:
-            if started is not None:
-                started.remember()
+            if spawned is not None:
+                spawned.remember()
             if not superlink.running():
                 raise FedtideError(
                     f"the SuperLink stopped during the run (exit code {superlink.process.returncode}); "
