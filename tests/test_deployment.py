@@ -179,7 +179,7 @@ def test_what_a_superlink_started_is_stopped_even_after_the_superlink_was_killed
     import sys
     import time
 
-    from fedtide.deployment.server_process import Descendants, _start_time
+    from fedtide.runtimes.flower_processes import Descendants, start_time as _start_time
 
     pid_file = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", (
@@ -189,16 +189,40 @@ def test_what_a_superlink_started_is_stopped_even_after_the_superlink_was_killed
     try:
         wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30, "the child to start", every=0.1)
         child = int(pid_file.read_text())
-        started = Descendants(parent.pid)
+        record = tmp_path / "state" / "flower-processes.json"
+        record.parent.mkdir()
+        started = Descendants(parent.pid, record)
         started.remember()
         assert child in started.seen
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
         assert _start_time(child) is not None  # orphaned, still running
-        started.stop(grace=5)
+        # fedtide itself was killed too: the next start finds the orphan in the record
+        assert Descendants.stop_leftovers(record, grace=5) == 1 and not record.exists()
         deadline = time.monotonic() + 10
         while _start_time(child) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _start_time(child) is None
     finally:
         parent.kill()
+
+
+def test_a_damaged_process_record_is_ignored(tmp_path):
+    from fedtide.runtimes.flower_processes import Descendants
+
+    record = tmp_path / "flower-processes.json"
+    for text in ("{not json", "[1, 2]", '{"1": "x"}'):
+        record.write_text(text)
+        assert Descendants.stop_leftovers(record, grace=1) == 0 and not record.exists()
+
+
+def test_a_server_refuses_an_out_folder_that_holds_a_run_unless_forced(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    flags = ["server", "--insecure", "--clients", "1", "--database", str(tmp_path / "db"), "--out", str(run)]
+    assert main(flags) == 2
+    assert "already holds a run" in capsys.readouterr().err and (run / "summary.json").exists()
+    assert main([*flags, "--force", "--resume", str(run)]) == 2
+    assert "drop one of them" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from common.errors import FedtideError
 from common.files import ensure_writable_folder
 from fedtide.deployment.cert_files import CA_CERT
 from fedtide.runtimes.flower_processes import (
-    flower_env, flower_executable, free_port, parse_address, signal_group, start_group_leader, stop_group,
+    Descendants, flower_env, flower_executable, free_port, parse_address, signal_group, start_group_leader, stop_group,
 )
 
 REFUSED = "Failed to activate SuperNode"  # Flower's words when the SuperLink does not let the node in
@@ -84,7 +84,11 @@ def run(args: argparse.Namespace) -> int:
     command += ["--node-config", node_config, "--port", str(free_port())]
     if args.max_wait is not None:
         command += ["--max-wait-time", str(args.max_wait)]
-    return _supervise(command, flower_env(state / "flower-home"), args.max_wait)
+    record = state / PROCESS_RECORD
+    if leftovers := Descendants.stop_leftovers(record):
+        print(f"fedtide client: stopped {leftovers} process(es) a killed earlier client left running",
+              file=sys.stderr)
+    return _supervise(command, flower_env(state / "flower-home"), args.max_wait, record)
 
 
 def _secure_flags(args: argparse.Namespace) -> list[str]:
@@ -116,10 +120,11 @@ def _check_node_key(key: Path) -> None:
         )
 
 
+PROCESS_RECORD = "flower-processes.json"  # in the state folder: what the running SuperNode started
 MAX_RETRY_PAUSE = 8.0  # seconds between attempts once the first quick retries failed
 
 
-def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) -> int:
+def _supervise(command: list[str], env: dict[str, str], max_wait: float | None, record: Path | None = None) -> int:
     """Run the SuperNode and echo its log; start it again when a signal killed it, and while
     the server refuses it (not up yet, or this node not registered yet) until ``max_wait``
     passes; stop it on SIGTERM/SIGINT; explain a failure."""
@@ -136,7 +141,7 @@ def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) 
     pause = 2.0
     try:
         while True:
-            code, log = _run_once(command, env, current)
+            code, log = _run_once(command, env, current, record)
             if stopping.is_set() or code == 0:
                 return 0
             if code < 0:  # killed by a signal this process did not send: the OOM killer, a kill -9
@@ -164,10 +169,22 @@ def _supervise(command: list[str], env: dict[str, str], max_wait: float | None) 
             signal.signal(sig, handler)
 
 
-def _run_once(command: list[str], env: dict[str, str], current: list[subprocess.Popen]) -> tuple[int, str]:
-    """One SuperNode process until it exits: its exit code and the end of its log."""
+def _run_once(command: list[str], env: dict[str, str], current: list[subprocess.Popen],
+              record: Path | None = None) -> tuple[int, str]:
+    """One SuperNode process until it exits: its exit code and the end of its log. What it
+    starts is remembered in ``record`` meanwhile, and stopped after it (a ClientApp runs in
+    a session of its own and outlives a killed SuperNode)."""
     process = start_group_leader(command, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     current.append(process)
+    spawned = Descendants(process.pid, record)
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.wait(1.0):
+            spawned.remember()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     tail: collections.deque[str] = collections.deque(maxlen=60)
 
     def echo() -> None:
@@ -181,6 +198,9 @@ def _run_once(command: list[str], env: dict[str, str], current: list[subprocess.
     try:
         code = process.wait()
     finally:
+        watching.set()
+        watcher.join(timeout=5)
         stop_group(process)  # its SuperExec may outlive it (and hold the log pipe open)
+        spawned.stop()
         reader.join(timeout=5)
     return code, "".join(tail)

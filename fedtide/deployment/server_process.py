@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -29,7 +27,7 @@ from common.config import RunConfig
 from common.errors import FedtideError
 from fedtide.deployment.cert_files import CertificateSet
 from fedtide.runtimes.flower_processes import (
-    FlowerProcess, flower_env, flower_executable, flwr_cli, parse_address, process_tree, write_connection,
+    Descendants, FlowerProcess, flower_env, flower_executable, flwr_cli, parse_address, write_connection,
 )
 from fedtide.run_flags import add_config_flags, config_from_args
 
@@ -59,6 +57,8 @@ def add_parser(commands: Any, methods: bool = True) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="go on with the run in RUN_DIR after its last checkpoint, with its own settings "
                         "(config.json); restart the clients with their --state folders")
+    parser.add_argument("--force", action="store_true",
+                        help="let --out replace a run already there (its files are deleted)")
     add_config_flags(parser, methods=methods)
 
 
@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> None:
         if certs is None:
             raise FedtideError("--insecure has no node keys to count: say how many clients to wait for with --clients N")
         args.clients = len(certs.node_public_keys())
+    if args.resume and args.force:
+        raise FedtideError("--force replaces a run and --resume goes on with it: drop one of them")
     if args.resume:
         from fedtide.resume import finished_message, resume_config
 
@@ -94,6 +96,12 @@ def run(args: argparse.Namespace) -> None:
 
     build_scenario(config.data, config.seed)  # the server's test data must be readable before anything starts
     out = ensure_writable_folder(Path(config.run.out)).resolve()
+    if not args.resume:
+        from server.run_folder import prepare_new_run
+        from server.run_lock import hold_run_folder
+
+        with hold_run_folder(out):  # refused while another run uses the folder
+            prepare_new_run(out, replace=args.force)
     config = config.replace(out=str(out))
     database = Path(args.database).expanduser().resolve()
     ensure_writable_folder(database.parent, "the database folder", "--database")
@@ -278,46 +286,6 @@ def follow_run(
             raise FedtideError(said.group(1).strip())
         tail = "\n".join(log.splitlines()[-25:])
         raise FedtideError(f"the run ended as {status}; the ServerApp's log ends:\n{tail}")
-
-
-class Descendants:
-    """The processes a SuperLink started (its SuperExec, the ServerApp), remembered while it
-    runs. A SuperLink killed outright (kill -9, the OOM killer) cannot stop them, and they no
-    longer descend from it: the orphaned ServerApp keeps retrying the dead SuperLink and
-    holds the run folder's lock, so that `fedtide server --resume` could never start."""
-
-    def __init__(self, root: int) -> None:
-        self.root = root
-        self.seen: dict[int, int] = {}  # pid -> start time, so that a reused pid is never signalled
-
-    def remember(self) -> None:
-        for pid in process_tree(self.root)[1:]:
-            start = _start_time(pid)
-            if start is not None:
-                self.seen.setdefault(pid, start)
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the remembered processes still running, SIGKILL them after ``grace`` seconds."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
-            alive = [pid for pid, start in self.seen.items() if _start_time(pid) == start]
-            for pid in alive:
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            deadline = time.monotonic() + wait
-            while alive and time.monotonic() < deadline:
-                time.sleep(0.1)
-                alive = [pid for pid in alive if _start_time(pid) == self.seen[pid]]
-
-
-def _start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
 
 
 def run_status(home: Path, run_id: str) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedtideError
+from common.files import write_text_atomic
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 CONNECTION = "fedtide"  # the name of the SuperLink connection in a private FLWR_HOME
@@ -169,6 +170,64 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+class Descendants:
+    """The processes a Flower process started (a SuperLink's SuperExec and ServerApp, a
+    SuperNode's SuperExec and ClientApp), remembered while it runs. One killed outright
+    (kill -9, the OOM killer) cannot stop them, and they no longer descend from it: an
+    orphaned ServerApp holds the run folder's lock, an orphaned ClientApp may write the
+    client's state. ``record``: a file that keeps them across a kill of fedtide itself, so that
+    the next start stops them (``stop_leftovers``)."""
+
+    def __init__(self, root: int, record: Path | None = None) -> None:
+        self.root = root
+        self.record = record
+        self.seen: dict[int, int] = {}  # pid -> start time, so that a reused pid is never signalled
+
+    def remember(self) -> None:
+        before = len(self.seen)
+        for pid in process_tree(self.root)[1:]:
+            start = start_time(pid)
+            if start is not None:
+                self.seen.setdefault(pid, start)
+        if self.record is not None and len(self.seen) != before:
+            write_text_atomic(self.record, json.dumps({str(p): t for p, t in self.seen.items()}))
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the remembered processes still running, SIGKILL them after ``grace`` seconds."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+            alive = [pid for pid, start in self.seen.items() if start_time(pid) == start]
+            _signal_all(alive, sig)
+            deadline = time.monotonic() + wait
+            while alive and time.monotonic() < deadline:
+                time.sleep(0.1)
+                alive = [pid for pid in alive if start_time(pid) == self.seen[pid]]
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
+
+    @classmethod
+    def stop_leftovers(cls, record: Path, grace: float = 10.0) -> int:
+        """Stop what an earlier, killed run recorded in ``record`` and is still running (same
+        pid and start time); how many were still running. A damaged record is ignored."""
+        leftovers = cls(0, record)
+        try:
+            leftovers.seen = {int(p): int(t) for p, t in json.loads(record.read_text()).items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            record.unlink(missing_ok=True)
+            return 0
+        alive = sum(1 for pid, start in leftovers.seen.items() if start_time(pid) == start)
+        leftovers.stop(grace)
+        return alive
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
