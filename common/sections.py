@@ -130,6 +130,13 @@ class DriftSettings(Section):
         """Whether any reaction to detected drift is on (each needs a detector)."""
         return self.react_server or self.react_lr_boost != 1.0 or self.react_extra_epochs > 0 or self.drift_weight != 1.0
 
+    @property
+    def enlarges_updates(self) -> bool:
+        """Whether a reaction makes a drifting client's honest update several times larger
+        than its peers' (more epochs, a larger learning rate): the server's outlier rule
+        would drop it (see ``server.influence``)."""
+        return self.react_server or self.react_lr_boost > 1.0 or self.react_extra_epochs > 0
+
 
 @dataclass(frozen=True)
 class ServerSettings(Section):

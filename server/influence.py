@@ -9,7 +9,9 @@ before any aggregation rule and by default:
 - **outliers**: a reply whose update (its weights minus the global model) is more than
   ``norm_outlier`` times the round's median update norm is dropped, with its reason: a
   boosted model-replacement update is not cut to size but left out (rounds of 3 replies or
-  more; with fewer the median is not a majority's);
+  more; with fewer the median is not a majority's). A run whose drift reactions train a
+  drifting client harder (``DriftSettings.enlarges_updates``) makes such updates honest, so
+  there the rule is off and only the caps apply;
 - **norm cap**: the other replies' updates are cut to at most ``norm_cap`` times the round's
   median update norm, keeping their direction.
 

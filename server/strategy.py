@@ -344,8 +344,7 @@ def build_strategy(
                                  ReplyMetrics(server.max_num_examples, num_tasks, reply_metrics)),
         sampling=NodeSampling(server.fraction_train, server.fraction_evaluate, min_nodes, server.client_wait),
         rule=AggregationRule() if local_only else AggregationRule.from_settings(server),
-        influence=InfluenceBound(0, 0, 0) if local_only else InfluenceBound(server.weight_cap, server.norm_cap,
-                                                                            server.norm_outlier),
+        influence=InfluenceBound(0, 0, 0) if local_only else _influence(server, drift),
         step=ServerStep() if local_only else server_step(server.strategy, server.effective_server_lr,
                                                          server.server_momentum),
         hooks=hooks,
@@ -354,6 +353,16 @@ def build_strategy(
         extra_config={"proximal-mu": proximal_mu} if server.strategy == "fedprox" and not local_only else None,
         times=times,
     )
+
+
+def _influence(server: ServerSettings, drift: DriftSettings) -> InfluenceBound:
+    """The run's influence bound. A drift reaction that trains a drifting client harder makes
+    its honest update an outlier by design: then the caps stay and the outlier rule is off."""
+    outlier = server.norm_outlier
+    if outlier and drift.enlarges_updates:
+        log.info("drift reactions enlarge honest updates: --norm-outlier is off for this run (the caps stay)")
+        outlier = 0.0
+    return InfluenceBound(server.weight_cap, server.norm_cap, outlier)
 
 
 def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | None = None) -> FedtideStrategy:

@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> None:
         if certs is None:
             raise FedtideError("--insecure has no node keys to count: say how many clients to wait for with --clients N")
         args.clients = len(certs.node_public_keys())
+    _stop_leftovers(Path(args.resume) if args.resume else Path(args.out) if args.out else None)
     if args.resume and args.force:
         raise FedtideError("--force replaces a run and --resume goes on with it: drop one of them")
     if args.resume:
@@ -109,6 +111,18 @@ def run(args: argparse.Namespace) -> None:
         console.print("[bold red]warning:[/] --insecure: no TLS, no node authentication; "
                       "anyone who reaches the port can join this federation and read its model")
     serve(config, certs, database, args.address, args.start_timeout, console, resume=bool(args.resume))
+
+
+PROCESS_RECORD = "flower-processes.json"  # in the run folder: what the running SuperLink started
+
+
+def _stop_leftovers(folder: Path | None) -> None:
+    """Stop the ServerApp and SuperExec a killed earlier `fedtide server` left running for
+    ``folder`` (an orphaned ServerApp holds the run lock, so that --resume could never start)."""
+    if folder is not None and (record := folder.expanduser() / PROCESS_RECORD).is_file():
+        if leftovers := Descendants.stop_leftovers(record):
+            print(f"fedtide server: stopped {leftovers} process(es) a killed earlier server left running",
+                  file=sys.stderr)
 
 
 def _certificates(args: argparse.Namespace) -> CertificateSet | None:
@@ -155,7 +169,7 @@ def serve(
     home = Path(tempfile.mkdtemp(prefix="fedtide-server-"))  # Flower's CLI config, FABs; never ~/.flwr
     try:
         superlink = FlowerProcess.start("the SuperLink", command, flower_env(home), out / "superlink.log")
-        spawned = Descendants(superlink.process.pid)
+        spawned = Descendants(superlink.process.pid, Path(config.run.out) / PROCESS_RECORD)
         try:
             superlink.wait_listening(local_host, port, start_timeout)
             write_connection(home, f"{local_host}:{port}", None if certs is None else certs.ca_cert)

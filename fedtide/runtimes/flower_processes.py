@@ -192,7 +192,9 @@ class Descendants:
             if start is not None:
                 self.seen.setdefault(pid, start)
         if self.record is not None and len(self.seen) != before:
-            write_text_atomic(self.record, json.dumps({str(p): t for p, t in self.seen.items()}))
+            owner = {"pid": os.getpid(), "start": start_time(os.getpid())}
+            write_text_atomic(self.record, json.dumps({"owner": owner,
+                                                       "processes": {str(p): t for p, t in self.seen.items()}}))
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the remembered processes still running, SIGKILL them after ``grace`` seconds."""
@@ -208,13 +210,21 @@ class Descendants:
 
     @classmethod
     def stop_leftovers(cls, record: Path, grace: float = 10.0) -> int:
-        """Stop what an earlier, killed run recorded in ``record`` and is still running (same
-        pid and start time); how many were still running. A damaged record is ignored."""
+        """Stop what an earlier, killed fedtide process recorded in ``record`` and is still
+        running (same pid and start time); how many were still running. Nothing is touched
+        while that fedtide process itself still runs (a second start is its own mistake, for
+        the run lock to refuse); a damaged record is ignored."""
         leftovers = cls(0, record)
         try:
-            leftovers.seen = {int(p): int(t) for p, t in json.loads(record.read_text()).items()}
-        except (OSError, ValueError, AttributeError, TypeError):
+            saved = json.loads(record.read_text())
+            owner = (int(saved["owner"]["pid"]), saved["owner"]["start"])
+            leftovers.seen = {int(p): int(t) for p, t in saved["processes"].items()}
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
             record.unlink(missing_ok=True)
+            return 0
+        if owner[1] is not None and start_time(owner[0]) == owner[1]:
             return 0
         alive = sum(1 for pid, start in leftovers.seen.items() if start_time(pid) == start)
         leftovers.stop(grace)
