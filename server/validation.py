@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from server.reply_metrics import WEIGHT_KEY, ReplyMetrics
+from server.reply_metrics import ReplyMetrics
 from server.robust import update_norm
 
 ARRAYS_KEY = "arrays"
