@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 ROUNDS = 5  # after the kill in round 2, rounds enough for the SuperLink to let the old session expire
 SAMPLES = (150, 120)  # per client: tells their replies apart
-ROUND_TIMEOUT = 30
+ROUND_TIMEOUT = 45  # the longest a round waits; it ends as soon as both replied or failed
 
 
 def _completed_rounds(run) -> int:
@@ -89,9 +89,10 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
     assert sorted(ledger_1) == ["batch-0.npz", "batch-1.npz"]  # each file consumed exactly once
     assert ledger_1["batch-0.npz"]["round"] == 1
     assert ledger_1["batch-1.npz"]["round"] > 1  # dropped mid-run, trained on in a later round
-    # the round in which client 2 died ended at its timeout with client 1's reply alone
+    # the round in which client 2 died went on with client 1's reply alone, once the SuperLink
+    # missed client 2's heartbeats (seconds) or at the latest at its timeout
     assert [c["num-examples"] for c in lines[1]["clients"]] == [SAMPLES[0]]
-    assert ROUND_TIMEOUT - 1 <= lines[1]["seconds"] <= ROUND_TIMEOUT + 25
+    assert lines[1]["seconds"] <= ROUND_TIMEOUT + 25
 
     ledger_2 = read_ledger(state[1])
     assert [(e["name"], e["round"]) for e in ledger_2] == [("batch-0.npz", 1)]  # not consumed again after the restart
@@ -101,7 +102,8 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
     trained_after_restart = [
         line["round"] for line in lines[2:] if any(c["num-examples"] == SAMPLES[1] for c in line["clients"])
     ]
-    assert trained_after_restart, "the restarted client trained on its memory in a later round"
+    # back within a round: its killed session expires within 20 s (see fedtide.deployment.supernode)
+    assert trained_after_restart and trained_after_restart[0] <= 4, trained_after_restart
 
 
 def test_a_server_whose_clients_never_come_stops_with_a_clear_message(tmp_path):
@@ -127,8 +129,10 @@ def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round(tmp
     where = ["--certs", str(certs), "--database", str(tmp_path / "superlink.db"), "--address", address]
     sessions = []
     try:
+        # a round waits for both replies: after the resume they come once the clients reconnected
+        # and installed the resumed run (seconds, or more on a busy machine)
         server = Session(["server", *where, "--out", str(run), "--num-tasks", "1", "--rounds-per-task", "4",
-                          "--local-epochs", "1", "--round-timeout", "30"], tmp_path / "server.log", tmp_path)
+                          "--local-epochs", "1", "--round-timeout", "120"], tmp_path / "server.log", tmp_path)
         sessions.append(server)
         for i in (1, 2):
             sessions.append(Session(
@@ -149,8 +153,8 @@ def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round(tmp
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2, 3, 4]  # none redone, none lost
     assert done_before in (2, 3)
-    # the clients came back (the first round after the resume may time out on a slow reconnection)
-    assert all(line["clients"] for line in lines[done_before:]) and len(lines[-1]["clients"]) == 2
+    # both clients came back and trained in every round after the resume
+    assert all(len(line["clients"]) == 2 for line in lines[done_before:])
     for i in (1, 2):
         assert [e["name"] for e in read_ledger(tmp_path / f"state-{i}")] == ["batch-0.npz"]
     assert json.loads((run / "summary.json").read_text())["rounds"] == 4

@@ -24,6 +24,7 @@ from client.feature_range import parse_feature_range
 from common.errors import FedtideError
 from common.files import ensure_writable_folder
 from fedtide.deployment.cert_files import CA_CERT
+from fedtide.deployment.supernode import rejoin_wait_seconds
 from fedtide.runtimes.flower_processes import (
     Descendants, flower_env, flower_executable, free_port, parse_address, signal_group, start_group_leader, stop_group,
 )
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the SuperNode until it stops; return its exit code."""
     parse_address(args.server, "--server")
     feature_range = None if args.feature_range is None else parse_feature_range(args.feature_range)
-    command = [flower_executable("flower-supernode"), "--superlink", args.server]
+    flower_executable("flower-supernode")  # says how to fix an installation without Flower's SuperNode
+    command = [sys.executable, "-m", "fedtide.deployment.supernode", "--superlink", args.server]
     if args.insecure:
         print("fedtide client: warning: --insecure: no TLS and no node authentication", file=sys.stderr)
         command.append("--insecure")
@@ -121,7 +123,7 @@ def _check_node_key(key: Path) -> None:
 
 
 PROCESS_RECORD = "flower-processes.json"  # in the state folder: what the running SuperNode started
-MAX_RETRY_PAUSE = 8.0  # seconds between attempts once the first quick retries failed
+MAX_RETRY_PAUSE = 4.0  # seconds between attempts once the first quick retries failed
 
 
 def _supervise(command: list[str], env: dict[str, str], max_wait: float | None, record: Path | None = None) -> int:
@@ -154,12 +156,13 @@ def _supervise(command: list[str], env: dict[str, str], max_wait: float | None, 
             refused = REFUSED in log
             if refused and (deadline is None or time.monotonic() + pause < deadline):
                 print(f"fedtide client: the server refused the connection (not up yet, this node's key not "
-                      f"registered, or this node's previous session not expired yet); trying again in {pause:.0f} s",
+                      f"registered or revoked, or this node's previous session, if it was killed, not expired yet: "
+                      f"that takes up to {rejoin_wait_seconds()} s); trying again in {pause:.0f} s",
                       file=sys.stderr)
                 if stopping.wait(pause):
                     return 0
                 # a restarted client is refused until the SuperLink lets its last session expire
-                # (about a minute without heartbeats): retry often enough to rejoin within a round
+                # (two missed heartbeats): retry often enough to rejoin within a round
                 pause = min(pause * 2, MAX_RETRY_PAUSE)
                 continue
             hint = next((meaning for needle, meaning in HINTS if needle in log), "see Flower's log above")
