@@ -9,7 +9,9 @@ its node_config:
 - edge client (``fedtide client``): ``inbox``, the folder where its data files arrive, and
   ``state-dir``, where its state lives on disk (``client.edge``), so that it survives a
   restart of the SuperNode; optionally ``feature-range`` (``LOW,HIGH``: what float values
-  its data files may hold).
+  its data files may hold) and ``new-run`` (what its state of another run becomes:
+  ``client.state_store``). A training message's receipt (``common.receipt``) says which
+  of its rounds the server kept.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from client.vectorized import train_rounds_together
 from common.config import EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, ClientSettings
 from common.datasets import LabelledSplit
 from common.errors import FedtideError
+from common.receipt import RECEIPT_KEY, Receipt
 from common.sections import DriftSettings
 
 STATE_KEY = "fedtide-state"
@@ -139,6 +142,8 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
         node_id=context.node_id,
         **({"feature_range": parse_feature_range(str(context.node_config["feature-range"]))}
            if "feature-range" in context.node_config else {}),
+        receipt=Receipt.from_record(msg.content[RECEIPT_KEY]) if RECEIPT_KEY in msg.content else None,
+        new_run=str(context.node_config.get("new-run", "fresh")),
     )
     _report_edge_round(server_round, outcome.metrics)
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})

@@ -36,6 +36,7 @@ from client.rounds import (
     train_and_react,
 )
 from client.state_store import ClientStateStore
+from common.receipt import Receipt
 from common.config import ClientSettings
 from common.datasets import LabelledSplit
 from common.devices import resolve_device
@@ -59,11 +60,15 @@ def train_on_arrivals(
     device_name: str | None = None,
     node_id: int = 0,
     feature_range: tuple[float, float] = DEFAULT_FEATURE_RANGE,
+    receipt: Receipt | None = None,
+    new_run: str = "fresh",
 ) -> TrainOutcome:
     """Train the server's ``weights`` on the inbox's new files plus the replay memory.
 
     With no new file the round trains on the memory alone. Saves the new state and ledger
-    (one atomic write) before returning. Besides ``client.rounds``' metrics the outcome
+    (one atomic write) before returning: with the server's ``receipt`` as the pending round,
+    whose files count as consumed once a later receipt says the server kept this round's
+    reply (``client.state_store``; ``new_run``: what a state of another run becomes). Besides ``client.rounds``' metrics the outcome
     reports ``new-files``, ``new-examples`` and ``quarantined`` (this round's counts; float
     values outside ``feature_range`` make a file bad, see ``client.inbox``);
     ``task-id`` counts the task boundaries (drifts) so far. Raises FedtideError when there is
@@ -71,7 +76,7 @@ def train_on_arrivals(
     """
     check_input_shape(config, input_shape)
     store = ClientStateStore(state_dir)
-    state, ledger = store.load()
+    state, ledger = store.load() if receipt is None else store.begin_round(receipt, new_run)
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger, feature_range)
     outcome = learn_round(config, input_shape, num_classes, server_round, weights, state, arrivals.data,
                           device_name, node_id)
@@ -87,7 +92,10 @@ def train_on_arrivals(
          "samples": len(f.data)}
         for f in arrivals.files
     ]
-    store.save(outcome.state, ledger + consumed)
+    if receipt is None:
+        store.save(outcome.state, ledger + consumed)
+    else:
+        store.save_pending(outcome.state, ledger + consumed, server_round, receipt.run_uid)
     return outcome
 
 

@@ -12,6 +12,18 @@ The file is replaced atomically in one write, so after a crash the state and the
 both the old ones or both the new ones, never a mix. A file that cannot be parsed or whose
 checksums do not match is moved aside to ``state.safetensors.corrupt-<time>`` and the client
 starts clean (a warning is logged): it loses its memory, not its ability to train.
+
+**Exactly once.** With a server that sends receipts (``common.receipt``), a round's outcome is
+first written as ``pending.safetensors`` (the next state file, whole, with the round and the
+run it belongs to). At the next round the receipt decides: when the server kept a global
+model holding this node's reply of that round, the pending file replaces the state (one
+rename: its files are consumed); otherwise (the reply was dropped, or the server was killed
+and redoes the round after a resume) it is deleted, and its files are read again as new.
+
+**One run.** The state records the run it belongs to. A message of another run (a new server
+run) finds it and, as the client was told (``NEW_RUN_CHOICES``): ``fresh`` moves it to
+``previous-runs/`` and starts clean (every inbox file is new to the new run), ``keep`` carries
+it into the new run, ``refuse`` stops with a message.
 """
 
 from __future__ import annotations
@@ -29,8 +41,13 @@ from safetensors import SafetensorError, safe_open
 
 from common.errors import FedtideError
 from common.files import save_tensors_atomic
+from common.receipt import Receipt
 
 STATE_FILE = "state.safetensors"
+PENDING_FILE = "pending.safetensors"
+PREVIOUS_RUNS = "previous-runs"
+KEEP_PREVIOUS = 3  # states of earlier runs kept in previous-runs/ (the oldest go)
+NEW_RUN_CHOICES = ("fresh", "keep", "refuse")
 PRIVATE = 0o600
 FORMAT = "fedtide-client-state/1"
 LEDGER_FIELDS = {"name": str, "size": int, "sha256": str}
@@ -56,10 +73,106 @@ class ClientStateStore:
     def load(self) -> tuple[dict[str, torch.Tensor], list[dict]]:
         """The saved state and ledger; empty ones when nothing was saved yet or the file was
         corrupt (then it is moved aside)."""
-        if not self.path.exists():
-            return {}, []
+        tensors, ledger, _ = self._load()
+        return tensors, ledger
+
+    def latest(self) -> dict[str, torch.Tensor]:
+        """The newest state: the pending round's when there is one, else the saved one."""
+        pending_path = self.folder / PENDING_FILE
+        if self._pending() is not None:
+            try:
+                return _read(pending_path)[0]
+            except (OSError, SafetensorError, ValueError, KeyError, TypeError, RuntimeError):
+                pass  # deleted or replaced meanwhile: the saved state is the newest
+        return self.load()[0]
+
+    def consumed(self) -> list[dict]:
+        """Every file consumed so far: the ledger, then those of the round still pending
+        (marked ``"pending": True``)."""
+        _, ledger, _ = self._load()
+        pending = self._pending()
+        if pending is None:
+            return ledger
+        known = {(e["name"], e["sha256"]) for e in ledger}
+        return ledger + [{**e, "pending": True} for e in pending[1] if (e["name"], e["sha256"]) not in known]
+
+    def begin_round(self, receipt: Receipt, new_run: str = "fresh") -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """The state and ledger a round of ``receipt``'s run starts from: the pending round
+        committed or dropped as the receipt says, and the state bound to the run (see the
+        module docstring for ``new_run``)."""
+        if new_run not in NEW_RUN_CHOICES:
+            raise FedtideError(f"new-run {new_run!r} is not one of {', '.join(NEW_RUN_CHOICES)}")
+        self._settle_pending(receipt)
+        tensors, ledger, run_uid = self._load()
+        if not run_uid or run_uid == receipt.run_uid or not (tensors or ledger):
+            return tensors, ledger
+        if new_run == "refuse":
+            raise FedtideError(
+                f"the client state in {self.folder} belongs to run {run_uid[:8]}, and the server now runs "
+                f"{receipt.short_uid}: start the client with --new-run fresh (set the old state aside) or "
+                "--new-run keep (carry it into the new run), or give it another --state folder"
+            )
+        if new_run == "keep":
+            log.info("a new run (%s): this client carries its state of run %s into it", receipt.short_uid, run_uid[:8])
+            return tensors, ledger
+        aside = self._archive(run_uid)
+        log.warning("a new run (%s): the state of run %s was moved to %s; starting clean, every file in the inbox "
+                    "is new to this run", receipt.short_uid, run_uid[:8], aside)
+        return {}, []
+
+    def save_pending(self, tensors: dict[str, torch.Tensor], ledger: list[dict], server_round: int,
+                     run_uid: str) -> None:
+        """Write round ``server_round``'s outcome; it becomes the state once a receipt says the
+        server kept it (``begin_round``)."""
+        self._write(self.folder / PENDING_FILE, tensors, ledger, run_uid, {"round": str(int(server_round))})
+
+    def _settle_pending(self, receipt: Receipt) -> None:
+        pending_path = self.folder / PENDING_FILE
+        pending = self._pending()
+        if pending is None:
+            return
+        (server_round, run_uid), ledger = pending[0], pending[1]
+        _, committed, _ = self._load()
+        files = len(ledger) - len(committed)
+        if run_uid == receipt.run_uid and server_round <= receipt.aggregated_round:
+            os.replace(pending_path, self.path)
+            log.info("round %d reached the global model: its %d new file(s) are consumed", server_round, files)
+            return
+        pending_path.unlink(missing_ok=True)
+        if run_uid == receipt.run_uid:
+            log.warning("round %d's reply did not reach the global model (dropped, or the round is redone after a "
+                        "server restart): its %d new file(s) are trained on again", server_round, files)
+
+    def _pending(self) -> tuple[tuple[int, str], list[dict]] | None:
+        """``((round, run uid), ledger)`` of the pending round; None when there is none. A
+        damaged pending file is deleted (its round is redone: nothing is lost)."""
+        pending_path = self.folder / PENDING_FILE
+        if not pending_path.exists():
+            return None
         try:
-            return _read(self.path)
+            _, ledger, metadata = _read(pending_path)
+            return (int(metadata["round"]), metadata.get("run-uid", "")), ledger
+        except (OSError, SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            log.warning("the pending round's file %s was damaged (%s): deleted; its files are trained on again",
+                        pending_path, err)
+            pending_path.unlink(missing_ok=True)
+            return None
+
+    def _archive(self, run_uid: str) -> Path:
+        folder = self.folder / PREVIOUS_RUNS
+        folder.mkdir(mode=0o700, exist_ok=True)
+        aside = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-run-{run_uid[:16]}.safetensors"
+        os.replace(self.path, aside)
+        for old in sorted(folder.glob("*-run-*.safetensors"))[:-KEEP_PREVIOUS]:
+            old.unlink(missing_ok=True)
+        return aside
+
+    def _load(self) -> tuple[dict[str, torch.Tensor], list[dict], str]:
+        if not self.path.exists():
+            return {}, [], ""
+        try:
+            tensors, ledger, metadata = _read(self.path)
+            return tensors, ledger, metadata.get("run-uid", "")
         except OSError as err:
             raise FedtideError(
                 f"cannot read the client state {self.path} ({err.strerror or err}): "
@@ -68,19 +181,26 @@ class ClientStateStore:
         except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as err:
             aside = self._move_aside()
             log.warning("client state %s was corrupt (%s): moved to %s; starting with no memory", self.path, err, aside)
-            return {}, []
+            return {}, [], ""
 
-    def save(self, tensors: dict[str, torch.Tensor], ledger: list[dict]) -> None:
-        """Replace the saved state and ledger together, atomically."""
+    def save(self, tensors: dict[str, torch.Tensor], ledger: list[dict], run_uid: str = "") -> None:
+        """Replace the saved state and ledger together, atomically (for a server that sends
+        no receipts: its files count as consumed at once)."""
+        self._write(self.path, tensors, ledger, run_uid)
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], ledger: list[dict], run_uid: str,
+               extra: dict[str, str] | None = None) -> None:
         ledger_json = json.dumps(ledger, sort_keys=True)
         metadata = {
             "format": FORMAT,
             "ledger": ledger_json,
             "ledger-sha256": hashlib.sha256(ledger_json.encode()).hexdigest(),
             "payload-sha256": payload_sha256(tensors),
+            "run-uid": run_uid,
+            **(extra or {}),
         }
         try:
-            save_tensors_atomic(self.path, tensors, metadata, mode=PRIVATE)  # it holds the device's samples
+            save_tensors_atomic(path, tensors, metadata, mode=PRIVATE)  # it holds the device's samples
         except OSError as err:
             raise self._unwritable(err) from None
 
@@ -117,7 +237,7 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, str]]:
     """Raises ValueError (or SafetensorError) when the file is not a valid, intact state file."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
@@ -135,4 +255,4 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
         for entry in ledger
     ):
         raise ValueError("the ledger is not a list of consumed files")
-    return tensors, ledger
+    return tensors, ledger, metadata

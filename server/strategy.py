@@ -7,7 +7,9 @@
 - an ``AggregationRule`` (``server.robust``): the weighted mean, or a robust rule;
 - a ``ServerStep`` (``server.server_step``): FedAvg, FedAvgM or FedAdam's server optimizer;
 - ``RoundHook``s (``server.round_hooks``): drift weighting, drift response, local-only models;
-  later behaviours join the same list.
+  later behaviours join the same list;
+- ``Receipts`` (``server.receipts``): each training message tells its node the run's identity
+  and the last round whose global model holds that node's reply.
 
 Each part owns its state (``state()`` / ``load_state()``), so a checkpoint never reads a
 private or a Flower-internal attribute. The wire keys stay Flower's (``arrays``,
@@ -33,6 +35,7 @@ from server.history import RunHistory
 from server.influence import InfluenceBound
 from server.robust import AggregationRule, update_norm
 from server.sampling import NodeSampling
+from server.receipts import Receipts
 from server.round_hooks import ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, RoundHook
 from server.server_step import ServerStep, server_step
 from server.timing import PhaseTimes
@@ -76,6 +79,7 @@ class FedtideStrategy(Strategy):
         self.extra_config = dict(extra_config or {})  # e.g. FedProx's `proximal-mu`, for plain Flower clients
         self.times = times or PhaseTimes()
         self.accepted_nodes: list[int] = []  # nodes whose replies the last round aggregated
+        self.receipts = Receipts()
         self._current: ArrayRecord | None = None
         self._reference: dict[str, np.ndarray] = {}
 
@@ -99,7 +103,7 @@ class FedtideStrategy(Strategy):
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         for hook in self.hooks:
             messages = hook.configure(server_round, messages)
-        return messages
+        return self.receipts.stamp(messages)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -120,7 +124,10 @@ class FedtideStrategy(Strategy):
         with self.times.phase("aggregate"):
             valid, decoded, norms = self._accept(server_round, replies)
             try:
-                return self._aggregate(server_round, valid, decoded, norms)
+                aggregated, metrics = self._aggregate(server_round, valid, decoded, norms)
+                if aggregated is not None:
+                    self.receipts.aggregated(server_round, self.accepted_nodes)
+                return aggregated, metrics
             finally:
                 for hook in self.hooks:
                     hook.after_aggregate(server_round, valid)
@@ -152,7 +159,7 @@ class FedtideStrategy(Strategy):
     def state(self) -> dict[str, Any]:
         """Every part's state between rounds, merged (keys are unique across parts)."""
         out: dict[str, Any] = {}
-        for part in [self.step, *self.hooks]:
+        for part in [self.step, self.receipts, *self.hooks]:
             part_state = part.state()
             clash = set(part_state) & set(out)
             assert not clash, f"strategy parts share state keys {clash}"
@@ -160,7 +167,7 @@ class FedtideStrategy(Strategy):
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for part in [self.step, *self.hooks]:
+        for part in [self.step, self.receipts, *self.hooks]:
             part.load_state(state)
 
     def run_summary(self) -> dict[str, Any]:

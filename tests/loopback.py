@@ -164,12 +164,13 @@ def drop_file(folder: Path, name: str, x: np.ndarray, y: np.ndarray) -> Path:
 
 
 def read_ledger(state_dir: Path) -> list[dict]:
+    """Every file the client consumed, its last round's (still pending) included."""
     from client.state_store import ClientStateStore
 
-    return ClientStateStore(state_dir).load()[1]
+    return ClientStateStore(state_dir).consumed()
 
 
 def read_state(state_dir: Path) -> dict:
     from client.state_store import ClientStateStore
 
-    return ClientStateStore(state_dir).load()[0]
+    return ClientStateStore(state_dir).latest()
