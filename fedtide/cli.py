@@ -16,7 +16,7 @@ from common.config import RunConfig
 from common.method_registry import registered
 from common.errors import FedtideError
 from fedtide import export_command
-from fedtide.deployment import certs, client_process, data_files, server_process
+from fedtide.deployment import certs, client_process, data_files, nodes, server_process
 from fedtide.bench import REFERENCES
 from fedtide.presets import PRESETS, preset_settings
 from fedtide.run_flags import DATA_DIR_ENV, add_config_flags, config_from_args
@@ -24,7 +24,7 @@ from fedtide.run_flags import DATA_DIR_ENV, add_config_flags, config_from_args
 ENGINES = ("inprocess", "flower")
 # each module adds its subcommand (add_parser) and carries it out (run)
 DEPLOYMENT_COMMANDS = {
-    "certs": certs, "server": server_process, "client": client_process, "split-files": data_files,
+    "certs": certs, "nodes": nodes, "server": server_process, "client": client_process, "split-files": data_files,
     "export": export_command,
 }
 

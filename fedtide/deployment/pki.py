@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -15,7 +16,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import FedtideError
 from common.files import write_bytes_atomic
-from fedtide.deployment.cert_files import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, node_key_names
+from fedtide.deployment.cert_files import (
+    CA_CERT, CA_KEY, REVOKED, SERVER_CERT, SERVER_KEY, check_node_name, is_node_name, node_file_names, node_key_names,
+)
 
 PRIVATE_MODE, PUBLIC_MODE = 0o600, 0o644
 
@@ -34,7 +37,7 @@ def make_certificates(folder: Path, server_name: str, nodes: int, days: int = 36
     if existing and not force:
         raise FedtideError(
             f"{folder} already holds {', '.join(existing)}: pass --force to replace them "
-            "(every client then needs the new ca.crt and node keys)"
+            "(every client then needs the new ca.crt and node keys), or add one node with --add-node NAME"
         )
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -65,29 +68,54 @@ def make_certificates(folder: Path, server_name: str, nodes: int, days: int = 36
         SERVER_KEY: (_pem_private(server_key), PRIVATE_MODE),
     }
     for index in range(1, nodes + 1):
-        key = ec.generate_private_key(ec.SECP384R1())
-        private_name, public_name = node_key_names(index)
-        files[private_name] = (
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            ),
-            PRIVATE_MODE,
-        )
-        files[public_name] = (
-            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-            + f" fedtide-node-{index}\n".encode(),
-            PUBLIC_MODE,
-        )
+        files.update(_node_key_files(f"node-{index}"))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, (data, mode) in files.items():
             write_bytes_atomic(folder / name, data, mode=mode)
-        for stale in [*folder.glob("node-*.key"), *folder.glob("node-*.pub")]:
-            if stale.name not in files:  # an earlier, larger set's key: the server would still register it
-                stale.unlink()
+        for stale in [*folder.glob("*.key"), *folder.glob("*.pub")]:
+            if is_node_name(stale.stem) and stale.name not in files:  # an earlier set's node: the server
+                stale.unlink()  # would still register it
     except OSError as err:
         raise FedtideError(f"cannot write certificates to {folder} ({err.strerror or err}): choose a writable --out") from None
     return [folder / name for name in files]
+
+
+def add_node(folder: Path, name: str) -> list[Path]:
+    """Write a key pair for a new node ``name`` into the federation's ``folder``; return the
+    files written. Nothing else in the folder changes (its CA, server certificate and other
+    keys stay as they are). The public key is written last: a running server that sees it
+    registers a node whose private key is complete."""
+    folder = Path(folder)
+    check_node_name(name)
+    if not (folder / CA_CERT).is_file() or not (folder / SERVER_CERT).is_file():
+        raise FedtideError(
+            f"{folder} holds no federation ({CA_CERT} and {SERVER_CERT}): make one with "
+            "`fedtide certs --out DIR --server-name HOST` first"
+        )
+    taken = [n for n in (*node_file_names(name), f"{REVOKED}/{name}.pub") if os.path.lexists(folder / n)]
+    if taken:
+        raise FedtideError(
+            f"node name {name} is taken in {folder} ({', '.join(taken)}): choose another name "
+            "(a revoked node's name stays taken)"
+        )
+    files = _node_key_files(name)
+    try:
+        for file_name, (data, mode) in files.items():
+            write_bytes_atomic(folder / file_name, data, mode=mode)
+    except OSError as err:
+        raise FedtideError(f"cannot write the node key to {folder} ({err.strerror or err}): is the folder writable?") from None
+    return [folder / file_name for file_name in files]
+
+
+def _node_key_files(name: str) -> dict[str, tuple[bytes, int]]:
+    """A new ECDSA P-384 key pair in OpenSSH format (as Flower's node authentication expects):
+    private key first, public key second."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private_name, public_name = node_file_names(name)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return {private_name: (private, PRIVATE_MODE), public_name: (public + f" fedtide-{name}\n".encode(), PUBLIC_MODE)}
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: datetime.datetime, days: int) -> x509.CertificateBuilder:

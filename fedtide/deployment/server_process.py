@@ -2,7 +2,8 @@
 run on it, from one command.
 
 The SuperLink runs as a child process (its log in ``RUN_DIR/superlink.log``); the nodes'
-public keys found in the certificate folder are registered with it; the run is submitted
+public keys found in the certificate folder are registered with it, and kept in step with
+the folder while the run goes on (``fedtide.deployment.membership``); the run is submitted
 as a Flower App whose run config is the server's settings, so the ServerApp that runs is
 the very one of ``fedtide simulate`` and writes the same run folder. This process follows
 that folder to show a progress bar, prints the summary table, and stops the SuperLink.
@@ -27,6 +28,7 @@ import fedtide
 from common.config import RunConfig
 from common.errors import FedtideError
 from fedtide.deployment.cert_files import CertificateSet
+from fedtide.deployment.membership import FleetMembership
 from fedtide.runtimes.flower_processes import (
     Descendants, FlowerProcess, flower_env, flower_executable, flwr_cli, parse_address, write_connection,
 )
@@ -138,7 +140,7 @@ def _certificates(args: argparse.Namespace) -> CertificateSet | None:
     if not certs.node_public_keys():
         raise FedtideError(
             f"--certs {certs.folder} holds no node-*.pub: make node keys with `fedtide certs --nodes N` "
-            "(no node could authenticate)"
+            "or `fedtide certs --add-node NAME` (no node could authenticate)"
         )
     return certs
 
@@ -173,11 +175,13 @@ def serve(
         try:
             superlink.wait_listening(local_host, port, start_timeout)
             write_connection(home, f"{local_host}:{port}", None if certs is None else certs.ca_cert)
+            membership = None
             if certs is not None:
-                registered = register_nodes(home, certs.node_public_keys())
+                membership = FleetMembership(home, certs, database, out, _say(console), resume)
+                registered = membership.start()
                 console.print(f"server: {registered} node key(s) registered; waiting for {config.data.clients} client(s) on {address}")
             run_id = flwr_cli(home, "run", str(write_app(home / "app", config, resume)))["run-id"]
-            follow_run(home, run_id, config, superlink, console, spawned)
+            follow_run(home, run_id, config, superlink, console, spawned, membership)
         finally:
             superlink.stop()
             spawned.stop()
@@ -189,6 +193,11 @@ def serve(
 
         console.print(summary_table(summary))
     return summary
+
+
+def _say(console: Console):
+    """Print a line as it is (file and node names are never read as markup)."""
+    return lambda line: console.print(line, markup=False, highlight=False)
 
 
 def _require_free_port(host: str, port: int) -> None:
@@ -204,18 +213,6 @@ def _require_free_port(host: str, port: int) -> None:
                 f"--address {host}:{port} is not free ({err.strerror or err}): another server holds it; "
                 "stop it or choose another --address"
             ) from None
-
-
-def register_nodes(home: Path, public_keys: list[Path]) -> int:
-    """Register each node public key with the SuperLink; keys it already knows (a restarted
-    server on the same database) count as registered."""
-    for key in public_keys:
-        try:
-            flwr_cli(home, "supernode", "register", str(key))
-        except FedtideError as err:
-            if "already in use" not in str(err):
-                raise FedtideError(f"could not register the node key {key}: {err}") from None
-    return len(public_keys)
 
 
 def write_app(folder: Path, config: RunConfig, resume: bool = False) -> Path:
@@ -249,10 +246,11 @@ def write_app(folder: Path, config: RunConfig, resume: bool = False) -> Path:
 
 def follow_run(
     home: Path, run_id: str, config: RunConfig, superlink: FlowerProcess, console: Console,
-    spawned: Descendants | None = None,
+    spawned: Descendants | None = None, membership: FleetMembership | None = None,
 ) -> None:
     """Show each finished round of the run folder until Flower reports the run finished;
-    remember meanwhile what the SuperLink ``spawned``."""
+    remember meanwhile what the SuperLink ``spawned``, and keep the registered nodes in step
+    with the certificate folder (``membership``)."""
     from server.history import RoundRecord
     from server.progress import RoundProgress
 
@@ -269,6 +267,8 @@ def follow_run(
                     f"the SuperLink stopped during the run (exit code {superlink.process.returncode}); "
                     f"its log {superlink.log} ends:\n{superlink.log_tail()}"
                 )
+            if membership is not None:
+                membership.poll()
             text = metrics.read_text() if metrics.exists() else ""
             lines = text[: text.rfind("\n") + 1].splitlines()  # a line still being written waits
             for line in lines[shown:]:
