@@ -223,7 +223,8 @@ class FleetMembership:
                     pending = True
         for name, key in active.items():  # keys that came; at start all of them (the database may be new)
             if starting or name not in self.registered:
-                node_id = self._register(key, strict=starting)
+                node_id, retry = self._register(key, strict=starting)
+                pending = pending or retry
                 if node_id is not None:
                     self.registered[name] = Registered(node_id, key.fingerprint)
                     if not starting:
@@ -241,32 +242,33 @@ class FleetMembership:
             self.run_names = names
             write_run_nodes(self.run_dir, names)
 
-    def _register(self, key: NodeKey, strict: bool) -> int | None:
-        """Register ``key``; its node id, or None when that cannot be known (said why). ``strict``:
-        a failure other than "already in use" raises (at start, nothing runs yet)."""
+    def _register(self, key: NodeKey, strict: bool) -> tuple[int | None, bool]:
+        """Register ``key``: its node id (None when it cannot be known, said why) and whether
+        to try again later. ``strict``: a failure other than "already in use" raises (at start,
+        nothing runs yet)."""
         try:
             answer = flwr_cli(self.home, "supernode", "register", str(key.path), options=("--name", key.name))
             node_id = parse_node_id(answer.get("node-id"))
             if node_id is not None:
-                return node_id
+                return node_id, False
             problem = "Flower's answer held no node id"
         except FedtideError as err:
             if ALREADY_IN_USE not in str(err):
                 if strict:
                     raise FedtideError(f"could not register the node key {key.path}: {err}") from None
-                self.say(f"server: warning: could not register node {key.name}: {_last_line(err)}")
-                return None
+                self.say(f"server: warning: could not register node {key.name}, will try again: {_last_line(err)}")
+                return None, True
+            row = database_nodes(self.database).get(key.flower_bytes())  # the database knows best
             entry = self.registered.get(key.name)
-            if entry is not None and entry.fingerprint == key.fingerprint:
-                return entry.node_id
-            row = database_nodes(self.database).get(key.flower_bytes())
             if row is not None and row.status != "unregistered":
-                return row.node_id
+                return row.node_id, False
+            if row is None and entry is not None and entry.fingerprint == key.fingerprint:
+                return entry.node_id, False
             problem = ("its key was revoked on this database and cannot join again: make the device a new key "
                        "with `fedtide certs --out DIR --add-node NAME`" if row is not None
                        else "its key is in use but its node id is unknown")
         self.say(f"server: warning: node {key.name}: {problem}")
-        return None
+        return None, False
 
     def _unregister(self, node_id: int, name: str, why: str) -> bool:
         """Unregister ``node_id``; whether it is gone (it may have been already)."""
