@@ -8,22 +8,55 @@ pickled, and the state is a plain tensor that can live in memory or on disk.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from types import ModuleType
+
 import torch
 
 MAX_REPLAYED_ERRORS = 4000
+# River's module and class of each detector
+DETECTORS = {"adwin": ("adwin", "ADWIN"), "page-hinkley": ("page_hinkley", "PageHinkley"), "ddm": ("binary.ddm", "DDM")}
 
 
 def _make(name: str, delta: float):
-    from river import drift
-
+    if name not in DETECTORS:
+        raise ValueError(f"unknown drift detector '{name}'")
+    module, class_name = DETECTORS[name]
+    detector = getattr(_river_drift_module(module), class_name)
     if name == "adwin":
         # check after every sample: client streams are short, a round may hold only ~50
-        return drift.ADWIN(delta=delta, clock=1)
+        return detector(delta=delta, clock=1)
     if name == "page-hinkley":
-        return drift.PageHinkley(mode="up")
-    if name == "ddm":
-        return drift.binary.DDM()
-    raise ValueError(f"unknown drift detector '{name}'")
+        return detector(mode="up")
+    return detector()
+
+
+def _river_drift_module(name: str) -> ModuleType:
+    """River's module ``river.drift.<name>``, without running the ``river.drift`` package's
+    ``__init__`` when it was not imported yet: that imports River's datasets and with them
+    scikit-learn and SciPy, some 80 MB in every process that trains (an edge client's
+    ClientApp among them). A detector's own module imports only ``river.base``,
+    ``river.stats`` and River's compiled core."""
+    full_name = f"river.drift.{name}"
+    if "river.drift" in sys.modules:
+        return importlib.import_module(full_name)
+    loaded = _LOADED.get(full_name)
+    if loaded is None:
+        river = importlib.util.find_spec("river")
+        if river is None or not river.submodule_search_locations:
+            raise ImportError("River is not installed: pip install river")
+        path = f"{river.submodule_search_locations[0]}/drift/{name.replace('.', '/')}.py"
+        spec = importlib.util.spec_from_file_location(full_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"this River has no {full_name}")
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        _LOADED[full_name] = loaded
+    return loaded
+
+
+_LOADED: dict[str, ModuleType] = {}  # detector modules loaded on their own
 
 
 class DriftMonitor:

@@ -6,12 +6,19 @@ trusts the server through the federation's CA certificate, and keeps its continu
 state (replay memory, drift detector, consumed-file ledger, EWC/LwF anchors) in the state
 folder, so a restarted client goes on where it stopped. Flower's log is shown as it comes;
 when the SuperNode exits with an error, fedtide says what the likely cause is.
+
+On an edge device memory is scarce, and this process only watches the SuperNode for as long
+as the client runs: once the flags are checked, the `fedtide` command replaces itself (same
+process id) by a fresh interpreter running this module, which imports none of what the rest
+of the command line needs (numpy, rich, every subcommand's settings: some 20 MB).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -90,7 +97,37 @@ def run(args: argparse.Namespace) -> int:
     if leftovers := Descendants.stop_leftovers(record):
         print(f"fedtide client: stopped {leftovers} process(es) a killed earlier client left running",
               file=sys.stderr)
-    return _supervise(command, flower_env(state / "flower-home"), args.max_wait, record)
+    plan = {"command": command, "home": str(state / "flower-home"), "max_wait": args.max_wait, "record": str(record)}
+    if _is_the_fedtide_command():
+        _supervise_lean(plan)  # returns only where a fresh interpreter cannot be started
+    return _supervise_plan(plan)
+
+
+def _is_the_fedtide_command() -> bool:
+    """Whether this process is the `fedtide` command (its console script or ``python -m
+    fedtide.cli``), not a program that calls the command line in its own process (a test)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return (spec is not None and spec.name == "fedtide.cli") or Path(sys.argv[0]).name == "fedtide"
+
+
+def _supervise_lean(plan: dict[str, Any]) -> None:
+    """Go on supervising in a fresh interpreter that runs this module: ``os.execv`` keeps the
+    process id, its session and its parent, so whoever started `fedtide client` (a terminal,
+    systemd, Docker) still holds it and its signals still reach it."""
+    if not sys.executable:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    try:
+        os.execv(sys.executable, [sys.executable, "-m", __name__, json.dumps(plan)])
+    except OSError:
+        return
+
+
+def _supervise_plan(plan: dict[str, Any]) -> int:
+    record = Path(plan["record"]) if plan["record"] else None
+    return _supervise(plan["command"], flower_env(Path(plan["home"])), plan["max_wait"], record)
 
 
 def _secure_flags(args: argparse.Namespace) -> list[str]:
@@ -207,3 +244,17 @@ def _run_once(command: list[str], env: dict[str, str], current: list[subprocess.
         spawned.stop()
         reader.join(timeout=5)
     return code, "".join(tail)
+
+
+def main(argv: list[str]) -> int:
+    """The supervisor alone (``python -m fedtide.deployment.client_process PLAN``, PLAN as
+    `fedtide client` writes it): errors and exit codes as the `fedtide` command gives them."""
+    try:
+        return _supervise_plan(json.loads(argv[0]))
+    except FedtideError as err:
+        print(f"fedtide: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

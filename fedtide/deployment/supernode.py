@@ -10,9 +10,18 @@ made fit for a fleet whose processes get restarted.
   restarted server (``fedtide server --resume``) sees its clients back within a few seconds,
   not after the first round after the resume has timed out.
 
-Flower reads both values from module globals when it uses them; this module sets them, then
+- **One process, not two**: Flower's default isolation ("subprocess") starts a second
+  long-lived process, ``flower-superexec``, whose only work is to ask the SuperNode every
+  second for a task and start a ``flwr-clientapp`` process for it. That process imports most
+  of Flower again (over 100 MB on an edge device). Here the SuperNode runs with isolation
+  "process" (it starts no SuperExec) and runs Flower's own SuperExec loop in a thread of
+  its own process instead: the ClientApp still runs in a process of its own, started the
+  same way, with the same arguments.
+
+Flower reads the timings from module globals when it uses them; this module sets them, then
 hands over to Flower's own entry point with the arguments it was given. Where a Flower
-release moved them, the SuperNode runs with Flower's timings and a warning says so.
+release moved them, the SuperNode runs with Flower's timings and a warning says so; where it
+moved the SuperExec, the SuperNode starts Flower's separate SuperExec process as before.
 Run as ``python -m fedtide.deployment.supernode [flower-supernode arguments]``.
 """
 
@@ -20,6 +29,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
+from typing import Any, Callable
 
 HEARTBEAT_SECONDS = 10  # the shortest interval a SuperLink accepts (Flower: 30)
 HEARTBEAT_PATIENCE = 2  # missed intervals after which the SuperLink takes a node for gone
@@ -53,6 +64,47 @@ def tune_flower() -> list[str]:
     return missing
 
 
+def runtime_api_address(argv: list[str]) -> str:
+    """Where the SuperNode's Runtime API listens, from its arguments (``--host``, ``--port``;
+    Flower's defaults otherwise): the address its SuperExec asks for tasks."""
+    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
+
+    values = {"--host": UVICORN_DEFAULT_HOST, "--port": str(SUPERNODE_UVICORN_DEFAULT_PORT)}
+    for index, word in enumerate(argv):
+        name, equals, value = word.partition("=")
+        if name in values:
+            values[name] = value if equals else argv[index + 1]
+    host = f"[{values['--host']}]" if ":" in values["--host"] else values["--host"]
+    return f"{host}:{values['--port']}"
+
+
+def start_superexec_thread(address: str) -> threading.Thread | None:
+    """Run Flower's SuperExec loop (``run_superexec``: ask the Runtime API at ``address`` for
+    tasks, start a ``flwr-clientapp`` process for each) in a daemon thread of this process;
+    None when this Flower has no such loop. The loop is Flower's own, with one change: a
+    thread may not install signal handlers, so the SuperExec's exit handlers (closing its
+    connection and executor) join the SuperNode's, which runs them when it exits."""
+    try:
+        superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
+        from flwr.supercore.exit import add_exit_handler
+    except ImportError:
+        return None
+    if not hasattr(superexec, "run_superexec") or not hasattr(superexec, "register_signal_handlers"):
+        return None
+
+    def exit_handlers_only(*args: Any, exit_handlers: list[Callable[[], None]] | None = None, **kwargs: Any) -> None:
+        for handler in exit_handlers or []:
+            add_exit_handler(handler)
+
+    superexec.register_signal_handlers = exit_handlers_only
+    # no TLS: the Runtime API listens on loopback without certificates, as when the SuperNode starts
+    # `flower-superexec` itself
+    thread = threading.Thread(target=superexec.run_superexec, name="superexec", daemon=True,
+                              kwargs={"runtime_api_address": address, "insecure": True})
+    thread.start()
+    return thread
+
+
 def main() -> None:
     missing = tune_flower()
     if missing:
@@ -60,7 +112,10 @@ def main() -> None:
               "timings (a restarted client may wait up to a minute to rejoin)", file=sys.stderr)
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv[0] = "flower-supernode"
+    arguments = sys.argv[1:]
+    if "--isolation" not in arguments and start_superexec_thread(runtime_api_address(arguments)) is not None:
+        arguments += ["--isolation", "process"]  # the SuperExec runs in this process: Flower starts none
+    sys.argv = ["flower-supernode", *arguments]
     flower_supernode()
 
 
