@@ -66,17 +66,27 @@ def train_on_arrivals(
     """Train the server's ``weights`` on the inbox's new files plus the replay memory.
 
     With no new file the round trains on the memory alone. Saves the new state and ledger
-    (one atomic write) before returning: with the server's ``receipt`` as the pending round,
-    whose files count as consumed once a later receipt says the server kept this round's
-    reply (``client.state_store``; ``new_run``: what a state of another run becomes). Besides ``client.rounds``' metrics the outcome
-    reports ``new-files``, ``new-examples`` and ``quarantined`` (this round's counts; float
+    (one atomic write) before returning: with the server's ``receipt``, as the pending round
+    whose files count as consumed once a later receipt says the server kept its reply
+    (``client.state_store``; ``new_run``: what a state of another run becomes). One round at
+    a time holds the state folder. Besides ``client.rounds``' metrics the outcome reports ``new-files``, ``new-examples`` and ``quarantined`` (this round's counts; float
     values outside ``feature_range`` make a file bad, see ``client.inbox``);
     ``task-id`` counts the task boundaries (drifts) so far. Raises FedtideError when there is
     no data at all yet, or when ``weights`` do not fit the config's model.
     """
     check_input_shape(config, input_shape)
     store = ClientStateStore(state_dir)
-    state, ledger = store.load() if receipt is None else store.begin_round(receipt, new_run)
+    with store.round_lock():
+        return _train_locked(config, input_shape, num_classes, server_round, weights, inbox, store, device_name,
+                             node_id, feature_range, receipt, new_run)
+
+
+def _train_locked(
+    config: ClientSettings, input_shape: tuple[int, ...], num_classes: int, server_round: int,
+    weights: dict[str, torch.Tensor], inbox: Path, store: ClientStateStore, device_name: str | None, node_id: int,
+    feature_range: tuple[float, float], receipt: Receipt | None, new_run: str,
+) -> TrainOutcome:
+    state, ledger = store.load() if receipt is None else store.begin_round(receipt, new_run, server_round)
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger, feature_range)
     outcome = learn_round(config, input_shape, num_classes, server_round, weights, state, arrivals.data,
                           device_name, node_id)

@@ -28,12 +28,15 @@ it into the new run, ``refuse`` stops with a message.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +48,7 @@ from common.receipt import Receipt
 
 STATE_FILE = "state.safetensors"
 PENDING_FILE = "pending.safetensors"
+LOCK_FILE = "round.lock"
 PREVIOUS_RUNS = "previous-runs"
 KEEP_PREVIOUS = 3  # states of earlier runs kept in previous-runs/ (the oldest go)
 NEW_RUN_CHOICES = ("fresh", "keep", "refuse")
@@ -96,12 +100,31 @@ class ClientStateStore:
         known = {(e["name"], e["sha256"]) for e in ledger}
         return ledger + [{**e, "pending": True} for e in pending[1] if (e["name"], e["sha256"]) not in known]
 
-    def begin_round(self, receipt: Receipt, new_run: str = "fresh") -> tuple[dict[str, torch.Tensor], list[dict]]:
+    @contextlib.contextmanager
+    def round_lock(self) -> Iterator[None]:
+        """Held for a whole round: one round at a time works on this state (a ClientApp that
+        hung and came back must not write over a newer round's state)."""
+        with open(self.folder / LOCK_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def begin_round(self, receipt: Receipt, new_run: str = "fresh",
+                    server_round: int | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
         """The state and ledger a round of ``receipt``'s run starts from: the pending round
         committed or dropped as the receipt says, and the state bound to the run (see the
-        module docstring for ``new_run``)."""
+        module docstring for ``new_run``). A message of an older round than the pending one
+        (delivered late) is refused: it would undo a newer round."""
         if new_run not in NEW_RUN_CHOICES:
             raise FedtideError(f"new-run {new_run!r} is not one of {', '.join(NEW_RUN_CHOICES)}")
+        pending = self._pending()
+        if pending is not None and server_round is not None and pending[0][1] == receipt.run_uid \
+                and pending[0][0] > server_round:
+            raise FedtideError(
+                f"round {server_round} is older than this client's last round {pending[0][0]}: a late message, ignored"
+            )
         self._settle_pending(receipt)
         tensors, ledger, run_uid = self._load()
         if not run_uid or run_uid == receipt.run_uid or not (tensors or ledger):

@@ -80,6 +80,7 @@ class FedtideStrategy(Strategy):
         self.times = times or PhaseTimes()
         self.accepted_nodes: list[int] = []  # nodes whose replies the last round aggregated
         self.receipts = Receipts()
+        self._sent: list[Message] = []  # this round's training messages (Flower gives them ids when it sends them)
         self._current: ArrayRecord | None = None
         self._reference: dict[str, np.ndarray] = {}
 
@@ -103,7 +104,8 @@ class FedtideStrategy(Strategy):
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         for hook in self.hooks:
             messages = hook.configure(server_round, messages)
-        return self.receipts.stamp(messages)
+        self._sent = self.receipts.stamp(messages)
+        return self._sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -194,7 +196,7 @@ class FedtideStrategy(Strategy):
         excluded = self.excluded
         kept = 0  # bytes of decoded arrays kept for aggregation
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._sender(reply)
             if node in excluded:
                 verdict = Verdict("node is excluded after repeated rejected replies")
             elif reply.has_error():
@@ -214,7 +216,7 @@ class FedtideStrategy(Strategy):
         outliers = self.influence.outliers([norm for _, _, norm in candidates])
         valid, decoded_arrays, norms = [], [], []
         for index, (reply, verdict, norm) in enumerate(candidates):
-            node = reply.metadata.src_node_id
+            node = self._sender(reply)
             if index in outliers:
                 self._reject(server_round, node, outliers[index])
                 continue
@@ -227,6 +229,16 @@ class FedtideStrategy(Strategy):
             norms.append(norm)
         self.accepted_nodes = [reply.metadata.src_node_id for reply in valid]
         return valid, decoded_arrays, norms if self.influence.reads_norms else None
+
+    def _sender(self, reply: Message) -> int:
+        """The node a reply is about. Flower's SuperLink answers for a node it lost (missed
+        heartbeats) with an error reply of its own: that one is the node's whose message it
+        replies to."""
+        if reply.has_error() and (replied_to := reply.metadata.reply_to_message_id):
+            for message in self._sent:
+                if message.metadata.message_id == replied_to:
+                    return message.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _aggregate(
         self, server_round: int, valid: list[Message], decoded: list[dict | None], norms: list[float] | None

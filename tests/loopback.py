@@ -94,6 +94,19 @@ class Session:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def signal_clientapps(self, signum: int) -> int:
+        """Send ``signum`` to the session's ClientApp processes (SIGSTOP: a round that hangs);
+        return how many there were."""
+        sent = 0
+        for pid in self.pids():
+            try:
+                if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signum)
+                    sent += 1
+            except OSError:
+                pass
+        return sent
+
     def kill_command_only(self) -> None:
         """SIGKILL the command alone, as `kill -9 PID` would; what it started is remembered,
         so that ``kill`` still ends it whatever became of it."""

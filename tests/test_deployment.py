@@ -120,17 +120,24 @@ def test_a_server_whose_clients_never_come_stops_with_a_clear_message(tmp_path):
     assert last.startswith("fedtide: error: only 0 of the 1 clients a round needs connected within 3 s")
 
 
-def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round(tmp_path):
+def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round_and_no_sample(tmp_path):
+    """SIGKILL of the server after a client trained on a new file in a round the server had not
+    kept yet: after --resume that round is redone, the client trains on the file again, and
+    every sample of every file reaches exactly one kept round. Client 2's training of that
+    round hangs meanwhile (SIGSTOP), so that the killed round cannot finish first."""
+    import signal
+
     certs = tmp_path / "certs"
     assert main(["certs", "--out", str(certs), "--server-name", "localhost", "--nodes", "2"]) == 0
+    sizes = {1: (100, 77), 2: (100, 66)}  # per client: batch-0, batch-1 (dropped mid-run)
     for i in (1, 2):
-        drop_file(tmp_path / f"data-{i}", "batch-0.npz", *digits_arrays(seed=i, count=100))
+        drop_file(tmp_path / f"data-{i}", "batch-0.npz", *digits_arrays(seed=i, count=sizes[i][0]))
     run, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
     where = ["--certs", str(certs), "--database", str(tmp_path / "superlink.db"), "--address", address]
     sessions = []
     try:
-        # a round waits for both replies: after the resume they come once the clients reconnected
-        # and installed the resumed run (seconds, or more on a busy machine)
+        # a round waits for the replies of both clients (after the resume: until they reconnected
+        # and installed the resumed run, seconds or more on a busy machine)
         server = Session(["server", *where, "--out", str(run), "--num-tasks", "1", "--rounds-per-task", "4",
                           "--local-epochs", "1", "--round-timeout", "120"], tmp_path / "server.log", tmp_path)
         sessions.append(server)
@@ -140,10 +147,19 @@ def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round(tmp
                  "--data", str(tmp_path / f"data-{i}"), "--state", str(tmp_path / f"state-{i}")],
                 tmp_path / f"client-{i}.log", tmp_path,
             ))
-        wait_for(lambda: _completed_rounds(run) >= 2, 240, "2 rounds")
+        client_1, client_2 = sessions[1], sessions[2]
+        wait_for(lambda: "round 3:" in client_1.output(), 300, "client 1 to train round 3")
+        for i in (1, 2):
+            drop_file(tmp_path / f"data-{i}", "batch-1.npz", *digits_arrays(seed=10 + i, count=sizes[i][1]))
+        wait_for(lambda: _completed_rounds(run) >= 3, 240, "round 3")
+        # client 2's training of round 4 hangs; client 1 trains round 4 on its new file
+        wait_for(lambda: client_2.output().count("Start `flwr-clientapp` process") >= 4
+                 and client_2.signal_clientapps(signal.SIGSTOP), 120, "client 2 to train round 4", every=0.05)
+        wait_for(lambda: "round 4: 1 new file(s)" in client_1.output(), 120, "client 1 to train round 4 on its file")
         server.kill_command_only()  # kill -9 of `fedtide server` alone: its SuperLink must not outlive it
         done_before = _completed_rounds(run)
         wait_for(lambda: not server.alive("flower-superlink"), 20, "the orphaned SuperLink to stop")
+        client_2.signal_clientapps(signal.SIGKILL)  # the hung training ends; its SuperNode stays
         resumed = Session(["server", "--resume", str(run), *where], tmp_path / "resumed.log", tmp_path)
         sessions.append(resumed)
         assert resumed.wait(timeout=300) == 0, resumed.output()[-3000:]
@@ -151,12 +167,14 @@ def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round(tmp
         for session in sessions:
             session.kill()
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [1, 2, 3, 4]  # none redone, none lost
-    assert done_before in (2, 3)
-    # both clients came back and trained in every round after the resume
-    assert all(len(line["clients"]) == 2 for line in lines[done_before:])
+    assert [line["round"] for line in lines] == [1, 2, 3, 4]  # none lost, none twice
+    assert done_before == 3
+    assert client_1.output().count("round 4: 1 new file(s)") == 2  # the redone round trained on the file again
+    assert len(lines[-1]["clients"]) == 2  # both trained the redone round
+    # every sample in exactly one kept round, and each file consumed once
+    assert sum(c["new-examples"] for line in lines for c in line["clients"]) == sum(map(sum, sizes.values()))
     for i in (1, 2):
-        assert [e["name"] for e in read_ledger(tmp_path / f"state-{i}")] == ["batch-0.npz"]
+        assert sorted(e["name"] for e in read_ledger(tmp_path / f"state-{i}")) == ["batch-0.npz", "batch-1.npz"]
     assert json.loads((run / "summary.json").read_text())["rounds"] == 4
 
 

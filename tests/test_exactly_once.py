@@ -179,3 +179,27 @@ def test_a_round_whose_model_the_server_did_not_keep_gives_no_receipt():
     strategy.aggregate_train(2, [])
     assert strategy.receipts.last_aggregated == {7: 1}
     assert "receipts" in strategy.state()
+
+
+def test_a_late_message_of_an_older_round_cannot_undo_a_newer_one(tmp_path):
+    store = ClientStateStore(tmp_path)
+    store.save_pending(_state(9), [_entry("b", 4)], 4, RUN)
+    with pytest.raises(FedtideError, match="round 3 is older than this client's last round 4"):
+        store.begin_round(Receipt(RUN, 2), server_round=3)
+    assert (tmp_path / PENDING_FILE).exists()  # untouched
+    tensors, _ = store.begin_round(Receipt(RUN, 2), server_round=4)  # the same round, redone: trained again
+    assert tensors == {}
+
+
+def test_a_node_the_superlink_lost_is_named_in_its_rejection_not_the_superlink():
+    from flwr.app import Error, Metadata
+
+    strategy = build_strategy(min_nodes=1, history=RunHistory())
+    sent = strategy.receipts.stamp([_message(4242)])
+    sent[0].metadata.__dict__["_message_id"] = sent[0].object_id  # what Flower's Grid does when it sends it
+    strategy._sent = sent
+    lost = Message(error=Error(5, "Error: Node Unavailable"), metadata=Metadata(  # the SuperLink (node 1) answers
+        run_id=0, message_id="", src_node_id=1, dst_node_id=0, reply_to_message_id=sent[0].metadata.message_id,
+        group_id="", created_at=0.0, ttl=60.0, message_type="train"))
+    strategy.aggregate_train(1, [lost])
+    assert [(r["node"], r["reason"][:30]) for r in strategy.history.rejects_so_far()] == [(4242, "client failed: Error: Node Una")]
