@@ -145,17 +145,17 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
         receipt=Receipt.from_record(msg.content[RECEIPT_KEY]) if RECEIPT_KEY in msg.content else None,
         new_run=str(context.node_config.get("new-run", "fresh")),
     )
-    _report_edge_round(server_round, outcome.metrics)
+    _report_edge_round(server_round, outcome.metrics, str(context.node_config.get("name", "")))
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})
     return Message(content=content, reply_to=msg)  # the state is on disk, not in context.state
 
 
-def _report_edge_round(server_round: int, metrics: dict) -> None:
-    """One line for the device's log: what this round learned from."""
+def _report_edge_round(server_round: int, metrics: dict, name: str = "") -> None:
+    """One line for the device's log: what this round learned from (``name``: the node's)."""
     quarantined = f", {metrics['quarantined']} file(s) quarantined" if metrics["quarantined"] else ""
     drift = ", drift detected" if metrics["drift-detected"] else ""
     print(
-        f"fedtide client: round {server_round}: {metrics['new-files']} new file(s), {metrics['new-examples']} new "
+        f"fedtide client{' ' + name if name else ''}: round {server_round}: {metrics['new-files']} new file(s), {metrics['new-examples']} new "
         f"samples, trained on {metrics['num-examples']}, prequential accuracy {100 * metrics['prequential-acc']:.1f}%"
         f"{quarantined}{drift}",
         file=sys.stderr, flush=True,

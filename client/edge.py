@@ -106,6 +106,7 @@ def _train_locked(
         store.save(outcome.state, ledger + consumed)
     else:
         store.save_pending(outcome.state, ledger + consumed, server_round, receipt.run_uid)
+        store.note_run_end(receipt, server_round)
     return outcome
 
 

@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 
 from common.errors import FedtideError
 from common.files import save_tensors_atomic
-from common.receipt import Receipt
+from common.receipt import RUN_FINISHED_FILE, Receipt
 
 STATE_FILE = "state.safetensors"
 PENDING_FILE = "pending.safetensors"
@@ -148,6 +148,15 @@ class ClientStateStore:
         """Write round ``server_round``'s outcome; it becomes the state once a receipt says the
         server kept it (``begin_round``)."""
         self._write(self.folder / PENDING_FILE, tensors, ledger, run_uid, {"round": str(int(server_round))})
+
+    def note_run_end(self, receipt: Receipt, server_round: int) -> None:
+        """Leave ``run-finished`` (the run's uid) once the run's last round was trained, for
+        `fedtide client` to end with the run; any other round takes it away."""
+        marker = self.folder / RUN_FINISHED_FILE
+        if receipt.last_round and server_round >= receipt.last_round:
+            marker.write_text(receipt.run_uid + "\n")
+        else:
+            marker.unlink(missing_ok=True)
 
     def _settle_pending(self, receipt: Receipt) -> None:
         pending_path = self.folder / PENDING_FILE

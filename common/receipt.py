@@ -1,5 +1,6 @@
 """The receipt record of a training message, as both sides read it (see ``server.receipts``):
-the run's identity and the last round whose kept global model holds this node's reply."""
+the run's identity, the last round whose kept global model holds this node's reply, and the
+run's last round (0: not said)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ from typing import Any
 from common.errors import FedtideError
 
 RECEIPT_KEY = "receipt"  # the record's name in a training message
-RUN_UID_KEY, AGGREGATED_KEY = "run-uid", "aggregated-round"
+RUN_UID_KEY, AGGREGATED_KEY, LAST_ROUND_KEY = "run-uid", "aggregated-round", "last-round"
 _UID = re.compile(r"^[0-9a-f]{8,64}$")
 MAX_ROUND = 10**9
+RUN_FINISHED_FILE = "run-finished"  # in an edge client's state folder once it trained the run's last round
 
 
 @dataclass(frozen=True)
 class Receipt:
     run_uid: str
     aggregated_round: int
+    last_round: int = 0
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Receipt":
@@ -32,7 +35,11 @@ class Receipt:
         if isinstance(aggregated, bool) or not isinstance(aggregated, int) or not 0 <= aggregated <= MAX_ROUND:
             raise FedtideError(f"the server's receipt holds no valid {AGGREGATED_KEY} ({str(aggregated)[:40]!r}): "
                                "run the server with `fedtide server` of the same version")
-        return cls(uid, aggregated)
+        last = record.get(LAST_ROUND_KEY, 0)
+        if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= MAX_ROUND:
+            raise FedtideError(f"the server's receipt holds no valid {LAST_ROUND_KEY} ({str(last)[:40]!r}): "
+                               "run the server with `fedtide server` of the same version")
+        return cls(uid, aggregated, last)
 
     @property
     def short_uid(self) -> str:

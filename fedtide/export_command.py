@@ -77,7 +77,9 @@ def export_table(rows: Sequence["ArtefactStats"], title: str) -> Any:
     """A rich table: one row per artefact with its size, zero weights and accuracy."""
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption="test accuracy: over every test sample of every task at once; the run's "
+                  "ACC (summary.json) averages the per-task accuracies, each task counting the same, so the two "
+                  "differ when the tasks' test sets differ in size")
     table.add_column("model")
     for column in ("bytes", "KiB", "gzip KiB", "zero weights", "test accuracy"):
         table.add_column(column, justify="right")

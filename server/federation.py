@@ -27,6 +27,7 @@ from common.stream_metrics import client_recovery_rounds, early_accuracy, rounds
 from server.checkpoint import CheckpointStore
 from server.evaluation import TaskEvaluator
 from server.history import RunHistory
+from server.node_names import NodeNames
 from server.progress import RoundProgress, summary_table
 from server.round_loop import run_rounds
 from server.run_folder import RunFolder, default_run_dir
@@ -73,8 +74,9 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     console = console or Console(stderr=True)
     folder.start(config)
     scenario = build_scenario(config.data, config.seed)
-    history = RunHistory(scenario.schedule)
+    history = RunHistory(scenario.schedule, NodeNames(folder.path))
     strategy = run_strategy(config, history, times)
+    strategy.receipts.last_round = config.num_rounds
     evaluator = TaskEvaluator(config, scenario)
     model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
     if config.network.init_from:

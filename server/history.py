@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.schedule import TaskSchedule
+from server.node_names import NodeNames
 
 
 @dataclass
@@ -55,9 +56,11 @@ class RoundRecord:
 class RunHistory:
     """Collects per-round figures; accuracy-matrix row i is read at ``schedule.end_round(i)``."""
 
-    def __init__(self, schedule: TaskSchedule | None = None) -> None:
+    def __init__(self, schedule: TaskSchedule | None = None, names: NodeNames | None = None) -> None:
         """``schedule``: the run's task schedule; a strategy used in your own ServerApp keeps its
-        log without one (one task, rounds numbered as they come)."""
+        log without one (one task, rounds numbered as they come). ``names``: the nodes' human
+        names (``server.node_names``), written beside their ids where known."""
+        self.names = names or NodeNames(None)
         self.schedule = schedule or TaskSchedule.build(num_tasks=1, rounds_per_task=1, clients=1, spread=0, seed=0)
         self.num_tasks = self.schedule.num_tasks
         self.baseline: list[float] = []
@@ -74,10 +77,19 @@ class RunHistory:
     def client_reply(self, node_id: int, metrics: dict[str, Any]) -> None:
         """``metrics``: as the reply schema kept them (``server.reply_metrics``); the node id is
         the server's, never the client's word."""
-        self._pending_clients.append({**metrics, "node": node_id})
+        self._pending_clients.append({**metrics, **self._node(node_id)})
 
     def rejected_reply(self, server_round: int, node_id: int, reason: str) -> None:
-        self._pending_rejects.append({"round": server_round, "node": node_id, "reason": reason})
+        self._pending_rejects.append({"round": server_round, **self._node(node_id), "reason": reason})
+
+    def label(self, node_id: int) -> str:
+        """How a log line names a node: ``node-3 (6435071288605390923)``, or its id alone."""
+        name = self.names.name(node_id)
+        return f"{name} ({node_id})" if name else str(node_id)
+
+    def _node(self, node_id: int) -> dict[str, Any]:
+        name = self.names.name(node_id)
+        return {"node": node_id, "name": name} if name else {"node": node_id}
 
     def node_excluded(self, server_round: int, node_id: int) -> None:
         self._pending_excluded.append(node_id)
@@ -134,7 +146,8 @@ class RunHistory:
     def drift_events(self) -> list[dict[str, Any]]:
         """Each client reply that reported a detected drift: round, node, task, stream position."""
         return [
-            {"round": r.server_round, "node": c["node"], "task": c.get("task-id"), "position": c.get("drift-position")}
+            {"round": r.server_round, "node": c["node"], **({"name": c["name"]} if "name" in c else {}),
+             "task": c.get("task-id"), "position": c.get("drift-position")}
             for r in self.rounds
             for c in r.clients
             if c.get("drift-detected")
@@ -202,6 +215,8 @@ class NodeRejects:
         """Count a round's rejects and exclusions; True when anything changed."""
         for reject in record.rejected:
             entry = self.nodes.setdefault(reject["node"], {"rejects": 0, "last_reasons": [], "excluded_round": None})
+            if "name" in reject:
+                entry["name"] = reject["name"]
             entry["rejects"] += 1
             entry["last_reasons"] = (entry["last_reasons"] + [{"round": reject["round"], "reason": reject["reason"]}])[
                 -self.LAST :

@@ -1,4 +1,5 @@
-"""What a person watches during a run: a progress bar per round, a table at the end."""
+"""What a person watches during a run: a progress bar per round (one plain line per round when
+the output is not a terminal: a log file, a service manager's journal), a table at the end."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ class RoundProgress:
     def __init__(
         self, total_rounds: int, num_tasks: int, quiet: bool, console: Console | None = None, completed: int = 0
     ) -> None:
-        """``completed``: rounds done before this process started (a resumed run)."""
+        """``completed``: rounds done before this process started (a resumed run): they count
+        on the bar but not in its rate."""
         self.quiet = quiet
         self.num_tasks = num_tasks
+        self.total_rounds = total_rounds
         self.console = console or Console(stderr=True)
         self._progress: Progress | None = None
-        if not quiet:
+        self._lines = not quiet and not self.console.is_terminal
+        if not quiet and not self._lines:
             self._progress = Progress(
                 TextColumn("[bold]rounds"),
                 BarColumn(),
@@ -44,6 +48,8 @@ class RoundProgress:
             self._progress.stop()
 
     def round_done(self, record: RoundRecord) -> None:
+        if self._lines:
+            print(round_line(record, self.total_rounds, self.num_tasks), file=self.console.file, flush=True)
         if not self._progress:
             return
         loss = record.train.get("train-loss", float("nan"))
@@ -59,6 +65,32 @@ class RoundProgress:
         speed = self._progress.tasks[0].speed
         if speed:
             self._progress.update(self._task, rate=f"{speed:.2f} rounds/s")
+
+
+SHOWN_NAMES = 8  # nodes named in a round's line; more are counted
+
+
+def round_line(record: RoundRecord, total_rounds: int, num_tasks: int) -> str:
+    """One line for a log: round, who replied and who failed (by name where known), accuracy,
+    loss and time."""
+    acc = record.as_json()["accuracy_seen_tasks"]
+    loss = record.train.get("train-loss")
+    parts = [f"round {record.server_round}/{total_rounds}", f"task {record.task + 1}/{num_tasks}",
+             _who(f"{len(record.clients)} replied", record.clients)]
+    if record.rejected:
+        parts.append(_who(f"{len(record.rejected)} failed", record.rejected))
+    parts += [f"acc {100 * acc:.1f}%", *([f"loss {loss:.3f}"] if loss is not None else []), f"{record.seconds:.1f} s"]
+    if record.aggregation:
+        parts.append("model kept: " + str(record.aggregation.get("skipped", ""))[:80])
+    return " | ".join(parts)
+
+
+def _who(count: str, entries: list[dict[str, Any]]) -> str:
+    names = [str(e["name"]) for e in entries if "name" in e]
+    if not names:
+        return count
+    more = f", +{len(names) - SHOWN_NAMES}" if len(names) > SHOWN_NAMES else ""
+    return f"{count} ({', '.join(names[:SHOWN_NAMES])}{more})"
 
 
 NOT_AVAILABLE = "n/a"  # a figure that needs a metric no client reported (summary["unavailable"] says which)

@@ -11,7 +11,9 @@ record beside the settings:
   (a client's state belongs to one run; a new uid is a new run);
 - ``aggregated-round``: the last round in which this node's reply reached a global model
   that the server kept (0: none yet). It is part of the checkpoint, so after a resume it
-  names only rounds the resumed run still holds.
+  names only rounds the resumed run still holds;
+- ``last-round``: the run's last round (0 when the strategy was not told), so that an edge
+  client knows when the run is over (``fedtide client`` then ends with it).
 
 The client keeps a round's files pending until a receipt covers that round, and trains on
 them again when it does not (``client.state_store``).
@@ -25,7 +27,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from common.receipt import AGGREGATED_KEY, RECEIPT_KEY, RUN_UID_KEY
+from common.receipt import AGGREGATED_KEY, LAST_ROUND_KEY, RECEIPT_KEY, RUN_UID_KEY
 
 
 def new_run_uid() -> str:
@@ -35,8 +37,9 @@ def new_run_uid() -> str:
 class Receipts:
     """The last aggregated round of each node, and the stamp it puts on training messages."""
 
-    def __init__(self, run_uid: str | None = None) -> None:
+    def __init__(self, run_uid: str | None = None, last_round: int = 0) -> None:
         self.run_uid = run_uid or new_run_uid()
+        self.last_round = last_round
         self.last_aggregated: dict[int, int] = {}
 
     def stamp(self, messages: list[Message]) -> list[Message]:
@@ -46,6 +49,7 @@ class Receipts:
             content = RecordDict(dict(message.content))
             content[RECEIPT_KEY] = ConfigRecord({
                 RUN_UID_KEY: self.run_uid, AGGREGATED_KEY: self.last_aggregated.get(node, 0),
+                LAST_ROUND_KEY: self.last_round,
             })
             message.content = content
         return messages

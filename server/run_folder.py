@@ -17,6 +17,7 @@ from common.errors import FedtideError
 from common.files import append_synced, ensure_writable_folder, save_tensors_atomic, write_json_atomic, write_text_atomic
 from server.checkpoint import CHECKPOINT_FOLDER, CheckpointStore
 from server.history import NodeRejects, RoundRecord, RunHistory
+from server.node_names import NODES_FILE
 from server.plots import plot_task_accuracy
 
 NODE_REJECTS_FILE = "node_rejects.json"
@@ -24,7 +25,7 @@ NODE_REJECTS_FILE = "node_rejects.json"
 RESULT_FILES = ("summary.json", "accuracy_matrix.csv", "model.safetensors", "accuracy.svg", "drift_events.jsonl",
                 "rejected_replies.jsonl", NODE_REJECTS_FILE)
 # every file fedtide writes in a run folder but its lock: the server's SuperLink log, a bench's cell record
-RUN_FILES = ("config.json", "metrics.jsonl", *RESULT_FILES, "superlink.log", "cell.json")
+RUN_FILES = ("config.json", "metrics.jsonl", *RESULT_FILES, "superlink.log", "cell.json", NODES_FILE)
 
 
 def default_run_dir(config: RunConfig) -> Path:

@@ -221,7 +221,8 @@ class FedtideStrategy(Strategy):
                 self._reject(server_round, node, outliers[index])
                 continue
             if verdict.dropped:
-                log.warning("round %d: node %d: %s", server_round, node, describe_dropped(verdict.dropped))
+                log.warning("round %d: node %s: %s", server_round, self.history.label(node),
+                            describe_dropped(verdict.dropped))
             reply.content[METRICS_KEY] = MetricRecord(verdict.metrics)
             self.history.client_reply(node, verdict.metrics)
             valid.append(reply)
@@ -280,12 +281,12 @@ class FedtideStrategy(Strategy):
         return ArrayRecord(out)
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:
-        log.warning("round %d: dropped reply from node %d: %s", server_round, node, reason)
+        log.warning("round %d: dropped reply from node %s: %s", server_round, self.history.label(node), reason)
         self.history.rejected_reply(server_round, node, reason)
         count = self.history.reject_count(node)
         if self.exclude_after and count >= self.exclude_after and node not in self.excluded:
-            log.warning("round %d: node %d excluded after %d rejected replies; it is no longer sampled",
-                        server_round, node, count)
+            log.warning("round %d: node %s excluded after %d rejected replies; it is no longer sampled",
+                        server_round, self.history.label(node), count)
             self.history.node_excluded(server_round, node)
 
     def _keep_global(self, server_round: int, reason: str) -> tuple[None, None]:

@@ -5,7 +5,9 @@ The node signs in with its private key (its public key must be registered on the
 trusts the server through the federation's CA certificate, and keeps its continual-learning
 state (replay memory, drift detector, consumed-file ledger, EWC/LwF anchors) in the state
 folder, so a restarted client goes on where it stopped. Flower's log is shown as it comes;
-when the SuperNode exits with an error, fedtide says what the likely cause is.
+when the SuperNode exits with an error, fedtide says what the likely cause is. Once the run
+is over (the ClientApp trained its last round and the server went away), the client ends too,
+unless told to ``--stay`` for the next run.
 
 On an edge device memory is scarce, and this process only watches the SuperNode for as long
 as the client runs: once the flags are checked, the `fedtide` command replaces itself (same
@@ -29,6 +31,7 @@ from typing import Any
 
 from client.feature_range import parse_feature_range
 from common.errors import FedtideError
+from common.receipt import RUN_FINISHED_FILE
 from common.files import ensure_writable_folder
 from fedtide.deployment.cert_files import CA_CERT
 from fedtide.deployment.supernode import rejoin_wait_seconds
@@ -37,10 +40,16 @@ from fedtide.runtimes.flower_processes import (
 )
 
 REFUSED = "Failed to activate SuperNode"  # Flower's words when the SuperLink does not let the node in
+REVOKED = "401 Unauthorized"  # what Flower's SuperNode logs when the SuperLink no longer knows its key
+REVOKED_HINT = ("the server no longer accepts this node's key (revoked with `fedtide nodes revoke`?): a revoked key "
+                "cannot join again; the device needs a new key, made on the server with "
+                "`fedtide certs --out DIR --add-node NAME`")
 # what Flower's log says, and what it means for the user
 HINTS = (
-    (REFUSED, "the server refused this node: is its public key (node-N.pub beside --node-key) "
-     "in the server's --certs folder? Restart the server after adding it"),
+    (REFUSED, "the server refused this node: its public key (NAME.pub beside --node-key) is not registered "
+     "there, or was revoked. On the server, `fedtide nodes list --certs DIR` shows it; add a device with "
+     "`fedtide certs --out DIR --add-node NAME` (a running server registers it within seconds, no restart); "
+     "a revoked key cannot join again: give the device a new name and key"),
     ("CERTIFICATE_VERIFY_FAILED", "the server's certificate does not verify against --certs DIR/ca.crt, or is not "
      "made for the host name in --server: make certificates with `fedtide certs --server-name HOST`"),
     ("Connection refused", "nothing listens at --server: is `fedtide server` running and is the address right?"),
@@ -70,6 +79,13 @@ def add_parser(commands: Any, methods: bool = True) -> None:
     parser.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
                         help="give up when the server cannot be reached or refuses this node for this long "
                         "(default: keep trying)")
+    parser.add_argument("--new-run", choices=("fresh", "keep", "refuse"), default="fresh",
+                        help="when the server starts a new run while --state holds another run's state: fresh "
+                        "(default) moves that state to --state/previous-runs/ and starts clean, every file in "
+                        "--data new to the run; keep carries it into the new run; refuse stops with a message")
+    parser.add_argument("--stay", action="store_true",
+                        help="keep waiting for the next run once the run is over (default: end with the run, "
+                        f"{RUN_END_GRACE:.0f} s after its last round when the server is gone)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         command += _secure_flags(args)
     data = ensure_writable_folder(Path(args.data).expanduser().resolve(), "the data folder", "--data")
     state = ensure_writable_folder(Path(args.state).expanduser().resolve(), "the state folder", "--state")
-    node_config = f'inbox="{data}" state-dir="{state}"'
+    node_config = f'inbox="{data}" state-dir="{state}" new-run="{args.new_run}"'
+    if args.node_key and not args.insecure:
+        node_config += f' name="{_node_name(Path(args.node_key))}"'
     if args.device:
         node_config += f' device="{args.device}"'
     if feature_range is not None:
@@ -93,11 +111,13 @@ def run(args: argparse.Namespace) -> int:
     command += ["--node-config", node_config, "--port", str(free_port())]
     if args.max_wait is not None:
         command += ["--max-wait-time", str(args.max_wait)]
+    (state / RUN_FINISHED_FILE).unlink(missing_ok=True)  # a client started after a run waits for the next one
     record = state / PROCESS_RECORD
     if leftovers := Descendants.stop_leftovers(record):
         print(f"fedtide client: stopped {leftovers} process(es) a killed earlier client left running",
               file=sys.stderr)
-    plan = {"command": command, "home": str(state / "flower-home"), "max_wait": args.max_wait, "record": str(record)}
+    plan = {"command": command, "home": str(state / "flower-home"), "max_wait": args.max_wait, "record": str(record),
+            "state": str(state), "stay": bool(args.stay)}
     if _is_the_fedtide_command():
         _supervise_lean(plan)  # returns only where a fresh interpreter cannot be started
     return _supervise_plan(plan)
@@ -127,7 +147,40 @@ def _supervise_lean(plan: dict[str, Any]) -> None:
 
 def _supervise_plan(plan: dict[str, Any]) -> int:
     record = Path(plan["record"]) if plan["record"] else None
-    return _supervise(plan["command"], flower_env(Path(plan["home"])), plan["max_wait"], record)
+    run_end = None if plan.get("stay") or not plan.get("state") else RunEnd(Path(plan["state"]))
+    return _supervise(plan["command"], flower_env(Path(plan["home"])), plan["max_wait"], record, run_end)
+
+
+def _node_name(key: Path) -> str:
+    """The node's name as its key file says it (``node-3.key``: node-3), for the device's log."""
+    name = key.name.removesuffix(".key")
+    return name if name.replace("-", "").isalnum() and name.isascii() and len(name) <= 64 else "node"
+
+
+RUN_END_GRACE = 60.0  # seconds the server may be gone after the last round before the client ends
+
+
+class RunEnd:
+    """Whether the run is over for this client: its ClientApp trained the run's last round
+    (``run-finished`` in the state folder) and the server has been unreachable for
+    ``RUN_END_GRACE`` seconds since (a server that comes back sooner, resumed, keeps it)."""
+
+    def __init__(self, state: Path, grace: float = RUN_END_GRACE) -> None:
+        self.marker = state / RUN_FINISHED_FILE
+        self.grace = grace
+        self.unreachable_since: float | None = None
+
+    def saw(self, line: str) -> None:
+        """Follow the SuperNode's log: failed connection attempts, and anything that works."""
+        if "Connection attempt failed" in line:
+            if self.unreachable_since is None:
+                self.unreachable_since = time.monotonic()
+        elif "Connection successful" in line or "Received successfully" in line:
+            self.unreachable_since = None
+
+    def over(self) -> bool:
+        return (self.unreachable_since is not None and time.monotonic() - self.unreachable_since >= self.grace
+                and self.marker.is_file())
 
 
 def _secure_flags(args: argparse.Namespace) -> list[str]:
@@ -163,10 +216,12 @@ PROCESS_RECORD = "flower-processes.json"  # in the state folder: what the runnin
 MAX_RETRY_PAUSE = 4.0  # seconds between attempts once the first quick retries failed
 
 
-def _supervise(command: list[str], env: dict[str, str], max_wait: float | None, record: Path | None = None) -> int:
+def _supervise(command: list[str], env: dict[str, str], max_wait: float | None, record: Path | None = None,
+               run_end: RunEnd | None = None) -> int:
     """Run the SuperNode and echo its log; start it again when a signal killed it, and while
     the server refuses it (not up yet, or this node not registered yet) until ``max_wait``
-    passes; stop it on SIGTERM/SIGINT; explain a failure."""
+    passes; stop it on SIGTERM/SIGINT, and once ``run_end`` says the run is over; explain a
+    failure."""
     stopping = threading.Event()
     current: list[subprocess.Popen] = []
 
@@ -180,7 +235,14 @@ def _supervise(command: list[str], env: dict[str, str], max_wait: float | None, 
     pause = 2.0
     try:
         while True:
-            code, log = _run_once(command, env, current, record)
+            code, log = _run_once(command, env, current, record, run_end)
+            if run_end is not None and run_end.over():
+                print(f"fedtide client: the run is over (its last round trained, the server gone for "
+                      f"{run_end.grace:.0f} s): stopping; start the client again for the next run, or give it "
+                      "--stay", file=sys.stderr)
+                return 0
+            if not stopping.is_set() and REVOKED in log:
+                raise FedtideError(REVOKED_HINT)
             if stopping.is_set() or code == 0:
                 return 0
             if code < 0:  # killed by a signal this process did not send: the OOM killer, a kill -9
@@ -210,7 +272,7 @@ def _supervise(command: list[str], env: dict[str, str], max_wait: float | None, 
 
 
 def _run_once(command: list[str], env: dict[str, str], current: list[subprocess.Popen],
-              record: Path | None = None) -> tuple[int, str]:
+              record: Path | None = None, run_end: RunEnd | None = None) -> tuple[int, str]:
     """One SuperNode process until it exits: its exit code and the end of its log. What it
     starts is remembered in ``record`` meanwhile, and stopped after it (a ClientApp runs in
     a session of its own and outlives a killed SuperNode)."""
@@ -222,6 +284,8 @@ def _run_once(command: list[str], env: dict[str, str], current: list[subprocess.
     def watch() -> None:
         while not watching.wait(1.0):
             spawned.remember()
+            if run_end is not None and run_end.over():
+                signal_group(process, signal.SIGTERM)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -232,6 +296,8 @@ def _run_once(command: list[str], env: dict[str, str], current: list[subprocess.
         for line in process.stdout:
             sys.stderr.write(line)
             tail.append(line)
+            if run_end is not None:
+                run_end.saw(line)
 
     reader = threading.Thread(target=echo, daemon=True)
     reader.start()

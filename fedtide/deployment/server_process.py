@@ -35,7 +35,7 @@ from fedtide.runtimes.flower_processes import (
 from fedtide.run_flags import add_config_flags, config_from_args
 
 DEFAULT_ADDRESS = "0.0.0.0:9092"
-STATUS_POLL_SECONDS = 10.0  # each look costs a `flwr ls` process: ~1 s of CPU
+STATUS_POLL_SECONDS = 30.0  # each look costs a `flwr ls` process (~100 MB, ~1 s of CPU); a normal end is seen sooner, by its summary.json
 
 
 def add_parser(commands: Any, methods: bool = True) -> None:
@@ -257,8 +257,9 @@ def follow_run(
     metrics = Path(config.run.out) / "metrics.jsonl"
     summary = Path(config.run.out) / "summary.json"
     started = time.time()
-    shown, next_status, failed_looks = 0, time.monotonic() + STATUS_POLL_SECONDS, 0
-    with RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console) as progress:
+    shown = len(metrics.read_text().splitlines()) if metrics.exists() else 0  # a resumed run's earlier rounds
+    next_status, failed_looks = time.monotonic() + STATUS_POLL_SECONDS, 0
+    with RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console, completed=shown) as progress:
         while True:
             if spawned is not None:
                 spawned.remember()
