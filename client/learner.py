@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.methods import Method
+from client.plain_sgd import PlainSGD
 from common.datasets import LabelledSplit
 from common.sections import LearnerSettings
 
@@ -38,11 +39,13 @@ class LocalTraining:
                    learner.batch_size, learner.optimizer)
 
 
-def make_optimizer(training: LocalTraining, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(training: LocalTraining, model: nn.Module) -> PlainSGD | torch.optim.Optimizer:
+    """SGD is fedtide's own ``PlainSGD`` (the same numbers as ``torch.optim.SGD``, without
+    importing torch's compiler stack into every edge round); Adam is torch's."""
     params = [p for p in model.parameters() if p.requires_grad]
     if training.optimizer == "adam":
         return torch.optim.Adam(params, lr=training.lr)
-    return torch.optim.SGD(params, lr=training.lr)
+    return PlainSGD(params, lr=training.lr)
 
 
 def train_local(
