@@ -93,6 +93,10 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
     # missed client 2's heartbeats (seconds) or at the latest at its timeout
     assert [c["num-examples"] for c in lines[1]["clients"]] == [SAMPLES[0]]
     assert lines[1]["seconds"] <= ROUND_TIMEOUT + 25
+    # every record names its node (node-1, node-2: the key files) beside Flower's id
+    assert {c["name"] for line in lines for c in line["clients"]} == {"node-1", "node-2"}
+    assert [r.get("name") for r in lines[1]["rejected"]] in ([], ["node-2"])  # lost (named) or timed out
+    assert "round 2/5 | task 1/1 | 1 replied (node-1)" in server.output()  # one line per round in a log file
 
     ledger_2 = read_ledger(state[1])
     assert [(e["name"], e["round"]) for e in ledger_2] == [("batch-0.npz", 1)]  # not consumed again after the restart
