@@ -127,8 +127,10 @@ def test_a_server_whose_clients_never_come_stops_with_a_clear_message(tmp_path):
 def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round_and_no_sample(tmp_path):
     """SIGKILL of the server after a client trained on a new file in a round the server had not
     kept yet: after --resume that round is redone, the client trains on the file again, and
-    every sample of every file reaches exactly one kept round. Client 2's training of that
-    round hangs meanwhile (SIGSTOP), so that the killed round cannot finish first."""
+    every sample of every file a client consumed reaches exactly one kept round. Client 2's
+    training of that round hangs meanwhile (SIGSTOP, then SIGKILL), so that the killed round
+    cannot finish first; Flower's SuperNode takes its ClientApp for dead only when the task's
+    heartbeats expire (a minute or more), so client 2 may miss the redone round."""
     import signal
 
     certs = tmp_path / "certs"
@@ -143,7 +145,7 @@ def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round_and
         # a round waits for the replies of both clients (after the resume: until they reconnected
         # and installed the resumed run, seconds or more on a busy machine)
         server = Session(["server", *where, "--out", str(run), "--num-tasks", "1", "--rounds-per-task", "4",
-                          "--local-epochs", "1", "--round-timeout", "120"], tmp_path / "server.log", tmp_path)
+                          "--local-epochs", "1", "--round-timeout", "90"], tmp_path / "server.log", tmp_path)
         sessions.append(server)
         for i in (1, 2):
             sessions.append(Session(
@@ -174,11 +176,14 @@ def test_a_server_killed_mid_run_resumes_with_its_clients_and_loses_no_round_and
     assert [line["round"] for line in lines] == [1, 2, 3, 4]  # none lost, none twice
     assert done_before == 3
     assert client_1.output().count("round 4: 1 new file(s)") == 2  # the redone round trained on the file again
-    assert len(lines[-1]["clients"]) == 2  # both trained the redone round
-    # every sample in exactly one kept round, and each file consumed once
-    assert sum(c["new-examples"] for line in lines for c in line["clients"]) == sum(map(sum, sizes.values()))
+    assert "node-1" in [c["name"] for c in lines[-1]["clients"]]  # its redone round was kept
+    # every sample a client consumed in exactly one kept round, and each file consumed once
     for i in (1, 2):
-        assert sorted(e["name"] for e in read_ledger(tmp_path / f"state-{i}")) == ["batch-0.npz", "batch-1.npz"]
+        ledger = read_ledger(tmp_path / f"state-{i}")
+        kept = sum(c["new-examples"] for line in lines for c in line["clients"] if c["name"] == f"node-{i}")
+        assert kept == sum(e["samples"] for e in ledger), (i, ledger)
+        assert len({e["name"] for e in ledger}) == len(ledger)
+    assert sorted(e["name"] for e in read_ledger(tmp_path / "state-1")) == ["batch-0.npz", "batch-1.npz"]
     assert json.loads((run / "summary.json").read_text())["rounds"] == 4
 
 
