@@ -47,7 +47,7 @@ CLIENTS = (1, 2)
 NUM_TASKS = 5
 # where each kill lands: the earliest round, as a fraction of the run, and which process it hits
 PLAN = (("server", 0.15), ("supernode", 0.3), ("superlink", 0.45), ("client", 0.6), ("clientapp", 0.75), ("serverapp", 0.85))
-PROCESS_NAMES = {"superlink": "flower-superlink", "serverapp": "flwr-serverapp", "supernode": "fedtide.deployment.supernode",
+PROCESS_NAMES = {"superlink": "flower-superlink", "serverapp": "flwr-serverapp", "supernode": "-m fedtide.deployment.supernode",
                  "clientapp": "flwr-clientapp"}
 
 

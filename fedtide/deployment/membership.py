@@ -31,9 +31,9 @@ from common.errors import FedtideError
 from common.files import write_json_atomic
 from fedtide.deployment.cert_files import CertificateSet, NodeKey, is_node_name, read_regular_file
 from fedtide.runtimes.flower_processes import flwr_cli
+from server.node_names import NODES_FILE as RUN_NODES  # in the run folder: node id -> name (the ServerApp reads it)
 
 REGISTRY_SUFFIX = ".nodes.json"  # beside the database: name -> node id and key fingerprint
-RUN_NODES = "nodes.json"  # in the run folder: node id -> name
 SERVER_NOTE = ".fedtide-server.json"  # in the certificate folder: the database its server last used
 MAX_JSON_BYTES = 1 << 20
 MAX_NODES = 10_000
