@@ -354,7 +354,8 @@ def reasons(reference: dict, chaos: dict, kills: list[Kill]) -> list[str]:
     redone = [k.fired_in for k in kills if k.what in ("server", "superlink", "serverapp")]
     if redone:
         said.append(f"rounds {redone} were killed on the server and redone after --resume: the redone round "
-                    "samples and trains again, from the clients' state after the killed attempt")
+                    "samples and trains again, from the clients' state before the killed attempt (its pending outcome is "
+                    "dropped, its files trained on again)")
     if chaos["rounds_short_of_a_reply"] > reference["rounds_short_of_a_reply"]:
         said.append(f"{chaos['rounds_short_of_a_reply']} round(s) aggregated one client's reply only: a client was "
                     "killed or not yet let back in (a restarted node waits for its old session to expire)")
