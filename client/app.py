@@ -155,8 +155,8 @@ def _report_edge_round(server_round: int, metrics: dict, name: str = "") -> None
     quarantined = f", {metrics['quarantined']} file(s) quarantined" if metrics["quarantined"] else ""
     drift = ", drift detected" if metrics["drift-detected"] else ""
     print(
-        f"fedtide client{' ' + name if name else ''}: round {server_round}: {metrics['new-files']} new file(s), {metrics['new-examples']} new "
-        f"samples, trained on {metrics['num-examples']}, prequential accuracy {100 * metrics['prequential-acc']:.1f}%"
+        f"fedtide client{' ' + name if name else ''}: round {server_round}: {metrics['new-files']} new file(s), "
+        f"{metrics['new-examples']} new samples, trained on {metrics['num-examples']}, prequential accuracy {100 * metrics['prequential-acc']:.1f}%"
         f"{quarantined}{drift}",
         file=sys.stderr, flush=True,
     )

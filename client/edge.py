@@ -36,11 +36,11 @@ from client.rounds import (
     train_and_react,
 )
 from client.state_store import ClientStateStore
-from common.receipt import Receipt
 from common.config import ClientSettings
 from common.datasets import LabelledSplit
 from common.devices import resolve_device
 from common.errors import FedtideError
+from common.receipt import Receipt
 from common.seeding import derive_seed
 from common.weights import freeze
 
@@ -69,8 +69,9 @@ def train_on_arrivals(
     (one atomic write) before returning: with the server's ``receipt``, as the pending round
     whose files count as consumed once a later receipt says the server kept its reply
     (``client.state_store``; ``new_run``: what a state of another run becomes). One round at
-    a time holds the state folder. Besides ``client.rounds``' metrics the outcome reports ``new-files``, ``new-examples`` and ``quarantined`` (this round's counts; float
-    values outside ``feature_range`` make a file bad, see ``client.inbox``);
+    a time holds the state folder. Besides ``client.rounds``' metrics the outcome reports
+    ``new-files``, ``new-examples`` and ``quarantined`` (this round's counts; float values
+    outside ``feature_range`` make a file bad, see ``client.inbox``);
     ``task-id`` counts the task boundaries (drifts) so far. Raises FedtideError when there is
     no data at all yet, or when ``weights`` do not fit the config's model.
     """

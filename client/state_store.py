@@ -37,6 +37,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,19 +45,32 @@ from safetensors import SafetensorError, safe_open
 
 from common.errors import FedtideError
 from common.files import save_tensors_atomic
-from common.receipt import RUN_FINISHED_FILE, Receipt
+from common.receipt import NEW_RUN_CHOICES, RUN_FINISHED_FILE, Receipt
 
 STATE_FILE = "state.safetensors"
 PENDING_FILE = "pending.safetensors"
 LOCK_FILE = "round.lock"
 PREVIOUS_RUNS = "previous-runs"
 KEEP_PREVIOUS = 3  # states of earlier runs kept in previous-runs/ (the oldest go)
-NEW_RUN_CHOICES = ("fresh", "keep", "refuse")
 PRIVATE = 0o600
 FORMAT = "fedtide-client-state/1"
 LEDGER_FIELDS = {"name": str, "size": int, "sha256": str}
 
 log = logging.getLogger("fedtide.client")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A round's outcome waiting for the server's receipt (``pending.safetensors``)."""
+
+    server_round: int
+    run_uid: str
+    tensors: dict[str, torch.Tensor]
+    ledger: list[dict]
+
+    @property
+    def new_files(self) -> int:
+        return sum(1 for entry in self.ledger if entry.get("round") == self.server_round)
 
 
 class ClientStateStore:
@@ -82,13 +96,8 @@ class ClientStateStore:
 
     def latest(self) -> dict[str, torch.Tensor]:
         """The newest state: the pending round's when there is one, else the saved one."""
-        pending_path = self.folder / PENDING_FILE
-        if self._pending() is not None:
-            try:
-                return _read(pending_path)[0]
-            except (OSError, SafetensorError, ValueError, KeyError, TypeError, RuntimeError):
-                pass  # deleted or replaced meanwhile: the saved state is the newest
-        return self.load()[0]
+        pending = self._pending()
+        return pending.tensors if pending is not None else self.load()[0]
 
     def consumed(self) -> list[dict]:
         """Every file consumed so far: the ledger, then those of the round still pending
@@ -98,7 +107,7 @@ class ClientStateStore:
         if pending is None:
             return ledger
         known = {(e["name"], e["sha256"]) for e in ledger}
-        return ledger + [{**e, "pending": True} for e in pending[1] if (e["name"], e["sha256"]) not in known]
+        return ledger + [{**e, "pending": True} for e in pending.ledger if (e["name"], e["sha256"]) not in known]
 
     @contextlib.contextmanager
     def round_lock(self) -> Iterator[None]:
@@ -120,12 +129,14 @@ class ClientStateStore:
         if new_run not in NEW_RUN_CHOICES:
             raise FedtideError(f"new-run {new_run!r} is not one of {', '.join(NEW_RUN_CHOICES)}")
         pending = self._pending()
-        if pending is not None and server_round is not None and pending[0][1] == receipt.run_uid \
-                and pending[0][0] > server_round:
+        if pending is not None and server_round is not None and pending.run_uid == receipt.run_uid \
+                and pending.server_round > server_round:
             raise FedtideError(
-                f"round {server_round} is older than this client's last round {pending[0][0]}: a late message, ignored"
+                f"round {server_round} is older than this client's last round {pending.server_round}: "
+                "a late message, ignored"
             )
-        self._settle_pending(receipt)
+        if pending is not None:
+            self._settle(pending, receipt)
         tensors, ledger, run_uid = self._load()
         if not run_uid or run_uid == receipt.run_uid or not (tensors or ledger):
             return tensors, ledger
@@ -158,32 +169,29 @@ class ClientStateStore:
         else:
             marker.unlink(missing_ok=True)
 
-    def _settle_pending(self, receipt: Receipt) -> None:
+    def _settle(self, pending: Pending, receipt: Receipt) -> None:
+        """Commit ``pending`` when the receipt covers its round, else drop it."""
         pending_path = self.folder / PENDING_FILE
-        pending = self._pending()
-        if pending is None:
-            return
-        (server_round, run_uid), ledger = pending[0], pending[1]
-        _, committed, _ = self._load()
-        files = len(ledger) - len(committed)
-        if run_uid == receipt.run_uid and server_round <= receipt.aggregated_round:
+        if pending.run_uid == receipt.run_uid and pending.server_round <= receipt.aggregated_round:
             os.replace(pending_path, self.path)
-            log.info("round %d reached the global model: its %d new file(s) are consumed", server_round, files)
+            log.info("round %d reached the global model: its %d new file(s) are consumed",
+                     pending.server_round, pending.new_files)
             return
         pending_path.unlink(missing_ok=True)
-        if run_uid == receipt.run_uid:
+        if pending.run_uid == receipt.run_uid:
             log.warning("round %d's reply did not reach the global model (dropped, or the round is redone after a "
-                        "server restart): its %d new file(s) are trained on again", server_round, files)
+                        "server restart): its %d new file(s) are trained on again", pending.server_round,
+                        pending.new_files)
 
-    def _pending(self) -> tuple[tuple[int, str], list[dict]] | None:
-        """``((round, run uid), ledger)`` of the pending round; None when there is none. A
-        damaged pending file is deleted (its round is redone: nothing is lost)."""
+    def _pending(self) -> Pending | None:
+        """The pending round; None when there is none. A damaged pending file is deleted (its
+        round is redone: nothing is lost)."""
         pending_path = self.folder / PENDING_FILE
         if not pending_path.exists():
             return None
         try:
-            _, ledger, metadata = _read(pending_path)
-            return (int(metadata["round"]), metadata.get("run-uid", "")), ledger
+            tensors, ledger, metadata = _read(pending_path)
+            return Pending(int(metadata["round"]), metadata.get("run-uid", ""), tensors, ledger)
         except (OSError, SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as err:
             log.warning("the pending round's file %s was damaged (%s): deleted; its files are trained on again",
                         pending_path, err)

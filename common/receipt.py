@@ -15,6 +15,7 @@ RECEIPT_KEY = "receipt"  # the record's name in a training message
 RUN_UID_KEY, AGGREGATED_KEY, LAST_ROUND_KEY = "run-uid", "aggregated-round", "last-round"
 _UID = re.compile(r"^[0-9a-f]{8,64}$")
 MAX_ROUND = 10**9
+NEW_RUN_CHOICES = ("fresh", "keep", "refuse")  # what an edge client's state of another run becomes
 RUN_FINISHED_FILE = "run-finished"  # in an edge client's state folder once it trained the run's last round
 
 

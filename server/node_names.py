@@ -31,10 +31,6 @@ class NodeNames:
         self._refresh()
         return self._names.get(int(node_id))
 
-    def label(self, node_id: int) -> str:
-        """``node-3`` when the node has a name, else its id."""
-        return self.name(node_id) or str(node_id)
-
     def _refresh(self) -> None:
         if self.path is None:
             return

@@ -31,9 +31,9 @@ from typing import Any
 
 from client.feature_range import parse_feature_range
 from common.errors import FedtideError
-from common.receipt import RUN_FINISHED_FILE
+from common.receipt import NEW_RUN_CHOICES, RUN_FINISHED_FILE
 from common.files import ensure_writable_folder
-from fedtide.deployment.cert_files import CA_CERT
+from fedtide.deployment.cert_files import CA_CERT, is_node_name
 from fedtide.deployment.supernode import rejoin_wait_seconds
 from fedtide.runtimes.flower_processes import (
     Descendants, flower_env, flower_executable, free_port, parse_address, signal_group, start_group_leader, stop_group,
@@ -79,7 +79,7 @@ def add_parser(commands: Any, methods: bool = True) -> None:
     parser.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
                         help="give up when the server cannot be reached or refuses this node for this long "
                         "(default: keep trying)")
-    parser.add_argument("--new-run", choices=("fresh", "keep", "refuse"), default="fresh",
+    parser.add_argument("--new-run", choices=NEW_RUN_CHOICES, default="fresh",
                         help="when the server starts a new run while --state holds another run's state: fresh "
                         "(default) moves that state to --state/previous-runs/ and starts clean, every file in "
                         "--data new to the run; keep carries it into the new run; refuse stops with a message")
@@ -154,7 +154,7 @@ def _supervise_plan(plan: dict[str, Any]) -> int:
 def _node_name(key: Path) -> str:
     """The node's name as its key file says it (``node-3.key``: node-3), for the device's log."""
     name = key.name.removesuffix(".key")
-    return name if name.replace("-", "").isalnum() and name.isascii() and len(name) <= 64 else "node"
+    return name if is_node_name(name) else "node"
 
 
 RUN_END_GRACE = 60.0  # seconds the server may be gone after the last round before the client ends
