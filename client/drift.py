@@ -16,7 +16,12 @@ import torch
 
 MAX_REPLAYED_ERRORS = 4000
 # River's module and class of each detector
-DETECTORS = {"adwin": ("adwin", "ADWIN"), "page-hinkley": ("page_hinkley", "PageHinkley"), "ddm": ("binary.ddm", "DDM")}
+DETECTORS = {
+    "adwin": ("adwin", "ADWIN"), "page-hinkley": ("page_hinkley", "PageHinkley"), "ddm": ("binary.ddm", "DDM"),
+    "eddm": ("binary.eddm", "EDDM"), "hddm-a": ("binary.hddm_a", "HDDMA"), "hddm-w": ("binary.hddm_w", "HDDMW"),
+}
+# not River's KSWIN: it runs a SciPy Kolmogorov-Smirnov test per sample (minutes per client
+# stream here) and imports SciPy into every training process
 
 
 def _make(name: str, delta: float):

@@ -19,7 +19,12 @@ global weights the client received and ``w`` what honest training gave:
 - ``replace``: model replacement (Bagdasaryan et al., 2020): trains on flipped labels, then
   sends ``g + s * (w - g)``, boosted so that a plain mean would take it over;
 - ``backdoor``: trains with a corner trigger (``add_trigger``) on half of its samples, all
-  relabelled ``BACKDOOR_TARGET``, then boosts like ``replace``.
+  relabelled ``BACKDOOR_TARGET``, then boosts like ``replace``;
+- ``drift-liar``: trains honestly but reports drift in every reply, to be weighed up by the
+  drift reactions;
+- ``drift-faker``: a ``drift-liar`` that also fakes the evidence the server checks
+  (``server.drift_credit``): its ``pre-acc`` is 1 in odd rounds and 0 in even ones, a fall
+  every second round.
 
 ``--attack-claim N`` makes the attacking clients claim ``N`` samples, whatever the attack.
 """
@@ -45,6 +50,7 @@ NOISE_STREAM = 0xA77AC  # keeps the attack's noise apart from the training's ran
 BEFORE_TRAINING = ("label-flip",)  # the attacks that change only the data
 POISONED = ("label-flip", "replace", "backdoor")  # the attacks that train on poisoned data
 BOOSTED = ("replace", "backdoor")  # the attacks that scale the update they send
+DRIFT_LIES = ("drift-liar", "drift-faker")  # the attacks that change only the reply's drift metrics
 BACKDOOR_TARGET = 0
 
 
@@ -79,6 +85,10 @@ class FaultInjection:
         kind, scale = faults.attack, faults.attack_scale
         if kind in BEFORE_TRAINING:
             pass
+        elif kind in DRIFT_LIES:
+            metrics.update({"drift-detected": 1, "drift-position": 0})
+            if kind == "drift-faker":
+                metrics["pre-acc"] = float(server_round % 2)
         elif kind == "lie-num-examples":
             metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * scale))
         elif kind == "wrong-shape":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from client.drift import DriftMonitor
+from client.drift_signals import ROUND_LEVEL, RoundEvidence, gather_evidence, round_drift
 from client.learner import LocalTraining, TrainStats, train_local
 from client.lr_schedule import PLATEAU_KEY, round_lr, update_plateau
 from common.evaluation import accuracy
@@ -147,23 +148,34 @@ def train_round(
 
 @dataclass
 class DriftCheck:
-    """Where in this round's stream the client's detector saw the error rate rise, and the
-    detector's state after the round (``DRIFT_PREFIX`` keys)."""
+    """Where in this round's stream the client's detector saw the error rate rise, the
+    detector's state after the round (``DRIFT_PREFIX`` keys), and the received model's
+    evidence on the round's new data (None when no detector runs or nothing new came)."""
 
     positions: list[int]
     state: dict[str, torch.Tensor]
+    evidence: RoundEvidence | None = None
 
 
-def check_drift(drift: DriftSettings, state: dict[str, torch.Tensor], errors: torch.Tensor) -> DriftCheck:
-    """Feed this round's prequential errors to the detector restored from ``state``."""
+def check_drift(
+    drift: DriftSettings, state: dict[str, torch.Tensor], errors: torch.Tensor, evidence: RoundEvidence | None = None
+) -> DriftCheck:
+    """Feed this round's prequential errors (a River detector) or its evidence (a round-level
+    test) to the detector restored from ``state``."""
     if drift.drift_detector == "none":
         return DriftCheck([], {})
-    monitor = DriftMonitor(drift.drift_detector, drift.drift_delta)
     saved = {k[len(DRIFT_PREFIX):]: v for k, v in state.items() if k.startswith(DRIFT_PREFIX)}
-    if saved:
+    if drift.drift_detector in ROUND_LEVEL:
+        if evidence is None:  # nothing new: the comparison waits for the next new data
+            return DriftCheck([], {DRIFT_PREFIX + k: v for k, v in saved.items()})
+        before = RoundEvidence.from_state(saved, evidence.input_mean.numel())
+        found = round_drift(drift.drift_detector, before, evidence, drift.drift_margin)
+        return DriftCheck([0] if found else [], {DRIFT_PREFIX + k: v for k, v in evidence.as_state().items()}, evidence)
+    monitor = DriftMonitor(drift.drift_detector, drift.drift_delta)
+    if "errors" in saved:
         monitor.load_state(saved)
     positions = monitor.update(errors)
-    return DriftCheck(positions, {DRIFT_PREFIX + k: v for k, v in monitor.state().items()})
+    return DriftCheck(positions, {DRIFT_PREFIX + k: v for k, v in monitor.state().items()}, evidence)
 
 
 def train_and_react(
@@ -182,12 +194,13 @@ def train_and_react(
     more of the new concept (a reaction in the next round comes a round late). The extra
     epochs start a fresh optimizer (Adam's moments too).
     ``stream`` is False when the data is not the stream (an edge client retraining on its
-    memory): then its errors must not move the detector."""
+    memory): then neither its errors nor its evidence may move the detector."""
+    evidence = gather_evidence(model, plan.data, device) if stream and config.drift.drift_detector != "none" else None
     stats = train_local(model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr), plan.generator, device,
                         observe=observe)
     if not stream:
         stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
-    drift = check_drift(config.drift, state, stats.errors)
+    drift = check_drift(config.drift, state, stats.errors, evidence)
     if drift.positions and config.drift.react_extra_epochs > 0:
         extra = train_local(
             model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr, epochs=config.drift.react_extra_epochs),
@@ -224,6 +237,7 @@ def finish_round(
             "local-epochs": stats.epochs,
             "drift-detected": int(bool(drift_at)),
             "drift-position": drift_at[0] if drift_at else -1,
+            **({"pre-acc": drift.evidence.accuracy} if drift.evidence is not None else {}),
         },
         state=new_state,
     )

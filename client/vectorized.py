@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from client.learner import TrainStats
+from client.drift_signals import gather_evidence_many
 from client.rounds import RoundPlan, TrainOutcome, check_drift, finish_round, plan_round
 from common.config import ClientSettings
 from common.devices import resolve_device
@@ -55,12 +56,17 @@ def train_rounds_together(
     if not isinstance(model, MLP) or set(weights) != {n for n, _ in model.named_parameters()}:
         return None
     layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    evidence: list = [None] * len(plans)
+    if config.drift.drift_detector != "none":  # the received model on each client's new data, before training
+        model.load_state_dict(weights)
+        model.to(device)
+        evidence = gather_evidence_many(model, [plan.data for plan in plans], device)
     params = {n: _stack(weights[n], len(jobs), n.endswith(".weight"), device) for n in weights}
     stats = _train(layers, params, plans, config, device)
     outcomes = []
     for k, ((_, _, state), plan) in enumerate(zip(jobs, plans)):
         client_weights = {n: _unstack(n, p[k]) for n, p in params.items()}
-        drift = check_drift(config.drift, state, stats[k].errors)
+        drift = check_drift(config.drift, state, stats[k].errors, evidence[k])
         outcomes.append(finish_round(config, plan, stats[k], state, client_weights, {}, drift))
     return outcomes
 

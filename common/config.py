@@ -29,7 +29,8 @@ INPUT_SHAPE_KEY, NUM_CLASSES_KEY, SETTINGS_HASH_KEY = "input-shape", "num-classe
 EPOCH_BOOST_KEY = "epoch-boost"
 
 # settings in the sections a client is sent that only the server reads: they are not sent
-SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epoch-boost", "drift-weight"})
+SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epoch-boost", "drift-weight",
+                         "drift-evidence", "drift-follow-rounds"})
 
 # RunConfig attribute -> section class
 SECTIONS: dict[str, type[Section]] = {

@@ -21,10 +21,13 @@ DATASETS = ("digits", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
 TRAINING_MODES = ("federated", "local-only", "joint")
 LR_SCHEDULES = ("constant", "restart", "plateau")
-DRIFT_DETECTORS = ("adwin", "page-hinkley", "ddm", "none")
+# River's, on the prequential error stream; fedtide's round-level tests (client.drift_signals)
+RIVER_DETECTORS = ("adwin", "page-hinkley", "ddm", "eddm", "hddm-a", "hddm-w")
+ROUND_DETECTORS = ("accuracy-or-inputs", "accuracy-drop", "confidence-drop", "input-shift")
+DRIFT_DETECTORS = (*RIVER_DETECTORS, *ROUND_DETECTORS, "none")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
 ATTACKS = ("none", "sign-flip", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip",
-           "replace", "backdoor")
+           "replace", "backdoor", "drift-liar", "drift-faker")
 
 
 @dataclass(frozen=True)
@@ -105,10 +108,21 @@ class LearnerSettings(Section):
 class DriftSettings(Section):
     """Each client's drift detector, and how clients and server react to a detection."""
 
-    drift_detector: str = setting("adwin", "River detector on each client's prequential error stream: adwin, "
-                                  "page-hinkley, ddm, none", choices=DRIFT_DETECTORS)
+    drift_detector: str = setting("accuracy-or-inputs", "each client's drift detector: a River detector on its prequential "
+                                  f"error stream ({', '.join(RIVER_DETECTORS)}), a test of the received model on each "
+                                  "round's new data against the round before (accuracy-or-inputs, accuracy-drop; without "
+                                  "labels: confidence-drop, input-shift), or none", choices=DRIFT_DETECTORS)
     drift_delta: float = setting(0.01, "ADWIN's confidence delta: larger reacts faster and raises more false alarms",
                                  minimum=0, above=True, maximum=1, below=True)
+    drift_margin: float = setting(0.2, "accuracy-drop, accuracy-or-inputs and confidence-drop: the smallest fall since the last round "
+                                  "that counts as drift", minimum=0, above=True, maximum=1)
+    drift_evidence: float = setting(0.1, "server: a drift report earns a reaction only when the reply's pre-training "
+                                    "accuracy fell by this much since the node's last reply (and the node has no more "
+                                    "credited reports than the median node); 0: take the client's word",
+                                    minimum=0, maximum=1)
+    drift_follow_rounds: int = setting(3, "server: a credited drift keeps its reactions for up to this many more "
+                                       "rounds while the node's pre-training accuracy stays below its level before "
+                                       "the fall", minimum=0, maximum=100)
     react_server: bool = setting(False, "server reaction: after a round where --drift-quorum of clients report "
                                  "drift, sample every client and multiply local epochs by --drift-epoch-boost")
     drift_quorum: float = setting(0.3, "share of replies reporting drift that triggers the server reaction",

@@ -46,14 +46,35 @@ def client_recovery_rounds(timelines: dict[int, list[tuple]], fraction: float = 
     return sum(counts) / len(counts) if counts else None
 
 
-def score_detections(timelines: dict[int, list[tuple]], tolerance: int = 1) -> dict[str, float | int]:
-    """Match each client's drift reports to its task switches.
+def score_detections(timelines: dict[int, list[tuple]], tolerance: int = 1) -> dict[str, float | int | None]:
+    """Match each client's drift reports to its task switches, as a detection problem.
 
     A switch is the first reply in which a client's task id is larger than in its
     previous reply. It counts as detected when the client reports drift in that reply or
     within ``tolerance`` later replies; the delay is counted in replies (0 = same round).
-    Every report that matches no switch is a false alarm.
+    Every report that matches no switch is a false alarm. Also: the share of switches found
+    within ``tolerance + 1`` replies (a report one reply later still matches then), false
+    alarms per 100 client replies, and precision (the share of reports that match a switch;
+    None without reports).
     """
+    strict, loose = _match(timelines, tolerance), _match(timelines, tolerance + 1)
+    replies = sum(len(timeline) for timeline in timelines.values())
+    reports = sum(1 for timeline in timelines.values() for entry in timeline if entry[2])
+    switches = strict["switches"]
+    return {
+        "switches": switches,
+        "detected": strict["detected"],
+        "detection_rate": strict["detected"] / switches if switches else 0.0,
+        f"detection_rate_within_{tolerance + 1}": loose["detected"] / switches if switches else 0.0,
+        "mean_delay_rounds": sum(strict["delays"]) / len(strict["delays"]) if strict["delays"] else 0.0,
+        "false_alarms": strict["false_alarms"],
+        "false_alarms_per_100": 100 * strict["false_alarms"] / replies if replies else 0.0,
+        "precision": (reports - strict["false_alarms"]) / reports if reports else None,
+        "client_rounds": replies,
+    }
+
+
+def _match(timelines: dict[int, list[tuple]], tolerance: int) -> dict:
     switches = detected = false_alarms = 0
     delays: list[int] = []
     for timeline in timelines.values():
@@ -70,10 +91,4 @@ def score_detections(timelines: dict[int, list[tuple]], tolerance: int = 1) -> d
                     delays.append(delay)
                     break
         false_alarms += sum(1 for j, entry in enumerate(timeline) if entry[2] and j not in matched)
-    return {
-        "switches": switches,
-        "detected": detected,
-        "detection_rate": detected / switches if switches else 0.0,
-        "mean_delay_rounds": sum(delays) / len(delays) if delays else 0.0,
-        "false_alarms": false_alarms,
-    }
+    return {"switches": switches, "detected": detected, "delays": delays, "false_alarms": false_alarms}

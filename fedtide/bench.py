@@ -37,7 +37,10 @@ COLUMNS: list[tuple[str, Callable[[dict], float | None], float, str]] = [
     ("client rounds to recover", lambda s: s.get("client_rounds_to_recover"), 1, "{:.2f}"),
     ("drift detected %", lambda s: s["drift_detection"]["detection_rate"] if s["drift_detection"]["switches"] else None, 100, "{:.0f}"),
     ("detection delay (rounds)", lambda s: s["drift_detection"]["mean_delay_rounds"] if s["drift_detection"]["detected"] else None, 1, "{:.2f}"),
+    ("drift detected within 2 rounds %", lambda s: s["drift_detection"].get("detection_rate_within_2") if s["drift_detection"]["switches"] else None, 100, "{:.0f}"),
     ("false alarms", lambda s: s["drift_detection"]["false_alarms"], 1, "{:.1f}"),
+    ("false alarms /100 client-rounds", lambda s: s["drift_detection"].get("false_alarms_per_100"), 1, "{:.2f}"),
+    ("detection precision %", lambda s: s["drift_detection"].get("precision"), 100, "{:.0f}"),
     ("KB/client/round", lambda s: s["bytes_per_client_round"], 1 / 1024, "{:.0f}"),
     ("wall s", lambda s: s["wall_seconds"], 1, "{:.1f}"),
 ]

@@ -98,6 +98,16 @@ class RunHistory:
         """This round aggregated nothing: the global model stays, for ``reason``."""
         self._pending_aggregation = {"rule": rule, "skipped": reason}
 
+    def aggregation_weights(self, weights: list[float]) -> None:
+        """The weights the round's accepted replies entered aggregation with (after the
+        influence bound's cap and the drift reactions), in the order of ``client_reply``:
+        each reply's record gets its share as ``weight-share``."""
+        total = sum(weights)
+        if len(weights) != len(self._pending_clients) or not total > 0:
+            return
+        for client, weight in zip(self._pending_clients, weights):
+            client["weight-share"] = weight / total
+
     def influence_capped(self, weights: int, updates: int) -> None:
         """The influence bound cut ``weights`` claimed weights and ``updates`` updates."""
         self._pending_capped = {"weights": weights, "updates": updates}

@@ -113,9 +113,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
         "drift detection",
         NOT_AVAILABLE if detection is None else (
             f"{detection['detected']}/{detection['switches']} switches within 1 round, "
-            f"{detection['false_alarms']} false alarms"
+            f"{detection['false_alarms']} false alarms ({detection['false_alarms_per_100']:.1f} per 100 client-rounds)"
         ),
     )
+    if summary.get("drift_reports_denied"):
+        table.add_row("drift reports not acted on (no evidence)",
+                      f"{summary['drift_reports_denied']} of {summary['drift_reports_denied'] + summary['drift_reports_credited']}")
     if summary.get("rounds_to_recover") is not None:
         table.add_row("rounds to learn a new task (90% of best)", f"{summary['rounds_to_recover']:.1f}")
     prequential = summary["final_prequential_acc"]

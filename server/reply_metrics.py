@@ -66,6 +66,7 @@ METRICS: dict[str, MetricSpec] = {
     "local-epochs": MetricSpec("int", 0, 10**6),
     DRIFT_KEY: MetricSpec("flag", 0, 1),
     "drift-position": MetricSpec("int", -1, LARGE),
+    "pre-acc": MetricSpec("float", 0.0, 1.0),  # the received model on the new data, before training
     "new-files": MetricSpec("int", 0, LARGE),
     "new-examples": MetricSpec("int", 0, LARGE),
     "quarantined": MetricSpec("int", 0, LARGE),

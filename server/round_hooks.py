@@ -21,6 +21,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common.config import EPOCH_BOOST_KEY
+from server.drift_credit import CREDIT_KEY
 from server.validation import METRICS_KEY
 
 ARRAYS_KEY, CONFIG_KEY = "arrays", "config"
@@ -58,7 +59,9 @@ class RoundHook:
 
 
 def _reported_drift(content: RecordDict) -> bool:
-    return content.metric_records[METRICS_KEY].get("drift-detected", 0) == 1
+    """Whether the reply's drift report was credited (``server.drift_credit``): only those
+    earn a reaction."""
+    return content.metric_records[METRICS_KEY].get(CREDIT_KEY, 0) == 1
 
 
 class DriftWeighting(RoundHook):

@@ -9,7 +9,8 @@
 - ``RoundHook``s (``server.round_hooks``): drift weighting, drift response, local-only models;
   later behaviours join the same list;
 - ``Receipts`` (``server.receipts``): each training message tells its node the run's identity
-  and the last round whose global model holds that node's reply.
+  and the last round whose global model holds that node's reply;
+- a ``DriftCredit`` (``server.drift_credit``): which drift reports the reactions may act on.
 
 Each part owns its state (``state()`` / ``load_state()``), so a checkpoint never reads a
 private or a Flower-internal attribute. The wire keys stay Flower's (``arrays``,
@@ -31,6 +32,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.config import RunConfig, check_server
 from common.sections import DriftSettings, ServerSettings
+from server.drift_credit import DriftCredit
 from server.history import RunHistory
 from server.influence import InfluenceBound
 from server.robust import AggregationRule, update_norm
@@ -66,8 +68,10 @@ class FedtideStrategy(Strategy):
         frozen: tuple[str, ...] = (),
         extra_config: dict[str, Any] | None = None,
         times: PhaseTimes | None = None,
+        drift_credit: DriftCredit | None = None,
     ) -> None:
         self.history = history
+        self.drift_credit = drift_credit or DriftCredit(0.0)
         self.validator = validator
         self.sampling = sampling
         self.rule = rule
@@ -161,7 +165,7 @@ class FedtideStrategy(Strategy):
     def state(self) -> dict[str, Any]:
         """Every part's state between rounds, merged (keys are unique across parts)."""
         out: dict[str, Any] = {}
-        for part in [self.step, self.receipts, *self.hooks]:
+        for part in [self.step, self.receipts, self.drift_credit, *self.hooks]:
             part_state = part.state()
             clash = set(part_state) & set(out)
             assert not clash, f"strategy parts share state keys {clash}"
@@ -169,11 +173,11 @@ class FedtideStrategy(Strategy):
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for part in [self.step, self.receipts, *self.hooks]:
+        for part in [self.step, self.receipts, self.drift_credit, *self.hooks]:
             part.load_state(state)
 
     def run_summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = self.drift_credit.summary()
         for hook in self.hooks:
             out.update(hook.summary())
         return out
@@ -223,8 +227,9 @@ class FedtideStrategy(Strategy):
             if verdict.dropped:
                 log.warning("round %d: node %s: %s", server_round, self.history.label(node),
                             describe_dropped(verdict.dropped))
-            reply.content[METRICS_KEY] = MetricRecord(verdict.metrics)
-            self.history.client_reply(node, verdict.metrics)
+            metrics = self.drift_credit.judge(server_round, node, verdict.metrics, self.history.label(node))
+            reply.content[METRICS_KEY] = MetricRecord(metrics)
+            self.history.client_reply(node, metrics)
             valid.append(reply)
             decoded_arrays.append(verdict.arrays)
             norms.append(norm)
@@ -255,6 +260,7 @@ class FedtideStrategy(Strategy):
         weights, capped = self.influence.cap_weights(claims)  # before the hooks: they weigh on purpose
         for hook in self.hooks:
             weights = hook.weights(contents, weights)
+        self.history.aggregation_weights(weights)
         arrays, cut = self.influence.cap_updates(arrays, self._reference, norms)
         if capped or cut:
             self.history.influence_capped(capped, cut)
@@ -372,6 +378,7 @@ def build_strategy(
         frozen=frozen,
         extra_config={"proximal-mu": proximal_mu} if server.strategy == "fedprox" and not local_only else None,
         times=times,
+        drift_credit=DriftCredit(drift.drift_evidence, drift.drift_follow_rounds),
     )
 
 

@@ -385,7 +385,8 @@ def test_a_checkpoint_costs_the_same_late_in_a_run_as_early(tmp_path):
     folder = tmp_path / "checkpoints"
     sizes = {int(p.stem.split("-")[1]): p.stat().st_size for p in folder.glob("round-*.json")}
     assert sorted(sizes) == [38, 39, 40]
-    assert len(set(sizes.values())) == 1
+    # the parts' state may differ by a few digits (e.g. a node's last accuracy), never by a round's history
+    assert max(sizes.values()) - min(sizes.values()) < 100
     assert len(CheckpointStore(tmp_path).load(40).journal) == 40 and len((folder / "history.jsonl").read_text().splitlines()) == 40
 
 

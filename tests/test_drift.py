@@ -58,21 +58,25 @@ def test_reactions_follow_detected_drift(tmp_path):
     assert main(["simulate", "--out", str(out), *flags]) == 0
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert json.loads((out / "summary.json").read_text())["boosted_rounds"]
-    drifted_before: set[int] = set()  # nodes whose last reply reported drift
+    credited_before: set[int] = set()  # nodes whose last reply's drift report the server credited
+    detected_before: set[int] = set()  # nodes whose own detector fired in their last reply
     quorum_rounds = 0
     for previous, current in zip(rounds, rounds[1:]):
-        share = sum(c["drift-detected"] for c in previous["clients"]) / len(previous["clients"])
+        share = sum(c.get("drift-credited", 0) for c in previous["clients"]) / len(previous["clients"])
         if share >= 0.4:
             quorum_rounds += 1
             assert len(current["clients"]) == 5  # a drift quorum makes the server sample everyone
     for r in rounds:
         for c in r["clients"]:
-            boosted = c["node"] in drifted_before
-            assert c["local-epochs"] == (2 if boosted else 1)  # the server's epoch boost
-            assert c["lr"] == pytest.approx(0.1 if boosted else 0.05)  # the client's own lr boost
-            drifted_before.discard(c["node"])
+            assert c["local-epochs"] == (2 if c["node"] in credited_before else 1)  # the server's epoch boost
+            assert c["lr"] == pytest.approx(0.1 if c["node"] in detected_before else 0.05)  # the client's own lr boost
+            credited_before.discard(c["node"])
+            detected_before.discard(c["node"])
+            if c.get("drift-credited"):
+                credited_before.add(c["node"])
             if c["drift-detected"]:
-                drifted_before.add(c["node"])
+                detected_before.add(c["node"])
+            assert c.get("drift-credited", 0) <= c["drift-detected"]  # only a report can be credited
     assert quorum_rounds > 0
 
 
@@ -95,9 +99,10 @@ def test_a_reply_reporting_drift_weighs_more_in_that_rounds_aggregate():
     from server.history import RunHistory
     from server.strategy import run_strategy
 
-    def reply(value: float, drifted) -> RecordDict:
+    def reply(value: float, drifted) -> RecordDict:  # as the strategy passes it on: with the server's credit
         return RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), value)}),
-                           "metrics": MetricRecord({"num-examples": 10, "drift-detected": drifted})})
+                           "metrics": MetricRecord({"num-examples": 10, "drift-detected": drifted,
+                                                    "drift-credited": drifted})})
 
     config = RunConfig.of(drift_weight=3.0)
     def weights(strategy, replies):
@@ -146,12 +151,12 @@ def test_the_drift_benchmark_runs_its_variants_in_a_tiny_configuration():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, "benchmarks/drift.py", "--preset", "split-digits", "--spread", "1", "--json",
-         "--set", "rounds_per_task=2", "--set", "local_epochs=1", "--variants", "no reaction,server: weight x3 now"],
+         "--set", "rounds_per_task=2", "--set", "local_epochs=1", "--variants", "none,weight-now"],
         cwd=root, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert [m["variant"] for m in report["means"]] == ["no reaction", "server: weight x3 now"]
+    assert [m["variant"] for m in report["means"]] == ["none", "weight-now"]
     assert all(r["switches"] > 0 and 0 <= r["acc"] <= 1 for r in report["rows"])
     bad = subprocess.run([sys.executable, "benchmarks/drift.py", "--preset", "split-digits", "--variants", "nope"],
                          cwd=root, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,110 @@
+"""Which drift reports earn a reaction: the server's check of a client's word.
+
+A drift reaction hands a reporting client more weight (``--drift-weight``), more local epochs
+and everyone's attention (``--react-server``), so a client that reports drift every round
+would buy itself influence. A report is **credited** (acted on) only when both hold:
+
+- **evidence in the reply**: its ``pre-acc`` (the received global model's accuracy on the
+  client's new data, before training) fell by at least ``evidence`` since the same node's last
+  accepted reply. A real change of data shows there; a liar must fake a fall, and a fall needs
+  a higher value before it, so it cannot show one every round;
+- **agreement among clients**: the node has no more credited reports than the median node
+  (every node the run has heard from, counting zeros). Honest clients meet a few changes each;
+  a node that claims far more than its peers stops being credited after one more than them.
+
+A report that fails either is kept in the history as the client said it (``drift-detected``)
+with ``drift-credited`` 0, logged with the numbers, and earns nothing. ``evidence`` 0 takes the
+client's word (every report credited), as before this check existed.
+
+A credited drift is not over in one round: the federation needs a few rounds to learn the new
+data. For up to ``follow_rounds`` more replies the node's reactions go on (``drift-credited``
+1, without a new report) while its ``pre-acc`` stays more than ``evidence`` below its level
+before the fall, and end at the first reply that is back. These rounds are not credits: a node
+gets at most ``follow_rounds`` of them per credited report.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("fedtide")
+
+REPORT_KEY, CREDIT_KEY, EVIDENCE_KEY = "drift-detected", "drift-credited", "pre-acc"
+
+
+class DriftCredit:
+    """Judges each accepted reply's drift report; its per-node memory is checkpointed."""
+
+    def __init__(self, evidence: float, follow_rounds: int = 0) -> None:
+        self.evidence = evidence
+        self.follow_rounds = follow_rounds
+        self.last_accuracy: dict[int, float] = {}
+        self.credits: dict[int, int] = {}
+        self.recovering: dict[int, tuple[float, int]] = {}  # node -> (accuracy before its fall, rounds left)
+        self.denied = 0
+
+    def judge(self, server_round: int, node: int, metrics: dict[str, Any], label: str = "") -> dict[str, Any]:
+        """``metrics`` with ``drift-credited`` added when the reply reports drift."""
+        before = self.last_accuracy.get(node)
+        now = metrics.get(EVIDENCE_KEY)
+        self.credits.setdefault(node, 0)
+        if now is not None:
+            self.last_accuracy[node] = float(now)
+        if metrics.get(REPORT_KEY) != 1:
+            return {**metrics, CREDIT_KEY: 1} if self._still_recovering(node, now) else metrics
+        reason = self._refusal(node, before, now)
+        if reason is None:
+            self.credits[node] += 1
+            if self.follow_rounds and before is not None:
+                self.recovering[node] = (before, self.follow_rounds)
+        else:
+            self.denied += 1
+            log.info("round %d: node %s reports drift, not acted on: %s", server_round, label or node, reason)
+        return {**metrics, CREDIT_KEY: int(reason is None)}
+
+    def _still_recovering(self, node: int, now: Any) -> bool:
+        """Whether this reply, with no new report, still follows the node's credited drift."""
+        if node not in self.recovering:
+            return False
+        level, left = self.recovering.pop(node)
+        if now is None or float(now) >= level - self.evidence or left <= 0:
+            return False
+        if left > 1:
+            self.recovering[node] = (level, left - 1)
+        return True
+
+    def _refusal(self, node: int, before: float | None, now: Any) -> str | None:
+        if self.evidence == 0:
+            return None
+        if now is None:
+            return f"its reply has no '{EVIDENCE_KEY}' to show a change"
+        if before is None:
+            return "no earlier reply to compare its pre-training accuracy with"
+        if before - float(now) < self.evidence:
+            return (f"its pre-training accuracy went {before:.3f} -> {float(now):.3f}, not a fall of "
+                    f"--drift-evidence {self.evidence:g}")
+        median = float(np.median(list(self.credits.values())))
+        if self.credits[node] > median:
+            return f"it has {self.credits[node]} credited reports, more than the median node's {median:g}"
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {"drift_credit": {
+            "last_accuracy": {str(k): v for k, v in self.last_accuracy.items()},
+            "credits": {str(k): v for k, v in self.credits.items()}, "denied": self.denied,
+            "recovering": {str(k): list(v) for k, v in self.recovering.items()},
+        }}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if "drift_credit" in state:
+            saved = state["drift_credit"]
+            self.last_accuracy = {int(k): float(v) for k, v in saved["last_accuracy"].items()}
+            self.credits = {int(k): int(v) for k, v in saved["credits"].items()}
+            self.denied = int(saved["denied"])
+            self.recovering = {int(k): (float(v[0]), int(v[1])) for k, v in saved.get("recovering", {}).items()}
+
+    def summary(self) -> dict[str, Any]:
+        return {"drift_reports_credited": sum(self.credits.values()), "drift_reports_denied": self.denied}
