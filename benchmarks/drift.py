@@ -165,7 +165,7 @@ def liar_report(base: RunConfig, variant: tuple[str, dict], seeds: int, as_json:
         return
     table = Table(title=f"a client that reports drift every round, reaction: {what} (its share of the aggregate "
                         f"weight, mean over rounds; partition 0)")
-    for column in ("run", "seed", "partition 0 %", "honest mean %", "honest max %", "its credited reports", "ACC %"):
+    for column in ("run", "seed", "partition 0 %", "honest mean %", "honest max %", "rounds acted on (partition 0)", "ACC %"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(r["run"], str(r["seed"]), f"{100 * r['liar_share']:.2f}", f"{100 * r['honest_mean']:.2f}",

@@ -155,6 +155,7 @@ class DriftCheck:
     positions: list[int]
     state: dict[str, torch.Tensor]
     evidence: RoundEvidence | None = None
+    recovering: bool = False  # a round after a detection, the model still well below its level before
 
 
 def check_drift(
@@ -170,12 +171,37 @@ def check_drift(
             return DriftCheck([], {DRIFT_PREFIX + k: v for k, v in saved.items()})
         before = RoundEvidence.from_state(saved, evidence.input_mean.numel())
         found = round_drift(drift.drift_detector, before, evidence, drift.drift_margin)
-        return DriftCheck([0] if found else [], {DRIFT_PREFIX + k: v for k, v in evidence.as_state().items()}, evidence)
+        kept = {DRIFT_PREFIX + k: v for k, v in evidence.as_state().items()}
+        follow = _follow(drift, saved.get(FOLLOW_KEY), before if found else None, evidence)
+        if follow is not None:
+            kept[DRIFT_PREFIX + FOLLOW_KEY] = follow
+        recovering = not found and follow is not None
+        return DriftCheck([0] if found else [], kept, evidence, recovering)
     monitor = DriftMonitor(drift.drift_detector, drift.drift_delta)
     if "errors" in saved:
         monitor.load_state(saved)
     positions = monitor.update(errors)
     return DriftCheck(positions, {DRIFT_PREFIX + k: v for k, v in monitor.state().items()}, evidence)
+
+
+FOLLOW_KEY = "follow"  # [accuracy before the detected fall, rounds the reaction may still follow it]
+
+
+def _follow(drift: DriftSettings, saved: torch.Tensor | None, fell_from: RoundEvidence | None,
+            now: RoundEvidence) -> torch.Tensor | None:
+    """The follow state after this round: a detection starts it at the accuracy before the
+    fall; a later round keeps it (one round less) while accuracy is still more than the
+    margin below that level. None when no reaction follows."""
+    if drift.drift_follow_rounds == 0:
+        return None
+    if fell_from is not None:
+        return torch.tensor([fell_from.accuracy, drift.drift_follow_rounds], dtype=torch.float64)
+    if saved is None or saved.shape != (2,) or not torch.isfinite(saved).all():
+        return None
+    level, left = float(saved[0]), int(saved[1])
+    if left <= 0 or now.accuracy >= level - drift.drift_margin:
+        return None
+    return torch.tensor([level, left - 1], dtype=torch.float64)
 
 
 def train_and_react(
@@ -189,7 +215,8 @@ def train_and_react(
     stream: bool = True,
 ) -> tuple[TrainStats, DriftCheck]:
     """Train for the round's epochs and check the stream for drift. With
-    ``react_extra_epochs``, a client that found drift trains that many more epochs on the
+    ``react_extra_epochs``, a client that found drift (or, with a round-level detector, is
+    still recovering from it: ``drift_follow_rounds``) trains that many more epochs on the
     same data before it replies, so that its reply in this very round already carries
     more of the new concept (a reaction in the next round comes a round late). The extra
     epochs start a fresh optimizer (Adam's moments too).
@@ -201,7 +228,7 @@ def train_and_react(
     if not stream:
         stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
     drift = check_drift(config.drift, state, stats.errors, evidence)
-    if drift.positions and config.drift.react_extra_epochs > 0:
+    if (drift.positions or drift.recovering) and config.drift.react_extra_epochs > 0:
         extra = train_local(
             model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr, epochs=config.drift.react_extra_epochs),
             plan.generator, device, observe=False, continuing=True,

@@ -30,7 +30,7 @@ EPOCH_BOOST_KEY = "epoch-boost"
 
 # settings in the sections a client is sent that only the server reads: they are not sent
 SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epoch-boost", "drift-weight",
-                         "drift-evidence", "drift-follow-rounds"})
+                         "drift-evidence"})
 
 # RunConfig attribute -> section class
 SECTIONS: dict[str, type[Section]] = {

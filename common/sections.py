@@ -120,9 +120,10 @@ class DriftSettings(Section):
                                     "accuracy fell by this much since the node's last reply (and the node has no more "
                                     "credited reports than the median node); 0: take the client's word",
                                     minimum=0, maximum=1)
-    drift_follow_rounds: int = setting(3, "server: a credited drift keeps its reactions for up to this many more "
-                                       "rounds while the node's pre-training accuracy stays below its level before "
-                                       "the fall", minimum=0, maximum=100)
+    drift_follow_rounds: int = setting(3, "a detected drift keeps its same-round reactions (the client's extra "
+                                       "epochs with a round-level detector, the server's for a credited report) for "
+                                       "up to this many more rounds while the pre-training accuracy stays below its "
+                                       "level before the fall", minimum=0, maximum=100)
     react_server: bool = setting(False, "server reaction: after a round where --drift-quorum of clients report "
                                  "drift, sample every client and multiply local epochs by --drift-epoch-boost")
     drift_quorum: float = setting(0.3, "share of replies reporting drift that triggers the server reaction",

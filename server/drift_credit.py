@@ -4,10 +4,14 @@ A drift reaction hands a reporting client more weight (``--drift-weight``), more
 and everyone's attention (``--react-server``), so a client that reports drift every round
 would buy itself influence. A report is **credited** (acted on) only when both hold:
 
-- **evidence in the reply**: its ``pre-acc`` (the received global model's accuracy on the
-  client's new data, before training) fell by at least ``evidence`` since the same node's last
-  accepted reply. A real change of data shows there; a liar must fake a fall, and a fall needs
-  a higher value before it, so it cannot show one every round;
+- **evidence**: its ``pre-acc`` (the received global model's accuracy on the client's new
+  data, before training) fell by at least ``evidence`` since the same node's last accepted
+  reply. A real change of data shows there; a liar must fake a fall, and a fall needs a higher
+  value before it, so it cannot show one every round. Or, without a fall of its own, another
+  node's report was credited on its own fall in the last ``AGREEMENT_ROUNDS`` rounds: a
+  change that reaches clients at different times finds the global model already knowing it
+  for the late ones (their inputs changed, their accuracy did not fall), and they are part of
+  the same wave;
 - **agreement among clients**: the node has no more credited reports than the median node
   (every node the run has heard from, counting zeros). Honest clients meet a few changes each;
   a node that claims far more than its peers stops being credited after one more than them.
@@ -18,8 +22,8 @@ client's word (every report credited), as before this check existed.
 
 A credited drift is not over in one round: the federation needs a few rounds to learn the new
 data. For up to ``follow_rounds`` more replies the node's reactions go on (``drift-credited``
-1, without a new report) while its ``pre-acc`` stays more than ``evidence`` below its level
-before the fall, and end at the first reply that is back. These rounds are not credits: a node
+1, without a new report) while its ``pre-acc`` stays below its level before the fall, and end
+at the first reply that is back. These rounds are not credits: a node
 gets at most ``follow_rounds`` of them per credited report.
 """
 
@@ -33,6 +37,7 @@ import numpy as np
 log = logging.getLogger("fedtide")
 
 REPORT_KEY, CREDIT_KEY, EVIDENCE_KEY = "drift-detected", "drift-credited", "pre-acc"
+AGREEMENT_ROUNDS = 3  # how long a report credited on its own fall vouches for other nodes' reports
 
 
 class DriftCredit:
@@ -44,6 +49,7 @@ class DriftCredit:
         self.last_accuracy: dict[int, float] = {}
         self.credits: dict[int, int] = {}
         self.recovering: dict[int, tuple[float, int]] = {}  # node -> (accuracy before its fall, rounds left)
+        self.last_fall: int | None = None  # the last round with a report credited on its own fall
         self.denied = 0
 
     def judge(self, server_round: int, node: int, metrics: dict[str, Any], label: str = "") -> dict[str, Any]:
@@ -55,9 +61,12 @@ class DriftCredit:
             self.last_accuracy[node] = float(now)
         if metrics.get(REPORT_KEY) != 1:
             return {**metrics, CREDIT_KEY: 1} if self._still_recovering(node, now) else metrics
-        reason = self._refusal(node, before, now)
+        fell = before is not None and now is not None and before - float(now) >= self.evidence
+        reason = self._refusal(server_round, node, before, now, fell)
         if reason is None:
             self.credits[node] += 1
+            if fell and self.evidence:
+                self.last_fall = server_round
             if self.follow_rounds and before is not None:
                 self.recovering[node] = (before, self.follow_rounds)
         else:
@@ -70,22 +79,23 @@ class DriftCredit:
         if node not in self.recovering:
             return False
         level, left = self.recovering.pop(node)
-        if now is None or float(now) >= level - self.evidence or left <= 0:
+        if now is None or float(now) >= level or left <= 0:
             return False
         if left > 1:
             self.recovering[node] = (level, left - 1)
         return True
 
-    def _refusal(self, node: int, before: float | None, now: Any) -> str | None:
+    def _refusal(self, server_round: int, node: int, before: float | None, now: Any, fell: bool) -> str | None:
         if self.evidence == 0:
             return None
-        if now is None:
-            return f"its reply has no '{EVIDENCE_KEY}' to show a change"
-        if before is None:
-            return "no earlier reply to compare its pre-training accuracy with"
-        if before - float(now) < self.evidence:
+        wave = self.last_fall is not None and server_round - self.last_fall <= AGREEMENT_ROUNDS
+        if not fell and not wave:
+            if now is None:
+                return f"its reply has no '{EVIDENCE_KEY}' to show a change, and no other node's did lately"
+            if before is None:
+                return "no earlier reply to compare its pre-training accuracy with, and no other node's fell lately"
             return (f"its pre-training accuracy went {before:.3f} -> {float(now):.3f}, not a fall of "
-                    f"--drift-evidence {self.evidence:g}")
+                    f"--drift-evidence {self.evidence:g}, and no other node's fell lately")
         median = float(np.median(list(self.credits.values())))
         if self.credits[node] > median:
             return f"it has {self.credits[node]} credited reports, more than the median node's {median:g}"
@@ -95,7 +105,7 @@ class DriftCredit:
         return {"drift_credit": {
             "last_accuracy": {str(k): v for k, v in self.last_accuracy.items()},
             "credits": {str(k): v for k, v in self.credits.items()}, "denied": self.denied,
-            "recovering": {str(k): list(v) for k, v in self.recovering.items()},
+            "recovering": {str(k): list(v) for k, v in self.recovering.items()}, "last_fall": self.last_fall,
         }}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -105,6 +115,7 @@ class DriftCredit:
             self.credits = {int(k): int(v) for k, v in saved["credits"].items()}
             self.denied = int(saved["denied"])
             self.recovering = {int(k): (float(v[0]), int(v[1])) for k, v in saved.get("recovering", {}).items()}
+            self.last_fall = saved.get("last_fall")
 
     def summary(self) -> dict[str, Any]:
         return {"drift_reports_credited": sum(self.credits.values()), "drift_reports_denied": self.denied}

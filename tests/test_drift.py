@@ -58,8 +58,9 @@ def test_reactions_follow_detected_drift(tmp_path):
     assert main(["simulate", "--out", str(out), *flags]) == 0
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert json.loads((out / "summary.json").read_text())["boosted_rounds"]
-    credited_before: set[int] = set()  # nodes whose last reply's drift report the server credited
+    credited_before: set[int] = set()  # nodes whose last reply the server's reactions act on
     detected_before: set[int] = set()  # nodes whose own detector fired in their last reply
+    since_report: dict[int, int] = {}  # node -> its replies since its last credited report
     quorum_rounds = 0
     for previous, current in zip(rounds, rounds[1:]):
         share = sum(c.get("drift-credited", 0) for c in previous["clients"]) / len(previous["clients"])
@@ -76,7 +77,11 @@ def test_reactions_follow_detected_drift(tmp_path):
                 credited_before.add(c["node"])
             if c["drift-detected"]:
                 detected_before.add(c["node"])
-            assert c.get("drift-credited", 0) <= c["drift-detected"]  # only a report can be credited
+            if c.get("drift-credited") and c["drift-detected"]:
+                since_report[c["node"]] = 0
+            elif c.get("drift-credited"):  # a credited report is followed for at most 3 more replies
+                since_report[c["node"]] += 1
+                assert since_report[c["node"]] <= 3
     assert quorum_rounds > 0
 
 
@@ -87,8 +92,18 @@ def test_same_round_reactions_train_drifting_clients_longer(tmp_path):
     assert main(["simulate", "--out", str(out), *flags]) == 0
     replies = [c for line in (out / "metrics.jsonl").read_text().splitlines() for c in json.loads(line)["clients"]]
     assert any(c["drift-detected"] for c in replies) and not all(c["drift-detected"] for c in replies)
-    for c in replies:  # the client's extra epochs come in the very round it detects drift
-        assert c["local-epochs"] == (3 if c["drift-detected"] else 1)
+    since_detection: dict[int, int] = {}  # node -> its replies since its last detection
+    for c in replies:  # the extra epochs come in the very round a client detects drift, and follow it a few rounds
+        if c["drift-detected"]:
+            assert c["local-epochs"] == 3
+            since_detection[c["node"]] = 0
+            continue
+        since = since_detection.get(c["node"])
+        since_detection[c["node"]] = None if since is None else since + 1
+        if c["local-epochs"] == 3:  # still recovering: at most --drift-follow-rounds (3) after its detection
+            assert since is not None and since + 1 <= 3
+        else:
+            assert c["local-epochs"] == 1
 
 
 def test_a_reply_reporting_drift_weighs_more_in_that_rounds_aggregate():

@@ -153,11 +153,44 @@ def test_a_credited_drift_keeps_its_reaction_until_the_node_has_recovered_for_a_
     quiet = {"num-examples": 10, "drift-detected": 0}
     credit.judge(1, 1, {**quiet, "pre-acc": 0.95})
     assert credit.judge(2, 1, {**report, "pre-acc": 0.1})["drift-credited"] == 1
-    assert credit.judge(3, 1, {**quiet, "pre-acc": 0.5})["drift-credited"] == 1  # still well below 0.95
-    assert "drift-credited" not in credit.judge(4, 1, {**quiet, "pre-acc": 0.9})  # back within 0.1 of 0.95
-    assert "drift-credited" not in credit.judge(5, 1, {**quiet, "pre-acc": 0.5})  # recovered in round 4: over
+    assert credit.judge(3, 1, {**quiet, "pre-acc": 0.5})["drift-credited"] == 1  # still below 0.95
+    assert credit.judge(4, 1, {**quiet, "pre-acc": 0.9})["drift-credited"] == 1
+    assert "drift-credited" not in credit.judge(5, 1, {**quiet, "pre-acc": 0.96})  # back: over
+    assert "drift-credited" not in credit.judge(6, 1, {**quiet, "pre-acc": 0.5})
     assert credit.credits[1] == 1  # the following rounds are not credits
-    credit.judge(6, 2, {**quiet, "pre-acc": 0.95})
-    credit.judge(7, 2, {**report, "pre-acc": 0.0})
-    followed = [credit.judge(r, 2, {**quiet, "pre-acc": 0.0}).get("drift-credited", 0) for r in range(8, 14)]
+    credit.judge(7, 2, {**quiet, "pre-acc": 0.95})
+    credit.judge(8, 2, {**report, "pre-acc": 0.0})
+    followed = [credit.judge(r, 2, {**quiet, "pre-acc": 0.0}).get("drift-credited", 0) for r in range(9, 15)]
     assert followed == [1, 1, 1, 0, 0, 0]  # never recovers: three rounds, then no more
+
+
+def test_a_client_keeps_reacting_while_it_recovers_from_a_detected_drift():
+    settings = DriftSettings(drift_detector="accuracy-drop", drift_follow_rounds=2)
+
+    def evidence(accuracy: float) -> RoundEvidence:
+        return RoundEvidence(256, accuracy, 0.9, torch.zeros(3), 0.1)
+
+    state: dict = {}
+    seen = []
+    for accuracy in (0.95, 0.1, 0.4, 0.6, 0.6, 0.6):
+        check = check_drift(settings, state, torch.zeros(0), evidence(accuracy))
+        seen.append((bool(check.positions), check.recovering))
+        state = check.state
+    # detected at 0.1; follows at 0.4 and 0.6 (still more than 0.2 below 0.95), then stops: two rounds at most
+    assert seen == [(False, False), (True, False), (False, True), (False, True), (False, False), (False, False)]
+    check = check_drift(DriftSettings(drift_detector="accuracy-drop", drift_follow_rounds=0), {}, torch.zeros(0),
+                        evidence(0.95))
+    assert not check_drift(DriftSettings(drift_detector="accuracy-drop", drift_follow_rounds=0), check.state,
+                           torch.zeros(0), evidence(0.1)).recovering
+
+
+def test_a_late_switcher_whose_accuracy_did_not_fall_is_credited_within_a_wave_of_real_falls():
+    credit = DriftCredit(evidence=0.1)
+    quiet, report = {"num-examples": 10, "drift-detected": 0}, {"num-examples": 10, "drift-detected": 1}
+    for node in (1, 2, 3):
+        credit.judge(1, node, {**quiet, "pre-acc": 0.95})
+    assert credit.judge(2, 1, {**report, "pre-acc": 0.05})["drift-credited"] == 1  # a real fall
+    # node 2 switches two rounds later: the global model learned the new data meanwhile
+    assert credit.judge(4, 2, {**report, "pre-acc": 0.93})["drift-credited"] == 1
+    # node 3 reports four rounds after the last fall: no wave vouches for it
+    assert credit.judge(6, 3, {**report, "pre-acc": 0.94})["drift-credited"] == 0
