@@ -176,3 +176,39 @@ def test_the_drift_benchmark_runs_its_variants_in_a_tiny_configuration():
     bad = subprocess.run([sys.executable, "benchmarks/drift.py", "--preset", "split-digits", "--variants", "nope"],
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
+
+
+def test_the_drift_benchmark_measures_a_liar_in_a_tiny_configuration():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/drift.py", "--preset", "split-digits", "--spread", "1", "--json", "--liars",
+         "--set", "rounds_per_task=2", "--set", "local_epochs=1", "--variants", "weight-now"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["run"]: r for r in json.loads(result.stdout)["rows"]}
+    word = rows["drift-liar, --drift-evidence 0 (the client's word)"]
+    checked = rows["drift-liar (reports drift every round)"]
+    assert word["liar_credited"] > checked["liar_credited"]  # every report acted on, against a few
+    assert word["liar_share"] > word["honest_mean"] and checked["liar_share"] < word["liar_share"]
+
+
+def test_the_detector_benchmark_scores_river_detectors_on_synthetic_streams():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "benchmarks/drift_detectors.py", "--synthetic-only", "--json"],
+                            cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)["synthetic"]
+    adwin = next(r for r in rows if r["stream"] == "abrupt" and r["detector"] == "adwin d=0.01")
+    assert adwin["recall"] == 1.0 and adwin["false_alarms_per_stream"] == 0 and adwin["mean_delay_samples"] < 100
+    bad = subprocess.run([sys.executable, "benchmarks/drift_detectors.py", "--scenarios", "nope"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown scenario" in bad.stderr
