@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     parser.add_argument("--liars", action="store_true", help="instead: the influence of a client that reports drift "
                         "every round (partition 0), under the first chosen variant's reaction")
+    parser.add_argument("--liar-runs", default="", help="with --liars: only these runs, by their first word "
+                        "(no, drift-liar, drift-faker, drift-follower)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
@@ -76,7 +78,8 @@ def main() -> None:
         settings[key.replace("-", "_")] = value
     base = RunConfig.from_mapping(settings)
     if args.liars:
-        liar_report(base, VARIANTS[chosen[0]], args.seeds, args.json)
+        liar_report(base, VARIANTS[chosen[0]], args.seeds, args.json,
+                    [r.strip() for r in args.liar_runs.split(",") if r.strip()])
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,11 +137,12 @@ LIAR_RUNS = {
     "no liar": {},
     "drift-liar (reports drift every round)": {"attack": "drift-liar", "attackers": 1},
     "drift-faker (also fakes a fall in pre-acc every 2nd round)": {"attack": "drift-faker", "attackers": 1},
+    "drift-follower (one fake fall every 5 rounds, low pre-acc between)": {"attack": "drift-follower", "attackers": 1},
     "drift-liar, --drift-evidence 0 (the client's word)": {"attack": "drift-liar", "attackers": 1, "drift_evidence": 0.0},
 }
 
 
-def liar_report(base: RunConfig, variant: tuple[str, dict], seeds: int, as_json: bool) -> None:
+def liar_report(base: RunConfig, variant: tuple[str, dict], seeds: int, as_json: bool, runs: list[str]) -> None:
     """Partition 0's influence (its mean share of the aggregation weight over the rounds,
     from ``weight-share`` in metrics.jsonl) against the honest clients', when it reports
     drift every round to be weighed up by the reaction ``variant``."""
@@ -146,6 +150,8 @@ def liar_report(base: RunConfig, variant: tuple[str, dict], seeds: int, as_json:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run, attack in LIAR_RUNS.items():
+            if runs and run.split(" ")[0].rstrip(",") not in runs and run not in runs:
+                continue
             for seed in range(seeds):
                 out = Path(tmp) / f"{len(rows)}"
                 summary = run_inprocess(base.replace(seed=seed, out=str(out), **changes, **attack))

@@ -104,7 +104,7 @@ def decisions(stream: list[dict], detector: str, parameter: float) -> list[bool]
         before = None
         for entry in stream:
             out.append(round_drift(detector, before, entry["evidence"], parameter))
-            before = entry["evidence"]
+            before = entry["evidence"] or before
         return out
     monitor = DriftMonitor(detector, parameter or 0.01)
     for entry in stream:

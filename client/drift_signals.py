@@ -16,7 +16,12 @@ round's first ``EVIDENCE_SAMPLES`` new samples, before any training, and the inp
   ``margin``; it works where labels arrive late;
 - ``input-shift`` (no labels, no model): drift when the inputs' mean moved by more than
   ``SHIFT_THRESHOLD`` times what sampling alone explains (a Hotelling-like ratio with the
-  variances pooled over features).
+  variances pooled over features), in rounds of at least ``MIN_SHIFT_SAMPLES`` samples.
+
+The accuracy and confidence tests compare this round's evidence, under this round's model,
+with last round's, under last round's model: a change of the global model alone moves them
+too, but rarely by the margin and never significantly at once (measured by
+``benchmarks/drift_detectors.py``).
 
 Each round's evidence is kept as a few scalars and one mean vector (the state's ``drift.``
 keys), so it lives on disk with the client's state; no sample is stored.
@@ -31,11 +36,13 @@ import torch
 from torch import nn
 
 from common.datasets import LabelledSplit
+from common.sections import ROUND_DETECTORS
 
 EVIDENCE_SAMPLES = 256
 Z = 3.0  # one-sided, ~1 false alarm in 740 stationary rounds from sampling noise alone
 SHIFT_THRESHOLD = 6.0  # input-shift ratio: about 1 when nothing changed (max 3.1 in 1,000 MNIST draws)
-ROUND_LEVEL = ("accuracy-or-inputs", "accuracy-drop", "confidence-drop", "input-shift")
+MIN_SHIFT_SAMPLES = 32  # fewer samples than this in either round: their variance says too little
+ROUND_LEVEL = ROUND_DETECTORS
 LABEL_FREE = ("confidence-drop", "input-shift")
 
 
@@ -103,7 +110,7 @@ def gather_evidence_many(model: nn.Module, splits: list[LabelledSplit], device: 
             accuracy=float((predicted[part] == y[part]).double().mean()),
             confidence=float(top[part].double().mean()),
             input_mean=flat.mean(dim=0).float().cpu(),
-            input_var=float(flat.var(dim=0, unbiased=False).mean()),
+            input_var=float(flat.var(dim=0).mean()) if count > 1 else 0.0,
         ))
         start += count
     return out
@@ -125,7 +132,11 @@ def confidence_fell(before: RoundEvidence, now: RoundEvidence, margin: float) ->
 
 def input_shift_ratio(before: RoundEvidence, now: RoundEvidence) -> float:
     """The squared distance between the two means over what sampling noise alone would give
-    it (``features * variance * (1/n1 + 1/n2)``): about 1 for one distribution."""
+    it (``features * variance * (1/n1 + 1/n2)``): about 1 for one distribution. 0 when
+    either round has fewer than ``MIN_SHIFT_SAMPLES`` samples (a single sample has no
+    variance, and every round would look like a shift)."""
+    if min(before.samples, now.samples) < MIN_SHIFT_SAMPLES:
+        return 0.0
     features = now.input_mean.numel()
     noise = features * max((before.input_var + now.input_var) / 2, 1e-12) * (1 / before.samples + 1 / now.samples)
     return float(((now.input_mean.double() - before.input_mean.double()) ** 2).sum()) / noise

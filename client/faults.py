@@ -24,7 +24,9 @@ global weights the client received and ``w`` what honest training gave:
   drift reactions;
 - ``drift-faker``: a ``drift-liar`` that also fakes the evidence the server checks
   (``server.drift_credit``): its ``pre-acc`` is 1 in odd rounds and 0 in even ones, a fall
-  every second round.
+  every second round;
+- ``drift-follower``: a ``drift-liar`` whose ``pre-acc`` is 1 every fifth round and 0 in the
+  others: one fake fall, then a low accuracy that keeps the server following it.
 
 ``--attack-claim N`` makes the attacking clients claim ``N`` samples, whatever the attack.
 """
@@ -50,7 +52,7 @@ NOISE_STREAM = 0xA77AC  # keeps the attack's noise apart from the training's ran
 BEFORE_TRAINING = ("label-flip",)  # the attacks that change only the data
 POISONED = ("label-flip", "replace", "backdoor")  # the attacks that train on poisoned data
 BOOSTED = ("replace", "backdoor")  # the attacks that scale the update they send
-DRIFT_LIES = ("drift-liar", "drift-faker")  # the attacks that change only the reply's drift metrics
+DRIFT_LIES = ("drift-liar", "drift-faker", "drift-follower")  # the attacks that change only the reply's drift metrics
 BACKDOOR_TARGET = 0
 
 
@@ -89,6 +91,8 @@ class FaultInjection:
             metrics.update({"drift-detected": 1, "drift-position": 0})
             if kind == "drift-faker":
                 metrics["pre-acc"] = float(server_round % 2)
+            elif kind == "drift-follower":
+                metrics["pre-acc"] = float(server_round % 5 == 0)
         elif kind == "lie-num-examples":
             metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * scale))
         elif kind == "wrong-shape":

@@ -27,7 +27,8 @@ ROUND_DETECTORS = ("accuracy-or-inputs", "accuracy-drop", "confidence-drop", "in
 DRIFT_DETECTORS = (*RIVER_DETECTORS, *ROUND_DETECTORS, "none")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
 ATTACKS = ("none", "sign-flip", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip",
-           "replace", "backdoor", "drift-liar", "drift-faker")
+           "replace", "backdoor", "drift-liar", "drift-faker",
+           "drift-follower")
 
 
 @dataclass(frozen=True)
@@ -114,16 +115,20 @@ class DriftSettings(Section):
                                   "labels: confidence-drop, input-shift), or none", choices=DRIFT_DETECTORS)
     drift_delta: float = setting(0.01, "ADWIN's confidence delta: larger reacts faster and raises more false alarms",
                                  minimum=0, above=True, maximum=1, below=True)
-    drift_margin: float = setting(0.2, "accuracy-drop, accuracy-or-inputs and confidence-drop: the smallest fall since the last round "
-                                  "that counts as drift", minimum=0, above=True, maximum=1)
+    drift_margin: float = setting(0.2, "accuracy-drop, accuracy-or-inputs and confidence-drop: the smallest fall "
+                                  "since the last round that counts as drift (a client's extra epochs follow its "
+                                  "drift while its accuracy is more than this below its level before)",
+                                  minimum=0, above=True, maximum=1)
     drift_evidence: float = setting(0.1, "server: a drift report earns a reaction only when the reply's pre-training "
-                                    "accuracy fell by this much since the node's last reply (and the node has no more "
-                                    "credited reports than the median node); 0: take the client's word",
+                                    "accuracy fell by this much since the node's last reply, or another node's did in "
+                                    "the last 3 rounds, and the node has no more credited reports than the median "
+                                    "node; 0: take the client's word",
                                     minimum=0, maximum=1)
-    drift_follow_rounds: int = setting(3, "a detected drift keeps its same-round reactions (the client's extra "
-                                       "epochs with a round-level detector, the server's for a credited report) for "
-                                       "up to this many more rounds while the pre-training accuracy stays below its "
-                                       "level before the fall", minimum=0, maximum=100)
+    drift_follow_rounds: int = setting(3, "a detected drift keeps its same-round reactions for up to this many more "
+                                       "rounds: the client's extra epochs (round-level detectors) while its "
+                                       "pre-training accuracy is more than --drift-margin below its level before, the "
+                                       "server's --drift-weight for a credited report until it is back at that level",
+                                       minimum=0, maximum=100)
     react_server: bool = setting(False, "server reaction: after a round where --drift-quorum of clients report "
                                  "drift, sample every client and multiply local epochs by --drift-epoch-boost")
     drift_quorum: float = setting(0.3, "share of replies reporting drift that triggers the server reaction",

@@ -17,14 +17,16 @@ would buy itself influence. A report is **credited** (acted on) only when both h
   a node that claims far more than its peers stops being credited after one more than them.
 
 A report that fails either is kept in the history as the client said it (``drift-detected``)
-with ``drift-credited`` 0, logged with the numbers, and earns nothing. ``evidence`` 0 takes the
+with ``drift-credited`` 0, counted (``drift_reports_denied`` in the summary; its reason at
+debug level) and earns nothing. ``evidence`` 0 takes the
 client's word (every report credited), as before this check existed.
 
 A credited drift is not over in one round: the federation needs a few rounds to learn the new
-data. For up to ``follow_rounds`` more replies the node's reactions go on (``drift-credited``
-1, without a new report) while its ``pre-acc`` stays below its level before the fall, and end
-at the first reply that is back. These rounds are not credits: a node
-gets at most ``follow_rounds`` of them per credited report.
+data. For up to ``follow_rounds`` more replies the node's same-round reactions go on
+(``drift-credited`` 1) while its ``pre-acc`` stays below its level before the drift, and end at
+the first reply that is back. These rounds are not credits: a node gets at most
+``follow_rounds`` of them per credited report. The next-round reaction (``--react-server``)
+counts only credited reports, not the rounds that follow them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("fedtide")
+log = logging.getLogger("fedtide.server")
 
 REPORT_KEY, CREDIT_KEY, EVIDENCE_KEY = "drift-detected", "drift-credited", "pre-acc"
 AGREEMENT_ROUNDS = 3  # how long a report credited on its own fall vouches for other nodes' reports
@@ -49,11 +51,14 @@ class DriftCredit:
         self.last_accuracy: dict[int, float] = {}
         self.credits: dict[int, int] = {}
         self.recovering: dict[int, tuple[float, int]] = {}  # node -> (accuracy before its fall, rounds left)
-        self.last_fall: int | None = None  # the last round with a report credited on its own fall
+        self.falls: dict[int, int] = {}  # node -> the last round it had a report credited on its own fall
         self.denied = 0
 
     def judge(self, server_round: int, node: int, metrics: dict[str, Any], label: str = "") -> dict[str, Any]:
-        """``metrics`` with ``drift-credited`` added when the reply reports drift."""
+        """``metrics`` with ``drift-credited`` 1 when the reactions act on this reply (a
+        credited report, or a round that follows one), else without it (a reported drift
+        that is not acted on: 0). A client's own ``drift-credited`` is never kept."""
+        metrics = {k: v for k, v in metrics.items() if k != CREDIT_KEY}
         before = self.last_accuracy.get(node)
         now = metrics.get(EVIDENCE_KEY)
         self.credits.setdefault(node, 0)
@@ -66,20 +71,21 @@ class DriftCredit:
         if reason is None:
             self.credits[node] += 1
             if fell and self.evidence:
-                self.last_fall = server_round
-            if self.follow_rounds and before is not None:
+                self.falls[node] = server_round
+            if self.follow_rounds and before is not None:  # a wave's late switcher is followed too
                 self.recovering[node] = (before, self.follow_rounds)
-        else:
-            self.denied += 1
-            log.info("round %d: node %s reports drift, not acted on: %s", server_round, label or node, reason)
-        return {**metrics, CREDIT_KEY: int(reason is None)}
+            return {**metrics, CREDIT_KEY: 1}
+        self.denied += 1
+        # routine for a late switcher: counted in the summary, its reason at debug level
+        log.debug("round %d: node %s reports drift, not acted on: %s", server_round, label or node, reason)
+        return {**metrics, CREDIT_KEY: int(self._still_recovering(node, now))}
 
     def _still_recovering(self, node: int, now: Any) -> bool:
         """Whether this reply, with no new report, still follows the node's credited drift."""
         if node not in self.recovering:
             return False
         level, left = self.recovering.pop(node)
-        if now is None or float(now) >= level or left <= 0:
+        if now is None or float(now) >= level:
             return False
         if left > 1:
             self.recovering[node] = (level, left - 1)
@@ -88,7 +94,7 @@ class DriftCredit:
     def _refusal(self, server_round: int, node: int, before: float | None, now: Any, fell: bool) -> str | None:
         if self.evidence == 0:
             return None
-        wave = self.last_fall is not None and server_round - self.last_fall <= AGREEMENT_ROUNDS
+        wave = any(server_round - at <= AGREEMENT_ROUNDS for other, at in self.falls.items() if other != node)
         if not fell and not wave:
             if now is None:
                 return f"its reply has no '{EVIDENCE_KEY}' to show a change, and no other node's did lately"
@@ -105,7 +111,8 @@ class DriftCredit:
         return {"drift_credit": {
             "last_accuracy": {str(k): v for k, v in self.last_accuracy.items()},
             "credits": {str(k): v for k, v in self.credits.items()}, "denied": self.denied,
-            "recovering": {str(k): list(v) for k, v in self.recovering.items()}, "last_fall": self.last_fall,
+            "recovering": {str(k): list(v) for k, v in self.recovering.items()},
+            "falls": {str(k): v for k, v in self.falls.items()},
         }}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -115,7 +122,7 @@ class DriftCredit:
             self.credits = {int(k): int(v) for k, v in saved["credits"].items()}
             self.denied = int(saved["denied"])
             self.recovering = {int(k): (float(v[0]), int(v[1])) for k, v in saved.get("recovering", {}).items()}
-            self.last_fall = saved.get("last_fall")
+            self.falls = {int(k): int(v) for k, v in saved.get("falls", {}).items()}
 
     def summary(self) -> dict[str, Any]:
         return {"drift_reports_credited": sum(self.credits.values()), "drift_reports_denied": self.denied}

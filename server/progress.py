@@ -117,7 +117,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ),
     )
     if summary.get("drift_reports_denied"):
-        table.add_row("drift reports not acted on (no evidence)",
+        table.add_row("drift reports not acted on (no evidence, or more than the median node's)",
                       f"{summary['drift_reports_denied']} of {summary['drift_reports_denied'] + summary['drift_reports_credited']}")
     if summary.get("rounds_to_recover") is not None:
         table.add_row("rounds to learn a new task (90% of best)", f"{summary['rounds_to_recover']:.1f}")

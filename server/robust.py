@@ -58,6 +58,12 @@ class AggregationRule:
                 return f"trimmed-mean cuts {cut} of {replies} valid replies from each side and would keep none"
         return None
 
+    @property
+    def weighs_replies(self) -> bool:
+        """Whether every reply enters the aggregate with its weight (median and trimmed mean
+        ignore weights; multikrum weighs only the replies it selects)."""
+        return self.name in ("fedavg", "clip")
+
     def aggregate(self, replies: list[Arrays], weights: list[float], reference: Arrays) -> Arrays:
         """The new global arrays from ``replies`` (weighted by ``weights``, e.g. num-examples,
         where the rule is weighted). ``reference`` is the current global model (for ``clip``).

@@ -58,10 +58,16 @@ class RoundHook:
         return {}
 
 
-def _reported_drift(content: RecordDict) -> bool:
-    """Whether the reply's drift report was credited (``server.drift_credit``): only those
-    earn a reaction."""
+def _reaction_due(content: RecordDict) -> bool:
+    """Whether the same-round reactions act on this reply: a credited drift report, or a
+    round that follows one (``server.drift_credit``)."""
     return content.metric_records[METRICS_KEY].get(CREDIT_KEY, 0) == 1
+
+
+def _credited_report(content: RecordDict) -> bool:
+    """Whether the reply reports drift and the server credited the report."""
+    metrics = content.metric_records[METRICS_KEY]
+    return metrics.get(CREDIT_KEY, 0) == 1 and metrics.get("drift-detected", 0) == 1
 
 
 class DriftWeighting(RoundHook):
@@ -73,7 +79,7 @@ class DriftWeighting(RoundHook):
         self.factor = factor
 
     def weights(self, contents, weights):
-        return [w * self.factor if _reported_drift(c) else w for w, c in zip(weights, contents)]
+        return [w * self.factor if _reaction_due(c) else w for w, c in zip(weights, contents)]
 
 
 class DriftResponse(RoundHook):
@@ -110,7 +116,7 @@ class DriftResponse(RoundHook):
         return messages
 
     def after_aggregate(self, server_round, accepted):
-        drifted = [reply.metadata.src_node_id for reply in accepted if _reported_drift(reply.content)]
+        drifted = [reply.metadata.src_node_id for reply in accepted if _credited_report(reply.content)]
         self.to_boost |= set(drifted)
         self.sample_all_next = bool(accepted) and len(drifted) / len(accepted) >= self.quorum
 

@@ -260,7 +260,8 @@ class FedtideStrategy(Strategy):
         weights, capped = self.influence.cap_weights(claims)  # before the hooks: they weigh on purpose
         for hook in self.hooks:
             weights = hook.weights(contents, weights)
-        self.history.aggregation_weights(weights)
+        if self.rule.weighs_replies:
+            self.history.aggregation_weights(weights)
         arrays, cut = self.influence.cap_updates(arrays, self._reference, norms)
         if capped or cut:
             self.history.influence_capped(capped, cut)

@@ -58,12 +58,12 @@ def test_reactions_follow_detected_drift(tmp_path):
     assert main(["simulate", "--out", str(out), *flags]) == 0
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert json.loads((out / "summary.json").read_text())["boosted_rounds"]
-    credited_before: set[int] = set()  # nodes whose last reply the server's reactions act on
+    credited_before: set[int] = set()  # nodes whose last reply reported drift and was credited
     detected_before: set[int] = set()  # nodes whose own detector fired in their last reply
     since_report: dict[int, int] = {}  # node -> its replies since its last credited report
     quorum_rounds = 0
     for previous, current in zip(rounds, rounds[1:]):
-        share = sum(c.get("drift-credited", 0) for c in previous["clients"]) / len(previous["clients"])
+        share = sum(c.get("drift-credited", 0) * c["drift-detected"] for c in previous["clients"]) / len(previous["clients"])
         if share >= 0.4:
             quorum_rounds += 1
             assert len(current["clients"]) == 5  # a drift quorum makes the server sample everyone
@@ -73,7 +73,7 @@ def test_reactions_follow_detected_drift(tmp_path):
             assert c["lr"] == pytest.approx(0.1 if c["node"] in detected_before else 0.05)  # the client's own lr boost
             credited_before.discard(c["node"])
             detected_before.discard(c["node"])
-            if c.get("drift-credited"):
+            if c.get("drift-credited") and c["drift-detected"]:  # the rounds that follow one do not count here
                 credited_before.add(c["node"])
             if c["drift-detected"]:
                 detected_before.add(c["node"])

@@ -194,3 +194,33 @@ def test_a_late_switcher_whose_accuracy_did_not_fall_is_credited_within_a_wave_o
     assert credit.judge(4, 2, {**report, "pre-acc": 0.93})["drift-credited"] == 1
     # node 3 reports four rounds after the last fall: no wave vouches for it
     assert credit.judge(6, 3, {**report, "pre-acc": 0.94})["drift-credited"] == 0
+
+
+
+def test_a_round_of_one_sample_is_no_input_shift():
+    one = _evidence(0.8, 1, seed=0, n=1)
+    assert one.input_var == 0.0
+    assert not round_drift("input-shift", _evidence(0.8, 1, seed=1), one, margin=0.1)
+    assert not round_drift("input-shift", one, _evidence(0.2, 1, seed=2), margin=0.1)
+
+
+def test_a_refused_report_keeps_following_and_a_node_cannot_vouch_for_itself_or_credit_itself():
+    credit = DriftCredit(evidence=0.1, follow_rounds=3)
+    quiet, report = {"num-examples": 10, "drift-detected": 0}, {"num-examples": 10, "drift-detected": 1}
+    credit.judge(1, 1, {**quiet, "pre-acc": 0.95})
+    credit.judge(1, 2, {**quiet, "pre-acc": 0.95})
+    assert credit.judge(2, 1, {**report, "pre-acc": 0.1})["drift-credited"] == 1
+    # reported again while recovering: over the median (node 2 has none), refused, but still followed
+    assert credit.judge(3, 1, {**report, "pre-acc": 0.3})["drift-credited"] == 1 and credit.credits[1] == 1
+    # its own fall in round 2 does not vouch for its next report without a fall
+    credit.recovering.clear()
+    assert credit.judge(4, 1, {**report, "pre-acc": 0.3})["drift-credited"] == 0
+    # a client cannot award itself the credit
+    assert "drift-credited" not in credit.judge(5, 2, {**quiet, "pre-acc": 0.95, "drift-credited": 1})
+
+
+def test_weight_shares_are_recorded_only_where_the_rule_weighs_every_reply():
+    from server.robust import AggregationRule
+
+    assert AggregationRule("fedavg").weighs_replies and AggregationRule("clip", clip_norm=1.0).weighs_replies
+    assert not any(AggregationRule(name).weighs_replies for name in ("median", "trimmed-mean", "multikrum"))
