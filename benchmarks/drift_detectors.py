@@ -10,7 +10,7 @@ recall within 1 and 2 rounds, mean delay, false alarms per run and per 100 clien
 precision. Label-free tests are listed apart: they work where labels arrive late.
 
 Also a sanity check of River's detectors on synthetic error streams with known change points
-(abrupt and gradual), as River's own drift tests use them.
+(abrupt and gradual Bernoulli error streams, generated here).
 
 Usage: python benchmarks/drift_detectors.py --data-dir ../shared/datasets [--seeds 3]
        [--scenarios async-split,rotated,dataset-switch,concept] [--json] [--synthetic-only]
