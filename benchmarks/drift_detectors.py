@@ -37,8 +37,11 @@ from rich.table import Table  # noqa: E402
 import client.app as client_app  # noqa: E402
 import client.rounds as client_rounds  # noqa: E402
 from client.drift import DriftMonitor  # noqa: E402
-from client.drift_signals import LABEL_FREE, ROUND_LEVEL, RoundEvidence, gather_evidence, round_drift  # noqa: E402
+from client.drift_signals import (  # noqa: E402
+    LABEL_FREE, SHIFT_THRESHOLD, RoundEvidence, gather_evidence, input_shift_ratio, round_drift,
+)
 from common.config import RunConfig  # noqa: E402
+from common.sections import ROUND_DETECTORS  # noqa: E402
 from common.scenarios import build_scenario  # noqa: E402
 from common.stream_metrics import score_detections  # noqa: E402
 from fedtide.presets import preset_settings  # noqa: E402
@@ -100,7 +103,7 @@ class Recorder:
 def decisions(stream: list[dict], detector: str, parameter: float) -> list[bool]:
     """The candidate's drift decision in each of one client's rounds, replayed in order."""
     out = []
-    if detector in ROUND_LEVEL:
+    if detector in ROUND_DETECTORS:
         before = None
         for entry in stream:
             out.append(round_drift(detector, before, entry["evidence"], parameter))
@@ -161,7 +164,8 @@ def fresh_sample_check(scenario: str, seed: int, data_dir: str, spread: int) -> 
     """The input-shift test where every round brings new samples (an edge client's inbox), not
     the same task data again (the simulation): each round's evidence is 256 samples drawn
     afresh from the client's data of its current task. Scored like the runs; no training
-    (the test reads only the inputs)."""
+    (the test reads only the inputs). Also the input-shift ratio's largest value between two
+    rounds of one task and its smallest across a switch (the threshold lies between them)."""
     preset, changes = SCENARIOS[scenario]
     settings = preset_settings(preset)
     settings.update(data_dir=data_dir, async_spread=spread, seed=seed, **changes)
@@ -180,7 +184,12 @@ def fresh_sample_check(scenario: str, seed: int, data_dir: str, spread: int) -> 
             streams.setdefault(partition, []).append(
                 {"round": server_round, "task": task, "errors": None,
                  "evidence": gather_evidence(model, sample, torch.device("cpu"))})
-    return score(streams, "input-shift", 0.0)
+    found = score(streams, "input-shift", 0.0)
+    pairs = [(a["task"] == b["task"], input_shift_ratio(a["evidence"], b["evidence"]))
+             for stream in streams.values() for a, b in zip(stream, stream[1:])]
+    found["same_task_max_ratio"] = max(r for same, r in pairs if same)
+    found["switch_min_ratio"] = min((r for same, r in pairs if not same), default=None)
+    return found
 
 
 def synthetic_check(seeds: int) -> list[dict]:
@@ -190,7 +199,7 @@ def synthetic_check(seeds: int) -> list[dict]:
     rows = []
     for kind in ("abrupt", "gradual"):
         for name, detector, parameter in CANDIDATES:
-            if detector in ROUND_LEVEL:
+            if detector in ROUND_DETECTORS:
                 continue
             found = early = 0
             delays = []
@@ -285,6 +294,11 @@ def _print_scenario(console: Console, scenario: str, rows: dict, seeds: int, spr
                       f"{100 * r['recall2']:.1f}", f"{r['delay']:.2f}", f"{r['false_alarms']:.1f}",
                       f"{r['false_per_100']:.2f}", "-" if r["precision"] is None else f"{100 * r['precision']:.1f}")
     console.print(table)
+    fresh = rows.get("input-shift, fresh samples")
+    if fresh:
+        console.print(f"input-shift on fresh samples: largest ratio between two rounds of one task "
+                      f"{fresh['same_task_max_ratio']:.2f}, smallest across a switch {fresh['switch_min_ratio']:.2f} "
+                      f"(means over seeds; the threshold is {SHIFT_THRESHOLD:g})")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,8 @@ from common.sections import ROUND_DETECTORS
 
 EVIDENCE_SAMPLES = 256
 Z = 3.0  # one-sided, ~1 false alarm in 740 stationary rounds from sampling noise alone
-SHIFT_THRESHOLD = 6.0  # input-shift ratio: about 1 when nothing changed (max 3.1 in 1,000 MNIST draws)
+SHIFT_THRESHOLD = 6.0  # input-shift ratio: about 1 when nothing changed (see benchmarks/drift_detectors.py)
 MIN_SHIFT_SAMPLES = 32  # fewer samples than this in either round: their variance says too little
-ROUND_LEVEL = ROUND_DETECTORS
 LABEL_FREE = ("confidence-drop", "input-shift")
 
 
@@ -154,4 +153,4 @@ def round_drift(detector: str, before: RoundEvidence | None, now: RoundEvidence 
         return confidence_fell(before, now, margin)
     if detector == "input-shift":
         return input_shift_ratio(before, now) > SHIFT_THRESHOLD
-    raise ValueError(f"'{detector}' is not a round-level drift test")
+    raise ValueError(f"'{detector}' is not a round-level drift test: use one of {', '.join(ROUND_DETECTORS)}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from client.drift import DriftMonitor
-from client.drift_signals import ROUND_LEVEL, RoundEvidence, gather_evidence, round_drift
+from client.drift_signals import RoundEvidence, gather_evidence, round_drift
 from client.learner import LocalTraining, TrainStats, train_local
 from client.lr_schedule import PLATEAU_KEY, round_lr, update_plateau
 from common.evaluation import accuracy
@@ -25,7 +25,7 @@ from common.devices import resolve_device
 from common.errors import FedtideError
 from common.models import build_model
 from common.scenarios import build_scenario
-from common.sections import DriftSettings
+from common.sections import ROUND_DETECTORS, DriftSettings
 from common.seeding import derive_seed
 from common.weights import freeze
 
@@ -166,7 +166,7 @@ def check_drift(
     if drift.drift_detector == "none":
         return DriftCheck([], {})
     saved = {k[len(DRIFT_PREFIX):]: v for k, v in state.items() if k.startswith(DRIFT_PREFIX)}
-    if drift.drift_detector in ROUND_LEVEL:
+    if drift.drift_detector in ROUND_DETECTORS:
         if evidence is None:  # nothing new: the comparison waits for the next new data
             return DriftCheck([], {DRIFT_PREFIX + k: v for k, v in saved.items()})
         before = RoundEvidence.from_state(saved, evidence.input_mean.numel())
@@ -198,7 +198,7 @@ def _follow(drift: DriftSettings, saved: torch.Tensor | None, fell_from: RoundEv
         return torch.tensor([fell_from.accuracy, drift.drift_follow_rounds], dtype=torch.float64)
     if saved is None or saved.shape != (2,) or not torch.isfinite(saved).all():
         return None
-    level, left = float(saved[0]), int(saved[1])
+    level, left = float(saved[0]), min(int(saved[1]), drift.drift_follow_rounds)
     if left <= 0 or now.accuracy >= level - drift.drift_margin:
         return None
     return torch.tensor([level, left - 1], dtype=torch.float64)

@@ -27,8 +27,7 @@ ROUND_DETECTORS = ("accuracy-or-inputs", "accuracy-drop", "confidence-drop", "in
 DRIFT_DETECTORS = (*RIVER_DETECTORS, *ROUND_DETECTORS, "none")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
 ATTACKS = ("none", "sign-flip", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip",
-           "replace", "backdoor", "drift-liar", "drift-faker",
-           "drift-follower")
+           "replace", "backdoor", "drift-liar", "drift-faker", "drift-follower")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common.config import EPOCH_BOOST_KEY
-from server.drift_credit import CREDIT_KEY
+from server.drift_credit import CREDIT_KEY, REPORT_KEY
 from server.validation import METRICS_KEY
 
 ARRAYS_KEY, CONFIG_KEY = "arrays", "config"
@@ -67,7 +67,7 @@ def _reaction_due(content: RecordDict) -> bool:
 def _credited_report(content: RecordDict) -> bool:
     """Whether the reply reports drift and the server credited the report."""
     metrics = content.metric_records[METRICS_KEY]
-    return metrics.get(CREDIT_KEY, 0) == 1 and metrics.get("drift-detected", 0) == 1
+    return metrics.get(CREDIT_KEY, 0) == 1 and metrics.get(REPORT_KEY, 0) == 1
 
 
 class DriftWeighting(RoundHook):

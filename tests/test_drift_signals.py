@@ -224,3 +224,16 @@ def test_weight_shares_are_recorded_only_where_the_rule_weighs_every_reply():
 
     assert AggregationRule("fedavg").weighs_replies and AggregationRule("clip", clip_norm=1.0).weighs_replies
     assert not any(AggregationRule(name).weighs_replies for name in ("median", "trimmed-mean", "multikrum"))
+
+
+def test_a_follow_state_from_disk_never_outlasts_the_setting():
+    settings = DriftSettings(drift_detector="accuracy-drop", drift_follow_rounds=2)
+    low = RoundEvidence(256, 0.1, 0.9, torch.zeros(3), 0.1)
+    state = {**low.as_state(), "follow": torch.tensor([0.95, 1e12], dtype=torch.float64)}  # tampered: 10^12 rounds
+    state = {DRIFT_PREFIX + k: v for k, v in state.items()}
+    followed = []
+    for _ in range(4):
+        check = check_drift(settings, state, torch.zeros(0), low)
+        followed.append(check.recovering)
+        state = check.state
+    assert followed == [True, True, False, False]
