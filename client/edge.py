@@ -168,9 +168,9 @@ def learn_round(
 
 
 def replay_memory(methods: list[Method]) -> LabelledSplit | None:
-    """The samples in the replay memory, or None when there is no replay or it is empty."""
+    """The samples replay keeps (its memory and the current task's stage), or None when there is
+    no replay or it keeps none."""
     for method in methods:
-        if isinstance(method, Replay) and len(method.buffer) > 0:
-            saved = method.buffer.state()
-            return LabelledSplit(saved["x"], saved["y"])
+        if isinstance(method, Replay) and (kept := method.all_samples()) is not None:
+            return LabelledSplit(kept[0].clone(), kept[1].clone())
     return None

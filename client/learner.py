@@ -96,6 +96,8 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            for method in methods:
+                method.after_step(model)
             steps += 1
             loss_sum += float(loss.detach())
             if epoch == 0:

@@ -223,11 +223,19 @@ def train_and_react(
     ``stream`` is False when the data is not the stream (an edge client retraining on its
     memory): then neither its errors nor its evidence may move the detector."""
     evidence = gather_evidence(model, plan.data, device) if stream and config.drift.drift_detector != "none" else None
+    # a round-level test reads only the evidence: its verdict is known before training, so the
+    # methods see a drift at the very samples it is at; a River detector's comes after, a round late
+    early = check_drift(config.drift, state, torch.zeros(0, dtype=torch.uint8), evidence) \
+        if config.drift.drift_detector in ROUND_DETECTORS else None
+    if stream:
+        drifted = bool(early.positions) if early is not None else drifted_last_round(state)
+        for method in methods:
+            method.start_data(model, plan.data, drifted)
     stats = train_local(model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr), plan.generator, device,
                         observe=observe)
     if not stream:
         stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
-    drift = check_drift(config.drift, state, stats.errors, evidence)
+    drift = early if early is not None else check_drift(config.drift, state, stats.errors, evidence)
     if (drift.positions or drift.recovering) and config.drift.react_extra_epochs > 0:
         extra = train_local(
             model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr, epochs=config.drift.react_extra_epochs),

@@ -23,6 +23,11 @@ SHAPE = (1, 8, 8)
 CLASSES = 10
 
 
+def offered(state: dict[str, torch.Tensor]) -> int:
+    """Samples offered to replay so far: its memory's and the current task's stage's."""
+    return int(state["replay.seen"]) + int(state.get("replay.stage.seen", 0))
+
+
 @pytest.fixture
 def config() -> RunConfig:
     return RunConfig.of(hidden="16", local_epochs=1, batch_size=16, memory_size=50, quiet=True)
@@ -74,7 +79,7 @@ def test_each_file_is_consumed_once_across_rounds(config, weights, inbox, tmp_pa
     arrive(inbox, "b.npz", *samples(12, 2), mtime=200)
     second = run(config, first.weights, inbox, state, 2)
     assert (second.metrics["new-files"], second.metrics["new-examples"]) == (1, 12)
-    assert int(second.state["replay.seen"]) == 32  # each new sample offered to the memory once
+    assert offered(second.state) == 32  # each new sample offered to the memory once
     _, ledger = ClientStateStore(state).load()
     assert [(e["name"], e["round"], e["samples"]) for e in ledger] == [("a.npz", 1, 20), ("b.npz", 2, 12)]
 
@@ -176,11 +181,12 @@ def test_state_and_ledger_survive_a_restart(config, weights, inbox, tmp_path):
     first = run(config, weights, inbox, state, 1)
     tensors, ledger = ClientStateStore(state).load()  # a new process would see this
     assert set(tensors) == set(first.state)
-    assert torch.equal(tensors["replay.x"], first.state["replay.x"]) and len(tensors["replay.y"]) == 30
+    # the first task's samples wait in the stage (memory-fill boundary) until the client sees it end
+    assert torch.equal(tensors["replay.stage.x"], first.state["replay.stage.x"]) and len(tensors["replay.stage.y"]) == 30
     assert [e["name"] for e in ledger] == ["a.npz"]
     again = run(config, first.weights, inbox, state, 2)  # restarted: nothing new, memory only
     assert again.metrics["new-files"] == 0 and again.metrics["num-examples"] == 30
-    assert torch.equal(again.state["replay.x"], first.state["replay.x"])
+    assert torch.equal(again.state["replay.stage.x"], first.state["replay.stage.x"])
     assert len(ClientStateStore(state).load()[1]) == 1
 
 
@@ -206,7 +212,7 @@ def test_a_corrupt_state_file_is_moved_aside_and_the_client_starts_clean(config,
     assert [p.name.startswith(f"{STATE_FILE}.corrupt-") for p in state.iterdir() if p.name != LOCK_FILE] == [True]
     assert "checksum" in caplog.text
     clean = run(config, weights, inbox, state, 2)  # the ledger is gone: a.npz is new again
-    assert clean.metrics["new-files"] == 1 and int(clean.state["replay.seen"]) == 20
+    assert clean.metrics["new-files"] == 1 and offered(clean.state) == 20
 
 
 def test_a_state_file_that_is_not_safetensors_is_moved_aside(tmp_path):
@@ -258,7 +264,7 @@ def test_a_memory_only_round_trains_without_feeding_the_drift_detector(config, w
     assert drift_keys and drift_keys == {k for k in memory_round.state if k.startswith("drift.")}
     assert all(torch.equal(memory_round.state[k], first.state[k]) for k in drift_keys)
     assert "pre-acc" in first.metrics and "pre-acc" not in memory_round.metrics  # nothing new to judge the model on
-    assert int(memory_round.state["replay.seen"]) == 30
+    assert offered(memory_round.state) == 30
 
 
 def test_a_drift_last_round_makes_a_task_boundary(config, weights, inbox, tmp_path):

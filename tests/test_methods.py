@@ -60,7 +60,7 @@ def test_lwf_penalty_is_zero_when_student_equals_teacher():
 
 
 def _dark_replay_after_one_task(model, data):
-    der = DarkReplay(capacity=20, seed=0, weight=1.0)
+    der = DarkReplay(capacity=20, seed=0, weight=1.0, policy="reservoir", fill="stream")
     der.observe(data.x, data.y)
     der.start_task(model, data)  # the task ends: its memories take the model's logits
     return der
@@ -96,7 +96,7 @@ def test_der_penalty_is_zero_at_the_stored_logits_and_positive_away():
 
 def test_der_memories_without_logits_count_only_by_their_label():
     model, data = _model_and_data()
-    der = DarkReplay(capacity=20, seed=0, weight=1.0)
+    der = DarkReplay(capacity=20, seed=0, weight=1.0, fill="stream")
     der.observe(data.x, data.y)  # the first task is still running: no logits yet
     x, _ = der.extend_batch(data.x[:8], data.y[:8])
     assert der.penalty(model, x, model(x)) is None
@@ -106,7 +106,7 @@ def test_der_state_round_trips_memories_and_logits():
     model, data = _model_and_data()
     der = _dark_replay_after_one_task(model, data)
     der.observe(data.x + 1.0, data.y)
-    restored = DarkReplay(capacity=20, seed=0, weight=1.0)
+    restored = DarkReplay(capacity=20, seed=0, weight=1.0, policy="reservoir", fill="stream")
     restored.load_state(der.state(), torch.device("cpu"))
     assert torch.equal(restored.buffer.x, der.buffer.x)
     assert torch.equal(restored.known, der.known)

@@ -60,7 +60,7 @@ def test_random_shifts_move_each_image_by_at_most_the_given_offset():
 def test_replay_shift_moves_the_replayed_memories_and_leaves_new_samples_alone():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(30, 1, 8, 8, generator=g), torch.randint(0, 10, (30,), generator=g)
-    replay = Replay(capacity=30, seed=0, shift=1)
+    replay = Replay(capacity=30, seed=0, shift=1, fill="stream")
     replay.observe(x, y)
     new_x, new_y = x[:10] + 5.0, y[:10]
     batch_x, batch_y = replay.extend_batch(new_x, new_y)
@@ -80,7 +80,7 @@ def test_replay_shift_is_refused_where_it_means_nothing():
         config_from_args(build_parser().parse_args(["simulate", "--method", "naive", "--replay-shift", "2"]))
     with pytest.raises(FedtideError, match="permuted"):
         RunConfig.of(method="der", replay_shift=2, scenario="domain-incremental", domain_transform="permutation")
-    on_vectors = Replay(capacity=4, seed=0, shift=1)  # e.g. an edge client fed flat feature rows
+    on_vectors = Replay(capacity=4, seed=0, shift=1, fill="stream")  # e.g. an edge client fed flat feature rows
     on_vectors.observe(torch.rand(4, 64), torch.zeros(4, dtype=torch.long))
     with pytest.raises(FedtideError, match="replay-shift"):
         on_vectors.extend_batch(torch.rand(2, 64), torch.zeros(2, dtype=torch.long))
@@ -100,7 +100,7 @@ def test_a_memory_restored_into_a_larger_capacity_holds_no_blank_samples():
 def test_replay_shift_changes_how_memories_look_not_which_are_kept_or_replayed():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(60, 1, 8, 8, generator=g), torch.randint(0, 10, (60,), generator=g)
-    plain, shifted = Replay(capacity=20, seed=3), Replay(capacity=20, seed=3, shift=2)
+    plain, shifted = Replay(capacity=20, seed=3, fill="stream"), Replay(capacity=20, seed=3, shift=2, fill="stream")
     for start in range(0, 60, 10):
         for replay in (plain, shifted):
             if len(replay.buffer):

@@ -4,8 +4,12 @@ A method may
 - ``start_task``: consolidate when the client moves to a new task (EWC computes the
   Fisher of the old task, LwF freezes the old model as teacher);
 - ``start_round``: see the global model the server just sent (FedProx keeps it);
+- ``start_data``: see the round's new samples before training on them, and whether the
+  client's drift detector found a drift there (replay filled at a boundary moves the finished
+  task's samples into its memory; SI and MAS consolidate; MAS measures);
 - ``extend_batch``: add samples to a batch (replay mixes in memories);
-- ``penalty``: add a term to the loss (EWC, LwF, FedProx);
+- ``penalty``: add a term to the loss (EWC, SI, MAS, LwF, FedProx);
+- ``after_step``: see each optimizer step (SI's path integral);
 - ``observe``: see each new sample once, after it was trained on (replay stores it).
 Methods compose: ``replay+ewc`` with ``--prox-mu 0.01`` runs all three hooks on one loop.
 Each method's state is a flat dict of tensors, so it can live in memory or on disk.
@@ -61,11 +65,18 @@ class Method:
     def start_round(self, model: nn.Module) -> None:
         pass
 
+    def start_data(self, model: nn.Module, data: LabelledSplit, drifted: bool) -> None:
+        """Before training on a round's new samples ``data``, with the received model;
+        ``drifted``: the client's detector found a drift at them."""
+
     def extend_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
 
     def penalty(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
         return None
+
+    def after_step(self, model: nn.Module) -> None:
+        """After each optimizer step (gradients still on the parameters); SI integrates here."""
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
         pass

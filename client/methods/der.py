@@ -19,7 +19,7 @@ class DarkReplay(Replay):
 
     Logits are taken when a task ends, from the model the client starts the next task
     with: the global model after the task's last round, which learned it from every
-    client. (DER proper keeps the logits seen when a sample arrived; in a federation that
+    client (with the memory filled at a boundary: when the task's samples join the memory). (DER proper keeps the logits seen when a sample arrived; in a federation that
     is the model before it learned the new task, whose outputs on it are poor.) Memories
     of the task still running have no logits yet and only their labels count.
 
@@ -47,17 +47,30 @@ class DarkReplay(Replay):
     @classmethod
     def from_options(cls, options, seed, lr):
         return cls(options["memory-size"], seed, options["der-alpha"], options["replay-ratio"],
-                   options["replay-loss"] == "ace", options["replay-shift"])
+                   options["replay-loss"] == "ace", options["replay-shift"], options["memory-policy"],
+                   options["memory-fill"])
 
     def __init__(
-        self, capacity: int, seed: int, weight: float, ratio: float = 1.0, asymmetric: bool = False, shift: int = 0
+        self, capacity: int, seed: int, weight: float, ratio: float = 1.0, asymmetric: bool = False, shift: int = 0,
+        policy: str = "class-balanced", fill: str = "boundary",
     ) -> None:
-        super().__init__(capacity, seed, ratio, asymmetric, shift)
+        super().__init__(capacity, seed, ratio, asymmetric, shift, policy, fill)
         self.weight = weight
         self.logits: torch.Tensor | None = None  # [capacity, classes], by buffer slot
         self.known = torch.zeros(capacity, dtype=torch.bool)  # slots whose logits are set
 
     def start_task(self, model, previous):
+        self._label(model)
+
+    def end_stage(self, model):
+        written = super().end_stage(model)
+        if written:
+            self.known[written] = False
+            self._label(model)
+        return written
+
+    def _label(self, model) -> None:
+        """Store the model's logits for the memories that have none."""
         pending = (~self.known[: len(self.buffer)]).nonzero().flatten()
         if len(pending) == 0 or self.buffer.x is None:
             return
@@ -84,6 +97,9 @@ class DarkReplay(Replay):
         return self.weight * F.mse_loss(replayed, target)
 
     def observe(self, x, y):
+        if self.stage is not None:
+            self.stage.add(x, y)  # logits come when they join the memory
+            return
         written = self.buffer.add(x, y)
         if written:
             self.known[written] = False
@@ -108,3 +124,5 @@ class DarkReplay(Replay):
             self.logits = torch.zeros((self.buffer.capacity, stored.shape[1]))
             keep = min(len(stored), self.buffer.capacity)
             self.logits[:keep] = stored[:keep]
+        if self.moved_on_load:
+            self.known[self.moved_on_load] = False
