@@ -149,6 +149,11 @@ class MethodSettings:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("MethodSettings is frozen")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt through __init__ (pickle would set the slots one by one, which is refused):
+        # how a config reaches the processes of ``fedtide bench --jobs N`` and of worker pools
+        return (MethodSettings, (self.method, dict(self.given)))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MethodSettings) and (self.method, self.given) == (other.method, other.given)
 

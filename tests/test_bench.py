@@ -86,3 +86,18 @@ def test_bench_without_its_data_stops_before_any_run(tmp_path, capsys, monkeypat
     assert main(["bench", "--scenario", "split-mnist", "--out", str(out)]) == 2
     assert "fedtide download mnist" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cells_run_in_parallel_processes_with_jobs(tmp_path):
+    # each cell's settings cross to a spawned process: they must survive pickling as they are
+    import pickle
+
+    from common.config import RunConfig
+
+    config = RunConfig.of(method="replay+ewc", memory_size=50, ewc_lambda=3.0)
+    assert pickle.loads(pickle.dumps(config)) == config
+    out = tmp_path / "bench"
+    assert main(["bench", "--methods", "naive,replay", "--references", "none", "--jobs", "2", "--out", str(out),
+                 *TINY]) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["label"] for r in rows] == ["naive", "replay"]

@@ -72,9 +72,9 @@ class DeepGenerativeReplay(Method):
     name = "dgr"
     order = 15  # where its hooks run among the methods': after replay would, before penalties
     settings = (
-        Setting("dgr-hidden", int, 400, "dgr: the generator's hidden width", minimum=8, maximum=MAX_GENERATOR_WIDTH),
-        Setting("dgr-latent", int, 32, "dgr: the generator's latent dimensions", minimum=2, maximum=512),
-        Setting("dgr-lr", float, 1e-3, "dgr: the generator's Adam learning rate", minimum=0, above=True),
+        Setting("dgr-hidden", int, 200, "dgr: the generator's hidden width", minimum=8, maximum=MAX_GENERATOR_WIDTH),
+        Setting("dgr-latent", int, 16, "dgr: the generator's latent dimensions", minimum=2, maximum=512),
+        Setting("dgr-lr", float, 3e-3, "dgr: the generator's Adam learning rate", minimum=0, above=True),
         Setting("dgr-distill", float, 1.0, "dgr: weight of distilling the old model's outputs on generated samples "
                 "(0: their labels alone)", minimum=0),
     )
@@ -88,7 +88,7 @@ class DeepGenerativeReplay(Method):
     def from_options(cls, options, seed, lr):
         return cls(seed, options["dgr-hidden"], options["dgr-latent"], options["dgr-lr"], options["dgr-distill"])
 
-    def __init__(self, seed: int, hidden: int = 400, latent: int = 32, lr: float = 1e-3, distill: float = 1.0) -> None:
+    def __init__(self, seed: int, hidden: int = 200, latent: int = 16, lr: float = 3e-3, distill: float = 1.0) -> None:
         self.seed, self.hidden, self.latent, self.lr, self.distill = seed, hidden, latent, lr, distill
         self.boundary = TaskBoundary()
         self.generator: ConditionalVAE | None = None  # learning now
