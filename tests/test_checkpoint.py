@@ -195,8 +195,10 @@ def test_our_round_loop_computes_what_flowers_strategy_start_does(tmp_path):
 
 
 def test_a_fresh_run_gives_the_figures_it_gave_before_checkpoints(tmp_path):
-    """Measured before checkpoints and our round loop existed (fedadam, 2 tasks x 2 rounds)."""
-    summary = run_inprocess(RunConfig.of(num_tasks=2, rounds_per_task=2, strategy="fedadam", quiet=True, out=str(tmp_path)))
+    """Measured before checkpoints and our round loop existed (fedadam, 2 tasks x 2 rounds;
+    replay's memory as it was then: a reservoir of the stream)."""
+    summary = run_inprocess(RunConfig.of(num_tasks=2, rounds_per_task=2, strategy="fedadam", quiet=True, out=str(tmp_path),
+                                         memory_policy="reservoir", memory_fill="stream"))
     assert summary["acc"] == pytest.approx(0.46944444444444444, abs=1e-9)
     assert summary["bwt"] == pytest.approx(0.12777777777777777, abs=1e-9)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-2:] == ["round-000004.json", "round-000004.safetensors"]

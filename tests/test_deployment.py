@@ -23,6 +23,11 @@ SAMPLES = (150, 120)  # per client: tells their replies apart
 ROUND_TIMEOUT = 45  # the longest a round waits; it ends as soon as both replied or failed
 
 
+
+def kept_samples(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every sample replay keeps: its memory's, then its stage's (the running task's)."""
+    return torch.cat([state[k] for k in ("replay.x", "replay.stage.x") if k in state])
+
 def _completed_rounds(run) -> int:
     metrics = run / "metrics.jsonl"
     return len(metrics.read_text().splitlines()) if metrics.exists() else 0
@@ -66,7 +71,7 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
         # a new file arrives at client 1 while the run goes on
         wait_for(lambda: _completed_rounds(run) >= 1, 180, "round 1")
         drop_file(data[0], "batch-1.npz", *digits_arrays(seed=7, count=SAMPLES[0]))
-        memory_before = read_state(state[1])["replay.x"].clone()
+        memory_before = kept_samples(read_state(state[1])).clone()
         # client 2 is training round 2: kill it outright, then start it again on the same state
         wait_for(lambda: not sessions[2].running_clientapp(), 60, "client 2's round 1 to end", every=0.1)
         wait_for(sessions[2].running_clientapp, 120, "client 2 training round 2", every=0.1)
@@ -101,8 +106,8 @@ def test_server_and_two_clients_learn_from_arriving_files_and_survive_a_client_k
     ledger_2 = read_ledger(state[1])
     assert [(e["name"], e["round"]) for e in ledger_2] == [("batch-0.npz", 1)]  # not consumed again after the restart
     after = read_state(state[1])
-    assert int(after["replay.seen"]) == SAMPLES[1]
-    assert torch.equal(after["replay.x"], memory_before)  # the memory survived the SIGKILL
+    assert int(after["replay.seen"]) + int(after.get("replay.stage.seen", 0)) == SAMPLES[1]
+    assert torch.equal(kept_samples(after), memory_before)  # the memory survived the SIGKILL
     trained_after_restart = [
         line["round"] for line in lines[2:] if any(c["num-examples"] == SAMPLES[1] for c in line["clients"])
     ]

@@ -45,7 +45,8 @@ def test_an_edge_node_trains_on_its_inbox_and_keeps_state_on_disk(tmp_path, caps
     assert (metrics["num-examples"], metrics["new-files"], metrics["new-examples"]) == (24, 1, 24)
     assert len(grid.contexts[1].state) == 0  # nothing in memory: a restarted SuperNode loses nothing
     tensors, ledger = ClientStateStore(state).load()
-    assert [e["name"] for e in ledger] == ["a.npz"] and int(tensors["replay.seen"]) == 24
+    # the first task's samples wait in replay's stage until the client sees that task end
+    assert [e["name"] for e in ledger] == ["a.npz"] and int(tensors["replay.stage.seen"]) == 24
     assert "round 1: 1 new file(s), 24 new samples" in capsys.readouterr().err
 
     second = _train(grid, config, 2)  # no new file: rehearses its memory

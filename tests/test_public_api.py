@@ -29,7 +29,8 @@ def test_the_continual_learner_trains_keeps_its_memory_on_disk_and_refuses_bad_s
     assert first.metrics["num-examples"] == int((y < 2).sum()) and 0 <= first.metrics["prequential-acc"] <= 1
     assert learner.evaluate(first.weights, x[y < 2], y[y < 2])["eval-acc"] > max(before, 0.9)
     again = fedtide.ContinualLearner(settings, input_shape=(1, 8, 8), num_classes=10, state_dir=tmp_path)
-    assert torch.equal(again.state["replay.x"], learner.state["replay.x"])  # a restarted device keeps its memory
+    # a restarted device keeps its memory (the running task's samples wait in replay's stage)
+    assert torch.equal(again.state["replay.stage.x"], learner.state["replay.stage.x"])
     memory_only = again.train(first.weights, None, None, server_round=2)  # nothing new: the memory alone
     assert memory_only.metrics["new-examples"] == 0 and memory_only.metrics["num-examples"] == 50
     with pytest.raises(fedtide.FedtideError, match="label"):

@@ -52,7 +52,8 @@ class ImportanceMethod(Method):
             omega, anchor = self.omega.get(name), self.anchor.get(name)
             if omega is None or anchor is None or omega.shape != param.shape or anchor.shape != param.shape:
                 continue  # not this model's (a state of other settings): no pull rather than a crash
-            coefficient = (self.strength * omega.to(param.device)).clamp(max=self.max_coefficient)
+            # the penalty's gradient is 2 c (theta - anchor): half the cap keeps a step from overshooting
+            coefficient = (self.strength * omega.to(param.device)).clamp(max=self.max_coefficient / 2)
             total = total + (coefficient * (param - anchor.to(param.device)) ** 2).sum()
         return total
 

@@ -14,8 +14,8 @@ MEASURE_SAMPLES = 256  # the round's new samples MAS measures its importance on
 
 @register_method
 class MemoryAwareSynapses(ImportanceMethod):
-    """Memory aware synapses (Aljundi et al., ECCV 2018): a weight's importance is the mean
-    absolute gradient of the squared L2 norm of the model's output, how much the function the
+    """Memory aware synapses (Aljundi et al., ECCV 2018): a weight's importance is the
+    absolute gradient of the L2 norm of the model's output (mean over samples), how much the function the
     model computes changes when that weight moves; no label is needed. Each round, before it
     trains, the client measures it with the received model on up to ``MEASURE_SAMPLES`` of the
     round's new samples; at a task boundary the mean over the task's rounds joins the
@@ -64,15 +64,16 @@ class MemoryAwareSynapses(ImportanceMethod):
 
 
 def output_sensitivity(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean over ``x`` of |d ||model(x)||^2 / d theta| per parameter (one batched backward of
-    the summed norms gives the mean's gradient, not the mean of absolute gradients; MAS's
-    own implementation does the same over a batch)."""
+    """|d mean ||model(x)|| / d theta| per parameter, over ``x``: the L2 norm of the output,
+    not its square, whose gradients grow with the logits' scale and stiffen every weight at
+    once. One batched backward gives the gradient of the mean, not the mean of per-sample
+    absolute gradients, as MAS's own implementation does per batch."""
     was_training = model.training
     model.eval()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     device = next(model.parameters()).device
     out = model(x.to(device))
-    norms = (out**2).sum(dim=1).mean()
+    norms = out.norm(dim=1).mean()
     grads = torch.autograd.grad(norms, [p for _, p in params])
     model.train(was_training)
     return {n: g.detach().abs().cpu() for (n, _), g in zip(params, grads)}
