@@ -24,9 +24,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:D
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A real run folder: 8x8 digits in 2 tasks, one round each (a few seconds)."""
+    """A real run folder: 8x8 digits in 2 tasks, two rounds of two epochs each (a few seconds;
+    enough that the model knows both tasks: a memory filled at a task's end replays the old
+    task against the new one, which then takes more than one short round to learn)."""
     out = tmp_path_factory.mktemp("export") / "run"
-    run_inprocess(RunConfig.of(num_tasks=2, rounds_per_task=1, local_epochs=1, out=str(out), quiet=True))
+    run_inprocess(RunConfig.of(num_tasks=2, rounds_per_task=2, local_epochs=2, out=str(out), quiet=True))
     return out
 
 
