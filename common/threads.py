@@ -7,8 +7,10 @@ whole run slows several times (measured here: one busy process beside a 2-thread
 several, 25x on a single optimizer step). With passive waiting a finished thread sleeps and
 gives its core back. fedtide chooses passive waiting unless ``OMP_WAIT_POLICY`` is set
 already (``OMP_WAIT_POLICY=ACTIVE`` brings spinning back). OpenMP reads the variable once,
-when torch loads it, so this runs when any of fedtide's packages is imported, before they
-import torch; where torch was imported first (your own program), torch keeps its policy.
+when torch loads it, so this runs when ``common``, ``client`` or ``server`` is imported (every
+fedtide command and app imports one of them before torch); where torch was imported first
+(your own program), torch keeps its policy. The edge SuperNode process, which never loads
+torch, imports none of them.
 """
 
 from __future__ import annotations

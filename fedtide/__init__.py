@@ -21,8 +21,6 @@ package is the command line (``cli``), the runtimes (``runtimes``) and deploymen
 from __future__ import annotations
 
 import importlib
-
-import common  # noqa: F401 - chooses how torch's threads wait, before torch loads (common.threads)
 from typing import Any
 
 __version__ = "0.1.0"
