@@ -36,11 +36,11 @@ def test_si_learns_importance_from_its_own_steps_and_pulls_back_after_a_new_task
     si.start_data(model, second, drifted=False)  # labels it never had: the first task ended
     assert si.omega and all(bool((o >= 0).all()) for o in si.omega.values())
     assert sum(float(o.sum()) for o in si.omega.values()) > 0
-    assert float(si.penalty(model, second.x, model(second.x))) == 0.0  # at the anchor
+    assert float(si.penalty(model, second.x, model(second.x)).detach()) == 0.0  # at the anchor
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05)
-    assert float(si.penalty(model, second.x, model(second.x))) > 0.0
+    assert float(si.penalty(model, second.x, model(second.x)).detach()) > 0.0
 
 
 def test_mas_measures_each_round_and_consolidates_at_a_drift():
@@ -65,7 +65,7 @@ def test_importance_state_survives_a_restart_and_a_tampered_one_does_not_crash()
     bad = {k: (torch.full((3,), float("nan")) if k.startswith("omega.") else v) for k, v in si.state().items()}
     tampered = SynapticIntelligence(strength=1.0)
     tampered.load_state(bad, torch.device("cpu"))
-    assert float(tampered.penalty(model, x, model(x))) == 0.0  # shapes not this model's: no pull, no crash
+    assert float(tampered.penalty(model, x, model(x)).detach()) == 0.0  # shapes not this model's: no pull, no crash
 
 
 def test_si_and_mas_are_methods_a_run_can_name():
