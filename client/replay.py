@@ -59,6 +59,7 @@ class ReplayBuffer:
                 self.x[slot] = x[i]
                 self.y[slot] = y[i]
                 written.append(slot)
+            self._saw(label)
         return written
 
     def _slot_for(self, label: int) -> int:  # noqa: ARG002 - the class-balanced policy reads it
@@ -67,6 +68,13 @@ class ReplayBuffer:
 
     def _store(self, slot: int, label: int) -> None:
         """Bookkeeping before ``slot`` is overwritten by a sample of ``label``."""
+
+    def _saw(self, label: int) -> None:
+        """Bookkeeping after a sample of ``label`` went past, kept or not."""
+
+    def clear(self) -> None:
+        """Forget every sample and count (the storage stays allocated)."""
+        self.filled, self.seen = 0, 0
 
     def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored samples and labels (views), slot order."""
@@ -133,14 +141,12 @@ class ClassBalancedBuffer(ReplayBuffer):
                 previous.remove(slot)
         self._slots.setdefault(label, []).append(slot)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> list[int]:
-        written = []
-        for i in range(x.shape[0]):  # class counts move with each sample: the base loop, one at a time
-            label = int(y[i])
-            before = self.class_seen.get(label, 0)
-            written += super().add(x[i : i + 1], y[i : i + 1])
-            self.class_seen[label] = before + 1  # counted once, whether the sample was kept or not
-        return written
+    def _saw(self, label: int) -> None:
+        self.class_seen[label] = self.class_seen.get(label, 0) + 1
+
+    def clear(self) -> None:
+        super().clear()
+        self.class_seen, self._slots = {}, {}
 
     def state(self) -> dict[str, torch.Tensor]:
         out = super().state()
@@ -162,8 +168,8 @@ class ClassBalancedBuffer(ReplayBuffer):
         if (counts is not None and counts.dim() == 1 and len(counts) <= MAX_CLASSES
                 and not counts.is_floating_point() and bool((counts >= 0).all())):
             for label, n in enumerate(counts.tolist()):
-                if n:  # never fewer than the memory holds: a tampered count cannot starve a class
-                    self.class_seen[label] = max(int(n), self.class_seen.get(label, 0))
+                if n:  # between what the memory holds and all it saw: a tampered count cannot starve a class
+                    self.class_seen[label] = max(min(int(n), self.seen), self.class_seen.get(label, 0))
 
 
 POLICIES = {"class-balanced": ClassBalancedBuffer, "reservoir": ReplayBuffer}
@@ -179,7 +185,7 @@ def merge(memory: ReplayBuffer, staged: ReplayBuffer) -> list[int]:
     keeps each side in proportion to the samples it stands for, a class-balanced memory
     gives the new classes their share. Returns the memory slots written."""
     if len(staged) == 0:
-        staged.seen = 0
+        staged.clear()
         return []
     x, y = staged.samples()
     order = torch.randperm(len(y), generator=memory.generator)
@@ -202,7 +208,5 @@ def merge(memory: ReplayBuffer, staged: ReplayBuffer) -> list[int]:
         memory.filled += len(free)
         written = slots
     memory.seen += staged.seen - (len(y) if isinstance(memory, ClassBalancedBuffer) else 0)
-    staged.filled, staged.seen = 0, 0
-    if isinstance(staged, ClassBalancedBuffer):
-        staged.class_seen, staged._slots = {}, {}
+    staged.clear()
     return written

@@ -82,6 +82,10 @@ def test_a_state_of_other_settings_or_tampered_starts_the_generator_fresh():
     wider.load_state(dgr.state(), torch.device("cpu"))
     wider.start_data(model, _task([2, 3], seed=1), drifted=False)
     assert wider.replayer is None and wider.generator is not None
+    odd = DeepGenerativeReplay(seed=0, hidden=32, latent=4)
+    odd.load_state({**dgr.state(), "bounded": torch.tensor([1, 2])}, torch.device("cpu"))
+    odd.start_data(model, _task([2, 3], seed=1), drifted=False)
+    assert odd.bounded  # not a flag: the default, pixels in [0, 1]
     bad = {**dgr.state(), "old-labels": torch.tensor([0, 99])}  # a class the model does not have
     tampered = DeepGenerativeReplay(seed=0, hidden=32, latent=4)
     tampered.load_state(bad, torch.device("cpu"))

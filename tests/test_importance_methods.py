@@ -71,3 +71,12 @@ def test_importance_state_survives_a_restart_and_a_tampered_one_does_not_crash()
 def test_si_and_mas_are_methods_a_run_can_name():
     assert RunConfig.of(method="si", si_c=2.0).methods.options["si-c"] == 2.0
     assert RunConfig.of(method="replay+mas").methods.parts == ("replay", "mas")
+
+
+def test_a_tampered_mas_round_count_is_ignored():
+    model, mas = _model(), MemoryAwareSynapses(strength=1.0)
+    _train(model, _task([0, 1]), [mas], epochs=1)
+    for bad in (torch.tensor([1, 2]), torch.tensor(0.5), torch.tensor(-7)):
+        restored = MemoryAwareSynapses(strength=1.0)
+        restored.load_state({**mas.state(), "rounds": bad}, torch.device("cpu"))
+        assert restored.rounds in (0, 1)  # a count it can use, never a crash or a negative

@@ -128,6 +128,9 @@ def test_tampered_memory_counts_are_ignored_not_trusted():
         assert restored.class_seen == {0: 10, 1: 10}  # what the memory itself holds
         restored.add(*_labelled({2: 5}))
         assert len(restored) == 20
+    inflated = ClassBalancedBuffer(20, seed=0)
+    inflated.load_state({**memory.state(), "class-seen": torch.tensor([10**15, 30])})
+    assert inflated.class_seen == {0: 60, 1: 30}  # never more than the memory saw in all
     replay = Replay(capacity=20, seed=0)
     replay.load_state({**Replay(capacity=20, seed=0).state(), "labels-seen": torch.ones(3)}, torch.device("cpu"))
     assert not replay.boundary.labels_seen.any()  # not a bool vector: ignored

@@ -90,3 +90,12 @@ class Method:
 
     def load_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
         """Restore from ``state()``'s output (CPU tensors); move what training needs to ``device``."""
+
+
+def saved_int(state: dict[str, torch.Tensor], key: str, default: int, low: int, high: int) -> int:
+    """A whole number a method saved in its state, within [low, high]; ``default`` when the
+    state lacks it or holds something else there (a file of other settings, or tampered)."""
+    value = state.get(key)
+    if value is None or value.numel() != 1 or value.is_floating_point() or value.is_complex():
+        return default
+    return max(low, min(int(value), high))

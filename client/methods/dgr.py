@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.methods.base import Method
+from client.methods.base import Method, saved_int
 from client.methods.boundary import TaskBoundary
 from common.method_registry import register_method
 from common.seeding import derive_seed
@@ -195,7 +195,7 @@ class DeepGenerativeReplay(Method):
         assert self.generator is not None
         if not saved:
             return
-        self.bounded = bool(int(saved.get("bounded", torch.tensor(1))))
+        self.bounded = bool(saved_int(saved, "bounded", 1, 0, 1))
         if _load(self.generator, saved, "gen."):
             replayer = copy.deepcopy(self.generator)
             labels = saved.get("old-labels")

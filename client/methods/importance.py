@@ -63,11 +63,13 @@ class ImportanceMethod(Method):
         return {**out, **self.boundary.state()}
 
     def load_state(self, state, device):
-        self.omega = {k.removeprefix("omega."): v.float().clamp(min=0).nan_to_num(0.0, 0.0, 0.0)
+        self.omega = {k.removeprefix("omega."): v.float().clamp(min=0).nan_to_num(0.0, 0.0, 0.0).to(device)
                       for k, v in state.items() if k.startswith("omega.")}
-        self.anchor = {k.removeprefix("anchor."): v.float() for k, v in state.items() if k.startswith("anchor.")}
+        self.anchor = {k.removeprefix("anchor."): v.float().to(device)
+                       for k, v in state.items() if k.startswith("anchor.")}
         self.boundary.load_state(state)
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    """The model's weights, copied where they are (the state goes to the CPU when it is saved)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

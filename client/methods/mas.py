@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from client.methods.base import saved_int
 from client.methods.importance import ImportanceMethod, _weights
 from common.method_registry import register_method
 from common.settings import Setting
@@ -58,9 +59,9 @@ class MemoryAwareSynapses(ImportanceMethod):
 
     def load_state(self, state, device):
         super().load_state(state, device)
-        self.running = {k.removeprefix("running."): v.float().clamp(min=0).nan_to_num(0.0, 0.0, 0.0)
+        self.running = {k.removeprefix("running."): v.float().clamp(min=0).nan_to_num(0.0, 0.0, 0.0).to(device)
                         for k, v in state.items() if k.startswith("running.")}
-        self.rounds = max(0, min(int(state.get("rounds", torch.tensor(0))), 1_000_000_000))
+        self.rounds = saved_int(state, "rounds", 0, 0, 1_000_000_000)
 
 
 def output_sensitivity(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,4 +77,4 @@ def output_sensitivity(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Ten
     norms = out.norm(dim=1).mean()
     grads = torch.autograd.grad(norms, [p for _, p in params])
     model.train(was_training)
-    return {n: g.detach().abs().cpu() for (n, _), g in zip(params, grads)}
+    return {n: g.detach().abs() for (n, _), g in zip(params, grads)}

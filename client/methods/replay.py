@@ -84,6 +84,7 @@ class Replay(Method):
         # the stage's draws have their own stream: filling it never moves the memory's replay draws
         self.stage = make_buffer(policy, capacity, derive_seed(seed, STAGE_STREAM)) if fill == "boundary" else None
         self.boundary = TaskBoundary()
+        self.moved_on_load: list[int] = []  # memory slots the stage's samples took on restore (der relabels them)
         self.ratio = ratio
         self.asymmetric = asymmetric
         self.shift = shift
@@ -148,7 +149,7 @@ class Replay(Method):
         if "shift_rng" in state:
             self.shift_generator.set_state(state["shift_rng"])
         staged = {k[len("stage."):]: v for k, v in state.items() if k.startswith("stage.")}
-        self.moved_on_load: list[int] = []
+        self.moved_on_load = []
         if staged and self.stage is not None:
             self.stage.load_state(staged)
         elif staged:  # the fill went from boundary to stream between runs: the kept-aside samples join now

@@ -41,9 +41,11 @@ class SynapticIntelligence(ImportanceMethod):
             before = self._before.get(name)
             if before is None or param.grad is None:
                 continue
-            moved = param.detach() - before
-            gain = (-param.grad.detach() * moved).cpu()
-            self.path[name] = self.path[name] + gain if name in self.path else gain
+            gain = -param.grad.detach() * (param.detach() - before)  # where the weights are: no copy per step
+            if name in self.path and self.path[name].shape == gain.shape:
+                self.path[name].add_(gain.to(self.path[name].device))
+            else:
+                self.path[name] = gain
             before.copy_(param.detach())
 
     def consolidate(self, model):
@@ -52,6 +54,7 @@ class SynapticIntelligence(ImportanceMethod):
             start = self.anchor.get(name)
             if start is None or start.shape != total.shape:
                 continue
+            total, start = total.to(now[name].device), start.to(now[name].device)
             gained = (total.clamp(min=0) / ((now[name] - start) ** 2 + DAMPING))
             self.omega[name] = self.omega.get(name, torch.zeros_like(gained)) + gained
         self.path = {}
@@ -62,5 +65,5 @@ class SynapticIntelligence(ImportanceMethod):
 
     def load_state(self, state, device):
         super().load_state(state, device)
-        self.path = {k.removeprefix("path."): v.float().nan_to_num(0.0, 0.0, 0.0)
+        self.path = {k.removeprefix("path."): v.float().nan_to_num(0.0, 0.0, 0.0).to(device)
                      for k, v in state.items() if k.startswith("path.")}
