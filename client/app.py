@@ -25,9 +25,12 @@ from typing import Protocol
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.clusters import choose_model
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
-from common.config import EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, ClientSettings
+from common.config import (
+    CANDIDATE_PREFIX, CHOICE_RULE_KEY, EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, ClientSettings,
+)
 from common.datasets import LabelledSplit
 from common.errors import FedtideError
 from common.receipt import RECEIPT_KEY, Receipt
@@ -106,6 +109,12 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
         return _train_edge(msg, context, settings, server_round)
     settings = _local(settings, context)
     partition, received = _partition(context), msg.content["arrays"].to_torch_state_dict()
+    choice = None
+    candidates = _candidates(msg.content)
+    if candidates:
+        choice = choose_model(settings, partition, server_round, candidates, _state(context),
+                              str(msg.content["config"].get(CHOICE_RULE_KEY, "loss")), context.node_config.get("device"))
+        received = candidates[choice.cluster]
     outcome = train_round(
         settings,
         partition,
@@ -115,9 +124,26 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
         device_name=context.node_config.get("device"),
         poison=tampering.poison(settings, partition) if tampering else None,
     )
+    if choice is not None:
+        outcome = dataclasses.replace(outcome, metrics={**outcome.metrics, **choice.metrics()})
     if tampering is not None:
         outcome = tampering.reply(settings, partition, server_round, received, outcome)
     return _reply(msg, context, outcome)
+
+
+def _candidates(content: RecordDict) -> dict[int, dict]:
+    """The models the server offers to choose from (clustered training): ``model-<id>``
+    array records. Empty when it sends one model."""
+    out = {}
+    for key in content.array_records:
+        if key.startswith(CANDIDATE_PREFIX):
+            try:
+                cluster = int(key[len(CANDIDATE_PREFIX):])
+            except ValueError:
+                raise FedtideError(f"the server sent a model named {key[:40]!r}: run server and clients of the "
+                                   "same fedtide version") from None
+            out[cluster] = content[key].to_torch_state_dict()
+    return out
 
 
 def _train_edge(msg: Message, context: Context, config: ClientSettings, server_round: int) -> Message:
@@ -174,6 +200,8 @@ def train_many(
     first = messages[0].content
     if any(m.content["arrays"] is not first["arrays"] or m.content["config"] is not first["config"] for m in messages):
         return None  # not one broadcast: different models or settings
+    if any(key.startswith(CANDIDATE_PREFIX) for key in first.array_records):
+        return None  # each node chooses its own model
     if any(c.node_config.get(k) for c in contexts for k in ("device", "data-dir", "inbox")):
         return None
     try:

@@ -27,6 +27,12 @@ from common.settings import Section, Setting
 # a round's own instruction to one node: train this many times the local epochs (drift response)
 INPUT_SHAPE_KEY, NUM_CLASSES_KEY, SETTINGS_HASH_KEY = "input-shape", "num-classes", "settings-hash"
 EPOCH_BOOST_KEY = "epoch-boost"
+# clustered training (server.clusters, client.clusters): the training message carries every
+# cluster's model as array record ``model-<id>`` and says how to choose (``loss`` or ``oracle``);
+# the reply's metrics say which model was trained, its loss before training and the runner-up's
+CANDIDATE_PREFIX, CHOICE_RULE_KEY = "model-", "cluster-choice"
+CHOICE_KEY, LOSS_KEY, RUNNER_UP_KEY, RUNNER_UP_LOSS_KEY = (
+    "cluster", "cluster-loss", "cluster-runner-up", "cluster-runner-up-loss")
 
 # settings in the sections a client is sent that only the server reads: they are not sent
 SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epoch-boost", "drift-weight",
@@ -155,7 +161,7 @@ class RunConfig:
             raise FedtideError(
                 f"--min-clients must be between 0 (all) and --clients {data.clients} (got {server.min_clients})"
             )
-        check_server(server, drift, self.max_replies_per_round, data.training == "local-only",
+        check_server(server, drift, self.max_replies_per_round, data.training,
                      self.methods.options["prox-mu"])
         attackers = self.faults.attacker_partitions
         if any(not 0 <= p < data.clients for p in attackers):
@@ -197,7 +203,7 @@ class RunConfig:
         return self.from_mapping({**self.to_mapping(), **changes}) if changes else self
 
 
-def check_server(server: ServerSettings, drift: DriftSettings, replies: int, local_only: bool = False,
+def check_server(server: ServerSettings, drift: DriftSettings, replies: int, training: str = "federated",
                  proximal_mu: float = 0.0) -> None:
     """The rules between the server's settings, its drift reactions and how many replies a
     round can bring; FedtideError naming the flags. ``RunConfig`` and ``build_strategy`` both
@@ -209,7 +215,14 @@ def check_server(server: ServerSettings, drift: DriftSettings, replies: int, loc
             f"--aggregation {server.aggregation} ignores reply weights, so --drift-weight would do nothing: "
             "use fedavg, multikrum or clip, or drop --drift-weight"
         )
-    if drift.drift_weight != 1.0 and local_only:
+    if training in ("clustered", "cluster-oracle"):
+        if server.strategy not in ("fedavg", "fedprox"):
+            raise FedtideError(f"--training {training} keeps no server optimizer state per cluster: use --strategy "
+                               "fedavg or fedprox")
+        if server.aggregation not in ("fedavg", "clip"):
+            raise FedtideError(f"--training {training} aggregates each cluster's few replies on their own, too few for "
+                               f"--aggregation {server.aggregation}: use fedavg or clip")
+    if drift.drift_weight != 1.0 and training == "local-only":
         raise FedtideError("--training local-only aggregates nothing, so --drift-weight would do nothing: drop it")
     if server.aggregation == "multikrum" and replies <= 2 * server.tolerated_attackers + 2:
         f = server.tolerated_attackers

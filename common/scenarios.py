@@ -1,12 +1,16 @@
 """Turn one labelled dataset into a sequence of tasks per client, and test sets per task.
 
-Four kinds of drift:
+Five kinds of drift:
 - class-incremental: classes split into tasks (0-1, 2-3, ...), one shared output head;
 - domain-incremental: the same labels, each task transforms the inputs (rotation or
   a fixed pixel permutation);
 - concept-drift: the same inputs, each task remaps labels (what a label means changes);
 - dataset-switch: tasks alternate between two datasets of the same shape (MNIST, then
-  Fashion-MNIST, ...), sharing the ten output labels.
+  Fashion-MNIST, ...), sharing the ten output labels;
+- distributed-drift: K concepts (label permutations; concept 0 keeps the labels), and each
+  client moves between them at its own rounds, some back to a concept they had
+  (``common.schedule``): clients hold different concepts at once. A client's stream is cut
+  into one part per concept, which it trains on whenever it holds that concept.
 
 Training data is partitioned across clients first (IID or Dirichlet), then each client's
 part is cut into tasks, so no sample is seen in two tasks and no test sample is ever
@@ -76,8 +80,10 @@ class Scenario:
             self._test = [task.apply(dataset.test) for task in self.tasks]
         self._prepare_inputs(data, dataset)
         self._joint: dict[int, LabelledSplit] = {}
+        distributed = data.scenario == "distributed-drift"
         self.schedule = TaskSchedule.build(
-            data.num_tasks, data.rounds_per_task, data.clients, data.async_spread, seed
+            data.num_tasks, data.rounds_per_task, data.clients, data.async_spread, seed,
+            switches=data.concept_switches if distributed else None, recur=data.concept_recur,
         )
 
     def _prepare_inputs(self, data: DataSettings, dataset: Dataset) -> None:
@@ -140,6 +146,10 @@ def _make_tasks(data: DataSettings, dataset: Dataset, rng: np.random.Generator) 
             torch.from_numpy(rng.permutation(pixels)) for _ in range(n - 1)
         ]
         return [Task(i, permutation=p) for i, p in enumerate(perms)]
+    if data.scenario == "distributed-drift":  # concept 0 keeps the labels, the others permute them
+        return [Task(0, label_map=torch.arange(dataset.num_classes))] + [
+            Task(i, label_map=torch.from_numpy(rng.permutation(dataset.num_classes))) for i in range(1, n)
+        ]
     # concept drift: task 0 keeps the labels; later tasks move every label elsewhere
     maps = [torch.arange(dataset.num_classes)]
     for _ in range(n - 1):

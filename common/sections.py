@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from common.errors import FedtideError
 from common.settings import Section, setting
 
-SCENARIOS = ("class-incremental", "domain-incremental", "concept-drift", "dataset-switch")
+SCENARIOS = ("class-incremental", "domain-incremental", "concept-drift", "dataset-switch", "distributed-drift")
 DOMAIN_TRANSFORMS = ("rotation", "permutation")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODELS = ("mlp", "cnn")
 DATASETS = ("digits", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
-TRAINING_MODES = ("federated", "local-only", "joint")
+# federated: one global model; clustered: several, each client picks its own; references beside them
+TRAINING_MODES = ("federated", "clustered", "cluster-oracle", "personal-head", "local-only", "joint")
 LR_SCHEDULES = ("constant", "restart", "plateau")
 # River's, on the prequential error stream; fedtide's round-level tests (client.drift_signals)
 RIVER_DETECTORS = ("adwin", "page-hinkley", "ddm", "eddm", "hddm-a", "hddm-w")
@@ -53,12 +54,31 @@ class DataSettings(Section):
     rounds_per_task: int = setting(8, "federated rounds on each task", minimum=1, maximum=1_000_000)
     async_spread: int = setting(0, "asynchronous drift: each client switches tasks up to this many rounds late "
                                 "(0: together)", minimum=0, maximum=1_000_000)
-    training: str = setting("federated", "federated; or a reference: local-only (no federation), joint (all tasks "
-                            "at once, no drift)", choices=TRAINING_MODES)
+    concept_switches: int = setting(3, "distributed-drift: concept switches per client, one every --rounds-per-task "
+                                    "rounds (staggered by --async-spread)", minimum=1, maximum=10_000)
+    concept_recur: float = setting(0.5, "distributed-drift: chance that a switch goes back to a concept the client "
+                                   "had before", minimum=0, maximum=1)
+    training: str = setting("federated", "federated (one global model); clustered (several global models, each client "
+                            "trains the one that fits its new data best: for clients on different concepts at once); or "
+                            "a reference: cluster-oracle (one model per concept, clients told their concept: "
+                            "simulation only), personal-head (a shared body, each client its own head), local-only "
+                            "(no federation), joint (all tasks at once, no drift)", choices=TRAINING_MODES)
+
+    def check(self) -> None:
+        if self.scenario == "distributed-drift" and self.num_tasks < 2:
+            raise FedtideError("--scenario distributed-drift moves clients between concepts: use --num-tasks 2 or more")
+        if self.training == "cluster-oracle" and self.scenario != "distributed-drift":
+            raise FedtideError("--training cluster-oracle knows each client's concept only in --scenario "
+                               "distributed-drift: use --training clustered")
+
+    @property
+    def segments(self) -> int:
+        """How many task periods each client goes through."""
+        return self.concept_switches + 1 if self.scenario == "distributed-drift" else self.num_tasks
 
     @property
     def num_rounds(self) -> int:
-        return self.num_tasks * self.rounds_per_task + self.async_spread
+        return self.segments * self.rounds_per_task + self.async_spread
 
 
 @dataclass(frozen=True)
@@ -196,6 +216,10 @@ class ServerSettings(Section):
                                minimum=0)
     client_wait: float = setting(600.0, "seconds a round waits for --min-clients connected clients before the run "
                                  "stops with an error", minimum=0, above=True)
+    max_clusters: int = setting(8, "--training clustered: most global models the server keeps", minimum=1, maximum=64)
+    cluster_margin: float = setting(1.0, "--training clustered: a client whose best model's loss (nats) on its new data "
+                                    "is this much above the round's median starts a model; two models whose losses "
+                                    "on the same clients differ by less are merged", minimum=0, above=True, maximum=100)
 
     def check(self) -> None:
         for flag, cap in (("--weight-cap", self.weight_cap), ("--norm-cap", self.norm_cap),

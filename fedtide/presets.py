@@ -36,6 +36,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "concept-drift-mnist": {"dataset": "mnist", "scenario": "concept-drift", **_MNIST_FEDERATION},
     "async-split-mnist": {"dataset": "mnist", "scenario": "class-incremental", "async_spread": 3, **_MNIST_FEDERATION},
+    # 20 clients, 4 label permutations; each client switches 3 times at its own rounds, some back
+    "distributed-drift-mnist": {
+        **_MNIST_FEDERATION, "dataset": "mnist", "scenario": "distributed-drift", "num_tasks": 4, "clients": 20,
+        "concept_switches": 3, "concept_recur": 0.5, "rounds_per_task": 8, "async_spread": 6, "method": "naive",
+    },
 }
 
 

@@ -25,7 +25,7 @@ from common.scenarios import Scenario, build_scenario
 from common.weights import freeze, load_initial_weights
 from common.stream_metrics import client_recovery_rounds, early_accuracy, rounds_to_recover, score_detections
 from server.checkpoint import CheckpointStore
-from server.evaluation import TaskEvaluator
+from server.evaluation import TaskEvaluator, served_accuracy
 from server.history import RunHistory
 from server.node_names import NodeNames
 from server.progress import RoundProgress, summary_table
@@ -106,8 +106,11 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
             models = strategy.models_to_evaluate(arrays)
             with times.phase("evaluate"):
                 per_model = [evaluator(m.to_torch_state_dict()) for m in models]
-            accuracies = [float(np.mean(column)) for column in zip(*per_model)]
-            history.close_round(server_round, accuracies, time.perf_counter() - round_started)
+                accuracies = [float(np.mean(column)) for column in zip(*per_model)]
+                tasks = history.round_tasks()
+                served = served_accuracy(evaluator, strategy.served_models(arrays, list(tasks)), tasks,
+                                         known=(models[0], accuracies) if len(models) == 1 else None)
+            history.close_round(server_round, accuracies, time.perf_counter() - round_started, served)
             return MetricRecord({f"acc-task-{t}": a for t, a in enumerate(accuracies)})
 
         def after_round(server_round: int, arrays: ArrayRecord) -> None:
@@ -196,6 +199,7 @@ def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, mo
     early = [early_accuracy(curves[t], schedule.start_round(t)) for t in range(1, config.data.num_tasks)]
     early = [e for e in early if e is not None]
     client_figures, unavailable = _client_figures(history)
+    served = [r.served_acc for r in history.rounds if r.served_acc is not None]
     return {
         "method": config.methods.method,
         "scenario": config.data.scenario,
@@ -214,6 +218,8 @@ def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, mo
         "rejected_replies": len(history.rejects),
         "drift_events": client_figures["drift_events"],
         "drift_detection": client_figures["drift_detection"],
+        "served_acc": float(np.mean(served)) if served else None,
+        "final_served_acc": served[-1] if served else None,
         "bytes_per_client_round": 2 * model_bytes,  # the model down, the update up
         **summarize(matrix, history.baseline[: len(matrix)]),
         **({"unavailable": unavailable} if unavailable else {}),

@@ -22,6 +22,7 @@ class RoundRecord:
     excluded: list[int] = field(default_factory=list)  # nodes excluded in this round
     aggregation: dict[str, Any] = field(default_factory=dict)  # set when the round kept the old model
     capped: dict[str, int] = field(default_factory=dict)  # replies whose weight or update the influence bound cut
+    served_acc: float | None = None  # mean over replying nodes: the served model on the node's task
 
     def as_json(self) -> dict[str, Any]:
         seen = self.task_accuracies[: self.task + 1]
@@ -38,6 +39,7 @@ class RoundRecord:
             **({"excluded": self.excluded} if self.excluded else {}),
             **({"aggregation": self.aggregation} if self.aggregation else {}),
             **({"capped": self.capped} if self.capped else {}),
+            **({"served_acc": self.served_acc} if self.served_acc is not None else {}),
         }
 
 
@@ -49,7 +51,7 @@ class RoundRecord:
             train=line.get("train", {}), client_evaluation=line.get("client_evaluation", {}),
             clients=line.get("clients", []), rejected=line.get("rejected", []), seconds=line.get("seconds", 0.0),
             excluded=line.get("excluded", []), aggregation=line.get("aggregation", {}),
-            capped=line.get("capped", {}),
+            capped=line.get("capped", {}), served_acc=line.get("served_acc"),
         )
 
 
@@ -118,8 +120,13 @@ class RunHistory:
     def evaluate_metrics(self, metrics: dict[str, float]) -> None:
         self._pending_evaluation = dict(metrics)
 
+    def round_tasks(self) -> dict[int, int]:
+        """The task each node that replied in this round reported training on (``task-id``)."""
+        return {c["node"]: int(c["task-id"]) for c in self._pending_clients if "task-id" in c}
+
     # called after the global model was evaluated
-    def close_round(self, server_round: int, task_accuracies: list[float], seconds: float) -> RoundRecord | None:
+    def close_round(self, server_round: int, task_accuracies: list[float], seconds: float,
+                    served_acc: float | None = None) -> RoundRecord | None:
         if server_round == 0:
             self.baseline = list(task_accuracies)
             return None
@@ -135,6 +142,7 @@ class RunHistory:
             excluded=self._pending_excluded,
             aggregation=self._pending_aggregation,
             capped=self._pending_capped,
+            served_acc=served_acc,
         )
         self.rounds.append(record)
         self._pending_clients, self._pending_rejects = [], []

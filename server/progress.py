@@ -121,6 +121,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
                       f"{summary['drift_reports_denied']} of {summary['drift_reports_denied'] + summary['drift_reports_credited']}")
     if summary.get("rounds_to_recover") is not None:
         table.add_row("rounds to learn a new task (90% of best)", f"{summary['rounds_to_recover']:.1f}")
+    if summary.get("served_acc") is not None:
+        table.add_row("served accuracy: each client's model on its task, mean over rounds / last (%)",
+                      f"{100 * summary['served_acc']:.2f} / {100 * summary['final_served_acc']:.2f}")
+    if summary.get("clusters") is not None:
+        table.add_row("models (clusters): at the end / mean; spawned, merged",
+                      f"{summary['clusters']} / {summary['mean_clusters']:.1f}; {summary['cluster_spawns']}, "
+                      f"{summary['cluster_merges']}")
     prequential = summary["final_prequential_acc"]
     table.add_row("final prequential accuracy (%)", NOT_AVAILABLE if prequential is None else f"{100 * prequential:.2f}")
     table.add_row("wall time (s)", f"{summary['wall_seconds']:.1f}")

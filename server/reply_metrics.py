@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from common.config import CHOICE_KEY, LOSS_KEY, RUNNER_UP_KEY, RUNNER_UP_LOSS_KEY
+
 WEIGHT_KEY = "num-examples"
 DRIFT_KEY = "drift-detected"
 LARGE = 10**12  # counts and stream positions: far beyond any device, far below float precision
@@ -72,6 +74,11 @@ METRICS: dict[str, MetricSpec] = {
     "quarantined": MetricSpec("int", 0, LARGE),
     "eval-acc": MetricSpec("float", 0.0, 1.0),
     "eval-loss": MetricSpec("float", 0.0, MAX_LOSS),
+    # clustered training (server.clusters): the model trained, and the loss of the best two before
+    CHOICE_KEY: MetricSpec("int", 0, LARGE),
+    LOSS_KEY: MetricSpec("float", 0.0, MAX_LOSS),
+    RUNNER_UP_KEY: MetricSpec("int", -1, LARGE),
+    RUNNER_UP_LOSS_KEY: MetricSpec("float", 0.0, MAX_LOSS),
 }
 
 

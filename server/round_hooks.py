@@ -8,6 +8,7 @@
 - ``after_aggregate(round, accepted)``: see the accepted replies once the round is aggregated;
 - ``models_to_evaluate(arrays)``: the models whose accuracies the round reports (first hook
   that answers wins);
+- ``served_models(arrays, nodes)``: the models nodes are served when it is not the global one;
 - ``state()`` / ``load_state()``: what it carries between rounds, for checkpoints;
 - ``summary()``: figures for the run's summary.
 
@@ -48,6 +49,9 @@ class RoundHook:
     def models_to_evaluate(self, arrays: ArrayRecord) -> list[ArrayRecord] | None:
         return None
 
+    def served_models(self, arrays: ArrayRecord, nodes: list[int]) -> dict[int, ArrayRecord]:
+        return {}
+
     def state(self) -> dict[str, Any]:
         return {}
 
@@ -64,7 +68,7 @@ def _reaction_due(content: RecordDict) -> bool:
     return content.metric_records[METRICS_KEY].get(CREDIT_KEY, 0) == 1
 
 
-def _credited_report(content: RecordDict) -> bool:
+def credited_report(content: RecordDict) -> bool:
     """Whether the reply reports drift and the server credited the report."""
     metrics = content.metric_records[METRICS_KEY]
     return metrics.get(CREDIT_KEY, 0) == 1 and metrics.get(REPORT_KEY, 0) == 1
@@ -116,7 +120,7 @@ class DriftResponse(RoundHook):
         return messages
 
     def after_aggregate(self, server_round, accepted):
-        drifted = [reply.metadata.src_node_id for reply in accepted if _credited_report(reply.content)]
+        drifted = [reply.metadata.src_node_id for reply in accepted if credited_report(reply.content)]
         self.to_boost |= set(drifted)
         self.sample_all_next = bool(accepted) and len(drifted) / len(accepted) >= self.quorum
 
@@ -165,6 +169,9 @@ class LocalModels(RoundHook):
     def models_to_evaluate(self, arrays):
         return list(self.node_arrays.values()) or [arrays]
 
+    def served_models(self, arrays, nodes):
+        return {node: self.node_arrays[node] for node in nodes if node in self.node_arrays}
+
     def state(self):
         out: dict[str, Any] = {"node_arrays": list(self.node_arrays)}  # in order: evaluation averages over them
         for node, record in self.node_arrays.items():
@@ -176,4 +183,55 @@ class LocalModels(RoundHook):
             self.node_arrays = {
                 int(node): ArrayRecord({name: Array(a) for name, a in state[f"node_arrays/{node}"].items()})
                 for node in state["node_arrays"]
+            }
+
+
+class PersonalHead(RoundHook):
+    """Reference: personalised layers (FedPer's local head). The layers under ``prefixes``
+    (the classifier head) stay each node's own: a node is sent the global model with its own
+    last head, and is served that model; the rest is averaged as usual. The server keeps the
+    heads here, so a node needs no state of its own (a deployment would keep them on the device)."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("head.",)) -> None:
+        self.prefixes = prefixes
+        self.heads: dict[int, dict[str, Array]] = {}
+
+    def _with_head(self, arrays: ArrayRecord, node: int) -> ArrayRecord:
+        head = self.heads.get(node)
+        if head is None:
+            return arrays
+        return ArrayRecord({name: head.get(name, array) for name, array in arrays.items()})
+
+    def configure(self, server_round, messages):
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node in self.heads:
+                content = RecordDict(dict(message.content))
+                content[ARRAYS_KEY] = self._with_head(content[ARRAYS_KEY], node)
+                message.content = content
+        return messages
+
+    configure_evaluate = configure
+
+    def after_aggregate(self, server_round, accepted):
+        for reply in accepted:
+            arrays = reply.content[ARRAYS_KEY]
+            self.heads[reply.metadata.src_node_id] = {
+                name: arrays[name] for name in arrays.keys() if name.startswith(self.prefixes)
+            }
+
+    def served_models(self, arrays, nodes):
+        return {node: self._with_head(arrays, node) for node in nodes}
+
+    def state(self):
+        out: dict[str, Any] = {"personal_heads": sorted(self.heads)}
+        for node, head in self.heads.items():
+            out[f"personal_heads/{node}"] = {name: a.numpy() for name, a in head.items()}
+        return out
+
+    def load_state(self, state):
+        if "personal_heads" in state:
+            self.heads = {
+                int(node): {name: Array(a) for name, a in state[f"personal_heads/{node}"].items()}
+                for node in state["personal_heads"]
             }

@@ -8,6 +8,8 @@
 - a ``ServerStep`` (``server.server_step``): FedAvg, FedAvgM or FedAdam's server optimizer;
 - ``RoundHook``s (``server.round_hooks``): drift weighting, drift response, local-only models;
   later behaviours join the same list;
+- optionally ``ModelClusters`` (``server.clusters``): several global models, each reply
+  aggregated into the one its client trained;
 - ``Receipts`` (``server.receipts``): each training message tells its node the run's identity
   and the last round whose global model holds that node's reply;
 - a ``DriftCredit`` (``server.drift_credit``): which drift reports the reactions may act on.
@@ -32,13 +34,16 @@ from flwr.serverapp.strategy import Strategy
 
 from common.config import RunConfig, check_server
 from common.sections import DriftSettings, ServerSettings
+from server.clusters import ModelClusters, cluster_reply
 from server.drift_credit import DriftCredit
 from server.history import RunHistory
 from server.influence import InfluenceBound
 from server.robust import AggregationRule, update_norm
 from server.sampling import NodeSampling
 from server.receipts import Receipts
-from server.round_hooks import ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, RoundHook
+from server.round_hooks import (
+    ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, PersonalHead, RoundHook, credited_report,
+)
 from server.server_step import ServerStep, server_step
 from server.timing import PhaseTimes
 from server.reply_metrics import WEIGHT_KEY, MetricSpec, ReplyMetrics, describe_dropped
@@ -69,6 +74,7 @@ class FedtideStrategy(Strategy):
         extra_config: dict[str, Any] | None = None,
         times: PhaseTimes | None = None,
         drift_credit: DriftCredit | None = None,
+        clusters: ModelClusters | None = None,
     ) -> None:
         self.history = history
         self.drift_credit = drift_credit or DriftCredit(0.0)
@@ -82,6 +88,9 @@ class FedtideStrategy(Strategy):
         self.frozen = frozen
         self.extra_config = dict(extra_config or {})  # e.g. FedProx's `proximal-mu`, for plain Flower clients
         self.times = times or PhaseTimes()
+        self.clusters = clusters
+        self._claims: list[int] = []  # the cluster each accepted reply trained (clustered training)
+        self._capped_weights = 0  # replies whose claimed weight the influence bound cut this round
         self.accepted_nodes: list[int] = []  # nodes whose replies the last round aggregated
         self.receipts = Receipts()
         self._sent: list[Message] = []  # this round's training messages (Flower gives them ids when it sends them)
@@ -96,6 +105,8 @@ class FedtideStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.clusters is not None:
+            self.clusters.start(arrays)
         self.validator.start_round(arrays)
         self._current = arrays
         self._reference = {name: array.numpy() for name, array in arrays.items()}
@@ -108,6 +119,8 @@ class FedtideStrategy(Strategy):
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         for hook in self.hooks:
             messages = hook.configure(server_round, messages)
+        if self.clusters is not None:
+            messages = self.clusters.configure(messages)
         self._sent = self.receipts.stamp(messages)
         return self._sent
 
@@ -122,6 +135,11 @@ class FedtideStrategy(Strategy):
         messages = self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
         for hook in self.hooks:
             messages = hook.configure_evaluate(server_round, messages)
+        if self.clusters is not None:  # a node evaluates the model it is served
+            for message in messages:
+                content = RecordDict(dict(message.content))
+                content[ARRAYS_KEY] = self.clusters.models[self.clusters.home(message.metadata.dst_node_id)]
+                message.content = content
         return messages
 
     def aggregate_train(
@@ -162,10 +180,20 @@ class FedtideStrategy(Strategy):
                 return models
         return [arrays]
 
+    def served_models(self, arrays: ArrayRecord, nodes: list[int]) -> dict[int, ArrayRecord]:
+        """The model each of ``nodes`` is served after a round: its cluster's, its own (the
+        local-only and personal-head references) or the global model ``arrays``."""
+        if self.clusters is not None:
+            return self.clusters.served(nodes)
+        served = {node: arrays for node in nodes}
+        for hook in self.hooks:
+            served.update(hook.served_models(arrays, nodes))
+        return served
+
     def state(self) -> dict[str, Any]:
         """Every part's state between rounds, merged (keys are unique across parts)."""
         out: dict[str, Any] = {}
-        for part in [self.step, self.receipts, self.drift_credit, *self.hooks]:
+        for part in self._parts:
             part_state = part.state()
             clash = set(part_state) & set(out)
             assert not clash, f"strategy parts share state keys {clash}"
@@ -173,13 +201,19 @@ class FedtideStrategy(Strategy):
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for part in [self.step, self.receipts, self.drift_credit, *self.hooks]:
+        for part in self._parts:
             part.load_state(state)
+
+    @property
+    def _parts(self) -> list[Any]:
+        return [self.step, self.receipts, self.drift_credit, *self.hooks, *([self.clusters] if self.clusters else [])]
 
     def run_summary(self) -> dict[str, Any]:
         out: dict[str, Any] = self.drift_credit.summary()
         for hook in self.hooks:
             out.update(hook.summary())
+        if self.clusters is not None:
+            out.update(self.clusters.summary())
         return out
 
     # ---- the round's steps --------------------------------------------------
@@ -196,30 +230,40 @@ class FedtideStrategy(Strategy):
         decoded arrays (None past the budget) and their update norms (None when the bound
         reads none). An accepted reply's metrics are replaced by what the schema keeps of
         them, so that the hooks, the history and the summary read only checked values."""
-        candidates: list[tuple[Message, Verdict, float]] = []
+        candidates: list[tuple[Message, Verdict, float, int]] = []
         excluded = self.excluded
         kept = 0  # bytes of decoded arrays kept for aggregation
+        references: dict[int, dict[str, np.ndarray]] = {}
         for reply in replies:
             node = self._sender(reply)
+            cluster, reference = 0, self._reference
             if node in excluded:
                 verdict = Verdict("node is excluded after repeated rejected replies")
             elif reply.has_error():
                 verdict = Verdict(f"client failed: {client_error(reply.error.code, reply.error.reason)}")
             else:
-                verdict = self.validator.check(reply.content)
+                if self.clusters is not None:
+                    claimed, reason = self.clusters.claimed(reply.content, node)
+                    if claimed is None:
+                        self._reject(server_round, node, reason or "no cluster")
+                        continue
+                    cluster = claimed
+                    reference = references.setdefault(cluster, self.clusters.reference(cluster))
+                verdict = self.validator.check(reply.content, reference if self.clusters is not None else None)
             if verdict.reason is not None:
                 self._reject(server_round, node, verdict.reason)
                 continue
-            norm = update_norm(verdict.arrays, self._reference) if self.influence.reads_norms else 0.0
+            norm = update_norm(verdict.arrays, reference) if self.influence.reads_norms else 0.0
             size = sum(a.nbytes for a in verdict.arrays.values())
             if kept + size <= DECODED_BUDGET:
                 kept += size
             else:
                 verdict = dataclasses.replace(verdict, arrays=None)
-            candidates.append((reply, verdict, norm))
-        outliers = self.influence.outliers([norm for _, _, norm in candidates])
+            candidates.append((reply, verdict, norm, cluster))
+        outliers = self.influence.outliers([norm for _, _, norm, _ in candidates])
         valid, decoded_arrays, norms = [], [], []
-        for index, (reply, verdict, norm) in enumerate(candidates):
+        self._claims = []
+        for index, (reply, verdict, norm, cluster) in enumerate(candidates):
             node = self._sender(reply)
             if index in outliers:
                 self._reject(server_round, node, outliers[index])
@@ -233,6 +277,7 @@ class FedtideStrategy(Strategy):
             valid.append(reply)
             decoded_arrays.append(verdict.arrays)
             norms.append(norm)
+            self._claims.append(cluster)
         self.accepted_nodes = [reply.metadata.src_node_id for reply in valid]
         return valid, decoded_arrays, norms if self.influence.reads_norms else None
 
@@ -249,32 +294,84 @@ class FedtideStrategy(Strategy):
     def _aggregate(
         self, server_round: int, valid: list[Message], decoded: list[dict | None], norms: list[float] | None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.clusters is not None:
+            return self._aggregate_clusters(server_round, valid, decoded)
         if (reason := self.rule.precondition(len(valid))) is not None:
             return self._keep_global(server_round, reason)
         contents = [reply.content for reply in valid]
-        arrays = [
+        arrays = self._decoded(contents, decoded)
+        weights = self._weights(contents)
+        metrics = weighted_metrics(contents)
+        self.history.train_metrics(dict(metrics))
+        new_model = self._combine(server_round, arrays, weights, self._reference, norms)
+        if new_model is None:
+            return self._keep_global(server_round, "the aggregate holds NaN or Inf")
+        return new_model, metrics
+
+    def _aggregate_clusters(
+        self, server_round: int, valid: list[Message], decoded: list[dict | None]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Each cluster's replies aggregated into its own model; a reply that fits no model
+        starts one (``server.clusters``). Returns the largest cluster's model as the global one."""
+        assert self.clusters is not None
+        contents = [reply.content for reply in valid]
+        arrays = self._decoded(contents, decoded)
+        weights = self._weights(contents)
+        facts = [
+            cluster_reply(reply.metadata.src_node_id, cluster, weight, dict(reply.content[METRICS_KEY]),
+                          credited_report(reply.content))
+            for reply, cluster, weight in zip(valid, self._claims, weights)
+        ]
+        spawners = set(self.clusters.spawners(facts))
+        aggregated: dict[int, ArrayRecord] = {}
+        for cluster in sorted({f.cluster for i, f in enumerate(facts) if i not in spawners}):
+            members = [i for i, f in enumerate(facts) if f.cluster == cluster and i not in spawners]
+            model = self._combine(server_round, [arrays[i] for i in members], [weights[i] for i in members],
+                                  self.clusters.reference(cluster), None)
+            if model is None:
+                log.warning("round %d: cluster %d's aggregate holds NaN or Inf; it stays as it was", server_round, cluster)
+            else:
+                aggregated[cluster] = model
+        spawned = {i: self._as_global(arrays[i]) for i in spawners}
+        self.clusters.finish_round(server_round, facts, aggregated, spawned)
+        metrics = weighted_metrics(contents) if contents else None
+        if metrics is not None:
+            self.history.train_metrics(dict(metrics))
+        if not contents:
+            return self._keep_global(server_round, "no reply was accepted")
+        return self.clusters.models[self.clusters.largest()], metrics
+
+    def _decoded(self, contents: list[RecordDict], decoded: list[dict | None]) -> list[dict[str, np.ndarray]]:
+        return [
             known if known is not None else {name: a.numpy() for name, a in c[ARRAYS_KEY].items()}
             for known, c in zip(decoded, contents)
         ]
+
+    def _weights(self, contents: list[RecordDict]) -> list[float]:
+        """The replies' aggregation weights: claims capped by the influence bound, then the hooks'."""
         claims = [float(c.metric_records[METRICS_KEY][WEIGHT_KEY]) for c in contents]
         weights, capped = self.influence.cap_weights(claims)  # before the hooks: they weigh on purpose
         for hook in self.hooks:
             weights = hook.weights(contents, weights)
         if self.rule.weighs_replies:
             self.history.aggregation_weights(weights)
-        arrays, cut = self.influence.cap_updates(arrays, self._reference, norms)
-        if capped or cut:
-            self.history.influence_capped(capped, cut)
-        aggregate = self.rule.aggregate(arrays, weights, self._reference)
+        self._capped_weights = capped
+        return weights
+
+    def _combine(self, server_round: int, arrays: list[dict[str, np.ndarray]], weights: list[float], reference: dict[str, np.ndarray],
+                 norms: list[float] | None) -> ArrayRecord | None:
+        """The next model from these replies around ``reference``, or None when it is not finite."""
+        arrays, cut = self.influence.cap_updates(arrays, reference, norms)
+        if self._capped_weights or cut:
+            self.history.influence_capped(self._capped_weights, cut)
+        aggregate = self.rule.aggregate(arrays, weights, reference)
         before = self.step.state()  # a step's state moves on only with a model that is kept
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
             new_model = self._as_global(self.step.apply(server_round, aggregate))
-        metrics = weighted_metrics(contents)
-        self.history.train_metrics(dict(metrics))
         if not all(np.isfinite(array.numpy()).all() for array in new_model.values()):
             self.step.load_state(before)
-            return self._keep_global(server_round, "the aggregate holds NaN or Inf")
-        return new_model, metrics
+            return None
+        return new_model
 
     def _as_global(self, arrays: dict[str, np.ndarray]) -> ArrayRecord:
         """Server optimizers compute in float64: the model keeps its dtypes. Frozen layers keep
@@ -336,7 +433,8 @@ def build_strategy(
     *,
     min_nodes: int,
     history: RunHistory | None = None,
-    local_only: bool = False,
+    training: str = "federated",
+    concepts: int = 0,
     frozen: tuple[str, ...] = (),
     proximal_mu: float = 0.0,
     num_tasks: int | None = None,
@@ -347,7 +445,10 @@ def build_strategy(
 
     ``server``: sampling, server step, reply limits and aggregation rule; ``drift``: the
     server's drift reactions; ``min_nodes``: connected nodes a round waits for;
-    ``local_only``: the no-federation reference (each node keeps its own model);
+    ``training``: ``federated`` (one global model), ``clustered`` (several, see
+    ``server.clusters``), or a reference: ``cluster-oracle`` (one model per concept;
+    ``concepts`` of them), ``personal-head`` (each node keeps its own head), ``local-only``
+    (each node keeps its own model);
     ``frozen``: parameter-name prefixes that keep their values; ``proximal_mu``: FedProx's
     term, sent to clients as ``proximal-mu`` with ``--strategy fedprox``; ``num_tasks``: the
     run's tasks, which bound a reply's ``task-id``; ``reply_metrics``: your clients' own
@@ -356,22 +457,29 @@ def build_strategy(
     server = server or ServerSettings()
     drift = drift or DriftSettings()
     history = history or RunHistory()
+    local_only = training == "local-only"
     replies = min_nodes if drift.react_server else max(int(min_nodes * server.fraction_train), 1)
-    check_server(server, drift, replies, local_only, proximal_mu)
+    check_server(server, drift, replies, training, proximal_mu)
     hooks: list[RoundHook] = []
     if local_only:
         hooks.append(LocalModels())
     elif drift.drift_weight != 1.0:
         hooks.append(DriftWeighting(drift.drift_weight))
+    if training == "personal-head":
+        hooks.append(PersonalHead())
     if drift.react_server:
         hooks.append(DriftResponse(drift.drift_quorum, drift.drift_epoch_boost))
+    clusters = None
+    if training in ("clustered", "cluster-oracle"):
+        clusters = ModelClusters(server.max_clusters, server.cluster_margin,
+                                 oracle_concepts=concepts if training == "cluster-oracle" else 0)
     return FedtideStrategy(
         history=history,
         validator=ReplyValidator(server.max_num_examples, server.max_update_norm, server.max_reply_mb,
                                  ReplyMetrics(server.max_num_examples, num_tasks, reply_metrics)),
         sampling=NodeSampling(server.fraction_train, server.fraction_evaluate, min_nodes, server.client_wait),
         rule=AggregationRule() if local_only else AggregationRule.from_settings(server),
-        influence=InfluenceBound(0, 0, 0) if local_only else _influence(server, drift),
+        influence=InfluenceBound(0, 0, 0) if local_only else _influence(server, drift, clusters is not None),
         step=ServerStep() if local_only else server_step(server.strategy, server.effective_server_lr,
                                                          server.server_momentum),
         hooks=hooks,
@@ -380,15 +488,18 @@ def build_strategy(
         extra_config={"proximal-mu": proximal_mu} if server.strategy == "fedprox" and not local_only else None,
         times=times,
         drift_credit=DriftCredit(drift.drift_evidence, drift.drift_follow_rounds),
+        clusters=clusters,
     )
 
 
-def _influence(server: ServerSettings, drift: DriftSettings) -> InfluenceBound:
+def _influence(server: ServerSettings, drift: DriftSettings, clustered: bool = False) -> InfluenceBound:
     """The run's influence bound. A drift reaction that trains a drifting client harder makes
-    its honest update an outlier by design: then the caps stay and the outlier rule is off."""
+    its honest update an outlier by design, and so does a client that moved to a concept no
+    cluster knows yet (it spawns one): then the caps stay and the outlier rule is off."""
     outlier = server.norm_outlier
-    if outlier and drift.enlarges_updates:
-        log.info("drift reactions enlarge honest updates: --norm-outlier is off for this run (the caps stay)")
+    if outlier and (drift.enlarges_updates or clustered):
+        why = "clients that fit no cluster" if clustered else "drift reactions"
+        log.info("%s enlarge honest updates: --norm-outlier is off for this run (the caps stay)", why)
         outlier = 0.0
     return InfluenceBound(server.weight_cap, server.norm_cap, outlier)
 
@@ -397,6 +508,6 @@ def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | Non
     """The strategy of a fedtide run."""
     return build_strategy(
         config.server, config.drift, min_nodes=config.effective_min_clients, history=history,
-        local_only=config.data.training == "local-only", frozen=config.network.frozen_prefixes,
+        training=config.data.training, concepts=config.data.num_tasks, frozen=config.network.frozen_prefixes,
         proximal_mu=config.methods.options["prox-mu"], num_tasks=history.num_tasks, times=times,
     )

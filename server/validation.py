@@ -160,10 +160,13 @@ class ReplyValidator:
         if self.max_update_norm > 0:
             self._reference = {name: array.numpy() for name, array in global_arrays.items()}
 
-    def check(self, content: RecordDict) -> Verdict:
+    def check(self, content: RecordDict, reference: dict[str, np.ndarray] | None = None) -> Verdict:
+        """``reference``: the model the reply's update is measured from, when it is not the
+        round's global model (clustered training)."""
         return validate_and_decode(
             content, self.expected, self.schema, max_reply_bytes=self.max_reply_bytes,
-            max_update_norm=self.max_update_norm, reference=self._reference,
+            max_update_norm=self.max_update_norm,
+            reference=reference if reference is not None and self.max_update_norm > 0 else self._reference,
         )
 
     def check_evaluation(self, content: RecordDict) -> dict[str, int | float] | None:

@@ -1,0 +1,75 @@
+"""Which of the server's models a client trains, when the server keeps several.
+
+With clustered training (``server.clusters``) a training message carries every cluster's
+model. The client measures each one's loss on this round's data before training and
+trains the best; with the ``oracle`` rule (a simulation reference) it takes its own
+concept's. Its reply says which it trained, that loss and the runner-up's, so that the
+server can start a model for a client no model fits and merge models that fit the same
+clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from client.rounds import load_global, plan_round
+from common.config import CHOICE_KEY, LOSS_KEY, RUNNER_UP_KEY, RUNNER_UP_LOSS_KEY, ClientSettings
+from common.devices import resolve_device
+from common.errors import FedtideError
+from common.evaluation import accuracy
+from common.scenarios import build_scenario
+
+CHOICE_RULES = ("loss", "oracle")
+MAX_CANDIDATES = 64  # the server keeps at most --max-clusters (<= 64) models
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The cluster to train, its loss on the round's data, and the runner-up (-1: none)."""
+
+    cluster: int
+    loss: float
+    runner_up: int = -1
+    runner_up_loss: float = 0.0
+
+    def metrics(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {CHOICE_KEY: self.cluster, LOSS_KEY: self.loss, RUNNER_UP_KEY: self.runner_up}
+        if self.runner_up >= 0:
+            out[RUNNER_UP_LOSS_KEY] = self.runner_up_loss
+        return out
+
+
+def choose_model(
+    config: ClientSettings,
+    partition_id: int,
+    server_round: int,
+    candidates: dict[int, dict[str, torch.Tensor]],
+    state: dict[str, torch.Tensor],
+    rule: str = "loss",
+    device_name: str | None = None,
+) -> Choice:
+    """The candidate this client trains this round (see the module docstring).
+    FedtideError for a rule it does not know, no candidates, or too many."""
+    if rule not in CHOICE_RULES:
+        raise FedtideError(f"the server asks to choose a model by '{str(rule)[:20]}': this client knows "
+                           f"{', '.join(CHOICE_RULES)}; run server and clients of the same fedtide version")
+    if not 0 < len(candidates) <= MAX_CANDIDATES:
+        raise FedtideError(f"the server sent {len(candidates)} models to choose from; at most {MAX_CANDIDATES} are allowed")
+    scenario = build_scenario(config.data, config.seed)
+    plan = plan_round(config, partition_id, server_round, state)
+    device = resolve_device(device_name or config.learner.device)
+    losses = {}
+    for cluster, weights in sorted(candidates.items()):
+        model = load_global(config, scenario.input_shape, scenario.num_classes, weights).to(device)
+        losses[cluster] = accuracy(model, plan.data, device)[1]
+    ranked = sorted(losses, key=lambda c: (losses[c], c))
+    if rule == "oracle":
+        if plan.task not in losses:
+            raise FedtideError(f"the server sent no model for this client's concept {plan.task}")
+        ranked = [plan.task] + [c for c in ranked if c != plan.task]
+    best = ranked[0]
+    if len(ranked) == 1:
+        return Choice(best, losses[best])
+    return Choice(best, losses[best], ranked[1], losses[ranked[1]])

@@ -1,0 +1,260 @@
+"""Clustered training: several global models, for clients that hold different concepts at once.
+
+One global model cannot fit clients for which the same input means different labels. The
+server keeps several models ("clusters", at most ``max_clusters``) and every training
+message carries all of them: ``model-<id>`` array records beside ``arrays`` (the model the
+node trained last, for a plain Flower client). A fedtide client measures each model's loss
+on its new data before training, trains the best one and says which (``client.clusters``),
+the way IFCA (Ghosh et al., NeurIPS 2020) assigns clients. The server aggregates each
+cluster's replies on their own and, in the spirit of FedDrift (Jothimurugesan et al.,
+AISTATS 2023):
+
+- **spawns** a model from a reply whose best model fits its new data much worse than the
+  round's replies fit theirs: its loss is more than ``margin`` above the round's median (its
+  client moved to a concept no model knows). A drift the client reported and the server
+  credited halves that margin. The reply alone is the new model;
+- **merges** two models that fit the same clients: most replies that trained one name the
+  other as runner-up within ``margin`` of their own loss (and so do the other's, if it had
+  any). The merged model is the two averaged, weighted by their replies' weights.
+
+Losses are in nats (mean cross-entropy). With ``oracle`` (a reference, simulation only)
+there is one model per concept, each client trains its own concept's, and models are
+never spawned or merged. The choice a reply claims is the client's word: a cluster that
+is not one of the round's models drops the reply, and its losses only ever decide spawns
+and merges, never what another client's model becomes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+log = logging.getLogger("fedtide.server")
+
+from common.config import CANDIDATE_PREFIX, CHOICE_KEY, CHOICE_RULE_KEY, LOSS_KEY, RUNNER_UP_KEY, RUNNER_UP_LOSS_KEY
+
+ARRAYS_KEY, CONFIG_KEY, METRICS_KEY = "arrays", "config", "metrics"
+
+
+@dataclass(frozen=True)
+class ClusterReply:
+    """What an accepted reply says about clusters: its node, the cluster it trained, its
+    aggregation weight and its losses (None where it reported none)."""
+
+    node: int
+    cluster: int
+    weight: float
+    loss: float | None = None
+    runner_up: int | None = None
+    runner_up_loss: float | None = None
+    drift: bool = False
+
+
+class ModelClusters:
+    """The cluster models, which node trained which, and the spawn and merge rules."""
+
+    def __init__(self, max_clusters: int = 8, margin: float = 1.0, oracle_concepts: int = 0) -> None:
+        self.max_clusters = max_clusters
+        self.margin = margin
+        self.oracle_concepts = oracle_concepts
+        self.models: dict[int, ArrayRecord] = {}
+        self.node_cluster: dict[int, int] = {}
+        self.next_id = 0
+        self.events: list[dict[str, Any]] = []  # spawns and merges, with their rounds
+        self.counts: list[int] = []  # clusters after each round
+
+    # ---- sending ---------------------------------------------------------
+    def start(self, arrays: ArrayRecord) -> None:
+        """Before the first round: one model (or one per concept for the oracle), all ``arrays``."""
+        if not self.models:
+            for _ in range(max(self.oracle_concepts, 1)):
+                self.models[self.next_id] = arrays
+                self.next_id += 1
+
+    def home(self, node: int) -> int:
+        """The cluster a node is sent as its ``arrays``: the one it trained last, else the largest."""
+        cluster = self.node_cluster.get(node)
+        return cluster if cluster in self.models else self.largest()
+
+    def largest(self) -> int:
+        members = {c: 0 for c in self.models}
+        for cluster in self.node_cluster.values():
+            if cluster in members:
+                members[cluster] += 1
+        return max(members, key=lambda c: (members[c], -c))
+
+    def configure(self, messages: list[Message]) -> list[Message]:
+        rule = "oracle" if self.oracle_concepts else "loss"
+        for message in messages:
+            content = RecordDict(dict(message.content))
+            content[ARRAYS_KEY] = self.models[self.home(message.metadata.dst_node_id)]
+            for cluster, model in self.models.items():
+                content[f"{CANDIDATE_PREFIX}{cluster}"] = model
+            config = ConfigRecord(dict(content[CONFIG_KEY]))
+            config[CHOICE_RULE_KEY] = rule
+            content[CONFIG_KEY] = config
+            message.content = content
+        return messages
+
+    # ---- receiving -------------------------------------------------------
+    def claimed(self, content: RecordDict, node: int) -> tuple[int | None, str | None]:
+        """(the cluster a reply trained, None) or (None, why the reply is dropped). A reply
+        that names none trained the model it was sent as ``arrays``."""
+        try:
+            value = content.metric_records[METRICS_KEY].get(CHOICE_KEY) if METRICS_KEY in content.metric_records else None
+        except Exception:  # whatever a client sends must not crash the server
+            return None, "its metrics cannot be read"
+        if value is None:
+            return self.home(node), None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+                or int(value) not in self.models:
+            shown = repr(value)[:24]
+            return None, f"metric '{CHOICE_KEY}' = {shown} is not one of this round's models {sorted(self.models)}"
+        return int(value), None
+
+    def reference(self, cluster: int) -> dict[str, np.ndarray]:
+        return {name: array.numpy() for name, array in self.models[cluster].items()}
+
+    def spawners(self, replies: list[ClusterReply]) -> list[int]:
+        """Indices of the replies that start a model of their own (see the module docstring)."""
+        if self.oracle_concepts or len(replies) < 3:
+            return []
+        losses = [r.loss for r in replies if r.loss is not None]
+        if len(losses) < 3:
+            return []
+        median = float(np.median(losses))
+        room = self.max_clusters - len(self.models)
+        out = []
+        for index, reply in enumerate(replies):
+            margin = self.margin / 2 if reply.drift else self.margin
+            if reply.loss is not None and reply.loss > median + margin and len(out) < room:
+                out.append(index)
+        return out
+
+    def finish_round(self, server_round: int, replies: list[ClusterReply], aggregated: dict[int, ArrayRecord],
+                     spawned: dict[int, ArrayRecord]) -> None:
+        """Take the round's models: ``aggregated`` per cluster, ``spawned`` per reply index
+        (each a new cluster for its node); then merge the models that fit the same clients."""
+        self.models.update(aggregated)
+        for index, model in spawned.items():
+            cluster = self.next_id
+            self.next_id += 1
+            self.models[cluster] = model
+            replies[index] = ClusterReply(replies[index].node, cluster, replies[index].weight)
+            self.events.append({"round": server_round, "spawned": cluster, "node": replies[index].node})
+            log.info("round %d: node %s fits no model: new model %d from its update", server_round,
+                     replies[index].node, cluster)
+        for reply in replies:
+            self.node_cluster[reply.node] = reply.cluster
+        if not self.oracle_concepts:
+            self._merge(server_round, replies)
+        self.counts.append(len(self.models))
+
+    def _merge(self, server_round: int, replies: list[ClusterReply]) -> None:
+        merged = True
+        while merged and len(self.models) > 1:
+            merged = False
+            for keep, drop in self._mergeable(replies):
+                if keep in self.models and drop in self.models:
+                    self._combine(server_round, keep, drop, replies)
+                    merged = True
+                    break
+
+    def _mergeable(self, replies: list[ClusterReply]) -> list[tuple[int, int]]:
+        """(kept, dropped) pairs: the dropped model fits the kept one's clients within the
+        margin, and (if it had replies) the kept one fits its clients too."""
+        by_cluster: dict[int, list[ClusterReply]] = {}
+        for reply in replies:
+            by_cluster.setdefault(reply.cluster, []).append(reply)
+
+        def fits(members: list[ClusterReply], other: int) -> bool:
+            close = [r for r in members if r.runner_up == other and r.loss is not None
+                     and r.runner_up_loss is not None and r.runner_up_loss <= r.loss + self.margin]
+            return len(close) * 2 > len(members)
+
+        pairs = []
+        for cluster, members in sorted(by_cluster.items()):
+            for other in sorted(self.models):
+                if other == cluster or not fits(members, other):
+                    continue
+                if other in by_cluster and not fits(by_cluster[other], cluster):
+                    continue
+                pairs.append((min(cluster, other), max(cluster, other)))
+        return pairs
+
+    def _combine(self, server_round: int, keep: int, drop: int, replies: list[ClusterReply]) -> None:
+        weight = {c: sum(r.weight for r in replies if r.cluster == c) for c in (keep, drop)}
+        if weight[drop] == 0:
+            model = self.models[keep]  # the dropped model trained no one this round: nothing to add
+        elif weight[keep] == 0:
+            model = self.models[drop]
+        else:
+            share = weight[drop] / (weight[keep] + weight[drop])
+            model = ArrayRecord({
+                name: Array(_mix(array.numpy(), self.models[drop][name].numpy(), share))
+                for name, array in self.models[keep].items()
+            })
+        self.models[keep] = model
+        del self.models[drop]
+        for node, cluster in self.node_cluster.items():
+            if cluster == drop:
+                self.node_cluster[node] = keep
+        for index, reply in enumerate(replies):
+            if reply.cluster == drop:
+                replies[index] = ClusterReply(reply.node, keep, reply.weight, reply.loss)
+        self.events.append({"round": server_round, "merged": [keep, drop]})
+        log.info("round %d: models %d and %d fit the same clients: merged into %d", server_round, keep, drop, keep)
+
+    # ---- reading ---------------------------------------------------------
+    def served(self, nodes: list[int]) -> dict[int, ArrayRecord]:
+        """The model each node is served: its cluster's."""
+        return {node: self.models[self.home(node)] for node in nodes}
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"clusters": {
+            "ids": sorted(self.models), "node_cluster": {str(n): c for n, c in self.node_cluster.items()},
+            "next_id": self.next_id, "events": list(self.events), "counts": list(self.counts),
+        }}
+        for cluster, model in self.models.items():
+            out[f"clusters/{cluster}"] = {name: array.numpy() for name, array in model.items()}
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if "clusters" not in state:
+            return
+        saved = state["clusters"]
+        self.models = {
+            int(c): ArrayRecord({name: Array(a) for name, a in state[f"clusters/{c}"].items()}) for c in saved["ids"]
+        }
+        self.node_cluster = {int(n): int(c) for n, c in saved["node_cluster"].items()}
+        self.next_id = int(saved["next_id"])
+        self.events = list(saved["events"])
+        self.counts = list(saved["counts"])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "clusters": len(self.models),
+            "mean_clusters": float(np.mean(self.counts)) if self.counts else float(len(self.models)),
+            "cluster_spawns": sum(1 for e in self.events if "spawned" in e),
+            "cluster_merges": sum(1 for e in self.events if "merged" in e),
+        }
+
+
+def _mix(a: np.ndarray, b: np.ndarray, share_b: float) -> np.ndarray:
+    if not np.issubdtype(a.dtype, np.floating):
+        return a
+    return ((1 - share_b) * a.astype(np.float64) + share_b * b.astype(np.float64)).astype(a.dtype)
+
+
+def cluster_reply(node: int, cluster: int, weight: float, metrics: dict[str, Any], drift: bool) -> ClusterReply:
+    """A reply's cluster facts from its schema-checked metrics (a runner-up that is not one
+    of the round's models counts as none)."""
+    runner_up = metrics.get(RUNNER_UP_KEY)
+    return ClusterReply(
+        node, cluster, weight, metrics.get(LOSS_KEY),
+        None if runner_up is None or runner_up < 0 else int(runner_up), metrics.get(RUNNER_UP_LOSS_KEY), drift,
+    )
