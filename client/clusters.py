@@ -3,9 +3,8 @@
 With clustered training (``server.clusters``) a training message carries every cluster's
 model. The client measures each one's loss on this round's data before training and
 trains the best; with the ``oracle`` rule (a simulation reference) it takes its own
-concept's. Its reply says which it trained, that loss and the runner-up's, so that the
-server can start a model for a client no model fits and merge models that fit the same
-clients.
+concept's. Its reply says which it trained and every model's loss, so that the server can
+start a model for a client no model fits and merge models that fit the same clients.
 """
 
 from __future__ import annotations
@@ -15,30 +14,27 @@ from dataclasses import dataclass
 import torch
 
 from client.rounds import load_global, plan_round
-from common.config import CHOICE_KEY, LOSS_KEY, RUNNER_UP_KEY, RUNNER_UP_LOSS_KEY, ClientSettings
+from common.config import CHOICE_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, ClientSettings
 from common.devices import resolve_device
 from common.errors import FedtideError
 from common.evaluation import accuracy
 from common.scenarios import build_scenario
 
 CHOICE_RULES = ("loss", "oracle")
-MAX_CANDIDATES = 64  # the server keeps at most --max-clusters (<= 64) models
+MAX_CANDIDATES = MAX_CLUSTERS  # the server keeps at most --max-clusters models
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The cluster to train, its loss on the round's data, and the runner-up (-1: none)."""
+    """The cluster to train, and every offered model's loss on the round's data (in the
+    order of the cluster ids)."""
 
     cluster: int
-    loss: float
-    runner_up: int = -1
-    runner_up_loss: float = 0.0
+    losses: dict[int, float]
 
-    def metrics(self) -> dict[str, int | float]:
-        out: dict[str, int | float] = {CHOICE_KEY: self.cluster, LOSS_KEY: self.loss, RUNNER_UP_KEY: self.runner_up}
-        if self.runner_up >= 0:
-            out[RUNNER_UP_LOSS_KEY] = self.runner_up_loss
-        return out
+    def metrics(self) -> dict[str, int | float | list[float]]:
+        return {CHOICE_KEY: self.cluster, LOSS_KEY: self.losses[self.cluster],
+                LOSSES_KEY: [self.losses[c] for c in sorted(self.losses)]}
 
 
 def choose_model(
@@ -64,12 +60,9 @@ def choose_model(
     for cluster, weights in sorted(candidates.items()):
         model = load_global(config, scenario.input_shape, scenario.num_classes, weights).to(device)
         losses[cluster] = accuracy(model, plan.data, device)[1]
-    ranked = sorted(losses, key=lambda c: (losses[c], c))
+    best = min(losses, key=lambda c: (losses[c], c))
     if rule == "oracle":
         if plan.task not in losses:
             raise FedtideError(f"the server sent no model for this client's concept {plan.task}")
-        ranked = [plan.task] + [c for c in ranked if c != plan.task]
-    best = ranked[0]
-    if len(ranked) == 1:
-        return Choice(best, losses[best])
-    return Choice(best, losses[best], ranked[1], losses[ranked[1]])
+        best = plan.task
+    return Choice(best, losses)

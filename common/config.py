@@ -29,10 +29,11 @@ INPUT_SHAPE_KEY, NUM_CLASSES_KEY, SETTINGS_HASH_KEY = "input-shape", "num-classe
 EPOCH_BOOST_KEY = "epoch-boost"
 # clustered training (server.clusters, client.clusters): the training message carries every
 # cluster's model as array record ``model-<id>`` and says how to choose (``loss`` or ``oracle``);
-# the reply's metrics say which model was trained, its loss before training and the runner-up's
+# the reply's metrics say which model was trained, its loss before training, and every offered
+# model's loss (a list in the order of the cluster ids)
 CANDIDATE_PREFIX, CHOICE_RULE_KEY = "model-", "cluster-choice"
-CHOICE_KEY, LOSS_KEY, RUNNER_UP_KEY, RUNNER_UP_LOSS_KEY = (
-    "cluster", "cluster-loss", "cluster-runner-up", "cluster-runner-up-loss")
+CHOICE_KEY, LOSS_KEY, LOSSES_KEY = "cluster", "cluster-loss", "cluster-losses"
+MAX_CLUSTERS = 64
 
 # settings in the sections a client is sent that only the server reads: they are not sent
 SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epoch-boost", "drift-weight",

@@ -25,10 +25,12 @@ from common.method_registry import MethodSettings
 from common.files import write_json_atomic, write_text_atomic
 
 REFERENCES = ("local-only", "fed-joint", "central-joint")
+TRAININGS = ("federated", "clustered", "cluster-oracle", "personal-head")  # each method is run these ways
 
 # (column title, summary key or function, scale, format)
 COLUMNS: list[tuple[str, Callable[[dict], float | None], float, str]] = [
     ("ACC %", lambda s: s["acc"], 100, "{:.2f}"),
+    ("served acc %", lambda s: s.get("served_acc"), 100, "{:.2f}"),
     ("BWT pts", lambda s: s["bwt"], 100, "{:+.2f}"),
     ("FWT pts", lambda s: s["fwt"], 100, "{:+.2f}"),
     ("forgetting pts", lambda s: s["forgetting"], 100, "{:.2f}"),
@@ -54,19 +56,23 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.label.replace('+', '_')}-s{self.seed}"
+        return f"{self.label.replace('+', '_').replace('/', '-')}-s{self.seed}"
 
 
 def build_cells(
     base: RunConfig, methods: list[str], seeds: int, references: list[str], reference_method: str, out: Path,
-    options: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None, trainings: list[str] | None = None,
 ) -> list[Cell]:
-    """Every method, then every reference, for each seed; all cells of a seed share its splits.
+    """Every method (each way of ``trainings``: a label ``method/training`` beside plain
+    federated), then every reference, for each seed; all cells of a seed share its splits.
     ``options``: method settings for the cells whose methods read them."""
     cells = []
     for seed in range(seeds):
         for method in methods:
-            cells.append(Cell(method, seed, with_method(base, method, options).replace(seed=seed)))
+            for training in trainings or ["federated"]:
+                label = method if training == "federated" else f"{method}/{training}"
+                config = with_method(base, method, options).replace(seed=seed, training=training)
+                cells.append(Cell(label, seed, config))
         for reference in references:
             cells.append(Cell(reference, seed, _reference(base, reference, reference_method, options).replace(seed=seed)))
     return [Cell(c.label, c.seed, c.config.replace(out=str(out / "cells" / c.name), quiet=True)) for c in cells]
@@ -165,11 +171,11 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def reference_gaps(rows: list[dict[str, Any]]) -> list[str]:
     """One line per joint reference in ``rows``: how far the best method's mean ACC is below it.
     The methods are the rows that are not references (local-only is a baseline, not a bound)."""
+    lines = _oracle_gaps(rows)
     methods = [r for r in rows if r["label"] not in REFERENCES and r["ACC %"][0] is not None]
     if not methods:
-        return []
+        return lines
     best = max(methods, key=lambda r: r["ACC %"][0])
-    lines = []
     for reference in ("fed-joint", "central-joint"):
         ref = next((r for r in rows if r["label"] == reference and r["ACC %"][0] is not None), None)
         if ref is not None:
@@ -178,6 +184,19 @@ def reference_gaps(rows: list[dict[str, Any]]) -> list[str]:
                 f"best method {best['label']}: ACC {best['ACC %'][0]:.2f} %, "
                 f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} {reference} ({ref['ACC %'][0]:.2f} %)"
             )
+    return lines
+
+
+def _oracle_gaps(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per method trained both clustered and with the cluster oracle: how far the
+    clustered run's served accuracy is from the oracle's."""
+    served = {r["label"]: r["served acc %"][0] for r in rows if r["served acc %"][0] is not None}
+    lines = []
+    for label, oracle in served.items():
+        if label.endswith("/cluster-oracle") and (clustered := label.replace("/cluster-oracle", "/clustered")) in served:
+            gap = oracle - served[clustered]
+            lines.append(f"{clustered}: served accuracy {served[clustered]:.2f} %, {abs(gap):.2f} points "
+                         f"{'below' if gap >= 0 else 'above'} {label} ({oracle:.2f} %)")
     return lines
 
 

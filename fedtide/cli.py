@@ -75,6 +75,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     bench.add_argument("--scenario", default="split-digits", help=f"scenario preset: {', '.join(PRESETS)}")
     bench.add_argument("--methods", default="naive,replay,ewc,lwf,replay+ewc", help="comma-separated methods")
+    bench.add_argument("--trainings", default="federated",
+                       help="comma-separated ways to train each method: federated, clustered, and the references "
+                            "cluster-oracle and personal-head (e.g. for --scenario distributed-drift-mnist)")
     bench.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
     bench.add_argument("--references", default=",".join(REFERENCES),
                        help=f"comma-separated references among {', '.join(REFERENCES)}, or none")
@@ -113,7 +116,7 @@ def bench_main(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from fedtide.bench import (
-        COLUMNS, aggregate, build_cells, format_cell, reference_gaps, run_bench, with_method, write_outputs,
+        COLUMNS, TRAININGS, aggregate, build_cells, format_cell, reference_gaps, run_bench, with_method, write_outputs,
     )
 
     if args.seeds < 1:
@@ -140,13 +143,18 @@ def bench_main(args: argparse.Namespace) -> None:
     for reference in references:
         if reference not in REFERENCES:
             raise FedtideError(f"unknown reference '{reference}': use {', '.join(REFERENCES)} or none")
+    trainings = [t.strip() for t in args.trainings.split(",") if t.strip()]
+    for training in trainings:
+        if training not in TRAININGS:
+            raise FedtideError(f"unknown training '{training}' in --trainings: use {', '.join(TRAININGS)}")
+        base.replace(training=training)  # validates it with the scenario (cluster-oracle needs distributed-drift)
     for method in methods + [args.reference_method]:
         with_method(base, method, options)  # validates the method name and its settings
     from common.scenarios import build_scenario
 
     build_scenario(base.data, base.seed)  # data missing or settings impossible: say so before any run starts
     out = Path(args.out or Path("bench") / args.scenario)
-    cells = build_cells(base, methods, args.seeds, references, args.reference_method, out, options)
+    cells = build_cells(base, methods, args.seeds, references, args.reference_method, out, options, trainings)
     from common.files import ensure_writable_folder
 
     ensure_writable_folder(out, "the bench folder")

@@ -13,8 +13,8 @@ AISTATS 2023):
   round's replies fit theirs: its loss is more than ``margin`` above the round's median (its
   client moved to a concept no model knows). A drift the client reported and the server
   credited halves that margin. The reply alone is the new model;
-- **merges** two models that fit the same clients: most replies that trained one name the
-  other as runner-up within ``margin`` of their own loss (and so do the other's, if it had
+- **merges** two models that fit the same clients: for most replies that trained one, the
+  other's loss is within ``margin`` of the best (and so for the other's replies, if it had
   any). The merged model is the two averaged, weighted by their replies' weights.
 
 Losses are in nats (mean cross-entropy). With ``oracle`` (a reference, simulation only)
@@ -26,7 +26,9 @@ and merges, never what another client's model becomes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 log = logging.getLogger("fedtide.server")
 
-from common.config import CANDIDATE_PREFIX, CHOICE_KEY, CHOICE_RULE_KEY, LOSS_KEY, RUNNER_UP_KEY, RUNNER_UP_LOSS_KEY
+from common.config import CANDIDATE_PREFIX, CHOICE_KEY, CHOICE_RULE_KEY, LOSS_KEY, LOSSES_KEY
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY = "arrays", "config", "metrics"
 
@@ -43,14 +45,14 @@ ARRAYS_KEY, CONFIG_KEY, METRICS_KEY = "arrays", "config", "metrics"
 @dataclass(frozen=True)
 class ClusterReply:
     """What an accepted reply says about clusters: its node, the cluster it trained, its
-    aggregation weight and its losses (None where it reported none)."""
+    aggregation weight, its best model's loss and every model's (None where it reported
+    none), and whether it reported drift the server credited."""
 
     node: int
     cluster: int
     weight: float
     loss: float | None = None
-    runner_up: int | None = None
-    runner_up_loss: float | None = None
+    losses: dict[int, float] | None = None
     drift: bool = False
 
 
@@ -66,6 +68,7 @@ class ModelClusters:
         self.next_id = 0
         self.events: list[dict[str, Any]] = []  # spawns and merges, with their rounds
         self.counts: list[int] = []  # clusters after each round
+        self.offered: list[int] = []  # the cluster ids this round's messages offered, in order
 
     # ---- sending ---------------------------------------------------------
     def start(self, arrays: ArrayRecord) -> None:
@@ -89,6 +92,7 @@ class ModelClusters:
 
     def configure(self, messages: list[Message]) -> list[Message]:
         rule = "oracle" if self.oracle_concepts else "loss"
+        self.offered = sorted(self.models)
         for message in messages:
             content = RecordDict(dict(message.content))
             content[ARRAYS_KEY] = self.models[self.home(message.metadata.dst_node_id)]
@@ -110,11 +114,11 @@ class ModelClusters:
             return None, "its metrics cannot be read"
         if value is None:
             return self.home(node), None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-                or int(value) not in self.models:
+        cluster = _whole_number(value)
+        if cluster is None or cluster not in self.models:
             shown = repr(value)[:24]
             return None, f"metric '{CHOICE_KEY}' = {shown} is not one of this round's models {sorted(self.models)}"
-        return int(value), None
+        return cluster, None
 
     def reference(self, cluster: int) -> dict[str, np.ndarray]:
         return {name: array.numpy() for name, array in self.models[cluster].items()}
@@ -144,7 +148,8 @@ class ModelClusters:
             cluster = self.next_id
             self.next_id += 1
             self.models[cluster] = model
-            replies[index] = ClusterReply(replies[index].node, cluster, replies[index].weight)
+            replies[index] = ClusterReply(replies[index].node, cluster, replies[index].weight)  # no losses: it
+            # fits its own model by construction, which must not merge it back this round
             self.events.append({"round": server_round, "spawned": cluster, "node": replies[index].node})
             log.info("round %d: node %s fits no model: new model %d from its update", server_round,
                      replies[index].node, cluster)
@@ -172,8 +177,8 @@ class ModelClusters:
             by_cluster.setdefault(reply.cluster, []).append(reply)
 
         def fits(members: list[ClusterReply], other: int) -> bool:
-            close = [r for r in members if r.runner_up == other and r.loss is not None
-                     and r.runner_up_loss is not None and r.runner_up_loss <= r.loss + self.margin]
+            close = [r for r in members if r.losses and r.loss is not None and other in r.losses
+                     and r.losses[other] <= r.loss + self.margin]
             return len(close) * 2 > len(members)
 
         pairs = []
@@ -205,7 +210,7 @@ class ModelClusters:
                 self.node_cluster[node] = keep
         for index, reply in enumerate(replies):
             if reply.cluster == drop:
-                replies[index] = ClusterReply(reply.node, keep, reply.weight, reply.loss)
+                replies[index] = dataclasses.replace(reply, cluster=keep)
         self.events.append({"round": server_round, "merged": [keep, drop]})
         log.info("round %d: models %d and %d fit the same clients: merged into %d", server_round, keep, drop, keep)
 
@@ -244,17 +249,31 @@ class ModelClusters:
         }
 
 
+def _whole_number(value: object) -> int | None:
+    """``value`` as an int when it is a whole number (a float too), else None (bool, NaN, text...)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _mix(a: np.ndarray, b: np.ndarray, share_b: float) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.floating):
         return a
     return ((1 - share_b) * a.astype(np.float64) + share_b * b.astype(np.float64)).astype(a.dtype)
 
 
-def cluster_reply(node: int, cluster: int, weight: float, metrics: dict[str, Any], drift: bool) -> ClusterReply:
-    """A reply's cluster facts from its schema-checked metrics (a runner-up that is not one
-    of the round's models counts as none)."""
-    runner_up = metrics.get(RUNNER_UP_KEY)
-    return ClusterReply(
-        node, cluster, weight, metrics.get(LOSS_KEY),
-        None if runner_up is None or runner_up < 0 else int(runner_up), metrics.get(RUNNER_UP_LOSS_KEY), drift,
-    )
+def cluster_reply(node: int, cluster: int, weight: float, metrics: dict[str, Any], drift: bool,
+                  offered: list[int]) -> ClusterReply:
+    """A reply's cluster facts from its schema-checked metrics. Its losses count only when
+    there is one per ``offered`` cluster (in that order); its best loss only when it is the
+    smallest of them, as a client that chose by loss reports it."""
+    losses = metrics.get(LOSSES_KEY)
+    by_cluster = dict(zip(offered, losses)) if isinstance(losses, list) and len(losses) == len(offered) else None
+    loss = metrics.get(LOSS_KEY)
+    if by_cluster is not None and loss is not None and loss > min(by_cluster.values()) + 1e-6:
+        by_cluster = None  # says it chose a model that fits worse than another: its losses do not add up
+    return ClusterReply(node, cluster, weight, loss, by_cluster, drift)

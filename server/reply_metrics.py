@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import CHOICE_KEY, LOSS_KEY, RUNNER_UP_KEY, RUNNER_UP_LOSS_KEY
+from common.config import CHOICE_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS
 
 WEIGHT_KEY = "num-examples"
 DRIFT_KEY = "drift-detected"
@@ -31,14 +31,27 @@ MAX_LOSS = 1e6
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One metric's kind (``int``, ``flag`` or ``float``) and its closed range."""
+    """One metric's kind (``int``, ``flag``, ``float``, or ``floats``: a list of at most
+    ``length`` floats) and its closed range."""
 
     kind: str
     minimum: float
     maximum: float
+    length: int = 0
 
-    def check(self, name: str, value: object) -> tuple[str | None, int | float | None]:
+    def check(self, name: str, value: object) -> tuple[str | None, Any]:
         """(reason, None) for a bad value, else (None, the value as its kind)."""
+        if self.kind == "floats":
+            if not isinstance(value, list) or not 0 < len(value) <= self.length:
+                return f"metric '{name}' must be a list of 1 to {self.length} numbers", None
+            item = MetricSpec("float", self.minimum, self.maximum)
+            checked = []
+            for entry in value:
+                reason, number = item.check(name, entry)
+                if reason is not None:
+                    return reason, None
+                checked.append(number)
+            return None, checked
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"metric '{name}' must be a number, got {type(value).__name__}", None
         if isinstance(value, float) and not math.isfinite(value):
@@ -77,8 +90,7 @@ METRICS: dict[str, MetricSpec] = {
     # clustered training (server.clusters): the model trained, and the loss of the best two before
     CHOICE_KEY: MetricSpec("int", 0, LARGE),
     LOSS_KEY: MetricSpec("float", 0.0, MAX_LOSS),
-    RUNNER_UP_KEY: MetricSpec("int", -1, LARGE),
-    RUNNER_UP_LOSS_KEY: MetricSpec("float", 0.0, MAX_LOSS),
+    LOSSES_KEY: MetricSpec("floats", 0.0, MAX_LOSS, length=MAX_CLUSTERS),
 }
 
 

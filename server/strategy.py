@@ -319,7 +319,7 @@ class FedtideStrategy(Strategy):
         weights = self._weights(contents)
         facts = [
             cluster_reply(reply.metadata.src_node_id, cluster, weight, dict(reply.content[METRICS_KEY]),
-                          credited_report(reply.content))
+                          credited_report(reply.content), self.clusters.offered)
             for reply, cluster, weight in zip(valid, self._claims, weights)
         ]
         spawners = set(self.clusters.spawners(facts))

@@ -210,8 +210,11 @@ def test_a_fresh_run_gives_the_figures_it_gave_before_checkpoints(tmp_path):
         dict(strategy="fedadam", react_server=True, fraction_train=0.6),  # moments, drift response, sampling RNG
         dict(strategy="fedavgm", method="replay+ewc+lwf"),  # momentum, every client method's state
         dict(training="local-only"),  # per-node models held by the strategy
+        dict(scenario="distributed-drift", training="clustered", local_epochs=5, concept_switches=2,
+             async_spread=2),  # the cluster models (spawned ones too) and who trained which
+        dict(scenario="distributed-drift", training="personal-head", concept_switches=1),  # each node's head
     ],
-    ids=["fedadam-react", "fedavgm-methods", "local-only"],
+    ids=["fedadam-react", "fedavgm-methods", "local-only", "clustered", "personal-head"],
 )
 def test_a_run_killed_mid_round_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path, settings):
     config = SMALL.replace(**settings)

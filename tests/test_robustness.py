@@ -216,6 +216,20 @@ def test_fuzzed_replies_never_crash_or_poison_any_rule(rule, strategy):
     assert result.replies == 100 and 0 < result.accepted < 100
 
 
+def test_fuzzed_replies_never_crash_or_poison_clustered_training():
+    config = RunConfig.of(clients=10, scenario="distributed-drift", num_tasks=2, training="clustered")
+    history = RunHistory(TaskSchedule.build(num_tasks=1, rounds_per_task=10, clients=10, spread=0, seed=0))
+    rng = np.random.default_rng(1)
+    global_arrays = {"w": rng.normal(size=(6, 4)).astype(np.float32), "b": np.zeros(4, np.float32)}
+    replies = fuzz_replies(global_arrays, 150, seed=5)
+    strategy = run_strategy(config, history)
+    result = run_fuzz(strategy, global_arrays, [c for _, c in replies], per_round=10)
+    assert (result.crashes, result.non_finite) == (0, 0), result.errors
+    assert result.replies == 150 and 0 < result.accepted < 150
+    assert 1 <= len(strategy.clusters.models) <= config.server.max_clusters
+    assert all(np.isfinite(a.numpy()).all() for m in strategy.clusters.models.values() for a in m.values())
+
+
 # ---- fault injection ----------------------------------------------------------------
 def attacked(attack: str, partition: int = 0, **settings) -> tuple[dict, TrainOutcome, TrainOutcome]:
     config = RunConfig.of(attack=attack, attackers=1, **settings)
