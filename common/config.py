@@ -151,6 +151,11 @@ class RunConfig:
             return self.data.clients
         return max(int(self.data.clients * self.server.fraction_train), 1)
 
+    @property
+    def effective_concurrency(self) -> int:
+        """Asynchronous aggregation: clients training at once (as many as a round samples by default)."""
+        return self.server.concurrency or max(int(self.data.clients * self.server.fraction_train), 1)
+
     # ---- rules across sections ---------------------------------------------
     def validate(self) -> None:
         """Raise FedtideError naming the flags and what to change."""
@@ -162,6 +167,11 @@ class RunConfig:
             raise FedtideError(
                 f"--min-clients must be between 0 (all) and --clients {data.clients} (got {server.min_clients})"
             )
+        if server.concurrency > data.clients:
+            raise FedtideError(f"--concurrency {server.concurrency} is more than the {data.clients} clients: lower it")
+        if server.buffer_size > self.effective_concurrency:
+            raise FedtideError(f"--buffer-size {server.buffer_size} waits for more replies than the "
+                               f"{self.effective_concurrency} clients in flight: lower it, or raise --concurrency")
         check_server(server, drift, self.max_replies_per_round, data.training,
                      self.methods.options["prox-mu"])
         attackers = self.faults.attacker_partitions
@@ -223,6 +233,18 @@ def check_server(server: ServerSettings, drift: DriftSettings, replies: int, tra
         if server.aggregation not in ("fedavg", "clip"):
             raise FedtideError(f"--training {training} aggregates each cluster's few replies on their own, too few for "
                                f"--aggregation {server.aggregation}: use fedavg or clip")
+    if server.buffer_size > 0:
+        if training != "federated":
+            raise FedtideError(f"--buffer-size (asynchronous aggregation) trains one global model: drop --training {training}")
+        if drift.react_server:
+            raise FedtideError("--react-server samples every client in the next round; asynchronous aggregation has "
+                               "no rounds to sample: drop --react-server or --buffer-size")
+        if server.concurrency and server.buffer_size > server.concurrency:
+            raise FedtideError(f"--buffer-size {server.buffer_size} waits for more replies than the --concurrency "
+                               f"{server.concurrency} clients in flight: lower --buffer-size")
+    if server.timed and server.fraction_evaluate > 0:
+        raise FedtideError("--fraction-evaluate is for rounds in real time: drop it with --buffer-size or --speed-spread "
+                           "(the server evaluates every round)")
     if drift.drift_weight != 1.0 and training == "local-only":
         raise FedtideError("--training local-only aggregates nothing, so --drift-weight would do nothing: drop it")
     if server.aggregation == "multikrum" and replies <= 2 * server.tolerated_attackers + 2:

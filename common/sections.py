@@ -216,6 +216,16 @@ class ServerSettings(Section):
                                minimum=0)
     client_wait: float = setting(600.0, "seconds a round waits for --min-clients connected clients before the run "
                                  "stops with an error", minimum=0, above=True)
+    buffer_size: int = setting(0, "asynchronous aggregation (FedBuff): update the global model every this many replies "
+                               "and never wait for a slow client (0: synchronous rounds); simulated time (see "
+                               "--speed-spread)", minimum=0, maximum=100_000)
+    concurrency: int = setting(0, "--buffer-size: clients training at once (0: as many as a synchronous round samples)",
+                               minimum=0, maximum=1_000_000)
+    staleness_exponent: float = setting(0.5, "--buffer-size: a reply computed from a model s updates old counts "
+                                        "1 / (1 + s) ** this", minimum=0, maximum=10)
+    speed_spread: float = setting(1.0, "simulation: client speeds are log-normal, the slowest this many times slower "
+                                  "than the fastest, and time is simulated (1: real time, unless --buffer-size)",
+                                  minimum=1, maximum=1e6)
     max_clusters: int = setting(8, "--training clustered: most global models the server keeps", minimum=1, maximum=64)
     cluster_margin: float = setting(1.0, "--training clustered: a client whose best model's loss (nats) on its new data "
                                     "is this much above the round's median starts a model; two models whose losses "
@@ -231,6 +241,11 @@ class ServerSettings(Section):
             raise FedtideError("--aggregation clip needs --clip-norm > 0 (the largest update norm kept, e.g. 5)")
         if self.aggregation == "multikrum" and self.tolerated_attackers < 1:
             raise FedtideError("--aggregation multikrum needs --tolerated-attackers >= 1 (with 0 it is fedavg)")
+
+    @property
+    def timed(self) -> bool:
+        """Whether a simulation runs in simulated time (``server.timed_rounds``)."""
+        return self.buffer_size > 0 or self.speed_spread > 1
 
     @property
     def effective_server_lr(self) -> float:

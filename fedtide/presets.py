@@ -36,6 +36,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "concept-drift-mnist": {"dataset": "mnist", "scenario": "concept-drift", **_MNIST_FEDERATION},
     "async-split-mnist": {"dataset": "mnist", "scenario": "class-incremental", "async_spread": 3, **_MNIST_FEDERATION},
+    # split-MNIST in simulated time: 20 clients, 10 slowest/fastest; FedBuff with 10 in flight, update every 5
+    "fedbuff-split-mnist": {
+        "dataset": "mnist", "scenario": "class-incremental", **_MNIST_FEDERATION, "clients": 20, "fraction_train": 0.5,
+        "speed_spread": 10.0, "buffer_size": 5,
+    },
     # 20 clients, 4 label permutations; each client switches 3 times at its own rounds, some back
     "distributed-drift-mnist": {
         **_MNIST_FEDERATION, "dataset": "mnist", "scenario": "distributed-drift", "num_tasks": 4, "clients": 20,

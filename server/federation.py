@@ -30,6 +30,7 @@ from server.history import RunHistory
 from server.node_names import NodeNames
 from server.progress import RoundProgress, summary_table
 from server.round_loop import run_rounds
+from server.timed_rounds import run_timed
 from server.run_folder import RunFolder, default_run_dir
 from server.run_lock import hold_run_folder
 from server.run_state import capture, check_settings, node_states, restore, run_settings
@@ -93,6 +94,8 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     }
     settings = run_settings(config)
     arrays, first_round = initial, 1
+    if resume and config.server.timed:
+        raise FedtideError("a run in simulated time (--buffer-size or --speed-spread) cannot resume yet: start it again")
     if resume:
         arrays, first_round = _resume(checkpoints, config, runtime, nodes, strategy, history, console)
         folder.rewrite_metrics(history)
@@ -124,18 +127,27 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
                 progress.round_done(history.rounds[-1])
             round_started = time.perf_counter()
 
-        final = run_rounds(
-            strategy,
-            grid,
-            arrays,
-            first_round=first_round,
-            num_rounds=config.num_rounds,
-            timeout=config.server.round_timeout,
-            train_config=client_config(config, scenario),
-            evaluate_config=client_config(config, scenario),
-            evaluate_fn=evaluate,
-            after_round=after_round,
-        )
+        time_figures: dict[str, Any] = {}
+        if config.server.timed:
+            final, time_figures = run_timed(
+                strategy, grid, arrays, speed_spread=config.server.speed_spread, seed=config.seed,
+                num_rounds=config.num_rounds, timeout=config.server.round_timeout,
+                buffer_size=config.server.buffer_size, concurrency=config.effective_concurrency,
+                train_config=client_config(config, scenario), evaluate_fn=evaluate, after_round=after_round,
+            )
+        else:
+            final = run_rounds(
+                strategy,
+                grid,
+                arrays,
+                first_round=first_round,
+                num_rounds=config.num_rounds,
+                timeout=config.server.round_timeout,
+                train_config=client_config(config, scenario),
+                evaluate_config=client_config(config, scenario),
+                evaluate_fn=evaluate,
+                after_round=after_round,
+            )
 
     summary = summarize_run(config, scenario, history, model_bytes=sum(len(a.data) for a in initial.values()))
     breakdown = times.breakdown()
@@ -146,6 +158,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
         round_seconds=(breakdown["total"] - breakdown["overhead"]) / max(len(history.rounds), 1),
     )
     summary.update(strategy.run_summary())
+    summary.update(time_figures)
     folder.write_results(history, summary, final.to_torch_state_dict(), config)
     if not config.run.quiet:
         console.print(summary_table(summary))

@@ -10,6 +10,8 @@
   later behaviours join the same list;
 - optionally ``ModelClusters`` (``server.clusters``): several global models, each reply
   aggregated into the one its client trained;
+- optionally ``Staleness`` (``server.staleness``): buffered asynchronous aggregation, where
+  a reply is an update of an older model and counts less the older it is;
 - ``Receipts`` (``server.receipts``): each training message tells its node the run's identity
   and the last round whose global model holds that node's reply;
 - a ``DriftCredit`` (``server.drift_credit``): which drift reports the reactions may act on.
@@ -45,6 +47,7 @@ from server.round_hooks import (
     ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, PersonalHead, RoundHook, credited_report,
 )
 from server.server_step import ServerStep, server_step
+from server.staleness import Staleness
 from server.timing import PhaseTimes
 from server.reply_metrics import WEIGHT_KEY, MetricSpec, ReplyMetrics, describe_dropped
 from server.validation import METRICS_KEY, ReplyValidator, Verdict, client_error
@@ -75,6 +78,7 @@ class FedtideStrategy(Strategy):
         times: PhaseTimes | None = None,
         drift_credit: DriftCredit | None = None,
         clusters: ModelClusters | None = None,
+        staleness: Staleness | None = None,
     ) -> None:
         self.history = history
         self.drift_credit = drift_credit or DriftCredit(0.0)
@@ -89,6 +93,7 @@ class FedtideStrategy(Strategy):
         self.extra_config = dict(extra_config or {})  # e.g. FedProx's `proximal-mu`, for plain Flower clients
         self.times = times or PhaseTimes()
         self.clusters = clusters
+        self.staleness = staleness
         self._claims: list[int] = []  # the cluster each accepted reply trained (clustered training)
         self._capped_weights = 0  # replies whose claimed weight the influence bound cut this round
         self.accepted_nodes: list[int] = []  # nodes whose replies the last round aggregated
@@ -105,24 +110,41 @@ class FedtideStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.start_round(server_round, arrays)
+        everyone = any(hook.sample_everyone(server_round) for hook in self.hooks)
+        nodes = self.sampling.sample(grid, 1.0 if everyone else self.sampling.fraction_train, self.excluded)
+        if nodes is None:
+            log.error("round %d: every node is excluded; no client trains", server_round)
+            return []
+        self._sent = []
+        return self.train_messages(server_round, arrays, config, nodes)
+
+    def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """The global model the next aggregation starts from (``configure_train`` calls it;
+        an asynchronous loop calls it before each update)."""
         if self.clusters is not None:
             self.clusters.start(arrays)
         self.validator.start_round(arrays)
         self._current = arrays
         self._reference = {name: array.numpy() for name, array in arrays.items()}
         self.step.start_round(server_round, self._reference)
-        everyone = any(hook.sample_everyone(server_round) for hook in self.hooks)
-        nodes = self.sampling.sample(grid, 1.0 if everyone else self.sampling.fraction_train, self.excluded)
-        if nodes is None:
-            log.error("round %d: every node is excluded; no client trains", server_round)
-            return []
+
+    def train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       nodes: list[int]) -> list[Message]:
+        """Training messages for ``nodes`` with the global model ``arrays``, as the hooks,
+        the clusters and the receipts make them."""
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         for hook in self.hooks:
             messages = hook.configure(server_round, messages)
         if self.clusters is not None:
             messages = self.clusters.configure(messages)
-        self._sent = self.receipts.stamp(messages)
-        return self._sent
+        if self.staleness is not None:
+            base = {name: array.numpy() for name, array in arrays.items()}
+            for node in nodes:
+                self.staleness.sent(node, base)
+        stamped = self.receipts.stamp(messages)
+        self._sent = [m for m in self._sent if m.metadata.dst_node_id not in nodes] + stamped  # one per node
+        return stamped
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -206,7 +228,8 @@ class FedtideStrategy(Strategy):
 
     @property
     def _parts(self) -> list[Any]:
-        return [self.step, self.receipts, self.drift_credit, *self.hooks, *([self.clusters] if self.clusters else [])]
+        optional = [part for part in (self.clusters, self.staleness) if part is not None]
+        return [self.step, self.receipts, self.drift_credit, *self.hooks, *optional]
 
     def run_summary(self) -> dict[str, Any]:
         out: dict[str, Any] = self.drift_credit.summary()
@@ -249,10 +272,18 @@ class FedtideStrategy(Strategy):
                         continue
                     cluster = claimed
                     reference = references.setdefault(cluster, self.clusters.reference(cluster))
-                verdict = self.validator.check(reply.content, reference if self.clusters is not None else None)
+                if self.staleness is not None:
+                    reference = self.staleness.reference(node) or reference
+                verdict = self.validator.check(reply.content, reference if reference is not self._reference else None)
             if verdict.reason is not None:
+                if self.staleness is not None:
+                    self.staleness.forget(node)
                 self._reject(server_round, node, verdict.reason)
                 continue
+            if self.staleness is not None:  # from here on an update of the current model
+                verdict = dataclasses.replace(verdict, arrays=self.staleness.rebase(node, verdict.arrays, self._reference),
+                                              metrics={**verdict.metrics, "staleness": self.staleness.last.get(node, 0)})
+                reference = self._reference
             norm = update_norm(verdict.arrays, reference) if self.influence.reads_norms else 0.0
             size = sum(a.nbytes for a in verdict.arrays.values())
             if kept + size <= DECODED_BUDGET:
@@ -489,6 +520,7 @@ def build_strategy(
         times=times,
         drift_credit=DriftCredit(drift.drift_evidence, drift.drift_follow_rounds),
         clusters=clusters,
+        staleness=Staleness(server.staleness_exponent) if server.buffer_size > 0 else None,
     )
 
 

@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> None:
             "--fraction-evaluate must stay 0 with `fedtide server`: edge clients hold no test set; "
             "the server evaluates the global model on the dataset's test split every round"
         )
+    if config.data.training == "clustered":
+        raise FedtideError("--training clustered runs in `fedtide simulate` for now: edge clients do not choose "
+                           "among several models yet")
     if config.data.training != "federated":
         raise FedtideError(f"--training {config.data.training} is a simulation reference: use `fedtide simulate`")
     if config.faults.attack != "none":
