@@ -30,6 +30,7 @@ from server.history import RunHistory
 from server.node_names import NodeNames
 from server.progress import RoundProgress, summary_table
 from server.round_loop import run_rounds
+from server.live_buffered import run_live_buffered
 from server.timed_rounds import run_timed
 from server.run_folder import RunFolder, default_run_dir
 from server.run_lock import hold_run_folder
@@ -94,7 +95,10 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     }
     settings = run_settings(config)
     arrays, first_round = initial, 1
-    if resume and config.server.timed:
+    if config.server.speed_spread > 1 and nodes is None:
+        raise FedtideError("--speed-spread simulates time in fedtide's own runtime: drop --engine flower (or "
+                           "--speed-spread); with real nodes, time is real")
+    if resume and config.server.timed and nodes is not None:
         raise FedtideError("a run in simulated time (--buffer-size or --speed-spread) cannot resume yet: start it again")
     if resume:
         arrays, first_round = _resume(checkpoints, config, runtime, nodes, strategy, history, console)
@@ -128,7 +132,14 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
             round_started = time.perf_counter()
 
         time_figures: dict[str, Any] = {}
-        if config.server.timed:
+        if config.server.buffer_size > 0 and nodes is None:  # real nodes: real time
+            final = run_live_buffered(
+                strategy, grid, arrays, first_round=first_round, num_rounds=config.num_rounds,
+                timeout=config.server.round_timeout, buffer_size=config.server.buffer_size,
+                concurrency=config.effective_concurrency, train_config=client_config(config, scenario),
+                evaluate_fn=evaluate, after_round=after_round,
+            )
+        elif config.server.timed:
             final, time_figures = run_timed(
                 strategy, grid, arrays, speed_spread=config.server.speed_spread, seed=config.seed,
                 num_rounds=config.num_rounds, timeout=config.server.round_timeout,
@@ -159,6 +170,8 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     )
     summary.update(strategy.run_summary())
     summary.update(time_figures)
+    if "mean_clusters" in summary:  # every cluster's model goes down (beside `arrays`), one update up
+        summary["bytes_per_client_round"] = int((summary["mean_clusters"] + 2) * summary["bytes_per_client_round"] / 2)
     folder.write_results(history, summary, final.to_torch_state_dict(), config)
     if not config.run.quiet:
         console.print(summary_table(summary))

@@ -28,7 +28,9 @@ class Staleness:
         self.exponent = exponent
         self.version = 0  # the current global model's version: how many updates it has had
         self.bases: dict[int, Arrays] = {}  # version -> that global model, while a node trains it
-        self.started: dict[int, int] = {}  # node -> version it trains
+        # node -> versions it was sent, oldest first: a node answers its messages in order, and
+        # may be sent the next one while its last reply still waits in the buffer
+        self.started: dict[int, list[int]] = {}
         self.last: dict[int, int] = {}  # node -> staleness of its last rebased reply
 
     def weight(self, tau: int) -> float:
@@ -37,16 +39,16 @@ class Staleness:
     def sent(self, node: int, arrays: Arrays) -> None:
         """``node`` starts training the current model (``arrays``)."""
         self.bases.setdefault(self.version, arrays)
-        self.started[node] = self.version
+        self.started.setdefault(node, []).append(self.version)
 
     def reference(self, node: int) -> Arrays | None:
         """The model ``node``'s reply is an update of (None: not sent by this loop)."""
-        version = self.started.get(node)
-        return None if version is None else self.bases.get(version)
+        versions = self.started.get(node)
+        return self.bases.get(versions[0]) if versions else None
 
     def rebase(self, node: int, reply: Arrays, current: Arrays) -> Arrays:
         """The reply as an update of ``current``, weighted by its staleness."""
-        version = self.started.pop(node, None)
+        version = self._pop(node)
         if version is None or version not in self.bases:
             return reply
         tau = self.version - version
@@ -65,12 +67,21 @@ class Staleness:
     def updated(self) -> None:
         """The global model moved on: forget the bases no node trains any more."""
         self.version += 1
-        needed = set(self.started.values())
+        needed = {v for versions in self.started.values() for v in versions}
         self.bases = {v: a for v, a in self.bases.items() if v in needed}
 
     def forget(self, node: int) -> None:
-        """``node``'s reply will never be used (it failed or was dropped)."""
-        self.started.pop(node, None)
+        """``node``'s oldest reply will never be used (it failed or was dropped)."""
+        self._pop(node)
+
+    def _pop(self, node: int) -> int | None:
+        versions = self.started.get(node)
+        if not versions:
+            return None
+        version = versions.pop(0)
+        if not versions:
+            del self.started[node]
+        return version
 
     def state(self) -> dict[str, Any]:
         return {"staleness": {"version": self.version}}

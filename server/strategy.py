@@ -510,7 +510,8 @@ def build_strategy(
                                  ReplyMetrics(server.max_num_examples, num_tasks, reply_metrics)),
         sampling=NodeSampling(server.fraction_train, server.fraction_evaluate, min_nodes, server.client_wait),
         rule=AggregationRule() if local_only else AggregationRule.from_settings(server),
-        influence=InfluenceBound(0, 0, 0) if local_only else _influence(server, drift, clusters is not None),
+        influence=InfluenceBound(0, 0, 0) if local_only else _influence(server, drift, clusters is not None,
+                                                                      server.buffer_size > 0),
         step=ServerStep() if local_only else server_step(server.strategy, server.effective_server_lr,
                                                          server.server_momentum),
         hooks=hooks,
@@ -524,13 +525,16 @@ def build_strategy(
     )
 
 
-def _influence(server: ServerSettings, drift: DriftSettings, clustered: bool = False) -> InfluenceBound:
+def _influence(server: ServerSettings, drift: DriftSettings, clustered: bool = False,
+               asynchronous: bool = False) -> InfluenceBound:
     """The run's influence bound. A drift reaction that trains a drifting client harder makes
     its honest update an outlier by design, and so does a client that moved to a concept no
-    cluster knows yet (it spawns one): then the caps stay and the outlier rule is off."""
+    cluster knows yet (it spawns one) and, in asynchronous aggregation, a fresh reply among
+    stale ones (each is scaled by its staleness): then the caps stay and the outlier rule is off."""
     outlier = server.norm_outlier
-    if outlier and (drift.enlarges_updates or clustered):
-        why = "clients that fit no cluster" if clustered else "drift reactions"
+    if outlier and (drift.enlarges_updates or clustered or asynchronous):
+        why = ("clients that fit no cluster" if clustered else "replies of different staleness" if asynchronous
+               else "drift reactions")
         log.info("%s enlarge honest updates: --norm-outlier is off for this run (the caps stay)", why)
         outlier = 0.0
     return InfluenceBound(server.weight_cap, server.norm_cap, outlier)

@@ -53,6 +53,18 @@ def test_a_base_model_is_kept_only_while_a_node_still_trains_it():
     assert staleness.bases == {}
 
 
+def test_a_node_sent_again_before_its_last_reply_was_used_keeps_each_replys_own_base():
+    staleness = Staleness(exponent=1.0)
+    staleness.sent(3, {"w": np.zeros(1, np.float32)})  # version 0
+    staleness.updated()
+    staleness.sent(3, {"w": np.ones(1, np.float32)})  # version 1, its first reply still unused
+    current = {"w": np.ones(1, np.float32)}
+    first = staleness.rebase(3, {"w": np.full(1, 2.0, np.float32)}, current)
+    second = staleness.rebase(3, {"w": np.full(1, 2.0, np.float32)}, current)
+    assert first["w"] == pytest.approx(1.0 + 2.0 / 2)  # from version 0: 1 update old
+    assert second["w"] == pytest.approx(2.0)  # from version 1: fresh
+
+
 SMALL = dict(num_tasks=2, rounds_per_task=3, local_epochs=2, clients=6, quiet=True)
 
 

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> None:
                            "among several models yet")
     if config.data.training != "federated":
         raise FedtideError(f"--training {config.data.training} is a simulation reference: use `fedtide simulate`")
+    if config.server.speed_spread > 1:
+        raise FedtideError("--speed-spread simulates client speeds in `fedtide simulate`; real clients take real time: drop it")
     if config.faults.attack != "none":
         raise FedtideError(f"--attack {config.faults.attack} is fault injection for simulations: use `fedtide simulate`")
     from common.scenarios import build_scenario

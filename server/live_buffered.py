@@ -1,0 +1,93 @@
+"""Buffered asynchronous aggregation in real time, on real nodes (``fedtide server``, Flower's engine).
+
+The same FedBuff as ``server.timed_rounds`` without a simulated clock: ``concurrency``
+nodes are sent the global model (Flower's ``push_messages``), replies are pulled as they
+come, and every ``buffer_size`` replies the global model is updated, each reply weighted
+by its staleness (``server.staleness``). A node that is done is sent the new model at once,
+so no update waits for a slow node; a node that does not answer within ``timeout``
+seconds is freed (its late reply, if any, is never used). Each update is one of the run's
+rounds: it is evaluated and checkpointed like a synchronous round.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from server.grids import wait_for_nodes
+from server.strategy import FedtideStrategy
+
+POLL_SECONDS = 0.05
+
+
+def run_live_buffered(
+    strategy: FedtideStrategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    num_rounds: int,
+    timeout: float,
+    buffer_size: int,
+    concurrency: int,
+    train_config: ConfigRecord,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+    after_round: Callable[[int, ArrayRecord], None],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ArrayRecord:
+    """Updates ``first_round..num_rounds`` from ``arrays``; return the final global model."""
+    if first_round == 1:
+        evaluate_fn(0, arrays)
+        after_round(0, arrays)
+    in_flight: dict[str, tuple[int, float]] = {}  # message id -> (node, when sent)
+    buffer = []
+    server_round = first_round
+    strategy.start_round(server_round, arrays)
+
+    def refill() -> None:
+        busy = {node for node, _ in in_flight.values()}
+        idle = sorted(set(grid.get_node_ids()) - busy - strategy.excluded)
+        count = min(concurrency - len(busy), len(idle))
+        if count <= 0:
+            return
+        nodes = random.sample(idle, count)  # Flower's `random`, seeded by the run
+        messages = strategy.train_messages(server_round, arrays, ConfigRecord(dict(train_config)), nodes)
+        now = clock()
+        for message_id, node in zip(grid.push_messages(messages), nodes):
+            in_flight[message_id] = (node, now)
+
+    # as a synchronous round does: nodes still connecting are waited for, up to --client-wait
+    wait_for_nodes(grid, strategy.sampling.min_available, strategy.sampling.client_wait)
+    refill()
+    while server_round <= num_rounds:
+        arrived = list(grid.pull_messages(list(in_flight))) if in_flight else []
+        now = clock()
+        for reply in arrived:
+            node, _ = in_flight.pop(reply.metadata.reply_to_message_id, (reply.metadata.src_node_id, now))
+            buffer.append(reply)
+        for message_id, (node, sent) in list(in_flight.items()):
+            if now - sent > timeout:  # gone or far too slow: free it, never use its reply
+                del in_flight[message_id]
+                if strategy.staleness is not None:
+                    strategy.staleness.forget(node)
+        if len(buffer) >= buffer_size:
+            strategy.start_round(server_round, arrays)
+            aggregated, _ = strategy.aggregate_train(server_round, buffer)
+            buffer = []
+            if aggregated is not None:
+                arrays = aggregated
+                if strategy.staleness is not None:
+                    strategy.staleness.updated()
+            evaluate_fn(server_round, arrays)
+            after_round(server_round, arrays)
+            server_round += 1
+        if server_round <= num_rounds:
+            refill()
+        if not arrived:
+            sleep(POLL_SECONDS)
+    return arrays
