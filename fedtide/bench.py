@@ -87,6 +87,8 @@ def with_method(base: RunConfig, method: str, options: dict[str, Any] | None = N
 
 
 def _reference(base: RunConfig, reference: str, reference_method: str, options: dict[str, Any] | None) -> RunConfig:
+    if base.server.buffer_size:  # a reference trains in rounds: no asynchronous aggregation
+        base = base.replace(buffer_size=0, concurrency=0)
     if reference == "local-only":
         # no server, so no server reactions; a client's own reactions stay as configured
         return with_method(base, reference_method, options).replace(training="local-only", react_server=False, drift_weight=1.0)

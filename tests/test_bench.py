@@ -78,6 +78,32 @@ def test_bad_bench_input_is_one_line(tmp_path, capsys):
     assert "unknown reference 'oracle'" in capsys.readouterr().err
     assert main(["bench", "--methods", "naive,magic", "--out", str(tmp_path)]) == 2
     assert "unknown method 'magic'" in capsys.readouterr().err
+    assert main(["bench", "--trainings", "federated,magic", "--out", str(tmp_path)]) == 2
+    assert "unknown training 'magic' in --trainings" in capsys.readouterr().err
+    assert main(["bench", "--trainings", "cluster-oracle", "--out", str(tmp_path)]) == 2
+    assert "cluster-oracle knows each client's concept only" in capsys.readouterr().err
+
+
+def test_each_method_runs_each_way_of_training_and_the_table_compares_them_with_the_oracle(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--methods", "naive", "--references", "none", "--out", str(out), *TINY,
+                 "--set", "scenario=distributed-drift", "--set", "concept-switches=1", "--set", "clients=4",
+                 "--trainings", "federated,clustered,cluster-oracle"]) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["label"] for r in rows] == ["naive", "naive/clustered", "naive/cluster-oracle"]
+    assert all(0 < float(r["served acc % mean"]) <= 100 for r in rows)
+    assert "naive/clustered: served accuracy" in capsys.readouterr().err
+    cell = json.loads((out / "cells" / "naive-clustered-s0" / "cell.json").read_text())
+    assert cell["config"]["training"] == "clustered"
+
+
+def test_the_references_of_an_asynchronous_preset_train_in_rounds(tmp_path):
+    from common.config import RunConfig
+    from fedtide.bench import _reference
+
+    base = RunConfig.of(buffer_size=2, clients=5)
+    assert _reference(base, "fed-joint", "replay", None).server.buffer_size == 0
+    assert _reference(base, "local-only", "replay", None).server.buffer_size == 0
 
 
 def test_bench_without_its_data_stops_before_any_run(tmp_path, capsys, monkeypatch):
