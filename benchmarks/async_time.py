@@ -105,8 +105,10 @@ def main() -> None:
         speed = f"{s['speedup']:.2f}x" if s["speedup"] else "not reached"
         console.print(f"seed {s['seed']}: async at equal time {s['acc_gap_points']:+.2f} points; "
                       f"time to the sync run's final ACC {speed} shorter")
+    speedups = (f"min {means['speedup_min']:.2f}x, mean {means['speedup_mean']:.2f}x" if means["speedup_min"]
+                else "not reached")
     console.print(f"mean: sync ACC {100 * means['sync_acc']:.2f} %, async at equal time {means['acc_gap_points']:+.2f} "
-                  f"points; speed-up to the sync ACC: min {means['speedup_min']}, mean {means['speedup_mean']}")
+                  f"points; speed-up to the sync ACC: {speedups}")
 
 
 if __name__ == "__main__":
