@@ -25,7 +25,7 @@ from typing import Protocol
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.clusters import choose_model
+from client.clusters import check_choice, choose_model
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
 from common.config import (
@@ -156,6 +156,12 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
         raise FedtideError("this node has an inbox but no state-dir: start it with `fedtide client --state DIR`")
     if INPUT_SHAPE_KEY not in record or NUM_CLASSES_KEY not in record:
         raise FedtideError("the server sent no model shape: run the server with `fedtide server` of the same version")
+    candidates = _candidates(msg.content)
+    if candidates:
+        rule = str(record.get(CHOICE_RULE_KEY, "loss"))
+        check_choice(rule, candidates)
+        if rule != "loss":
+            raise FedtideError(f"an edge client chooses its model by loss; '{rule[:20]}' needs a simulation")
     outcome = train_on_arrivals(
         config,
         tuple(int(d) for d in str(record[INPUT_SHAPE_KEY]).split(",")),
@@ -170,6 +176,7 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
            if "feature-range" in context.node_config else {}),
         receipt=Receipt.from_record(msg.content[RECEIPT_KEY]) if RECEIPT_KEY in msg.content else None,
         new_run=str(context.node_config.get("new-run", "fresh")),
+        candidates=candidates,
     )
     _report_edge_round(server_round, outcome.metrics, str(context.node_config.get("name", "")))
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from client.rounds import load_global, plan_round
+from common.datasets import LabelledSplit
 from common.config import CHOICE_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, ClientSettings
 from common.devices import resolve_device
 from common.errors import FedtideError
@@ -46,23 +47,39 @@ def choose_model(
     rule: str = "loss",
     device_name: str | None = None,
 ) -> Choice:
-    """The candidate this client trains this round (see the module docstring).
+    """The candidate a simulated client trains this round (see the module docstring).
     FedtideError for a rule it does not know, no candidates, or too many."""
+    check_choice(rule, candidates)
+    scenario = build_scenario(config.data, config.seed)
+    plan = plan_round(config, partition_id, server_round, state)
+    losses = model_losses(config, scenario.input_shape, scenario.num_classes, candidates, plan.data, device_name)
+    if rule == "oracle":
+        if plan.task not in losses:
+            raise FedtideError(f"the server sent no model for this client's concept {plan.task}")
+        return Choice(plan.task, losses)
+    return best_choice(losses)
+
+
+def check_choice(rule: str, candidates: dict[int, dict[str, torch.Tensor]]) -> None:
     if rule not in CHOICE_RULES:
         raise FedtideError(f"the server asks to choose a model by '{str(rule)[:20]}': this client knows "
                            f"{', '.join(CHOICE_RULES)}; run server and clients of the same fedtide version")
     if not 0 < len(candidates) <= MAX_CANDIDATES:
         raise FedtideError(f"the server sent {len(candidates)} models to choose from; at most {MAX_CANDIDATES} are allowed")
-    scenario = build_scenario(config.data, config.seed)
-    plan = plan_round(config, partition_id, server_round, state)
+
+
+def model_losses(config: ClientSettings, input_shape: tuple[int, ...], num_classes: int,
+                 candidates: dict[int, dict[str, torch.Tensor]], data: LabelledSplit,
+                 device_name: str | None = None) -> dict[int, float]:
+    """Each candidate's mean cross-entropy on ``data`` (FedtideError when one does not fit the model)."""
     device = resolve_device(device_name or config.learner.device)
     losses = {}
     for cluster, weights in sorted(candidates.items()):
-        model = load_global(config, scenario.input_shape, scenario.num_classes, weights).to(device)
-        losses[cluster] = accuracy(model, plan.data, device)[1]
-    best = min(losses, key=lambda c: (losses[c], c))
-    if rule == "oracle":
-        if plan.task not in losses:
-            raise FedtideError(f"the server sent no model for this client's concept {plan.task}")
-        best = plan.task
-    return Choice(best, losses)
+        model = load_global(config, input_shape, num_classes, weights).to(device)
+        losses[cluster] = accuracy(model, data, device)[1]
+    return losses
+
+
+def best_choice(losses: dict[int, float]) -> Choice:
+    """The candidate with the lowest loss (the lowest id among equals)."""
+    return Choice(min(losses, key=lambda c: (losses[c], c)), losses)

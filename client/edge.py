@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from client.feature_range import DEFAULT_FEATURE_RANGE
+from client.clusters import best_choice, model_losses
 from client.inbox import QUARANTINE, collect_arrivals
 from client.methods import Method, Replay, build_methods
 from client.rounds import (
@@ -62,8 +63,14 @@ def train_on_arrivals(
     feature_range: tuple[float, float] = DEFAULT_FEATURE_RANGE,
     receipt: Receipt | None = None,
     new_run: str = "fresh",
+    candidates: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> TrainOutcome:
     """Train the server's ``weights`` on the inbox's new files plus the replay memory.
+
+    With ``candidates`` (clustered training: the server's models by cluster id) the client
+    trains the one with the lowest loss on its new files instead, and reports its choice and
+    every candidate's loss (``client.clusters``); with no new file it trains ``weights``, the
+    model it trained last.
 
     With no new file the round trains on the memory alone. Saves the new state and ledger
     (one atomic write) before returning: with the server's ``receipt``, as the pending round
@@ -79,16 +86,21 @@ def train_on_arrivals(
     store = ClientStateStore(state_dir)
     with store.round_lock():
         return _train_locked(config, input_shape, num_classes, server_round, weights, inbox, store, device_name,
-                             node_id, feature_range, receipt, new_run)
+                             node_id, feature_range, receipt, new_run, candidates or {})
 
 
 def _train_locked(
     config: ClientSettings, input_shape: tuple[int, ...], num_classes: int, server_round: int,
     weights: dict[str, torch.Tensor], inbox: Path, store: ClientStateStore, device_name: str | None, node_id: int,
     feature_range: tuple[float, float], receipt: Receipt | None, new_run: str,
+    candidates: dict[int, dict[str, torch.Tensor]],
 ) -> TrainOutcome:
     state, ledger = store.load() if receipt is None else store.begin_round(receipt, new_run, server_round)
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger, feature_range)
+    choice = None
+    if candidates and arrivals.data is not None:
+        choice = best_choice(model_losses(config, input_shape, num_classes, candidates, arrivals.data, device_name))
+        weights = candidates[choice.cluster]
     outcome = learn_round(config, input_shape, num_classes, server_round, weights, state, arrivals.data,
                           device_name, node_id)
     if outcome is None:
@@ -98,6 +110,8 @@ def _train_locked(
             + (f"; {invalid} invalid file(s) were found (see the log and {Path(inbox) / QUARANTINE})" if invalid else "")
         )
     outcome.metrics.update({"new-files": len(arrivals.files), "quarantined": len(arrivals.quarantined)})
+    if choice is not None:
+        outcome.metrics.update(choice.metrics())
     consumed = [
         {"name": f.name, "size": f.size, "sha256": f.sha256, "mtime_ns": f.mtime_ns, "round": server_round,
          "samples": len(f.data)}

@@ -70,3 +70,39 @@ def test_an_edge_node_takes_its_feature_range_from_its_node_config(tmp_path):
     (inbox / "quarantine" / "raw.npz").rename(inbox / "raw.npz")
     grid = InProcessGrid(app, [{"inbox": str(inbox), "state-dir": str(tmp_path / "b"), "feature-range": "0,255"}])
     assert _train(grid, config, 1).content["metrics"]["new-examples"] == 12
+
+
+def test_an_edge_node_offered_several_models_trains_the_one_that_fits_its_new_files(tmp_path):
+    import torch
+
+    config = RunConfig.of(hidden="16", local_epochs=1, quiet=True, training="clustered")
+    scenario = build_scenario(config.data, config.seed)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), rng.integers(0, 10, 40)
+    np.savez(inbox / "a.npz", x=x, y=y)
+    initial = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
+    fitted = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
+    optimizer = torch.optim.SGD(fitted.parameters(), lr=0.5)
+    inputs, labels = torch.tensor(x, dtype=torch.float32).unsqueeze(1) / 255, torch.tensor(y)
+    for _ in range(200):  # this model has learned these very samples
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(fitted(inputs), labels).backward()
+        optimizer.step()
+    record = client_config(config, scenario)
+    record["server-round"] = 1
+    record["cluster-choice"] = "loss"
+    content = RecordDict({"arrays": ArrayRecord(initial.state_dict()), "config": ConfigRecord(dict(record)),
+                          "model-0": ArrayRecord(initial.state_dict()), "model-3": ArrayRecord(fitted.state_dict())})
+    grid = _edge_node(inbox, tmp_path / "state")
+    reply = list(grid.send_and_receive([grid.create_message(content, "train", dst_node_id=1, group_id="1")]))[0]
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+    metrics = reply.content["metrics"]
+    assert metrics["cluster"] == 3
+    assert metrics["cluster-losses"][1] == metrics["cluster-loss"] < metrics["cluster-losses"][0]
+
+    record["cluster-choice"] = "oracle"  # an edge client knows no concept
+    content["config"] = ConfigRecord(dict(record))
+    refused = list(grid.send_and_receive([grid.create_message(content, "train", dst_node_id=1, group_id="2")]))[0]
+    assert refused.has_error() and "needs a simulation" in refused.error.reason

@@ -91,10 +91,7 @@ def run(args: argparse.Namespace) -> None:
             "--fraction-evaluate must stay 0 with `fedtide server`: edge clients hold no test set; "
             "the server evaluates the global model on the dataset's test split every round"
         )
-    if config.data.training == "clustered":
-        raise FedtideError("--training clustered runs in `fedtide simulate` for now: edge clients do not choose "
-                           "among several models yet")
-    if config.data.training != "federated":
+    if config.data.training not in ("federated", "clustered"):
         raise FedtideError(f"--training {config.data.training} is a simulation reference: use `fedtide simulate`")
     if config.server.speed_spread > 1:
         raise FedtideError("--speed-spread simulates client speeds in `fedtide simulate`; real clients take real time: drop it")
