@@ -9,13 +9,14 @@ start a model for a client no model fits and merge models that fit the same clie
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from client.rounds import load_global, plan_round
 from common.datasets import LabelledSplit
-from common.config import CHOICE_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, ClientSettings
+from common.config import CHOICE_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, MAX_LOSS, ClientSettings
 from common.devices import resolve_device
 from common.errors import FedtideError
 from common.evaluation import accuracy
@@ -71,12 +72,14 @@ def check_choice(rule: str, candidates: dict[int, dict[str, torch.Tensor]]) -> N
 def model_losses(config: ClientSettings, input_shape: tuple[int, ...], num_classes: int,
                  candidates: dict[int, dict[str, torch.Tensor]], data: LabelledSplit,
                  device_name: str | None = None) -> dict[int, float]:
-    """Each candidate's mean cross-entropy on ``data`` (FedtideError when one does not fit the model)."""
+    """Each candidate's mean cross-entropy on ``data``, at most ``MAX_LOSS`` (a diverged model's
+    NaN or Inf counts as that); FedtideError when a candidate does not fit the model."""
     device = resolve_device(device_name or config.learner.device)
     losses = {}
     for cluster, weights in sorted(candidates.items()):
         model = load_global(config, input_shape, num_classes, weights).to(device)
-        losses[cluster] = accuracy(model, data, device)[1]
+        loss = accuracy(model, data, device)[1]
+        losses[cluster] = min(loss, MAX_LOSS) if math.isfinite(loss) else MAX_LOSS
     return losses
 
 

@@ -34,6 +34,7 @@ EPOCH_BOOST_KEY = "epoch-boost"
 CANDIDATE_PREFIX, CHOICE_RULE_KEY = "model-", "cluster-choice"
 CHOICE_KEY, LOSS_KEY, LOSSES_KEY = "cluster", "cluster-loss", "cluster-losses"
 MAX_CLUSTERS = 64
+MAX_LOSS = 1e6  # the largest loss a reply may report (a diverged model's is reported as this)
 
 # settings in the sections a client is sent that only the server reads: they are not sent
 SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epoch-boost", "drift-weight",

@@ -37,7 +37,7 @@ def client_recovery_rounds(timelines: dict[int, list[tuple]], fraction: float = 
     counts: list[int] = []
     for timeline in timelines.values():
         for i in range(1, len(timeline)):
-            if timeline[i][1] <= timeline[i - 1][1]:
+            if timeline[i][1] == timeline[i - 1][1]:
                 continue
             target = fraction * timeline[i - 1][3]
             following = timeline[i:]
@@ -49,8 +49,8 @@ def client_recovery_rounds(timelines: dict[int, list[tuple]], fraction: float = 
 def score_detections(timelines: dict[int, list[tuple]], tolerance: int = 1) -> dict[str, float | int | None]:
     """Match each client's drift reports to its task switches, as a detection problem.
 
-    A switch is the first reply in which a client's task id is larger than in its
-    previous reply. It counts as detected when the client reports drift in that reply or
+    A switch is the first reply in which a client's task id differs from its previous
+    reply's (larger in a task sequence; any other concept in distributed drift). It counts as detected when the client reports drift in that reply or
     within ``tolerance`` later replies; the delay is counted in replies (0 = same round).
     Every report that matches no switch is a false alarm. Also: the share of switches found
     within ``tolerance + 1`` replies (a report one reply later still matches then), false
@@ -80,7 +80,7 @@ def _match(timelines: dict[int, list[tuple]], tolerance: int) -> dict:
     for timeline in timelines.values():
         matched: set[int] = set()
         for i in range(1, len(timeline)):
-            if timeline[i][1] <= timeline[i - 1][1]:
+            if timeline[i][1] == timeline[i - 1][1]:
                 continue
             switches += 1
             for delay in range(tolerance + 1):

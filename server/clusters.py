@@ -12,10 +12,14 @@ AISTATS 2023):
 - **spawns** a model from a reply whose best model fits its new data much worse than the
   round's replies fit theirs: its loss is more than ``margin`` above the round's median (its
   client moved to a concept no model knows). A drift the client reported and the server
-  credited halves that margin. The reply alone is the new model;
+  credited halves that margin. Only a reply whose losses add up can spawn (one per offered
+  model, the best being its reported loss); the reply alone is the new model. When
+  ``max_clusters`` are kept, the model no node trains that was trained longest ago makes
+  room; with none such, the node stays with the model it chose;
 - **merges** two models that fit the same clients: for most replies that trained one, the
-  other's loss is within ``margin`` of the best (and so for the other's replies, if it had
-  any). The merged model is the two averaged, weighted by their replies' weights.
+  other's loss is within ``margin`` of the best, and so for the other's replies. A model
+  with no reply this round merges away only when no node trains it at all. The merged model
+  is the two averaged, weighted by their replies' weights.
 
 Losses are in nats (mean cross-entropy). With ``oracle`` (a reference, simulation only)
 there is one model per concept, each client trains its own concept's, and models are
@@ -36,6 +40,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 log = logging.getLogger("fedtide.server")
+MAX_EVENTS = 1000  # spawns and merges kept for the checkpoint (the counts cover them all)
 
 from common.config import CANDIDATE_PREFIX, CHOICE_KEY, CHOICE_RULE_KEY, LOSS_KEY, LOSSES_KEY
 
@@ -66,8 +71,10 @@ class ModelClusters:
         self.models: dict[int, ArrayRecord] = {}
         self.node_cluster: dict[int, int] = {}
         self.next_id = 0
-        self.events: list[dict[str, Any]] = []  # spawns and merges, with their rounds
-        self.counts: list[int] = []  # clusters after each round
+        self.events: list[dict[str, Any]] = []  # the last MAX_EVENTS spawns and merges, with their rounds
+        self.spawns = self.merges = 0
+        self.rounds = self.cluster_rounds = 0  # rounds seen, and the sum of the clusters after each
+        self.last_trained: dict[int, int] = {}  # cluster -> the last round a reply trained it
         self.offered: list[int] = []  # the cluster ids this round's messages offered, in order
 
     # ---- sending ---------------------------------------------------------
@@ -127,37 +134,60 @@ class ModelClusters:
         """Indices of the replies that start a model of their own (see the module docstring)."""
         if self.oracle_concepts or len(replies) < 3:
             return []
-        losses = [r.loss for r in replies if r.loss is not None]
+        losses = [r.loss for r in replies if r.loss is not None and r.losses is not None]
         if len(losses) < 3:
             return []
         median = float(np.median(losses))
-        room = self.max_clusters - len(self.models)
+        room = self.max_clusters - len(self.models) + len(self._unused())
         out = []
         for index, reply in enumerate(replies):
             margin = self.margin / 2 if reply.drift else self.margin
-            if reply.loss is not None and reply.loss > median + margin and len(out) < room:
+            if reply.losses is not None and reply.loss is not None and reply.loss > median + margin and len(out) < room:
                 out.append(index)
         return out
+
+    def _unused(self) -> list[int]:
+        """Clusters no node trains, the one trained longest ago first."""
+        used = set(self.node_cluster.values())
+        return sorted((c for c in self.models if c not in used), key=lambda c: (self.last_trained.get(c, -1), c))
 
     def finish_round(self, server_round: int, replies: list[ClusterReply], aggregated: dict[int, ArrayRecord],
                      spawned: dict[int, ArrayRecord]) -> None:
         """Take the round's models: ``aggregated`` per cluster, ``spawned`` per reply index
         (each a new cluster for its node); then merge the models that fit the same clients."""
         self.models.update(aggregated)
+        for cluster in aggregated:
+            self.last_trained[cluster] = server_round
+        for index, reply in enumerate(replies):
+            if index not in spawned:
+                self.node_cluster[reply.node] = reply.cluster
         for index, model in spawned.items():
+            if len(self.models) >= self.max_clusters:
+                unused = self._unused()
+                if not unused:  # every model is some node's: the reply stays with the model it trained
+                    self.node_cluster[replies[index].node] = replies[index].cluster
+                    continue
+                del self.models[unused[0]]
+                self.last_trained.pop(unused[0], None)
+                self._event({"round": server_round, "retired": unused[0]})
             cluster = self.next_id
             self.next_id += 1
             self.models[cluster] = model
+            self.last_trained[cluster] = server_round
             replies[index] = ClusterReply(replies[index].node, cluster, replies[index].weight)  # no losses: it
             # fits its own model by construction, which must not merge it back this round
-            self.events.append({"round": server_round, "spawned": cluster, "node": replies[index].node})
+            self.node_cluster[replies[index].node] = cluster
+            self.spawns += 1
+            self._event({"round": server_round, "spawned": cluster, "node": replies[index].node})
             log.info("round %d: node %s fits no model: new model %d from its update", server_round,
                      replies[index].node, cluster)
-        for reply in replies:
-            self.node_cluster[reply.node] = reply.cluster
         if not self.oracle_concepts:
             self._merge(server_round, replies)
-        self.counts.append(len(self.models))
+        self.rounds += 1
+        self.cluster_rounds += len(self.models)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        self.events = [*self.events[-(MAX_EVENTS - 1):], event]
 
     def _merge(self, server_round: int, replies: list[ClusterReply]) -> None:
         merged = True
@@ -181,6 +211,7 @@ class ModelClusters:
                      and r.losses[other] <= r.loss + self.margin]
             return len(close) * 2 > len(members)
 
+        trained = set(self.node_cluster.values())
         pairs = []
         for cluster, members in sorted(by_cluster.items()):
             for other in sorted(self.models):
@@ -188,6 +219,8 @@ class ModelClusters:
                     continue
                 if other in by_cluster and not fits(by_cluster[other], cluster):
                     continue
+                if other not in by_cluster and other in trained:
+                    continue  # its nodes were not asked this round: their word is missing
                 pairs.append((min(cluster, other), max(cluster, other)))
         return pairs
 
@@ -205,13 +238,15 @@ class ModelClusters:
             })
         self.models[keep] = model
         del self.models[drop]
+        self.last_trained[keep] = max(self.last_trained.get(keep, -1), self.last_trained.pop(drop, -1))
         for node, cluster in self.node_cluster.items():
             if cluster == drop:
                 self.node_cluster[node] = keep
         for index, reply in enumerate(replies):
             if reply.cluster == drop:
                 replies[index] = dataclasses.replace(reply, cluster=keep)
-        self.events.append({"round": server_round, "merged": [keep, drop]})
+        self.merges += 1
+        self._event({"round": server_round, "merged": [keep, drop]})
         log.info("round %d: models %d and %d fit the same clients: merged into %d", server_round, keep, drop, keep)
 
     # ---- reading ---------------------------------------------------------
@@ -222,7 +257,9 @@ class ModelClusters:
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {"clusters": {
             "ids": sorted(self.models), "node_cluster": {str(n): c for n, c in self.node_cluster.items()},
-            "next_id": self.next_id, "events": list(self.events), "counts": list(self.counts),
+            "next_id": self.next_id, "events": list(self.events), "spawns": self.spawns, "merges": self.merges,
+            "rounds": self.rounds, "cluster_rounds": self.cluster_rounds,
+            "last_trained": {str(c): r for c, r in self.last_trained.items()},
         }}
         for cluster, model in self.models.items():
             out[f"clusters/{cluster}"] = {name: array.numpy() for name, array in model.items()}
@@ -238,14 +275,16 @@ class ModelClusters:
         self.node_cluster = {int(n): int(c) for n, c in saved["node_cluster"].items()}
         self.next_id = int(saved["next_id"])
         self.events = list(saved["events"])
-        self.counts = list(saved["counts"])
+        self.spawns, self.merges = int(saved["spawns"]), int(saved["merges"])
+        self.rounds, self.cluster_rounds = int(saved["rounds"]), int(saved["cluster_rounds"])
+        self.last_trained = {int(c): int(r) for c, r in saved["last_trained"].items()}
 
     def summary(self) -> dict[str, Any]:
         return {
             "clusters": len(self.models),
-            "mean_clusters": float(np.mean(self.counts)) if self.counts else float(len(self.models)),
-            "cluster_spawns": sum(1 for e in self.events if "spawned" in e),
-            "cluster_merges": sum(1 for e in self.events if "merged" in e),
+            "mean_clusters": self.cluster_rounds / self.rounds if self.rounds else float(len(self.models)),
+            "cluster_spawns": self.spawns,
+            "cluster_merges": self.merges,
         }
 
 

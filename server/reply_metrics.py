@@ -21,12 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import CHOICE_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS
+from common.config import CHOICE_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, MAX_LOSS
 
 WEIGHT_KEY = "num-examples"
 DRIFT_KEY = "drift-detected"
 LARGE = 10**12  # counts and stream positions: far beyond any device, far below float precision
-MAX_LOSS = 1e6
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ class Staleness:
         # node -> versions it was sent, oldest first: a node answers its messages in order, and
         # may be sent the next one while its last reply still waits in the buffer
         self.started: dict[int, list[int]] = {}
-        self.last: dict[int, int] = {}  # node -> staleness of its last rebased reply
 
     def weight(self, tau: int) -> float:
         return 1.0 / (1.0 + tau) ** self.exponent
@@ -46,13 +45,13 @@ class Staleness:
         versions = self.started.get(node)
         return self.bases.get(versions[0]) if versions else None
 
-    def rebase(self, node: int, reply: Arrays, current: Arrays) -> Arrays:
-        """The reply as an update of ``current``, weighted by its staleness."""
-        version = self._pop(node)
+    def rebase(self, node: int, reply: Arrays, current: Arrays) -> tuple[Arrays, int]:
+        """The reply (``node``'s oldest unanswered message's) as an update of ``current``,
+        weighted by its staleness; and that staleness."""
+        version = self._pop(node, oldest=True)
         if version is None or version not in self.bases:
-            return reply
+            return reply, 0
         tau = self.version - version
-        self.last[node] = tau
         scale = self.weight(tau)
         base = self.bases[version]
         out = {}
@@ -62,7 +61,7 @@ class Staleness:
                 out[name] = moved.astype(value.dtype)
             else:
                 out[name] = current[name]
-        return out
+        return out, tau
 
     def updated(self) -> None:
         """The global model moved on: forget the bases no node trains any more."""
@@ -70,15 +69,19 @@ class Staleness:
         needed = {v for versions in self.started.values() for v in versions}
         self.bases = {v: a for v, a in self.bases.items() if v in needed}
 
-    def forget(self, node: int) -> None:
-        """``node``'s oldest reply will never be used (it failed or was dropped)."""
-        self._pop(node)
+    def rejected(self, node: int) -> None:
+        """``node``'s reply arrived but will not be used: it answers its oldest message."""
+        self._pop(node, oldest=True)
 
-    def _pop(self, node: int) -> int | None:
+    def unanswered(self, node: int) -> None:
+        """``node``'s latest message will never be answered (not sent, or timed out)."""
+        self._pop(node, oldest=False)
+
+    def _pop(self, node: int, oldest: bool) -> int | None:
         versions = self.started.get(node)
         if not versions:
             return None
-        version = versions.pop(0)
+        version = versions.pop(0 if oldest else -1)
         if not versions:
             del self.started[node]
         return version

@@ -277,16 +277,16 @@ class FedtideStrategy(Strategy):
                 verdict = self.validator.check(reply.content, reference if reference is not self._reference else None)
             if verdict.reason is not None:
                 if self.staleness is not None:
-                    self.staleness.forget(node)
+                    self.staleness.rejected(node)
                 self._reject(server_round, node, verdict.reason)
                 continue
             if self.staleness is not None:  # from here on an update of the current model
-                verdict = dataclasses.replace(verdict, arrays=self.staleness.rebase(node, verdict.arrays, self._reference),
-                                              metrics={**verdict.metrics, "staleness": self.staleness.last.get(node, 0)})
+                rebased, tau = self.staleness.rebase(node, verdict.arrays, self._reference)
+                verdict = dataclasses.replace(verdict, arrays=rebased, metrics={**verdict.metrics, "staleness": tau})
                 reference = self._reference
             norm = update_norm(verdict.arrays, reference) if self.influence.reads_norms else 0.0
             size = sum(a.nbytes for a in verdict.arrays.values())
-            if kept + size <= DECODED_BUDGET:
+            if kept + size <= DECODED_BUDGET or self.staleness is not None:  # rebased arrays exist only here
                 kept += size
             else:
                 verdict = dataclasses.replace(verdict, arrays=None)
@@ -326,7 +326,7 @@ class FedtideStrategy(Strategy):
         self, server_round: int, valid: list[Message], decoded: list[dict | None], norms: list[float] | None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.clusters is not None:
-            return self._aggregate_clusters(server_round, valid, decoded)
+            return self._aggregate_clusters(server_round, valid, decoded, norms)
         if (reason := self.rule.precondition(len(valid))) is not None:
             return self._keep_global(server_round, reason)
         contents = [reply.content for reply in valid]
@@ -334,13 +334,15 @@ class FedtideStrategy(Strategy):
         weights = self._weights(contents)
         metrics = weighted_metrics(contents)
         self.history.train_metrics(dict(metrics))
-        new_model = self._combine(server_round, arrays, weights, self._reference, norms)
+        new_model, cut = self._combine(server_round, arrays, weights, self._reference, norms)
+        if self._capped_weights or cut:
+            self.history.influence_capped(self._capped_weights, cut)
         if new_model is None:
             return self._keep_global(server_round, "the aggregate holds NaN or Inf")
         return new_model, metrics
 
     def _aggregate_clusters(
-        self, server_round: int, valid: list[Message], decoded: list[dict | None]
+        self, server_round: int, valid: list[Message], decoded: list[dict | None], norms: list[float] | None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each cluster's replies aggregated into its own model; a reply that fits no model
         starts one (``server.clusters``). Returns the largest cluster's model as the global one."""
@@ -354,16 +356,22 @@ class FedtideStrategy(Strategy):
             for reply, cluster, weight in zip(valid, self._claims, weights)
         ]
         spawners = set(self.clusters.spawners(facts))
+        # the caps work within each cluster: its replies' median norm (a cluster of one reply
+        # moves only its own model, which other clients train only when it fits them best)
         aggregated: dict[int, ArrayRecord] = {}
+        cuts = 0
         for cluster in sorted({f.cluster for i, f in enumerate(facts) if i not in spawners}):
             members = [i for i, f in enumerate(facts) if f.cluster == cluster and i not in spawners]
-            model = self._combine(server_round, [arrays[i] for i in members], [weights[i] for i in members],
-                                  self.clusters.reference(cluster), None)
+            model, cut = self._combine(server_round, [arrays[i] for i in members], [weights[i] for i in members],
+                                       self.clusters.reference(cluster), [norms[i] for i in members] if norms else None)
+            cuts += cut
             if model is None:
                 log.warning("round %d: cluster %d's aggregate holds NaN or Inf; it stays as it was", server_round, cluster)
             else:
                 aggregated[cluster] = model
         spawned = {i: self._as_global(arrays[i]) for i in spawners}
+        if self._capped_weights or cuts:
+            self.history.influence_capped(self._capped_weights, cuts)
         self.clusters.finish_round(server_round, facts, aggregated, spawned)
         metrics = weighted_metrics(contents) if contents else None
         if metrics is not None:
@@ -389,20 +397,19 @@ class FedtideStrategy(Strategy):
         self._capped_weights = capped
         return weights
 
-    def _combine(self, server_round: int, arrays: list[dict[str, np.ndarray]], weights: list[float], reference: dict[str, np.ndarray],
-                 norms: list[float] | None) -> ArrayRecord | None:
-        """The next model from these replies around ``reference``, or None when it is not finite."""
+    def _combine(self, server_round: int, arrays: list[dict[str, np.ndarray]], weights: list[float],
+                 reference: dict[str, np.ndarray], norms: list[float] | None) -> tuple[ArrayRecord | None, int]:
+        """The next model from these replies around ``reference`` (None when it is not
+        finite), and how many updates the influence bound cut."""
         arrays, cut = self.influence.cap_updates(arrays, reference, norms)
-        if self._capped_weights or cut:
-            self.history.influence_capped(self._capped_weights, cut)
         aggregate = self.rule.aggregate(arrays, weights, reference)
         before = self.step.state()  # a step's state moves on only with a model that is kept
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
             new_model = self._as_global(self.step.apply(server_round, aggregate))
         if not all(np.isfinite(array.numpy()).all() for array in new_model.values()):
             self.step.load_state(before)
-            return None
-        return new_model
+            return None, cut
+        return new_model, cut
 
     def _as_global(self, arrays: dict[str, np.ndarray]) -> ArrayRecord:
         """Server optimizers compute in float64: the model keeps its dtypes. Frozen layers keep

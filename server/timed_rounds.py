@@ -132,8 +132,7 @@ class TimedRun:
         finish, _, node, reply = heapq.heappop(self._in_flight)
         return finish, node, reply
 
-    def _update(self, replies: list[Message]) -> None:
-        server_round = self.virtual_round()
+    def _update(self, replies: list[Message], server_round: int) -> None:
         self.strategy.start_round(server_round, self.arrays)
         aggregated, _ = self.strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
@@ -147,7 +146,8 @@ class TimedRun:
         self.evaluate_fn(0, self.arrays)
         self.after_round(0, self.arrays)
         while self.now < self.end:
-            messages = list(self.strategy.configure_train(self.virtual_round(), self.arrays,
+            sent_in = self.virtual_round()  # the round's replies are labelled with it
+            messages = list(self.strategy.configure_train(sent_in, self.arrays,
                                                           ConfigRecord(dict(self.train_config)), self.grid))
             if not messages:
                 break
@@ -157,19 +157,19 @@ class TimedRun:
             if last >= self.end - self._slack:
                 if last <= self.end + self._slack:  # the last round ends with the run: it counts
                     self.now = last
-                    self._update([reply for _, _, reply in finished if reply is not None])
+                    self._update([reply for _, _, reply in finished if reply is not None], sent_in)
                 break
             self._close_before(last)
             self.now = last
-            self._update([reply for _, _, reply in finished if reply is not None])
+            self._update([reply for _, _, reply in finished if reply is not None], sent_in)
         self._close_before(math.inf)
         return self.arrays
 
     def buffered(self, buffer_size: int, concurrency: int) -> ArrayRecord:
         self.evaluate_fn(0, self.arrays)
         self.after_round(0, self.arrays)
-        busy: set[int] = set()
-        buffer: list[Message] = []
+        busy: set[int] = set()  # nodes training, or whose reply waits in the buffer
+        buffer: list[tuple[int, Message]] = []
 
         def refill() -> None:
             idle = sorted(set(self.grid.get_node_ids()) - busy - self.strategy.excluded)
@@ -183,17 +183,18 @@ class TimedRun:
         refill()
         while (event := self._next()) is not None:
             finish, node, reply = event
-            if finish >= self.end:
+            if finish > self.end + self._slack:
                 break
             self._close_before(finish)
             self.now = finish
-            busy.discard(node)
             if reply is None:
-                self.strategy.staleness.forget(node)
+                busy.discard(node)
+                self.strategy.staleness.unanswered(node)
             else:
-                buffer.append(reply)
+                buffer.append((node, reply))
             if len(buffer) >= buffer_size:
-                self._update(buffer)
+                self._update([r for _, r in buffer], self.virtual_round())
+                busy.difference_update(n for n, _ in buffer)
                 buffer = []
             refill()
         self._close_before(math.inf)

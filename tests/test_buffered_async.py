@@ -32,8 +32,8 @@ def test_a_stale_reply_is_rebased_on_the_current_model_and_weighted_by_its_age()
         staleness.updated()
     current = {"w": np.ones(2, np.float32), "steps": np.array([9], np.int64)}
     reply = {"w": np.full(2, 4.0, np.float32), "steps": np.array([6], np.int64)}
-    rebased = staleness.rebase(7, reply, current)
-    assert staleness.last[7] == 3
+    rebased, tau = staleness.rebase(7, reply, current)
+    assert tau == 3
     assert rebased["w"] == pytest.approx(1.0 + 4.0 / 2.0)  # 1 / sqrt(1 + 3) = 1/2
     assert rebased["steps"].tolist() == [9]  # counters are not averaged: the current model's stay
     assert staleness.weight(0) == 1.0
@@ -48,7 +48,7 @@ def test_a_base_model_is_kept_only_while_a_node_still_trains_it():
     staleness.rebase(1, {"w": np.zeros(1, np.float32)}, {"w": np.ones(1, np.float32)})
     staleness.updated()
     assert sorted(staleness.bases) == [1]
-    staleness.forget(2)
+    staleness.unanswered(2)
     staleness.updated()
     assert staleness.bases == {}
 
@@ -59,10 +59,20 @@ def test_a_node_sent_again_before_its_last_reply_was_used_keeps_each_replys_own_
     staleness.updated()
     staleness.sent(3, {"w": np.ones(1, np.float32)})  # version 1, its first reply still unused
     current = {"w": np.ones(1, np.float32)}
-    first = staleness.rebase(3, {"w": np.full(1, 2.0, np.float32)}, current)
-    second = staleness.rebase(3, {"w": np.full(1, 2.0, np.float32)}, current)
+    first, _ = staleness.rebase(3, {"w": np.full(1, 2.0, np.float32)}, current)
+    second, _ = staleness.rebase(3, {"w": np.full(1, 2.0, np.float32)}, current)
     assert first["w"] == pytest.approx(1.0 + 2.0 / 2)  # from version 0: 1 update old
     assert second["w"] == pytest.approx(2.0)  # from version 1: fresh
+
+
+def test_a_message_never_answered_does_not_take_the_base_of_a_reply_still_waiting():
+    staleness = Staleness(exponent=1.0)
+    staleness.sent(3, {"w": np.zeros(1, np.float32)})  # version 0: its reply waits in the buffer
+    staleness.updated()
+    staleness.sent(3, {"w": np.ones(1, np.float32)})  # version 1: this one times out
+    staleness.unanswered(3)
+    rebased, tau = staleness.rebase(3, {"w": np.full(1, 2.0, np.float32)}, {"w": np.ones(1, np.float32)})
+    assert tau == 1 and rebased["w"] == pytest.approx(1.0 + 2.0 / 2)
 
 
 SMALL = dict(num_tasks=2, rounds_per_task=3, local_epochs=2, clients=6, quiet=True)
@@ -95,7 +105,7 @@ def test_buffered_asynchronous_aggregation_waits_for_no_one_and_discounts_stale_
     counts, staleness = _replies_per_node(tmp_path / "async")
     speeds = ClientSpeeds.build(list(range(1, 7)), 10.0, seed=0).seconds
     fastest, slowest = min(speeds, key=speeds.get), max(speeds, key=speeds.get)
-    assert counts.get(fastest, 0) > 3 * counts.get(slowest, 0)
+    assert counts.get(fastest, 0) > 1.5 * counts.get(slowest, 0)  # the fast come back more often
     assert max(staleness) > 0 and min(staleness) == 0
     again = run_inprocess(config.replace(out=str(tmp_path / "again")))
     assert again["accuracy_matrix"] == summary["accuracy_matrix"]  # the same seed, the same run
@@ -122,3 +132,32 @@ def test_a_run_in_simulated_time_refuses_to_resume(tmp_path):
     run_inprocess(config)
     with pytest.raises(FedtideError, match="cannot resume yet"):
         run_inprocess(config, resume=True)
+
+
+def test_each_synchronous_round_in_simulated_time_is_labelled_with_the_round_it_was_sent_in(tmp_path):
+    config = RunConfig.of(**SMALL, speed_spread=10.0, fraction_train=0.5, seed=2, out=str(tmp_path / "run"))
+    run_inprocess(config)
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == list(range(1, config.num_rounds + 1))
+    assert all(r["clients"] for r in rounds)  # a half-sampled round ends before its virtual round does
+
+
+def test_a_live_asynchronous_server_with_no_node_left_stops_with_a_clear_message():
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from server.history import RunHistory
+    from server.live_buffered import run_live_buffered
+    from server.strategy import build_strategy
+    from common.sections import ServerSettings
+
+    class NoNodes:
+        def get_node_ids(self):
+            return []
+
+    strategy = build_strategy(ServerSettings(buffer_size=2, client_wait=0.2), min_nodes=0, history=RunHistory())
+    clock = iter(float(t) for t in range(1000))
+    with pytest.raises(FedtideError, match="no node is left to train"):
+        run_live_buffered(strategy, NoNodes(), ArrayRecord({"w": Array(np.zeros(2, np.float32))}), first_round=1,
+                          num_rounds=3, timeout=10, buffer_size=2, concurrency=2, train_config=ConfigRecord({}),
+                          evaluate_fn=lambda r, a: None, after_round=lambda r, a: None,
+                          clock=lambda: next(clock), sleep=lambda s: None)

@@ -159,19 +159,35 @@ def _clusters(models: dict[int, float], margin: float = 1.0, max_clusters: int =
     return clusters
 
 
+def _reply(node: int, loss: float, cluster: int = 0, drift: bool = False) -> ClusterReply:
+    return ClusterReply(node, cluster, 10.0, loss, {cluster: loss}, drift)
+
+
 def test_a_reply_whose_best_model_fits_much_worse_than_the_rounds_starts_its_own():
     clusters = _clusters({0: 0.0})
-    replies = [ClusterReply(n, 0, 10.0, loss) for n, loss in enumerate([0.3, 0.4, 0.35, 2.0, 0.9])]
+    replies = [_reply(n, loss) for n, loss in enumerate([0.3, 0.4, 0.35, 2.0, 0.9])]
     assert clusters.spawners(replies) == [3]  # 2.0 > median 0.4 + 1.0; 0.9 is not
-    drifted = [ClusterReply(n, 0, 10.0, loss, drift=n == 4) for n, loss in enumerate([0.3, 0.4, 0.35, 2.0, 0.95])]
+    drifted = [_reply(n, loss, drift=n == 4) for n, loss in enumerate([0.3, 0.4, 0.35, 2.0, 0.95])]
     assert clusters.spawners(drifted) == [3, 4]  # a credited drift report halves the margin
-    full = _clusters({0: 0.0, 1: 1.0}, max_clusters=2)
-    assert full.spawners(replies) == []  # no room: the reply joins the best model
+    liar = [*replies[:3], ClusterReply(9, 0, 10.0, 1e6, None)]  # a huge loss, but no losses that add up
+    assert clusters.spawners(liar) == []
+
+
+def test_when_every_model_slot_is_taken_the_model_no_node_trains_makes_room():
+    clusters = _clusters({0: 0.0, 1: 1.0}, max_clusters=2)
+    clusters.node_cluster = {10: 0, 11: 0, 12: 0}  # no node trains model 1 any more
+    replies = [_reply(n, loss) for n, loss in zip((10, 11, 12), [0.3, 0.4, 5.0])]
+    assert clusters.spawners(replies) == [2]
+    clusters.finish_round(4, replies, {0: _record(0.5)}, {2: _record(9.0)})
+    assert sorted(clusters.models) == [0, 2] and clusters.home(12) == 2
+    busy = _clusters({0: 0.0, 1: 1.0}, max_clusters=2)
+    busy.node_cluster = {10: 0, 11: 0, 12: 1, 13: 0}
+    assert busy.spawners([_reply(n, loss) for n, loss in zip((10, 11, 13), [0.3, 0.4, 5.0])]) == []
 
 
 def test_a_spawned_model_is_the_replys_update_and_its_node_trains_it_next():
     clusters = _clusters({0: 0.0})
-    replies = [ClusterReply(n, 0, 10.0, loss) for n, loss in enumerate([0.3, 0.4, 5.0])]
+    replies = [_reply(n, loss) for n, loss in enumerate([0.3, 0.4, 5.0])]
     clusters.finish_round(1, replies, {0: _record(0.5)}, {2: _record(9.0)})
     assert sorted(clusters.models) == [0, 1]
     assert clusters.models[1]["w"].numpy().tolist() == [9.0] * 3
@@ -204,6 +220,15 @@ def test_a_model_no_client_chose_merges_away_only_when_it_fits_another_models_cl
     duplicate.finish_round(1, replies, {}, {})
     assert sorted(duplicate.models) == [0]
     assert duplicate.models[0]["w"].numpy().tolist() == [0.0] * 3  # the unchosen one adds nothing
+
+
+def test_a_model_whose_nodes_were_not_asked_this_round_is_not_merged_on_others_word():
+    clusters = _clusters({0: 0.0, 1: 5.0})
+    clusters.node_cluster = {20: 0, 21: 0, 22: 0}  # model 0's nodes sit this round out
+    replies = [ClusterReply(5, 1, 10.0, 0.3, {0: 0.35, 1: 0.3})]  # one reply says model 0 fits it as well
+    clusters.finish_round(1, replies, {}, {})
+    assert sorted(clusters.models) == [0, 1]
+    assert clusters.models[0]["w"].numpy().tolist() == [0.0] * 3
 
 
 def test_a_model_spawned_this_round_is_not_merged_back_into_the_one_it_left():
