@@ -128,6 +128,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row("models (clusters): at the end / mean; spawned, merged",
                       f"{summary['clusters']} / {summary['mean_clusters']:.1f}; {summary['cluster_spawns']}, "
                       f"{summary['cluster_merges']}")
+    if summary.get("simulated_seconds") is not None:
+        table.add_row("simulated time (s; one round: the slowest client's) / model updates",
+                      f"{summary['simulated_seconds']:.0f} ({summary['round_seconds']:.1f}) / {summary['model_updates']}")
     prequential = summary["final_prequential_acc"]
     table.add_row("final prequential accuracy (%)", NOT_AVAILABLE if prequential is None else f"{100 * prequential:.2f}")
     table.add_row("wall time (s)", f"{summary['wall_seconds']:.1f}")
