@@ -24,8 +24,9 @@ AISTATS 2023):
 Losses are in nats (mean cross-entropy). With ``oracle`` (a reference, simulation only)
 there is one model per concept, each client trains its own concept's, and models are
 never spawned or merged. The choice a reply claims is the client's word: a cluster that
-is not one of the round's models drops the reply, and its losses only ever decide spawns
-and merges, never what another client's model becomes.
+is not one of the round's models drops the reply; losses count only when they add up, and
+a merge needs the word of most replies of both models (a model whose nodes were not asked
+this round is not merged). The influence bound's caps apply within each model's replies.
 """
 
 from __future__ import annotations
