@@ -102,12 +102,9 @@ def _reference(base: RunConfig, reference: str, reference_method: str, options: 
 
 
 def _run_cell(cell: Cell, threads: int) -> dict[str, Any]:
-    import torch
-
     from fedtide.runtimes.inprocess import run_inprocess
 
-    torch.set_num_threads(threads)
-    summary = run_inprocess(cell.config)
+    summary = run_inprocess(cell.config, threads=threads)
     record = {"label": cell.label, "seed": cell.seed, "config": cell.config.to_mapping(), "summary": summary}
     write_json_atomic(Path(cell.config.run.out) / "cell.json", record)
     return record
@@ -128,8 +125,10 @@ def finished(cell: Cell) -> dict[str, Any] | None:
     return record if same else None
 
 
-def run_bench(cells: list[Cell], jobs: int, on_done: Callable[[Cell, bool], None]) -> list[dict[str, Any]]:
-    """Run the cells not finished yet (``jobs`` at a time); return every cell's record, in order."""
+def run_bench(cells: list[Cell], jobs: int, on_done: Callable[[Cell, bool], None],
+              threads: int | None = None) -> list[dict[str, Any]]:
+    """Run the cells not finished yet (``jobs`` at a time, each with ``threads`` torch threads:
+    by default the cores divided among the jobs); return every cell's record, in order."""
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for cell in cells:
@@ -139,7 +138,7 @@ def run_bench(cells: list[Cell], jobs: int, on_done: Callable[[Cell, bool], None
             on_done(cell, True)
         else:
             todo.append(cell)
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
     if jobs <= 1:
         for cell in todo:
             records[cell.name] = _run_cell(cell, threads)

@@ -21,6 +21,7 @@ from fedtide.bench import REFERENCES
 from fedtide.presets import PRESETS, preset_settings
 from fedtide.run_flags import DATA_DIR_ENV, add_config_flags, config_from_args
 
+MAX_THREADS = 1024
 ENGINES = ("inprocess", "flower")
 # each module adds its subcommand (add_parser) and carries it out (run)
 DEPLOYMENT_COMMANDS = {
@@ -46,6 +47,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                           help="worker processes for the in-process engine (1, the default: none, clients run in this "
                           "process; 0: one per core); helps when each client's round is long. --resume takes the "
                           "run's own count")
+    simulate.add_argument("--threads", type=int, default=None,
+                          help="torch's threads in this process and in each worker (default: torch's choice here, "
+                          "the cores divided among --workers); 1 keeps a run steady beside other busy processes")
     simulate.add_argument("--no-vectorize", action="store_true",
                           help="train each client separately even when a round's clients could share "
                           "one batched computation (plain SGD, no method hooks)")
@@ -85,6 +89,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", help="folder with IDX files (default: $FEDTIDE_DATA_DIR)")
     bench.add_argument("--out", help="bench folder (default: bench/<scenario>)")
     bench.add_argument("--jobs", type=int, default=1, help="cells run at once, in separate processes")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch's threads per cell (default: the cores divided among --jobs)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every cell, e.g. --set rounds-per-task=5 (repeatable)")
     for name, module in DEPLOYMENT_COMMANDS.items():
@@ -123,6 +129,7 @@ def bench_main(args: argparse.Namespace) -> None:
         raise FedtideError(f"--seeds must be at least 1 (got {args.seeds})")
     if args.jobs < 1:
         raise FedtideError(f"--jobs must be at least 1 (got {args.jobs})")
+    check_threads(args.threads)
     settings = preset_settings(args.scenario)
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -166,7 +173,7 @@ def bench_main(args: argparse.Namespace) -> None:
         def done(cell, reused):
             progress.update(task, advance=1, description=f"{cell.name}{' (already done)' if reused else ''}")
 
-        records = run_bench(cells, args.jobs, done)
+        records = run_bench(cells, args.jobs, done, args.threads)
     rows = aggregate(records)
     title = f"fedtide bench: {args.scenario}, {args.seeds} seed(s)"
     write_outputs(out, records, rows, title)
@@ -208,6 +215,7 @@ def simulate_main(args: argparse.Namespace) -> None:
     already finished). The run folder is locked from its first check to the run's end."""
     if args.workers is not None and args.workers < 0:
         raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
+    check_threads(args.threads)
     from fedtide.resume import finished_message, resume_config
 
     if args.resume:
@@ -256,7 +264,13 @@ def _simulate(args: argparse.Namespace, config: RunConfig) -> None:
         workers = started.get("workers") if workers is None else workers
         vectorize = vectorize and started.get("vectorize") is not False
     workers = 1 if workers is None else workers
-    run_inprocess(config, workers=workers or default_workers(config), vectorize=vectorize, resume=bool(args.resume))
+    run_inprocess(config, workers=workers or default_workers(config), vectorize=vectorize, resume=bool(args.resume),
+                  threads=args.threads)
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise FedtideError(f"--threads must be between 1 and {MAX_THREADS} (got {threads}); leave it out for the default")
 
 
 def _interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from rich.console import Console
@@ -163,6 +164,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     summary = summarize_run(config, scenario, history, model_bytes=sum(len(a.data) for a in initial.values()))
     breakdown = times.breakdown()
     summary.update(
+        threads=torch.get_num_threads(),  # torch's threads in the server's process
         wall_seconds=time.perf_counter() - started,
         run_dir=str(folder.path),
         phase_seconds=breakdown,

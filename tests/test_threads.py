@@ -23,3 +23,26 @@ def test_fedtide_chooses_passive_waiting_before_torch_loads():
 def test_a_users_choice_stands_and_a_torch_loaded_first_is_left_alone():
     assert _policy_after("import client.app", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
     assert _policy_after("import torch\nimport client.app") == "unset"  # too late to matter: nothing is set
+
+
+def test_threads_given_on_the_command_line_are_the_runs_and_the_callers_setting_comes_back(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from fedtide.cli import main
+
+    before = torch.get_num_threads()
+    tiny = ["--num-tasks", "1", "--rounds-per-task", "1", "--local-epochs", "1", "--quiet"]
+    assert main(["simulate", "--threads", "1", "--out", str(tmp_path / "run"), *tiny]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["threads"] == 1
+    assert torch.get_num_threads() == before
+    out = tmp_path / "bench"
+    assert main(["bench", "--methods", "naive", "--references", "none", "--threads", "1", "--out", str(out),
+                 "--set", "num-tasks=1", "--set", "rounds-per-task=1", "--set", "local-epochs=1"]) == 0
+    assert json.loads((out / "cells" / "naive-s0" / "cell.json").read_text())["summary"]["threads"] == 1
+    assert torch.get_num_threads() == before
+    capsys.readouterr()
+    for command in (["simulate", *tiny], ["bench"]):
+        assert main([*command, "--threads", "0", "--out", str(tmp_path / "bad")]) == 2
+        assert "--threads must be between 1 and 1024 (got 0)" in capsys.readouterr().err

@@ -180,12 +180,12 @@ class WorkerPoolGrid(InProcessGrid):
     """Nodes spread over ``workers`` processes; a round's messages run in all of them at once."""
 
     def __init__(self, node_configs: list[dict[str, Any]], workers: int, run_id: int = 1, vectorize: bool = True,
-                 faults: FaultSettings = FaultSettings()) -> None:
+                 faults: FaultSettings = FaultSettings(), threads: int | None = None) -> None:
         super().__init__(None, node_configs, run_id)
         self.vectorize = vectorize
         self.workers = workers
         spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch started its threads
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)  # the cores, divided
         self._owner = {node: i % workers for i, node in enumerate(self.node_configs)}
         self._connections = []
         self._processes = []
@@ -251,11 +251,19 @@ def default_workers(config: RunConfig) -> int:
     return max(1, min(os.cpu_count() or 1, config.data.clients))
 
 
-def run_inprocess(config: RunConfig, workers: int = 1, vectorize: bool = True, resume: bool = False) -> dict[str, Any]:
+def run_inprocess(config: RunConfig, workers: int = 1, vectorize: bool = True, resume: bool = False,
+                  threads: int | None = None) -> dict[str, Any]:
     """Run ``config`` with the project's ServerApp main and ClientApp in this process
     (``workers`` = 1) or across ``workers`` warm worker processes. With ``vectorize``, a
     round's clients that run plain SGD train in one batched computation. With ``resume``,
-    go on with the run in ``config.run.out`` after its last checkpoint."""
+    go on with the run in ``config.run.out`` after its last checkpoint. ``threads``: torch's
+    threads in this process and in each worker (default: torch's choice here, the cores
+    divided among the workers there)."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     from client.faults import faulty_client_app, faulty_train_many
     from server.federation import quiet_flower_logs, run_federation
 
@@ -264,8 +272,9 @@ def run_inprocess(config: RunConfig, workers: int = 1, vectorize: bool = True, r
         train_many = faulty_train_many(config.faults) if vectorize else None
         grid = InProcessGrid(faulty_client_app(config.faults), node_configs(config), train_many=train_many)
     else:
-        grid = WorkerPoolGrid(node_configs(config), workers, vectorize=vectorize, faults=config.faults)
+        grid = WorkerPoolGrid(node_configs(config), workers, vectorize=vectorize, faults=config.faults, threads=threads)
     try:
         return run_federation(grid, config, resume=resume)
     finally:
         grid.close()
+        torch.set_num_threads(threads_before)  # a caller's process keeps its own setting
