@@ -14,7 +14,6 @@ the run's rounds: it is evaluated and checkpointed like a synchronous round.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ from flwr.serverapp import Grid
 
 from common.errors import FedtideError
 from server.grids import wait_for_nodes
+from server.sampling import idle_nodes
 from server.strategy import FedtideStrategy
 
 log = logging.getLogger("fedtide.server")
@@ -61,11 +61,9 @@ def run_live_buffered(
 
     def refill() -> None:
         busy = {node for node, _ in in_flight.values()} | {node for node, _ in buffer}
-        idle = sorted(set(grid.get_node_ids()) - busy - strategy.excluded)
-        count = min(concurrency - len(busy), len(idle))
-        if count <= 0:
+        nodes = idle_nodes(grid, busy, strategy.excluded, concurrency)
+        if not nodes:
             return
-        nodes = random.sample(idle, count)  # Flower's `random`, seeded by the run
         messages = strategy.train_messages(server_round, arrays, ConfigRecord(dict(train_config)), nodes)
         pushed = {i for i in grid.push_messages(messages) if i}  # Flower answers None for one it could not push
         now = clock()

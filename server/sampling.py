@@ -35,6 +35,15 @@ class NodeSampling:
         return random.sample(list(grid.get_node_ids()), size)
 
 
+def idle_nodes(grid: Grid, busy: set[int], excluded: set[int], concurrency: int) -> list[int]:
+    """Asynchronous aggregation: nodes to send work so that ``concurrency`` are busy, drawn at
+    random (Flower's ``random``, seeded by the run) among the connected ones that are neither
+    busy nor excluded."""
+    idle = sorted(set(grid.get_node_ids()) - busy - excluded)
+    count = min(concurrency - len(busy), len(idle))
+    return random.sample(idle, count) if count > 0 else []
+
+
 class _GridWithout(GridWrapper):
     """A view of a grid that hides some nodes from sampling; everything else passes through."""
 

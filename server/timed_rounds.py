@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from common.seeding import derive_seed
+from server.sampling import idle_nodes
 from server.strategy import FedtideStrategy
 
 SPEED_SEED_TAG = 11
@@ -145,23 +145,20 @@ class TimedRun:
     def synchronous(self) -> ArrayRecord:
         self.evaluate_fn(0, self.arrays)
         self.after_round(0, self.arrays)
-        while self.now < self.end:
+        while self.now < self.end - self._slack:
             sent_in = self.virtual_round()  # the round's replies are labelled with it
             messages = list(self.strategy.configure_train(sent_in, self.arrays,
                                                           ConfigRecord(dict(self.train_config)), self.grid))
             if not messages:
                 break
             self._send([m.metadata.dst_node_id for m in messages], messages)
-            finished = [self._next() for _ in range(len(self._in_flight))]
-            last = max(f[0] for f in finished if f is not None)
-            if last >= self.end - self._slack:
-                if last <= self.end + self._slack:  # the last round ends with the run: it counts
-                    self.now = last
-                    self._update([reply for _, _, reply in finished if reply is not None], sent_in)
+            finished = [heapq.heappop(self._in_flight) for _ in range(len(self._in_flight))]
+            last = max(finish for finish, *_ in finished)
+            if last > self.end + self._slack:  # a round that would end after the run does not count
                 break
             self._close_before(last)
             self.now = last
-            self._update([reply for _, _, reply in finished if reply is not None], sent_in)
+            self._update([reply for *_, reply in finished if reply is not None], sent_in)
         self._close_before(math.inf)
         return self.arrays
 
@@ -172,10 +169,8 @@ class TimedRun:
         buffer: list[tuple[int, Message]] = []
 
         def refill() -> None:
-            idle = sorted(set(self.grid.get_node_ids()) - busy - self.strategy.excluded)
-            count = min(concurrency - len(busy), len(idle))
-            if count > 0:
-                nodes = random.sample(idle, count)  # Flower's `random`, seeded by the run
+            nodes = idle_nodes(self.grid, busy, self.strategy.excluded, concurrency)
+            if nodes:
                 busy.update(nodes)
                 self._send(nodes)
 
