@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from common.errors import FedtideError
 from common.method_registry import MethodSettings, method_settings
 from common.sections import (
-    DataSettings, DriftSettings, FaultSettings, LearnerSettings, ModelSettings, RunSettings,
+    DataSettings, DriftSettings, FaultSettings, LearnerSettings, ModelSettings, ReleaseSettings, RunSettings,
     ServerSettings,
 )
 from common.settings import Section, Setting
@@ -34,6 +34,12 @@ EPOCH_BOOST_KEY = "epoch-boost"
 CANDIDATE_PREFIX, CHOICE_RULE_KEY = "model-", "cluster-choice"
 CHOICE_KEY, LOSS_KEY, LOSSES_KEY = "cluster", "cluster-loss", "cluster-losses"
 MAX_CLUSTERS = 64
+# released models (server.release_delivery, client.released_model): a training message may carry the
+# released model as array record ``released`` with config record ``release`` (its version and
+# sha256); an edge client's reply says which version it holds (0: none) and how that version did
+# on the labelled data that arrived this round, before training
+RELEASED_KEY, RELEASE_INFO_KEY = "released", "release"
+HELD_VERSION_KEY, RELEASED_ACC_KEY = "released-version", "released-acc"
 MAX_LOSS = 1e6  # the largest loss a reply may report (a diverged model's is reported as this)
 
 # settings in the sections a client is sent that only the server reads: they are not sent
@@ -43,7 +49,7 @@ SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epo
 # RunConfig attribute -> section class
 SECTIONS: dict[str, type[Section]] = {
     "data": DataSettings, "network": ModelSettings, "learner": LearnerSettings, "drift": DriftSettings,
-    "server": ServerSettings, "faults": FaultSettings, "run": RunSettings,
+    "server": ServerSettings, "release": ReleaseSettings, "faults": FaultSettings, "run": RunSettings,
 }
 
 
@@ -91,7 +97,7 @@ class ClientSettings:
         if strict:
             flat = {k.replace("_", "-"): v for k, v in flat.items()}
             known = set(all_settings()) - SERVER_ONLY - set(FaultSettings.declarations()) - set(
-                ServerSettings.declarations()) - {"out", "quiet"}
+                ServerSettings.declarations()) - set(ReleaseSettings.declarations()) - {"out", "quiet"}
             unknown = sorted(set(flat) - known)
             if unknown:
                 raise FedtideError(f"unknown client setting '{unknown[0]}': client settings are {', '.join(sorted(known))}")
@@ -117,6 +123,7 @@ class RunConfig:
     methods: MethodSettings = field(default_factory=MethodSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    release: ReleaseSettings = field(default_factory=ReleaseSettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
     run: RunSettings = field(default_factory=RunSettings)
 

@@ -254,6 +254,25 @@ class ServerSettings(Section):
         return 0.01 if self.strategy == "fedadam" else 1.0
 
 
+RELEASE_MODES = ("gate", "every-round", "manual")
+
+
+@dataclass(frozen=True)
+class ReleaseSettings(Section):
+    """Which rounds' global models are released to the devices (``server.release_gate``)."""
+
+    release: str = setting("gate", "which global models are released to devices: gate (those that pass the release "
+                           "gate), every-round (each round's), manual (only `fedtide models release`)",
+                           choices=RELEASE_MODES)
+    gate_tolerance: float = setting(1.0, "release gate: points a candidate may lose against the best release (mean "
+                                    "accuracy over the tasks seen) and against the released model on the current task",
+                                    minimum=0, maximum=100)
+    gate_max_forget: float = setting(10.0, "release gate: points a candidate may lose against the released model on "
+                                     "any older task", minimum=0, maximum=100)
+    keep_releases: int = setting(20, "released versions whose weights the run folder keeps (older ones keep their "
+                                 "record; rolling back to them is refused)", minimum=1, maximum=100_000)
+
+
 @dataclass(frozen=True)
 class FaultSettings(Section):
     """Fault injection, for simulations only: some clients send a faulty or hostile reply."""

@@ -3,8 +3,11 @@ name what does not fit instead of failing deep inside torch."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from torch import nn
 
@@ -55,3 +58,19 @@ def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> None:
     for name, param in model.named_parameters():
         if name.startswith(prefixes):
             param.requires_grad_(False)
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 (hex) of a model's weights: names, dtypes, shapes and bytes, in name order.
+
+    The same tensors give the same digest whatever the order of the mapping or the file they
+    came from, so a digest computed by the server names the weights a device receives and
+    keeps: a model released, sent, stored and loaded again is bit-exact when the digests agree.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().to("cpu").contiguous()
+        header = f"{name}\0{str(tensor.dtype)}\0{','.join(str(d) for d in tensor.shape)}\0"
+        digest.update(header.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

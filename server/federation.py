@@ -30,6 +30,8 @@ from server.evaluation import TaskEvaluator, served_accuracy
 from server.history import RunHistory
 from server.node_names import NodeNames
 from server.progress import RoundProgress, summary_table
+from server.release_delivery import ReleasedModelDelivery
+from server.release_gate import ReleaseStep
 from server.round_loop import run_rounds
 from server.live_buffered import run_live_buffered
 from server.timed_rounds import run_timed
@@ -78,7 +80,10 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     folder.start(config)
     scenario = build_scenario(config.data, config.seed)
     history = RunHistory(scenario.schedule, NodeNames(folder.path))
-    strategy = run_strategy(config, history, times)
+    # one global model is released to devices; trainings that serve each node its own have no registry
+    releases = ReleaseStep(folder.path, config) if config.data.training in ("federated", "joint") else None
+    strategy = run_strategy(config, history, times,
+                            extra_hooks=[ReleasedModelDelivery(releases.registry)] if releases else ())
     strategy.receipts.last_round = config.num_rounds
     evaluator = TaskEvaluator(config, scenario)
     model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
@@ -104,6 +109,8 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     if resume:
         arrays, first_round = _resume(checkpoints, config, runtime, nodes, strategy, history, console)
         folder.rewrite_metrics(history)
+        if releases is not None:
+            releases.resume_after(first_round - 1)
         if not config.run.quiet:
             console.print(f"resuming {folder.path} after round {first_round - 1} of {config.num_rounds}")
     round_started = time.perf_counter()
@@ -119,6 +126,9 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
                 served = served_accuracy(evaluator, strategy.served_models(arrays, list(tasks)), tasks,
                                          known=(models[0], accuracies) if len(models) == 1 else None)
             history.close_round(server_round, accuracies, time.perf_counter() - round_started, served)
+            if releases is not None and server_round > 0:
+                history.rounds[-1].release = releases(server_round, history.rounds[-1].task, accuracies,
+                                                      models[0].to_torch_state_dict())
             return MetricRecord({f"acc-task-{t}": a for t, a in enumerate(accuracies)})
 
         def after_round(server_round: int, arrays: ArrayRecord) -> None:
@@ -171,6 +181,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
         round_seconds=(breakdown["total"] - breakdown["overhead"]) / max(len(history.rounds), 1),
     )
     summary.update(strategy.run_summary())
+    summary.update(releases.summary() if releases is not None else {"releases": None})
     summary.update(time_figures)
     if "mean_clusters" in summary:  # every cluster's model goes down (beside `arrays`), one update up
         summary["bytes_per_client_round"] = int((summary["mean_clusters"] + 2) * summary["bytes_per_client_round"] / 2)

@@ -23,6 +23,7 @@ class RoundRecord:
     aggregation: dict[str, Any] = field(default_factory=dict)  # set when the round kept the old model
     capped: dict[str, int] = field(default_factory=dict)  # replies whose weight or update the influence bound cut
     served_acc: float | None = None  # mean over replying nodes: the served model on the node's task
+    release: dict[str, Any] = field(default_factory=dict)  # the version served after the round; a new one
 
     def as_json(self) -> dict[str, Any]:
         seen = self.task_accuracies[: self.task + 1]
@@ -40,6 +41,7 @@ class RoundRecord:
             **({"aggregation": self.aggregation} if self.aggregation else {}),
             **({"capped": self.capped} if self.capped else {}),
             **({"served_acc": self.served_acc} if self.served_acc is not None else {}),
+            **({"release": self.release} if self.release else {}),
         }
 
 
@@ -51,7 +53,7 @@ class RoundRecord:
             train=line.get("train", {}), client_evaluation=line.get("client_evaluation", {}),
             clients=line.get("clients", []), rejected=line.get("rejected", []), seconds=line.get("seconds", 0.0),
             excluded=line.get("excluded", []), aggregation=line.get("aggregation", {}),
-            capped=line.get("capped", {}), served_acc=line.get("served_acc"),
+            capped=line.get("capped", {}), served_acc=line.get("served_acc"), release=line.get("release", {}),
         )
 
 

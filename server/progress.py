@@ -57,6 +57,8 @@ class RoundProgress:
         note = f" [red]{len(record.rejected)} rejected[/]" if record.rejected else ""
         drifting = sum(1 for c in record.clients if c.get("drift-detected"))
         note += f" [yellow]drift on {drifting} client(s)[/]" if drifting else ""
+        if record.release.get("released") is not None:
+            note += f"  released v{record.release['released']}" + ("" if "release" in record.release else " [dim](held)[/]")
         self._progress.update(
             self._task,
             advance=1,
@@ -80,6 +82,8 @@ def round_line(record: RoundRecord, total_rounds: int, num_tasks: int) -> str:
     if record.rejected:
         parts.append(_who(f"{len(record.rejected)} failed", record.rejected))
     parts += [f"acc {100 * acc:.1f}%", *([f"loss {loss:.3f}"] if loss is not None else []), f"{record.seconds:.1f} s"]
+    if record.release.get("released") is not None:
+        parts.append(f"released v{record.release['released']}" + (" (new)" if "release" in record.release else ""))
     if record.aggregation:
         parts.append("model kept: " + str(record.aggregation.get("skipped", ""))[:80])
     return " | ".join(parts)
@@ -131,6 +135,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if summary.get("simulated_seconds") is not None:
         table.add_row("simulated time (s; one round: the slowest client's) / model updates",
                       f"{summary['simulated_seconds']:.0f} ({summary['round_seconds']:.1f}) / {summary['model_updates']}")
+    if summary.get("releases"):
+        held = summary["gate_held_rounds"]
+        table.add_row("released versions / served at the end (round) / rounds the gate held",
+                      f"{summary['releases']} / v{summary['released_version']} ({summary['released_round']}) / {len(held)}")
     prequential = summary["final_prequential_acc"]
     table.add_row("final prequential accuracy (%)", NOT_AVAILABLE if prequential is None else f"{100 * prequential:.2f}")
     table.add_row("wall time (s)", f"{summary['wall_seconds']:.1f}")

@@ -21,7 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import CHOICE_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, MAX_LOSS
+from common.config import (
+    CHOICE_KEY, HELD_VERSION_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, MAX_LOSS, RELEASED_ACC_KEY,
+)
 
 WEIGHT_KEY = "num-examples"
 DRIFT_KEY = "drift-detected"
@@ -90,6 +92,9 @@ METRICS: dict[str, MetricSpec] = {
     CHOICE_KEY: MetricSpec("int", 0, LARGE),
     LOSS_KEY: MetricSpec("float", 0.0, MAX_LOSS),
     LOSSES_KEY: MetricSpec("floats", 0.0, MAX_LOSS, length=MAX_CLUSTERS),
+    # an edge client's released model (server.release_delivery): the version it holds, its accuracy
+    HELD_VERSION_KEY: MetricSpec("int", 0, LARGE),
+    RELEASED_ACC_KEY: MetricSpec("float", 0.0, 1.0),
 }
 
 

@@ -17,6 +17,7 @@ from common.errors import FedtideError
 from common.files import append_synced, ensure_writable_folder, save_tensors_atomic, write_json_atomic, write_text_atomic
 from server.checkpoint import CHECKPOINT_FOLDER, CheckpointStore
 from server.history import NodeRejects, RoundRecord, RunHistory
+from server.model_registry import MODELS_FOLDER, ModelRegistry
 from server.node_names import NODES_FILE
 from server.plots import plot_task_accuracy
 
@@ -36,7 +37,8 @@ def default_run_dir(config: RunConfig) -> Path:
 def holds_run(path: Path) -> bool:
     """Whether ``path`` holds a fedtide run, finished or not."""
     path = Path(path)
-    return any((path / name).is_file() for name in RUN_FILES) or bool(CheckpointStore(path).rounds())
+    return (any((path / name).is_file() for name in RUN_FILES) or bool(CheckpointStore(path).rounds())
+            or (path / MODELS_FOLDER).is_dir())
 
 
 def clear_run(path: Path) -> None:
@@ -46,6 +48,7 @@ def clear_run(path: Path) -> None:
     path = Path(path)
     checkpoints = path / CHECKPOINT_FOLDER
     CheckpointStore(path).clear()
+    ModelRegistry(path).clear()
     leftovers = [p for name in RUN_FILES for p in path.glob(f".{name}.*.tmp")]
     if checkpoints.is_dir():
         leftovers += checkpoints.glob(".*.tmp")
@@ -87,6 +90,7 @@ class RunFolder:
             return
         for name in RESULT_FILES:
             (self.path / name).unlink(missing_ok=True)
+        ModelRegistry(self.path).clear()  # an older run's releases are not this run's
         self._metrics.write_text("")
         write_json_atomic(self.path / "config.json", config.to_mapping())
 

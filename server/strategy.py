@@ -478,6 +478,7 @@ def build_strategy(
     num_tasks: int | None = None,
     reply_metrics: dict[str, MetricSpec] | None = None,
     times: PhaseTimes | None = None,
+    extra_hooks: Sequence[RoundHook] = (),
 ) -> FedtideStrategy:
     """fedtide's strategy from its settings, for ``run_federation`` or your own ServerApp.
 
@@ -491,7 +492,7 @@ def build_strategy(
     term, sent to clients as ``proximal-mu`` with ``--strategy fedprox``; ``num_tasks``: the
     run's tasks, which bound a reply's ``task-id``; ``reply_metrics``: your clients' own
     metrics to keep, e.g. ``{"accuracy": MetricSpec("float", 0, 1)}`` (unknown metrics are
-    dropped, see ``server.reply_metrics``)."""
+    dropped, see ``server.reply_metrics``); ``extra_hooks``: more round hooks, after fedtide's own."""
     server = server or ServerSettings()
     drift = drift or DriftSettings()
     history = history or RunHistory()
@@ -507,6 +508,7 @@ def build_strategy(
         hooks.append(PersonalHead())
     if drift.react_server:
         hooks.append(DriftResponse(drift.drift_quorum, drift.drift_epoch_boost))
+    hooks += extra_hooks
     clusters = None
     if training in ("clustered", "cluster-oracle"):
         clusters = ModelClusters(server.max_clusters, server.cluster_margin,
@@ -547,10 +549,12 @@ def _influence(server: ServerSettings, drift: DriftSettings, clustered: bool = F
     return InfluenceBound(server.weight_cap, server.norm_cap, outlier)
 
 
-def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | None = None) -> FedtideStrategy:
-    """The strategy of a fedtide run."""
+def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | None = None,
+                 extra_hooks: Sequence[RoundHook] = ()) -> FedtideStrategy:
+    """The strategy of a fedtide run (``extra_hooks``: the run's own, e.g. serving releases)."""
     return build_strategy(
         config.server, config.drift, min_nodes=config.effective_min_clients, history=history,
         training=config.data.training, concepts=config.data.num_tasks, frozen=config.network.frozen_prefixes,
         proximal_mu=config.methods.options["prox-mu"], num_tasks=history.num_tasks, times=times,
+        extra_hooks=extra_hooks,
     )
