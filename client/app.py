@@ -29,7 +29,8 @@ from client.clusters import check_choice, choose_model
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
 from common.config import (
-    CANDIDATE_PREFIX, CHOICE_RULE_KEY, EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, ClientSettings,
+    CANDIDATE_PREFIX, CHOICE_RULE_KEY, EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, RELEASE_INFO_KEY,
+    RELEASED_KEY, ClientSettings,
 )
 from common.datasets import LabelledSplit
 from common.errors import FedtideError
@@ -177,10 +178,27 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
         receipt=Receipt.from_record(msg.content[RECEIPT_KEY]) if RECEIPT_KEY in msg.content else None,
         new_run=str(context.node_config.get("new-run", "fresh")),
         candidates=candidates,
+        offer=_offer(msg.content),
     )
     _report_edge_round(server_round, outcome.metrics, str(context.node_config.get("name", "")))
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})
     return Message(content=content, reply_to=msg)  # the state is on disk, not in context.state
+
+
+def _offer(content: RecordDict):
+    """The released model the server serves with this message (``server.release_delivery``),
+    unchecked; None when it sends none."""
+    from client.released_model import Offer
+
+    if RELEASED_KEY not in content.array_records or RELEASE_INFO_KEY not in content.config_records:
+        return None
+    info = content[RELEASE_INFO_KEY]
+    try:
+        weights = content[RELEASED_KEY].to_torch_state_dict()
+    except Exception as err:  # arrays torch cannot take: the model held stays
+        print(f"fedtide client: released model not kept: its arrays cannot be read ({str(err)[:80]})", file=sys.stderr)
+        return None
+    return Offer(info.get("version"), info.get("sha256"), weights)
 
 
 def _report_edge_round(server_round: int, metrics: dict, name: str = "") -> None:

@@ -23,6 +23,7 @@ from client.feature_range import DEFAULT_FEATURE_RANGE
 from client.clusters import best_choice, model_losses
 from client.inbox import QUARANTINE, collect_arrivals
 from client.methods import Method, Replay, build_methods
+from client.released_model import Offer, ReleasedModelStore
 from client.rounds import (
     LAST_TASK_KEY,
     RoundPlan,
@@ -64,8 +65,13 @@ def train_on_arrivals(
     receipt: Receipt | None = None,
     new_run: str = "fresh",
     candidates: dict[int, dict[str, torch.Tensor]] | None = None,
+    offer: Offer | None = None,
 ) -> TrainOutcome:
     """Train the server's ``weights`` on the inbox's new files plus the replay memory.
+
+    The released model the device holds (``client.released_model``) first predicts the new
+    files' samples (reported as ``released-acc``); then the model the server ``offer``s, if any,
+    replaces it when it checks out. ``released-version`` reports the version held after the round.
 
     With ``candidates`` (clustered training: the server's models by cluster id) the client
     trains the one with the lowest loss on its new files instead, and reports its choice and
@@ -86,17 +92,22 @@ def train_on_arrivals(
     store = ClientStateStore(state_dir)
     with store.round_lock():
         return _train_locked(config, input_shape, num_classes, server_round, weights, inbox, store, device_name,
-                             node_id, feature_range, receipt, new_run, candidates or {})
+                             node_id, feature_range, receipt, new_run, candidates or {}, offer)
 
 
 def _train_locked(
     config: ClientSettings, input_shape: tuple[int, ...], num_classes: int, server_round: int,
     weights: dict[str, torch.Tensor], inbox: Path, store: ClientStateStore, device_name: str | None, node_id: int,
     feature_range: tuple[float, float], receipt: Receipt | None, new_run: str,
-    candidates: dict[int, dict[str, torch.Tensor]],
+    candidates: dict[int, dict[str, torch.Tensor]], offer: Offer | None,
 ) -> TrainOutcome:
     state, ledger = store.load() if receipt is None else store.begin_round(receipt, new_run, server_round)
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger, feature_range)
+    released = ReleasedModelStore(store.folder)
+    release_metrics = released.judge_arrivals(arrivals.data.x, arrivals.data.y) if arrivals.data is not None else {}
+    if offer is not None:
+        released.keep(offer, config, input_shape, num_classes)
+    release_metrics["released-version"] = released.held_version()
     choice = None
     if candidates and arrivals.data is not None:
         choice = best_choice(model_losses(config, input_shape, num_classes, candidates, arrivals.data, device_name))
@@ -109,7 +120,8 @@ def _train_locked(
             f"no data yet in {inbox}: put .npz (arrays x, y) or .csv (a 'label' column) files there"
             + (f"; {invalid} invalid file(s) were found (see the log and {Path(inbox) / QUARANTINE})" if invalid else "")
         )
-    outcome.metrics.update({"new-files": len(arrivals.files), "quarantined": len(arrivals.quarantined)})
+    outcome.metrics.update({"new-files": len(arrivals.files), "quarantined": len(arrivals.quarantined),
+                            **release_metrics})
     if choice is not None:
         outcome.metrics.update(choice.metrics())
     consumed = [

@@ -55,18 +55,35 @@ def parse_data_file(
     """Samples of one file's bytes: float32 x ``[N, *input_shape]``, int64 y ``[N]``.
 
     Raises BadFile with the reason when the file breaks the inbox convention."""
+    x, y = _read_file(name, raw, input_shape, labels_needed=True)
+    return validate_samples(x, y, input_shape, num_classes, feature_range)
+
+
+def parse_inputs(
+    name: str, raw: bytes, input_shape: tuple[int, ...], num_classes: int,
+    feature_range: tuple[float, float] = DEFAULT_FEATURE_RANGE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples to predict: x as ``parse_data_file`` reads it, and the labels when the file
+    has them (``y`` / a ``label`` column), else None. Raises BadFile with the reason."""
+    x, y = _read_file(name, raw, input_shape, labels_needed=False)
+    if y is None:
+        return torch.from_numpy(np.ascontiguousarray(_checked_inputs(x, input_shape, feature_range))), None
+    samples = validate_samples(x, y, input_shape, num_classes, feature_range)
+    return samples.x, samples.y
+
+
+def _read_file(name: str, raw: bytes, input_shape: tuple[int, ...],
+               labels_needed: bool) -> tuple[np.ndarray, np.ndarray | None]:
     if not raw:
         raise BadFile("the file is empty")
     if len(raw) > MAX_FILE_BYTES:
         raise BadFile(f"larger than {MAX_FILE_BYTES // 2**20} MiB: split it into several files")
     if name.lower().endswith(".npz"):
-        x, y = _read_npz(raw)
-    else:
-        x, y = _read_csv(raw, math.prod(input_shape))
-    return validate_samples(x, y, input_shape, num_classes, feature_range)
+        return _read_npz(raw, labels_needed)
+    return _read_csv(raw, math.prod(input_shape), labels_needed)
 
 
-def _read_npz(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _read_npz(raw: bytes, labels_needed: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     if raw.startswith(b"\x93NUMPY"):
         raise BadFile("a single .npy array, not an .npz archive: save x and y with numpy.savez(path, x=x, y=y)")
     # every zip entry needs this signature in the central directory: a cheap upper bound on
@@ -79,13 +96,14 @@ def _read_npz(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         raise BadFile("not an .npz archive (a zip of .npy arrays; pickles are never loaded), or a truncated one") from None
     with archive:
         names = {info.filename for info in archive.infolist()}
-        if not {"x.npy", "y.npy"} <= names:
-            raise BadFile(f"needs arrays 'x' and 'y' (numpy.savez(path, x=x, y=y)); it holds {len(names)} entries")
-        infos = [archive.getinfo("x.npy"), archive.getinfo("y.npy")]
+        if "x.npy" not in names or (labels_needed and "y.npy" not in names):
+            needed = "'x' and 'y' (numpy.savez(path, x=x, y=y))" if labels_needed else "'x' (numpy.savez(path, x=x))"
+            raise BadFile(f"needs arrays {needed}; it holds {len(names)} entries")
+        infos = [archive.getinfo(n) for n in ("x.npy", "y.npy") if n in names]
         if sum(info.file_size for info in infos) > MAX_UNPACKED_BYTES + 2 * NPY_HEADER_BYTES:
             raise BadFile(f"x and y unpack to more than {MAX_UNPACKED_BYTES // 2**20} MiB: split it into several files")
         x = _read_member(archive, infos[0], MAX_VALUES)
-        return x, _read_member(archive, infos[1], MAX_VALUES - x.size)
+        return x, (_read_member(archive, infos[1], MAX_VALUES - x.size) if len(infos) > 1 else None)
 
 
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_values: int) -> np.ndarray:
@@ -126,9 +144,10 @@ def _inflate(member: io.BufferedIOBase, size: int, what: str) -> bytearray:
     return data
 
 
-def _read_csv(raw: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_csv(raw: bytes, width: int, labels_needed: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Features and labels of a CSV file whose header names ``width`` features and one
-    ``label`` column. Fields are never quoted (numbers need no quotes); a header name may be.
+    ``label`` column (which may be missing when not ``labels_needed``: labels are then None).
+    Fields are never quoted (numbers need no quotes); a header name may be.
     Read line by line from the bytes: memory stays near the size of the numbers."""
     columns = width + 1
     rows = _rows(raw, columns * (MAX_CSV_FIELD_CHARS + 1) + 2)
@@ -139,11 +158,13 @@ def _read_csv(raw: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
         raise BadFile("the CSV header is not UTF-8 text") from None
     if not header:
         raise BadFile("the CSV file has no header row")
-    if header.count(LABEL_COLUMN) != 1:
+    if not labels_needed and LABEL_COLUMN not in header and len(header) == width:
+        columns = width  # inputs alone, to predict
+    elif header.count(LABEL_COLUMN) != 1:
         raise BadFile(f"the CSV header needs exactly one column named '{LABEL_COLUMN}' ({header.count(LABEL_COLUMN)} found)")
     if len(header) != columns:
         raise BadFile(f"the CSV header has {len(header)} columns; expected {width} features and '{LABEL_COLUMN}'")
-    label = header.index(LABEL_COLUMN)
+    label = header.index(LABEL_COLUMN) if columns > width else None
     features, labels, block, count = [], [], [], 0
     for number, row in rows:
         if len(row) != columns:
@@ -158,9 +179,9 @@ def _read_csv(raw: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
         if len(block) == 1024:
             _add_block(block, label, features, labels)
     _add_block(block, label, features, labels)
-    if not labels:
-        return np.zeros((0, width), np.float32), np.zeros(0)
-    return np.concatenate(features), np.concatenate(labels)
+    if not features:
+        return np.zeros((0, width), np.float32), (np.zeros(0) if label is not None else None)
+    return np.concatenate(features), (np.concatenate(labels) if label is not None else None)
 
 
 def _rows(raw: bytes, longest: int) -> Iterator[tuple[int, list[bytes]]]:
@@ -182,15 +203,18 @@ def _rows(raw: bytes, longest: int) -> Iterator[tuple[int, list[bytes]]]:
             yield number, row
 
 
-def _add_block(block: list[list[float]], label: int, features: list, labels: list) -> None:
-    """Move the parsed rows of ``block`` into float32 feature and float64 label arrays."""
+def _add_block(block: list[list[float]], label: int | None, features: list, labels: list) -> None:
+    """Move the parsed rows of ``block`` into float32 feature and float64 label arrays
+    (``label``: the label's column, None when there is none)."""
     if not block:
         return
     values = np.array(block, dtype=np.float64)
     block.clear()
-    labels.append(values[:, label].copy())
+    if label is not None:
+        labels.append(values[:, label].copy())
+        values = np.delete(values, label, axis=1)
     with np.errstate(over="ignore"):  # too large for float32 becomes inf, refused as not finite
-        features.append(np.delete(values, label, axis=1).astype(np.float32))
+        features.append(values.astype(np.float32))
 
 
 def validate_samples(
@@ -200,6 +224,24 @@ def validate_samples(
     """Samples fit for training: ``x`` as float32 ``[N, *input_shape]`` (uint8 pixels scaled by
     1/255, flat rows reshaped), finite and within ``feature_range``; ``y`` whole labels in
     ``0..num_classes-1``. BadFile says what is wrong otherwise."""
+    x = _checked_inputs(x, input_shape, feature_range)
+    n = x.shape[0]
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or y.shape[0] != n:
+        raise BadFile(f"y has shape {list(y.shape)}; expected [{n}], one label per sample of x")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise BadFile(f"y has dtype {y.dtype.name}: labels must be whole numbers")
+    if np.issubdtype(y.dtype, np.floating) and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise BadFile("y holds labels that are not whole numbers")
+    outside = int(np.count_nonzero((y < 0) | (y >= num_classes)))
+    if outside:
+        raise BadFile(f"{outside:,} label(s) outside 0..{num_classes - 1}")
+    return LabelledSplit(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+
+
+def _checked_inputs(x: np.ndarray, input_shape: tuple[int, ...], feature_range: tuple[float, float]) -> np.ndarray:
+    """``x`` as float32 ``[N, *input_shape]`` (see ``validate_samples``); BadFile otherwise."""
     if x.ndim == 0 or x.shape[0] == 0:
         raise BadFile("holds no samples")
     n, shape = x.shape[0], tuple(input_shape)
@@ -224,15 +266,4 @@ def validate_samples(
         outside = int(np.count_nonzero((x < low) | (x > high)))
         raise BadFile(f"x holds {outside:,} value(s) outside [{low:g}, {high:g}]: scale the features "
                       "(or start the client with another --feature-range)")
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or y.shape[0] != n:
-        raise BadFile(f"y has shape {list(y.shape)}; expected [{n}], one label per sample of x")
-    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-        raise BadFile(f"y has dtype {y.dtype.name}: labels must be whole numbers")
-    if np.issubdtype(y.dtype, np.floating) and not (np.isfinite(y).all() and (y == np.round(y)).all()):
-        raise BadFile("y holds labels that are not whole numbers")
-    outside = int(np.count_nonzero((y < 0) | (y >= num_classes)))
-    if outside:
-        raise BadFile(f"{outside:,} label(s) outside 0..{num_classes - 1}")
-    return LabelledSplit(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+    return x

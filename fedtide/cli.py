@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from common.config import RunConfig
 from common.method_registry import registered
 from common.errors import FedtideError
-from fedtide import export_command
+from fedtide import export_command, models_command, predict_command
 from fedtide.deployment import certs, client_process, data_files, nodes, server_process
 from fedtide.bench import REFERENCES
 from fedtide.presets import PRESETS, preset_settings
@@ -26,7 +26,7 @@ ENGINES = ("inprocess", "flower")
 # each module adds its subcommand (add_parser) and carries it out (run)
 DEPLOYMENT_COMMANDS = {
     "certs": certs, "nodes": nodes, "server": server_process, "client": client_process, "split-files": data_files,
-    "export": export_command,
+    "export": export_command, "models": models_command, "predict": predict_command,
 }
 
 

@@ -124,11 +124,16 @@ class ModelRegistry:
 
     def release_candidate(self, registry: Registry, how: str, note: str = "") -> dict[str, Any]:
         """Release the newest candidate as the next version (its weights copied, checked
-        against their digest); older versions beyond ``keep`` lose their weights file."""
+        against their digest); older versions beyond ``keep`` lose their weights file. Weights
+        released before are not a new version: that version is served again."""
         if registry.candidate is None:
             raise FedtideError(f"{self.folder.parent} has no candidate yet: a run releases a model once a round has ended")
         candidate = registry.candidate
         self._checked_weights(self.folder / CANDIDATE_FILE, candidate["sha256"])
+        same = [v for v in registry.versions if v["sha256"] == candidate["sha256"] and v.get("file")]
+        if same:  # these weights were released before (e.g. a round that kept the model): serve that version
+            registry.released = same[-1]["version"]
+            return same[-1]
         number = max((v["version"] for v in registry.versions), default=0) + 1
         name = f"v{number:04d}.safetensors"
         shutil.copyfile(self.folder / CANDIDATE_FILE, self.folder / f".{name}.tmp")

@@ -1,0 +1,82 @@
+"""``fedtide predict --serve HOST:PORT``: the released model's predictions over local HTTP.
+
+``POST /predict`` takes one file's bytes (``.npz`` or ``.csv``, named by the ``X-Filename``
+header; at most 64 MiB, read with the inbox's checks) and answers JSON: the model's version
+and sha256, the predictions, and the accuracy when the file has labels. ``GET /model`` says
+which version answers. A bad request gets a 4xx with the reason; the server goes on. It binds
+to loopback unless told otherwise, and answers one request at a time (a device serves itself).
+"""
+
+from __future__ import annotations
+
+import json
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+from common.errors import FedtideError
+from fedtide.predict_command import MAX_BODY, predict_bytes
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedtideError(f"--serve {address[:60]}: give HOST:PORT, e.g. 127.0.0.1:8500")
+    return host.strip("[]"), int(port)
+
+
+def make_server(address: str, released: Any, feature_range: tuple[float, float]) -> HTTPServer:
+    """The HTTP server (not yet serving); FedtideError when the address cannot be bound."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path != "/model":
+                self._answer(404, {"error": "GET /model or POST /predict"})
+                return
+            self._answer(200, {"version": released.version, "sha256": released.sha256})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != "/predict":
+                self._answer(404, {"error": "POST /predict"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self._answer(411, {"error": "send a Content-Length"})
+                return
+            if not 0 < length <= MAX_BODY:
+                self._answer(413, {"error": f"the body must hold 1 byte to {MAX_BODY // 2**20} MiB"})
+                return
+            name = str(self.headers.get("X-Filename", "samples.npz"))[:200]
+            raw = self.rfile.read(length)
+            try:
+                self._answer(200, predict_bytes(released, name, raw, feature_range))
+            except FedtideError as err:
+                self._answer(400, {"error": str(err)})
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: the device's log is for rounds
+            pass
+
+    host, port = parse_address(address)
+    try:
+        return HTTPServer((host, port), Handler)
+    except OSError as err:
+        raise FedtideError(f"--serve {address}: cannot listen there ({err.strerror or err})") from None
+
+
+def serve(address: str, released: Any, feature_range: tuple[float, float]) -> None:
+    server = make_server(address, released, feature_range)
+    print(f"fedtide predict: version {released.version} answers on http://{address}/predict", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
