@@ -48,7 +48,8 @@ class Tampering(Protocol):
     """What a simulated faulty client changes (``client.faults``): its data before training,
     its reply after."""
 
-    def poison(self, settings: ClientSettings, partition_id: int) -> Callable[[LabelledSplit], LabelledSplit] | None: ...
+    def poison(self, settings: ClientSettings, partition_id: int,
+               server_round: int) -> Callable[[LabelledSplit], LabelledSplit] | None: ...
 
     def reply(self, settings: ClientSettings, partition_id: int, server_round: int,
               received: dict, outcome: TrainOutcome) -> TrainOutcome: ...
@@ -123,7 +124,7 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
         received,
         _state(context),
         device_name=context.node_config.get("device"),
-        poison=tampering.poison(settings, partition) if tampering else None,
+        poison=tampering.poison(settings, partition, server_round) if tampering else None,
     )
     if choice is not None:
         outcome = dataclasses.replace(outcome, metrics={**outcome.metrics, **choice.metrics()})
@@ -231,7 +232,7 @@ def train_many(
         return None
     try:
         config, server_round = received_settings(messages[0])
-        if tampering is not None and any(tampering.poison(config, _partition(c)) for c in contexts):
+        if tampering is not None and any(tampering.poison(config, _partition(c), server_round) for c in contexts):
             return None  # a poisoned client trains on other data: one by one
         received = first["arrays"].to_torch_state_dict()
         jobs = [(_partition(c), server_round, _state(c)) for c in contexts]

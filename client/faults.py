@@ -9,6 +9,7 @@ are ``FaultSettings.attacker_partitions`` (``--attackers K``: the first K partit
 global weights the client received and ``w`` what honest training gave:
 
 - ``sign-flip``: ``g - (w - g)``, the update reversed;
+- ``flip-scale``: ``g - s * (w - g)``, the update reversed and times ``--attack-scale``;
 - ``scale``: ``g + s * (w - g)``, the update times ``--attack-scale``;
 - ``noise``: ``w + N(0, --attack-noise-std^2)`` on every weight;
 - ``nan`` / ``inf``: every weight NaN / +Inf;
@@ -28,7 +29,8 @@ global weights the client received and ``w`` what honest training gave:
 - ``drift-follower``: a ``drift-liar`` whose ``pre-acc`` is 1 every fifth round and 0 in the
   others: one fake fall, then a low accuracy that keeps the server following it.
 
-``--attack-claim N`` makes the attacking clients claim ``N`` samples, whatever the attack.
+``--attack-claim N`` makes the attacking clients claim ``N`` samples, whatever the attack;
+``--attack-rounds FIRST-LAST`` limits the attack to those rounds (honest before and after).
 """
 
 from __future__ import annotations
@@ -62,12 +64,14 @@ class FaultInjection:
     def __init__(self, faults: FaultSettings) -> None:
         self.faults = faults
 
-    def attacks(self, partition_id: int) -> bool:
-        return self.faults.attack != "none" and partition_id in self.faults.attacker_partitions
+    def attacks(self, partition_id: int, server_round: int) -> bool:
+        return (self.faults.attack != "none" and partition_id in self.faults.attacker_partitions
+                and self.faults.attacks_in(server_round))
 
-    def poison(self, settings: ClientSettings, partition_id: int) -> Callable[[LabelledSplit], LabelledSplit] | None:
+    def poison(self, settings: ClientSettings, partition_id: int,
+               server_round: int) -> Callable[[LabelledSplit], LabelledSplit] | None:
         """The function that poisons this client's training data, or None for an honest one."""
-        if self.faults.attack not in POISONED or not self.attacks(partition_id):
+        if self.faults.attack not in POISONED or not self.attacks(partition_id, server_round):
             return None
         if self.faults.attack == "backdoor":
             return plant_backdoor
@@ -79,7 +83,7 @@ class FaultInjection:
         """The reply an attacking client sends instead of ``outcome`` (unchanged for an honest
         client or an attack that acts before training). The client's own state is untouched."""
         faults = self.faults
-        if not self.attacks(partition_id) or (faults.attack in BEFORE_TRAINING and not faults.attack_claim):
+        if not self.attacks(partition_id, server_round) or (faults.attack in BEFORE_TRAINING and not faults.attack_claim):
             return outcome
         weights, metrics = dict(outcome.weights), dict(outcome.metrics)
         if faults.attack_claim:
@@ -159,6 +163,8 @@ def _attack(kind: str, g: torch.Tensor, w: torch.Tensor, scale: float, std: floa
     g = g.to(w.dtype)
     if kind == "sign-flip":
         return g - (w - g)
+    if kind == "flip-scale":
+        return g - scale * (w - g)
     if kind in ("scale", *BOOSTED):
         return g + scale * (w - g)
     if kind == "noise":

@@ -27,7 +27,7 @@ RIVER_DETECTORS = ("adwin", "page-hinkley", "ddm", "eddm", "hddm-a", "hddm-w")
 ROUND_DETECTORS = ("accuracy-or-inputs", "accuracy-drop", "confidence-drop", "input-shift")
 DRIFT_DETECTORS = (*RIVER_DETECTORS, *ROUND_DETECTORS, "none")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
-ATTACKS = ("none", "sign-flip", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip",
+ATTACKS = ("none", "sign-flip", "flip-scale", "scale", "noise", "nan", "inf", "wrong-shape", "lie-num-examples", "label-flip",
            "replace", "backdoor", "drift-liar", "drift-faker", "drift-follower")
 
 
@@ -286,6 +286,8 @@ class FaultSettings(Section):
     attack_claim: int = setting(0, "fault injection: the attacking clients claim this num-examples (0: their own "
                                 "count)", minimum=0)
     attack_noise_std: float = setting(1.0, "noise attack: std of the Gaussian noise added to every weight", minimum=0)
+    attack_rounds: str = setting("", "fault injection: attack only in rounds FIRST-LAST (e.g. 12-14; default: every "
+                                 "round)")
 
     def check(self) -> None:
         try:
@@ -300,8 +302,26 @@ class FaultSettings(Section):
             raise FedtideError("--attackers/--attacker-ids name clients but --attack is none: choose an --attack")
         if self.attack != "none" and not attackers:
             raise FedtideError(f"--attack {self.attack} needs attacking clients: set --attackers K or --attacker-ids 0,3")
+        if self.attack_rounds.strip():
+            span = self.attack_round_span
+            if span is None or not 1 <= span[0] <= span[1]:
+                raise FedtideError(f"--attack-rounds '{self.attack_rounds[:40]}' is not FIRST-LAST with "
+                                   "1 <= FIRST <= LAST (e.g. 12-14)")
         if self.attack == "lie-num-examples" and not self.attack_scale > 0:
             raise FedtideError(f"--attack-scale must be > 0 for lie-num-examples (got {self.attack_scale})")
+
+    @property
+    def attack_round_span(self) -> tuple[int, int] | None:
+        """The rounds ``--attack-rounds`` names (None: every round, or a malformed value)."""
+        first, dash, last = self.attack_rounds.strip().partition("-")
+        if not dash or not first.strip().isdigit() or not last.strip().isdigit():
+            return None
+        return int(first), int(last)
+
+    def attacks_in(self, server_round: int) -> bool:
+        """Whether the attacking clients attack in ``server_round``."""
+        span = self.attack_round_span
+        return span is None or span[0] <= server_round <= span[1]
 
     @property
     def attacker_partitions(self) -> frozenset[int]:

@@ -19,8 +19,8 @@ from fedtide.predict_command import MAX_BODY, predict_bytes
 
 def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FedtideError(f"--serve {address[:60]}: give HOST:PORT, e.g. 127.0.0.1:8500")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise FedtideError(f"--serve {address[:60]}: give HOST:PORT, e.g. 127.0.0.1:8500 (port 0: any free one)")
     return host.strip("[]"), int(port)
 
 
@@ -73,7 +73,8 @@ def make_server(address: str, released: Any, feature_range: tuple[float, float])
 
 def serve(address: str, released: Any, feature_range: tuple[float, float]) -> None:
     server = make_server(address, released, feature_range)
-    print(f"fedtide predict: version {released.version} answers on http://{address}/predict", flush=True)
+    host, port = server.server_address[:2]
+    print(f"fedtide predict: version {released.version} answers on http://{host}:{port}/predict", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

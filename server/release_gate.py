@@ -141,3 +141,26 @@ class ReleaseStep:
             "released_round": None if current is None else current["round"],
             "gate_held_rounds": [d["round"] for d in decisions if not d["passed"]],
         }
+
+
+def served_timeline(versions: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What devices were served, round by round, read from the registry's ``versions`` and the
+    run's ``metrics.jsonl`` lines: per round, the raw global model's and the served version's
+    mean accuracy over the tasks seen (points), and the best of the versions released so far
+    on those same tasks. Rounds before the first release have no served figures."""
+    by_number = {v["version"]: v for v in versions}
+    released_so_far: list[dict[str, Any]] = []
+    out = []
+    for line in rounds:
+        seen = range(line["task"] + 1)
+        number = (line.get("release") or {}).get("released")
+        served = by_number.get(number)
+        if served is not None and served not in released_so_far:
+            released_so_far.append(served)
+        out.append({
+            "round": line["round"], "task": line["task"], "raw": _points(line["task_accuracies"], seen),
+            "version": number, "new": "release" in (line.get("release") or {}),
+            "served": None if served is None else _points(served["accuracies"], seen),
+            "best_release": max((_points(v["accuracies"], seen) for v in released_so_far), default=None),
+        })
+    return out

@@ -356,7 +356,7 @@ def test_backdoor_plants_a_corner_trigger_then_boosts_and_claims_as_told():
     assert (planted.x[0, 0, -2:, -2:] == data.x.max()).all() and torch.equal(planted.x[1], data.x[1])
     config = RunConfig.of(clients=2, attack="backdoor", attackers=1, attack_scale=5.0, attack_claim=1000)
     injection = FaultInjection(config.faults)
-    assert injection.poison(config.client, 0) is plant_backdoor and injection.poison(config.client, 1) is None
+    assert injection.poison(config.client, 0, 1) is plant_backdoor and injection.poison(config.client, 1, 1) is None
     honest = TrainOutcome(weights={"v": torch.ones(3)}, metrics={"num-examples": 7}, state={})
     sent = injection.reply(config.client, 0, 1, {"v": torch.zeros(3)}, honest)
     assert torch.equal(sent.weights["v"], torch.full((3,), 5.0)) and sent.metrics["num-examples"] == 1000
