@@ -10,6 +10,7 @@ test sets of all tasks.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import io
@@ -247,19 +248,31 @@ def export_run(
     if out.exists() and not force:
         raise FedtideError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
     run = load_run(run_dir, data_dir)
-    original = stats("original", run.weights_path, zero_fraction(run.model),
-                     accuracy(run.model, run.test, CPU)[0])
-    model = run.model
+    return export_model(run.model, run.test, fmt, out, prune, quantize, run.weights_path)
+
+
+def export_model(
+    model: nn.Module, test: LabelledSplit, fmt: str, out: Path, prune: float = 0.0, quantize: str | None = None,
+    weights_path: Path | None = None,
+) -> tuple[ArtefactStats, ArtefactStats]:
+    """Write ``model`` (float32, eval mode; pruned in place when asked) to ``out`` as ``fmt``;
+    return the stats of the original (its accuracy on ``test``; its size: ``weights_path``'s)
+    and of the written file (its accuracy measured by loading it back)."""
+    original_accuracy = accuracy(model, test, CPU)[0]
+    original_zeros = zero_fraction(model)
+    model = copy.deepcopy(model)
     prune_l1(model, prune)
     zeros = zero_fraction(model)
     if fmt == "torchscript":
         data = torchscript_bytes(quantize_int8(model) if quantize else model)
     else:
-        data = onnx_bytes(model, run.test.x, quantize)
+        data = onnx_bytes(model, test.x, quantize)
     try:
         write_bytes_atomic(out, data)
     except OSError as err:
         raise FedtideError(f"cannot write {out} ({err.strerror or err}): choose a writable --out") from None
-    measured = torchscript_accuracy(out, run.test) if fmt == "torchscript" else onnx_accuracy(out, run.test)
+    measured = torchscript_accuracy(out, test) if fmt == "torchscript" else onnx_accuracy(out, test)
     name = fmt + (f" +prune {prune:g}" if prune else "") + (f" +{quantize}" if quantize else "")
+    original = stats("original", weights_path, original_zeros, original_accuracy) if weights_path else \
+        ArtefactStats("original", out, 0, 0, original_zeros, original_accuracy)
     return original, stats(name, out, zeros, measured)

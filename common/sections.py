@@ -271,6 +271,9 @@ class ReleaseSettings(Section):
                                      "any older task", minimum=0, maximum=100)
     keep_releases: int = setting(20, "released versions whose weights the run folder keeps (older ones keep their "
                                  "record; rolling back to them is refused)", minimum=1, maximum=100_000)
+    export_releases: str = setting("none", "also write each released version for edge inference: torchscript or onnx "
+                                   "(RUN_DIR/models/vNNNN.pt|.onnx, its accuracy before and after in the registry)",
+                                   choices=("none", "torchscript", "onnx"))
 
 
 @dataclass(frozen=True)

@@ -80,18 +80,27 @@ def run(args: argparse.Namespace) -> None:
                       f"instead of {before}; automatic releases are paused until `fedtide models release`")
 
 
+def _export(export: dict | None) -> str:
+    if not export:
+        return ""
+    if not export.get("file"):
+        return "removed"
+    after = export.get("accuracy_after")
+    return f"{export['file']} ({'n/a' if after is None else f'{100 * after:.1f}%'})"
+
+
 def versions_table(state: Any, run_dir: str) -> Any:
     from rich.table import Table
 
     table = Table(title=f"fedtide models: {run_dir}")
-    for column in ("version", "round", "task", "acc on tasks seen %", "how", "sha256", "weights"):
+    for column in ("version", "round", "task", "acc on tasks seen %", "how", "sha256", "weights", "export"):
         table.add_column(column, justify="right" if column in ("version", "round", "task", "acc on tasks seen %") else "left")
     for entry in state.versions:
         seen = entry["accuracies"][: entry["task"] + 1]
         mark = " *" if entry["version"] == state.released else ""
         table.add_row(f"{entry['version']}{mark}", str(entry["round"]), str(entry["task"]),
                       f"{100 * sum(seen) / len(seen):.2f}", entry["how"], entry["sha256"][:12],
-                      "kept" if entry.get("file") else "removed")
+                      "kept" if entry.get("file") else "removed", _export(entry.get("export")))
     candidate = state.candidate
     newest = "none" if candidate is None else f"round {candidate['round']} (sha256 {candidate['sha256'][:12]})"
     table.caption = (f"* served: version {state.released}; automatic releases "

@@ -81,7 +81,8 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     scenario = build_scenario(config.data, config.seed)
     history = RunHistory(scenario.schedule, NodeNames(folder.path))
     # one global model is released to devices; trainings that serve each node its own have no registry
-    releases = ReleaseStep(folder.path, config) if config.data.training in ("federated", "joint") else None
+    releases = (ReleaseStep(folder.path, config, release_exporter(config, scenario))
+                if config.data.training in ("federated", "joint") else None)
     strategy = run_strategy(config, history, times,
                             extra_hooks=[ReleasedModelDelivery(releases.registry)] if releases else ())
     strategy.receipts.last_round = config.num_rounds
@@ -189,6 +190,31 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     if not config.run.quiet:
         console.print(summary_table(summary))
     return summary
+
+
+def release_exporter(config: RunConfig, scenario: Scenario):
+    """What writes a released version for edge inference (``--export-releases``), or None:
+    the file, its size and its accuracy on every task's test set before and after export."""
+    fmt = config.release.export_releases
+    if fmt == "none":
+        return None
+    from common.datasets import LabelledSplit
+    from common.export import export_model, require_onnx
+
+    if fmt == "onnx":
+        require_onnx(None)  # before the first round, not at the first release
+    tests = [scenario.test_data(t) for t in range(scenario.num_tasks)]
+    union = LabelledSplit(torch.cat([s.x for s in tests]), torch.cat([s.y for s in tests]))
+
+    def export(weights: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
+        model = build_model(config.network.model, scenario.input_shape, scenario.num_classes,
+                            config.network.hidden_widths, config.seed)
+        model.load_state_dict(weights)
+        original, written = export_model(model.eval(), union, fmt, out)
+        return {"file": out.name, "format": fmt, "bytes": written.size_bytes,
+                "accuracy_before": original.accuracy, "accuracy_after": written.accuracy}
+
+    return export
 
 
 def _resume(

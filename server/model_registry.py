@@ -152,6 +152,9 @@ class ModelRegistry:
             if entry["version"] not in kept and entry.get("file"):
                 (self.folder / entry["file"]).unlink(missing_ok=True)
                 entry["file"] = None
+                if entry.get("export", {}).get("file"):
+                    (self.folder / entry["export"]["file"]).unlink(missing_ok=True)
+                    entry["export"]["file"] = None
 
     def log(self, line: dict[str, Any]) -> None:
         append_synced(self.folder / DECISIONS_FILE, (json.dumps(line) + "\n").encode())
@@ -210,8 +213,10 @@ class ModelRegistry:
         with self.open() as registry:
             dropped = {v["version"] for v in registry.versions if v["how"] != "operator" and v["round"] > last_round}
             for entry in registry.versions:
-                if entry["version"] in dropped and entry.get("file"):
-                    (self.folder / entry["file"]).unlink(missing_ok=True)
+                if entry["version"] in dropped:
+                    for name in (entry.get("file"), entry.get("export", {}).get("file")):
+                        if name:
+                            (self.folder / name).unlink(missing_ok=True)
             registry.versions = [v for v in registry.versions if v["version"] not in dropped]
             if registry.released in dropped:
                 registry.released = registry.versions[-1]["version"] if registry.versions else None

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,15 +88,20 @@ def settings_digest(config: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+Exporter = Callable[[dict[str, torch.Tensor], Path], dict[str, Any]]
+
+
 class ReleaseStep:
     """After each round's evaluation: record the candidate, judge it, release it when the mode
-    and the gate say so, and log the decision. Returns what the round's record and the
-    progress bar show (``released``: the version served now; ``release``: a new version)."""
+    and the gate say so (and ``export`` it: weights and a file to write -> what to record), and
+    log the decision. Returns what the round's record and the progress bar show
+    (``released``: the version served now; ``release``: a new version)."""
 
-    def __init__(self, run_dir: Path, config: RunConfig) -> None:
+    def __init__(self, run_dir: Path, config: RunConfig, export: Exporter | None = None) -> None:
         self.settings = config.release
         self.registry = ModelRegistry(run_dir, keep=config.release.keep_releases)
         self.digest = settings_digest(config)
+        self.export = export
 
     def __call__(self, server_round: int, task: int, accuracies: list[float],
                  weights: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -115,6 +121,9 @@ class ReleaseStep:
             if release:
                 entry = self.registry.release_candidate(registry, how=mode)
                 line["released"] = entry["version"]
+                if self.export is not None and "export" not in entry:
+                    suffix = ".pt" if self.settings.export_releases == "torchscript" else ".onnx"
+                    entry["export"] = self.export(weights, self.registry.folder / f"v{entry['version']:04d}{suffix}")
                 log.debug("round %d: released version %d (%.2f%% over tasks 0-%d)", server_round, entry["version"],
                          decision.seen_acc, task)
             elif decision.passed or mode != "gate":

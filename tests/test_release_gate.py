@@ -126,6 +126,22 @@ def test_a_simulation_releases_each_task_and_an_operator_rolls_back_from_the_com
     assert "has no model registry" in capsys.readouterr().err
 
 
+def test_each_release_is_exported_for_edge_inference_with_its_accuracy(tmp_path):
+    out = tmp_path / "run"
+    run_inprocess(RunConfig.of(num_tasks=1, rounds_per_task=2, hidden="16", quiet=True, out=str(out),
+                               export_releases="torchscript", release="every-round"), threads=1)
+    registry = ModelRegistry(out)
+    with registry.open() as state:
+        versions = list(state.versions)
+    assert [v["export"]["file"] for v in versions] == ["v0001.pt", "v0002.pt"]
+    scripted = torch.jit.load(str(out / "models" / "v0002.pt"))
+    model = build_model("mlp", (1, 8, 8), 10, (16,), 0)
+    model.load_state_dict(registry.weights(versions[1]))
+    x = torch.rand(16, 1, 8, 8)
+    assert torch.equal(scripted(x).argmax(1), model.eval()(x).argmax(1))
+    assert versions[1]["export"]["accuracy_after"] == pytest.approx(versions[1]["export"]["accuracy_before"])
+
+
 def test_the_gate_holds_the_model_a_reversed_attack_wrecked(tmp_path):
     out = tmp_path / "attacked"
     config = RunConfig.of(
