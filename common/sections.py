@@ -341,3 +341,5 @@ class RunSettings(Section):
     seed: int = setting(0, "random seed; the same seed gives the same numbers", minimum=0)
     out: str = setting("", "run folder (default: runs/<time>-<scenario>-<method>-s<seed>)")
     quiet: bool = setting(False, "no progress bar or summary table")
+    metrics_address: str = setting("", "serve Prometheus metrics of the live run at HOST:PORT, e.g. 127.0.0.1:9100 "
+                                   '(needs pip install "fedtide[ops]"; default: none)')

@@ -115,8 +115,9 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
         if not config.run.quiet:
             console.print(f"resuming {folder.path} after round {first_round - 1} of {config.num_rounds}")
     round_started = time.perf_counter()
+    watchers = start_watchers(config)
 
-    with RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console, completed=first_round - 1) as progress:
+    with watchers, RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console, completed=first_round - 1) as progress:
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             models = strategy.models_to_evaluate(arrays)
@@ -141,6 +142,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
             if server_round > 0:
                 folder.append_round(history.rounds[-1])
                 progress.round_done(history.rounds[-1])
+                watchers.round_done(history.rounds[-1], grid)
             round_started = time.perf_counter()
 
         time_figures: dict[str, Any] = {}
@@ -190,6 +192,41 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     if not config.run.quiet:
         console.print(summary_table(summary))
     return summary
+
+
+class Watchers:
+    """What watches the live run from outside (``--metrics-address``: Prometheus), told of each
+    round; closed when the run ends, however it ends."""
+
+    def __init__(self, watchers: list[Any]) -> None:
+        self.watchers = watchers
+
+    def round_done(self, record: Any, grid: Grid) -> None:
+        if not self.watchers:
+            return
+        try:
+            connected: int | None = len(list(grid.get_node_ids()))
+        except Exception:  # a grid that cannot say: the gauge keeps its last value
+            connected = None
+        for watcher in self.watchers:
+            watcher.round_done(record, connected)
+
+    def __enter__(self) -> "Watchers":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for watcher in self.watchers:
+            watcher.close()
+
+
+def start_watchers(config: RunConfig) -> Watchers:
+    """The run's watchers, started (their addresses bound) before the first round."""
+    watchers: list[Any] = []
+    if config.run.metrics_address:
+        from server.prometheus_metrics import PrometheusMetrics
+
+        watchers.append(PrometheusMetrics(config.run.metrics_address, config.data.num_tasks))
+    return Watchers(watchers)
 
 
 def release_exporter(config: RunConfig, scenario: Scenario):

@@ -15,6 +15,7 @@ from common.weights import weights_digest
 from fedtide.cli import main
 from loopback import Session, digits_arrays, drop_file, free_port, wait_for
 from server.model_registry import ModelRegistry
+from test_prometheus import _scrape
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +35,13 @@ def test_clients_hold_the_released_model_and_a_live_rollback_reaches_them_bit_ex
     for i, folder in enumerate(data):
         drop_file(folder, "batch-0.npz", *digits_arrays(seed=i, count=120))
     run = tmp_path / "run"
-    address = f"127.0.0.1:{free_port()}"
+    address, metrics_port = f"127.0.0.1:{free_port()}", free_port()
     sessions: list[Session] = []
     try:
         server = Session(
             ["server", "--certs", str(certs), "--database", str(tmp_path / "superlink.db"), "--out", str(run),
              "--address", address, "--num-tasks", "1", "--rounds-per-task", str(ROUNDS), "--local-epochs", "1",
-             "--round-timeout", "120", "--release", "every-round"],
+             "--round-timeout", "120", "--release", "every-round", "--metrics-address", f"127.0.0.1:{metrics_port}"],
             tmp_path / "server.log", tmp_path,
         )
         sessions.append(server)
@@ -51,6 +52,9 @@ def test_clients_hold_the_released_model_and_a_live_rollback_reaches_them_bit_ex
                 tmp_path / f"client-{i + 1}.log", tmp_path,
             ))
         wait_for(lambda: len(_records(run)) >= 3, 240, "three rounds")
+        scraped = _scrape(metrics_port)  # the ServerApp's process serves them while it runs
+        assert scraped[("fedtide_round", ())] >= 3 and scraped[("fedtide_nodes", (("state", "connected"),))] == 2
+        assert scraped[("fedtide_released_version", ())] >= 2
         drop_file(data[0], "batch-1.npz", *digits_arrays(seed=9, count=60))  # predicted by the model held, then learned
         assert main(["models", "rollback", str(run), "--to", "1", "--note", "test"]) == 0
         rolled_back_after = len(_records(run))
