@@ -343,3 +343,5 @@ class RunSettings(Section):
     quiet: bool = setting(False, "no progress bar or summary table")
     metrics_address: str = setting("", "serve Prometheus metrics of the live run at HOST:PORT, e.g. 127.0.0.1:9100 "
                                    '(needs pip install "fedtide[ops]"; default: none)')
+    serve: str = setting("", "serve a live status page of the run at HOST:PORT (or PORT, on loopback), e.g. 8080; "
+                         "open it in a browser")

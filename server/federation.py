@@ -115,7 +115,9 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
         if not config.run.quiet:
             console.print(f"resuming {folder.path} after round {first_round - 1} of {config.num_rounds}")
     round_started = time.perf_counter()
-    watchers = start_watchers(config)
+    watchers = start_watchers(config, history)
+    if watchers.page is not None and not config.run.quiet:
+        console.print(f"status page: {watchers.page.url}")
 
     with watchers, RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console, completed=first_round - 1) as progress:
 
@@ -198,8 +200,9 @@ class Watchers:
     """What watches the live run from outside (``--metrics-address``: Prometheus), told of each
     round; closed when the run ends, however it ends."""
 
-    def __init__(self, watchers: list[Any]) -> None:
+    def __init__(self, watchers: list[Any], page: Any = None) -> None:
         self.watchers = watchers
+        self.page = page  # the status page, when served
 
     def round_done(self, record: Any, grid: Grid) -> None:
         if not self.watchers:
@@ -219,14 +222,27 @@ class Watchers:
             watcher.close()
 
 
-def start_watchers(config: RunConfig) -> Watchers:
-    """The run's watchers, started (their addresses bound) before the first round."""
+def start_watchers(config: RunConfig, history: RunHistory) -> Watchers:
+    """The run's watchers (``--metrics-address``: Prometheus; ``--serve``: the status page),
+    started (their addresses bound) before the next round; the page shows the rounds so far."""
     watchers: list[Any] = []
-    if config.run.metrics_address:
-        from server.prometheus_metrics import PrometheusMetrics
+    page = None
+    try:
+        if config.run.metrics_address:
+            from server.prometheus_metrics import PrometheusMetrics
 
-        watchers.append(PrometheusMetrics(config.run.metrics_address, config.data.num_tasks))
-    return Watchers(watchers)
+            watchers.append(PrometheusMetrics(config.run.metrics_address, config.data.num_tasks))
+        if config.run.serve:
+            from server.status_page import StatusPage
+
+            page = StatusPage(config.run.serve, config.to_mapping(), config.num_rounds, config.data.num_tasks,
+                              history.rounds)
+            watchers.append(page)
+    except BaseException:
+        for watcher in watchers:
+            watcher.close()
+        raise
+    return Watchers(watchers, page)
 
 
 def release_exporter(config: RunConfig, scenario: Scenario):
