@@ -97,7 +97,7 @@ class ClientSettings:
         if strict:
             flat = {k.replace("_", "-"): v for k, v in flat.items()}
             known = set(all_settings()) - SERVER_ONLY - set(FaultSettings.declarations()) - set(
-                ServerSettings.declarations()) - set(ReleaseSettings.declarations()) - {"out", "quiet", "metrics-address", "serve"}
+                ServerSettings.declarations()) - set(ReleaseSettings.declarations()) - {"out", "quiet", "metrics-address", "serve", "track", "track-uri"}
             unknown = sorted(set(flat) - known)
             if unknown:
                 raise FedtideError(f"unknown client setting '{unknown[0]}': client settings are {', '.join(sorted(known))}")

@@ -345,3 +345,14 @@ class RunSettings(Section):
                                    '(needs pip install "fedtide[ops]"; default: none)')
     serve: str = setting("", "serve a live status page of the run at HOST:PORT (or PORT, on loopback), e.g. 8080; "
                          "open it in a browser")
+    track: str = setting("", "log each round to tensorboard, mlflow or tensorboard,mlflow (needs pip install "
+                         '"fedtide[track]"; TensorBoard in RUN_DIR/tensorboard, MLflow in RUN_DIR/mlflow.db)')
+    track_uri: str = setting("", "--track mlflow: the tracking server or store to log to (default: RUN_DIR/mlflow.db)")
+
+    def check(self) -> None:
+        names = [n.strip() for n in self.track.split(",") if n.strip()]
+        unknown = [n for n in names if n not in ("tensorboard", "mlflow")]
+        if unknown:
+            raise FedtideError(f"--track {unknown[0][:30]}: use tensorboard, mlflow or tensorboard,mlflow")
+        if self.track_uri and "mlflow" not in names:
+            raise FedtideError("--track-uri names MLflow's tracking store: add --track mlflow, or drop --track-uri")

@@ -114,91 +114,95 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
             releases.resume_after(first_round - 1)
         if not config.run.quiet:
             console.print(f"resuming {folder.path} after round {first_round - 1} of {config.num_rounds}")
-    round_started = time.perf_counter()
-    watchers = start_watchers(config, history)
+    model_bytes = sum(len(a.data) for a in initial.values())
+    watchers = start_watchers(config, history, folder.path, model_bytes)
     if watchers.page is not None and not config.run.quiet:
         console.print(f"status page: {watchers.page.url}")
+    round_started = time.perf_counter()  # a tracker's store set-up is not the first round's time
 
-    with watchers, RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console, completed=first_round - 1) as progress:
+    with watchers:  # closed however the run ends
+        with RoundProgress(config.num_rounds, config.data.num_tasks, config.run.quiet, console, completed=first_round - 1) as progress:
 
-        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            models = strategy.models_to_evaluate(arrays)
-            with times.phase("evaluate"):
-                per_model = [evaluator(m.to_torch_state_dict()) for m in models]
-                accuracies = [float(np.mean(column)) for column in zip(*per_model)]
-                tasks = history.round_tasks()
-                served = served_accuracy(evaluator, strategy.served_models(arrays, list(tasks)), tasks,
-                                         known=(models[0], accuracies) if len(models) == 1 else None)
-            history.close_round(server_round, accuracies, time.perf_counter() - round_started, served)
-            if releases is not None and server_round > 0:
-                history.rounds[-1].release = releases(server_round, history.rounds[-1].task, accuracies,
-                                                      models[0].to_torch_state_dict())
-            return MetricRecord({f"acc-task-{t}": a for t, a in enumerate(accuracies)})
+            def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+                models = strategy.models_to_evaluate(arrays)
+                with times.phase("evaluate"):
+                    per_model = [evaluator(m.to_torch_state_dict()) for m in models]
+                    accuracies = [float(np.mean(column)) for column in zip(*per_model)]
+                    tasks = history.round_tasks()
+                    served = served_accuracy(evaluator, strategy.served_models(arrays, list(tasks)), tasks,
+                                             known=(models[0], accuracies) if len(models) == 1 else None)
+                history.close_round(server_round, accuracies, time.perf_counter() - round_started, served)
+                if releases is not None and server_round > 0:
+                    history.rounds[-1].release = releases(server_round, history.rounds[-1].task, accuracies,
+                                                          models[0].to_torch_state_dict())
+                return MetricRecord({f"acc-task-{t}": a for t, a in enumerate(accuracies)})
 
-        def after_round(server_round: int, arrays: ArrayRecord) -> None:
-            """Checkpoint first: a crash between the two leaves metrics.jsonl a round short,
-            and resuming rewrites it from the checkpoint."""
-            nonlocal round_started
-            states = nodes.node_states() if nodes is not None else None
-            checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings))
-            if server_round > 0:
-                folder.append_round(history.rounds[-1])
-                progress.round_done(history.rounds[-1])
-                watchers.round_done(history.rounds[-1], grid)
-            round_started = time.perf_counter()
+            def after_round(server_round: int, arrays: ArrayRecord) -> None:
+                """Checkpoint first: a crash between the two leaves metrics.jsonl a round short,
+                and resuming rewrites it from the checkpoint."""
+                nonlocal round_started
+                states = nodes.node_states() if nodes is not None else None
+                checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings))
+                if server_round > 0:
+                    folder.append_round(history.rounds[-1])
+                    progress.round_done(history.rounds[-1])
+                    watchers.round_done(history.rounds[-1], grid)
+                round_started = time.perf_counter()
 
-        time_figures: dict[str, Any] = {}
-        if config.server.buffer_size > 0 and nodes is None:  # real nodes: real time
-            final = run_live_buffered(
-                strategy, grid, arrays, first_round=first_round, num_rounds=config.num_rounds,
-                timeout=config.server.round_timeout, buffer_size=config.server.buffer_size,
-                concurrency=config.effective_concurrency, train_config=client_config(config, scenario),
-                evaluate_fn=evaluate, after_round=after_round,
-            )
-        elif config.server.timed:
-            final, time_figures = run_timed(
-                strategy, grid, arrays, speed_spread=config.server.speed_spread, seed=config.seed,
-                num_rounds=config.num_rounds, timeout=config.server.round_timeout,
-                buffer_size=config.server.buffer_size, concurrency=config.effective_concurrency,
-                train_config=client_config(config, scenario), evaluate_fn=evaluate, after_round=after_round,
-            )
-        else:
-            final = run_rounds(
-                strategy,
-                grid,
-                arrays,
-                first_round=first_round,
-                num_rounds=config.num_rounds,
-                timeout=config.server.round_timeout,
-                train_config=client_config(config, scenario),
-                evaluate_config=client_config(config, scenario),
-                evaluate_fn=evaluate,
-                after_round=after_round,
-            )
+            time_figures: dict[str, Any] = {}
+            if config.server.buffer_size > 0 and nodes is None:  # real nodes: real time
+                final = run_live_buffered(
+                    strategy, grid, arrays, first_round=first_round, num_rounds=config.num_rounds,
+                    timeout=config.server.round_timeout, buffer_size=config.server.buffer_size,
+                    concurrency=config.effective_concurrency, train_config=client_config(config, scenario),
+                    evaluate_fn=evaluate, after_round=after_round,
+                )
+            elif config.server.timed:
+                final, time_figures = run_timed(
+                    strategy, grid, arrays, speed_spread=config.server.speed_spread, seed=config.seed,
+                    num_rounds=config.num_rounds, timeout=config.server.round_timeout,
+                    buffer_size=config.server.buffer_size, concurrency=config.effective_concurrency,
+                    train_config=client_config(config, scenario), evaluate_fn=evaluate, after_round=after_round,
+                )
+            else:
+                final = run_rounds(
+                    strategy,
+                    grid,
+                    arrays,
+                    first_round=first_round,
+                    num_rounds=config.num_rounds,
+                    timeout=config.server.round_timeout,
+                    train_config=client_config(config, scenario),
+                    evaluate_config=client_config(config, scenario),
+                    evaluate_fn=evaluate,
+                    after_round=after_round,
+                )
 
-    summary = summarize_run(config, scenario, history, model_bytes=sum(len(a.data) for a in initial.values()))
-    breakdown = times.breakdown()
-    summary.update(
-        threads=torch.get_num_threads(),  # torch's threads in the server's process
-        wall_seconds=time.perf_counter() - started,
-        run_dir=str(folder.path),
-        phase_seconds=breakdown,
-        round_seconds=(breakdown["total"] - breakdown["overhead"]) / max(len(history.rounds), 1),
-    )
-    summary.update(strategy.run_summary())
-    summary.update(releases.summary() if releases is not None else {"releases": None})
-    summary.update(time_figures)
-    if "mean_clusters" in summary:  # every cluster's model goes down (beside `arrays`), one update up
-        summary["bytes_per_client_round"] = int((summary["mean_clusters"] + 2) * summary["bytes_per_client_round"] / 2)
-    folder.write_results(history, summary, final.to_torch_state_dict(), config)
-    if not config.run.quiet:
-        console.print(summary_table(summary))
+        summary = summarize_run(config, scenario, history, model_bytes=model_bytes)
+        breakdown = times.breakdown()
+        summary.update(
+            threads=torch.get_num_threads(),  # torch's threads in the server's process
+            wall_seconds=time.perf_counter() - started,
+            run_dir=str(folder.path),
+            phase_seconds=breakdown,
+            round_seconds=(breakdown["total"] - breakdown["overhead"]) / max(len(history.rounds), 1),
+        )
+        summary.update(strategy.run_summary())
+        summary.update(releases.summary() if releases is not None else {"releases": None})
+        summary.update(time_figures)
+        if "mean_clusters" in summary:  # every cluster's model goes down (beside `arrays`), one update up
+            summary["bytes_per_client_round"] = int((summary["mean_clusters"] + 2) * summary["bytes_per_client_round"] / 2)
+        summary.update(watchers.figures())
+        folder.write_results(history, summary, final.to_torch_state_dict(), config)
+        watchers.finish(summary, folder.path)
+        if not config.run.quiet:
+            console.print(summary_table(summary))
     return summary
 
 
 class Watchers:
-    """What watches the live run from outside (``--metrics-address``: Prometheus), told of each
-    round; closed when the run ends, however it ends."""
+    """What watches the live run from outside (Prometheus, the status page, the trackers), told
+    of each round and of the finished run; closed when the run ends, however it ends."""
 
     def __init__(self, watchers: list[Any], page: Any = None) -> None:
         self.watchers = watchers
@@ -214,6 +218,16 @@ class Watchers:
         for watcher in self.watchers:
             watcher.round_done(record, connected)
 
+    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
+        """The run's figures and files, once its folder is written (the trackers log them)."""
+        for watcher in self.watchers:
+            if hasattr(watcher, "finish"):
+                watcher.finish(summary, run_dir)
+
+    def figures(self) -> dict[str, Any]:
+        setup = [w.setup_seconds for w in self.watchers if hasattr(w, "setup_seconds")]
+        return {"tracking_setup_seconds": sum(setup)} if setup else {}
+
     def __enter__(self) -> "Watchers":
         return self
 
@@ -222,12 +236,18 @@ class Watchers:
             watcher.close()
 
 
-def start_watchers(config: RunConfig, history: RunHistory) -> Watchers:
-    """The run's watchers (``--metrics-address``: Prometheus; ``--serve``: the status page),
-    started (their addresses bound) before the next round; the page shows the rounds so far."""
+def start_watchers(config: RunConfig, history: RunHistory, run_dir: Path, model_bytes: int) -> Watchers:
+    """The run's watchers (``--metrics-address``: Prometheus; ``--serve``: the status page;
+    ``--track``: TensorBoard, MLflow), started (addresses bound, stores opened) before the next
+    round; the page shows the rounds so far."""
     watchers: list[Any] = []
     page = None
     try:
+        if config.run.track:
+            from server.tracking import parse_trackers, start_trackers
+
+            watchers += start_trackers(parse_trackers(config.run.track), config.run.track_uri, run_dir,
+                                       config.to_mapping(), model_bytes)
         if config.run.metrics_address:
             from server.prometheus_metrics import PrometheusMetrics
 

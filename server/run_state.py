@@ -29,7 +29,7 @@ from server.history import RoundRecord, RunHistory
 
 # settings a resumed run may change: where the data is, what is shown, how long to wait, and
 # where the run folder is (it may have been moved)
-RESUME_MAY_CHANGE = ("out", "data-dir", "quiet", "round-timeout", "client-wait", "metrics-address", "serve")
+RESUME_MAY_CHANGE = ("out", "data-dir", "quiet", "round-timeout", "client-wait", "metrics-address", "serve", "track", "track-uri")
 
 
 def run_settings(config: RunConfig) -> dict[str, Any]:
