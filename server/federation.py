@@ -207,6 +207,7 @@ class Watchers:
     def __init__(self, watchers: list[Any], page: Any = None) -> None:
         self.watchers = watchers
         self.page = page  # the status page, when served
+        self.seconds = {type(w).__name__: 0.0 for w in watchers}  # time each spent on rounds: its cost
 
     def round_done(self, record: Any, grid: Grid) -> None:
         if not self.watchers:
@@ -216,7 +217,9 @@ class Watchers:
         except Exception:  # a grid that cannot say: the gauge keeps its last value
             connected = None
         for watcher in self.watchers:
+            started = time.perf_counter()
             watcher.round_done(record, connected)
+            self.seconds[type(watcher).__name__] += time.perf_counter() - started
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
         """The run's figures and files, once its folder is written (the trackers log them)."""
@@ -225,8 +228,10 @@ class Watchers:
                 watcher.finish(summary, run_dir)
 
     def figures(self) -> dict[str, Any]:
+        """Seconds each watcher spent on the rounds, and on setting up its store (MLflow's)."""
         setup = [w.setup_seconds for w in self.watchers if hasattr(w, "setup_seconds")]
-        return {"tracking_setup_seconds": sum(setup)} if setup else {}
+        return {**({"watcher_seconds": self.seconds} if self.watchers else {}),
+                **({"tracking_setup_seconds": sum(setup)} if setup else {})}
 
     def __enter__(self) -> "Watchers":
         return self
