@@ -44,7 +44,7 @@ def tracking_off(data_dir: str, base: str, repeat: int, env: dict[str, str], tmp
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), base], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        flags = w1_flags(data_dir, 20) + ["--threads", "1"]
+        flags = w1_flags(str(Path(data_dir).resolve()), 20) + ["--threads", "1"]
         times: dict[str, list[float]] = {"base": [], "now": []}
         for i in range(repeat):
             for name, where in (("base", tree), ("now", ROOT)):
@@ -59,7 +59,7 @@ def tracking_off(data_dir: str, base: str, repeat: int, env: dict[str, str], tmp
 
 
 def tracking_on(data_dir: str, repeat: int, env: dict[str, str], tmp: Path) -> dict:
-    flags = SPLIT_MNIST + ["--data-dir", data_dir]
+    flags = SPLIT_MNIST + ["--data-dir", str(Path(data_dir).resolve())]
     walls: dict[str, list[float]] = {"off": [], "on": []}
     shares, setups, per_round = [], [], []
     for i in range(repeat):
