@@ -133,6 +133,13 @@ METRIC_KINDS: dict[str, Callable[[Arrays, np.random.Generator], RecordDict]] = {
     "scalar-cluster-losses": _metrics(**{"cluster": 0, "cluster-loss": 0.1, "cluster-losses": 0.1}),
     "low-loss-liar": _metrics(**{"cluster": 0, "cluster-loss": 0.0, "cluster-losses": [0.0]}),
     "high-loss-liar": _metrics(**{"cluster": 0, "cluster-loss": 1e6, "cluster-losses": [1e6], "drift-detected": 1}),
+    # an edge client's released model: the version it holds (decides what it is sent) and its accuracy
+    "negative-released-version": _metrics(**{"released-version": -1}),
+    "giant-released-version": _metrics(**{"released-version": 10**400}),
+    "fraction-released-version": _metrics(**{"released-version": 1.5}),
+    "released-version-liar": _metrics(**{"released-version": 10**11}),
+    "nan-released-acc": _metrics(**{"released-acc": float("nan")}),
+    "huge-released-acc": _metrics(**{"released-acc": 2.0}),
     "metrics-as-config": lambda g, rng: RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in _honest(g, rng).items()}),
         "metrics": ConfigRecord({"num-examples": 10, "train-loss": "low"})}),

@@ -284,3 +284,27 @@ def test_the_prediction_endpoint_answers_and_refuses_bad_requests(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_fuzzed_replies_never_crash_the_release_delivery(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reply_fuzz import fuzz_replies, run_fuzz
+    from common.schedule import TaskSchedule
+    from server.history import RunHistory
+    from server.reply_metrics import LARGE
+    from server.strategy import run_strategy
+
+    registry = ModelRegistry(tmp_path)
+    rng = np.random.default_rng(2)
+    global_arrays = {"w": rng.normal(size=(6, 4)).astype(np.float32), "b": np.zeros(4, np.float32)}
+    _release(registry, 1, {k: torch.from_numpy(v) for k, v in global_arrays.items()})
+    delivery = ReleasedModelDelivery(registry)
+    history = RunHistory(TaskSchedule.build(num_tasks=1, rounds_per_task=10, clients=10, spread=0, seed=0))
+    strategy = run_strategy(RunConfig.of(clients=10), history, extra_hooks=[delivery])
+    replies = fuzz_replies(global_arrays, 200, seed=11)
+    result = run_fuzz(strategy, global_arrays, [c for _, c in replies], per_round=10)
+    assert (result.crashes, result.non_finite) == (0, 0), result.errors
+    assert all(isinstance(v, int) and 0 <= v <= LARGE for v in delivery.held.values())
