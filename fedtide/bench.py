@@ -75,7 +75,9 @@ def build_cells(
                 cells.append(Cell(label, seed, config))
         for reference in references:
             cells.append(Cell(reference, seed, _reference(base, reference, reference_method, options).replace(seed=seed)))
-    return [Cell(c.label, c.seed, c.config.replace(out=str(out / "cells" / c.name), quiet=True)) for c in cells]
+    # a cell keeps one released model's weights, not --keep-releases of them: a bench has many cells
+    return [Cell(c.label, c.seed, c.config.replace(out=str(out / "cells" / c.name), quiet=True, keep_releases=1))
+            for c in cells]
 
 
 def with_method(base: RunConfig, method: str, options: dict[str, Any] | None = None) -> RunConfig:
