@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.clientapp import ClientApp
 
 from client.clusters import check_choice, choose_model
+from client.compressed_reply import compress_outcome
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
 from common.config import (
@@ -111,6 +112,7 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
         return _train_edge(msg, context, settings, server_round)
     settings = _local(settings, context)
     partition, received = _partition(context), msg.content["arrays"].to_torch_state_dict()
+    before = _state(context)
     choice = None
     candidates = _candidates(msg.content)
     if candidates:
@@ -122,7 +124,7 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
         partition,
         server_round,
         received,
-        _state(context),
+        before,
         device_name=context.node_config.get("device"),
         poison=tampering.poison(settings, partition, server_round) if tampering else None,
     )
@@ -130,7 +132,7 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
         outcome = dataclasses.replace(outcome, metrics={**outcome.metrics, **choice.metrics()})
     if tampering is not None:
         outcome = tampering.reply(settings, partition, server_round, received, outcome)
-    return _reply(msg, context, outcome)
+    return _reply(msg, context, compress_outcome(settings.learner.compress, received, outcome, before))
 
 
 def _candidates(content: RecordDict) -> dict[int, dict]:
@@ -243,6 +245,7 @@ def train_many(
         return None
     if tampering is not None:
         outcomes = [tampering.reply(config, job[0], server_round, received, o) for job, o in zip(jobs, outcomes)]
+    outcomes = [compress_outcome(config.learner.compress, received, o, job[2]) for job, o in zip(jobs, outcomes)]
     return [_reply(m, c, o) for m, c, o in zip(messages, contexts, outcomes)]
 
 

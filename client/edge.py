@@ -21,6 +21,7 @@ import torch
 
 from client.feature_range import DEFAULT_FEATURE_RANGE
 from client.clusters import best_choice, model_losses
+from client.compressed_reply import compress_outcome
 from client.inbox import QUARANTINE, collect_arrivals
 from client.methods import Method, Replay, build_methods
 from client.released_model import Offer, ReleasedModelStore
@@ -124,6 +125,7 @@ def _train_locked(
                             **release_metrics})
     if choice is not None:
         outcome.metrics.update(choice.metrics())
+    outcome = compress_outcome(config.learner.compress, weights, outcome, state)  # its residual is saved with the state
     consumed = [
         {"name": f.name, "size": f.size, "sha256": f.sha256, "mtime_ns": f.mtime_ns, "round": server_round,
          "samples": len(f.data)}

@@ -39,6 +39,8 @@ MAX_CLUSTERS = 64
 # sha256); an edge client's reply says which version it holds (0: none) and how that version did
 # on the labelled data that arrived this round, before training
 RELEASED_KEY, RELEASE_INFO_KEY = "released", "release"
+# a compressed reply (--compress, common.compression): its arrays record holds this one array
+PACKED_NAME = "fedtide.packed-update"
 HELD_VERSION_KEY, RELEASED_ACC_KEY = "released-version", "released-acc"
 MAX_LOSS = 1e6  # the largest loss a reply may report (a diverged model's is reported as this)
 

@@ -43,6 +43,7 @@ from server.influence import InfluenceBound
 from server.robust import AggregationRule, update_norm
 from server.sampling import NodeSampling
 from server.receipts import Receipts
+from server.compressed_replies import payload_size, unpack_reply
 from server.round_hooks import (
     ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, PersonalHead, RoundHook, credited_report,
 )
@@ -79,8 +80,11 @@ class FedtideStrategy(Strategy):
         drift_credit: DriftCredit | None = None,
         clusters: ModelClusters | None = None,
         staleness: Staleness | None = None,
+        codec: str = "none",
     ) -> None:
         self.history = history
+        self.codec = codec  # what clients send: weights, or packed updates (server.compressed_replies)
+        self.traffic = {"up": 0, "replies": 0, "down": 0, "messages": 0}  # bytes of arrays, as sent
         self.drift_credit = drift_credit or DriftCredit(0.0)
         self.validator = validator
         self.sampling = sampling
@@ -143,6 +147,9 @@ class FedtideStrategy(Strategy):
             for node in nodes:
                 self.staleness.sent(node, base)
         stamped = self.receipts.stamp(messages)
+        for message in stamped:
+            self.traffic["down"] += payload_size(message.content)
+            self.traffic["messages"] += 1
         self._sent = [m for m in self._sent if m.metadata.dst_node_id not in nodes] + stamped  # one per node
         return stamped
 
@@ -233,6 +240,10 @@ class FedtideStrategy(Strategy):
 
     def run_summary(self) -> dict[str, Any]:
         out: dict[str, Any] = self.drift_credit.summary()
+        traffic = self.traffic
+        if traffic["replies"] and traffic["messages"]:  # measured on what was sent, arrays only (no framing)
+            out["uplink_bytes_per_client_round"] = traffic["up"] / traffic["replies"]
+            out["downlink_bytes_per_client_round"] = traffic["down"] / traffic["messages"]
         for hook in self.hooks:
             out.update(hook.summary())
         if self.clusters is not None:
@@ -274,7 +285,14 @@ class FedtideStrategy(Strategy):
                     reference = references.setdefault(cluster, self.clusters.reference(cluster))
                 if self.staleness is not None:
                     reference = self.staleness.reference(node) or reference
-                verdict = self.validator.check(reply.content, reference if reference is not self._reference else None)
+                self.traffic["up"] += payload_size(reply.content)
+                self.traffic["replies"] += 1
+                unpacked, reason = unpack_reply(reply.content, reference, self.codec)
+                if unpacked is None:
+                    verdict = Verdict(reason)
+                else:
+                    reply.content = unpacked
+                    verdict = self.validator.check(reply.content, reference if reference is not self._reference else None)
             if verdict.reason is not None:
                 if self.staleness is not None:
                     self.staleness.rejected(node)
@@ -479,6 +497,7 @@ def build_strategy(
     reply_metrics: dict[str, MetricSpec] | None = None,
     times: PhaseTimes | None = None,
     extra_hooks: Sequence[RoundHook] = (),
+    compress: str = "none",
 ) -> FedtideStrategy:
     """fedtide's strategy from its settings, for ``run_federation`` or your own ServerApp.
 
@@ -492,7 +511,8 @@ def build_strategy(
     term, sent to clients as ``proximal-mu`` with ``--strategy fedprox``; ``num_tasks``: the
     run's tasks, which bound a reply's ``task-id``; ``reply_metrics``: your clients' own
     metrics to keep, e.g. ``{"accuracy": MetricSpec("float", 0, 1)}`` (unknown metrics are
-    dropped, see ``server.reply_metrics``); ``extra_hooks``: more round hooks, after fedtide's own."""
+    dropped, see ``server.reply_metrics``); ``extra_hooks``: more round hooks, after fedtide's own;
+    ``compress``: what the clients send (``none``: weights; ``int8``, ``int4``: packed updates)."""
     server = server or ServerSettings()
     drift = drift or DriftSettings()
     history = history or RunHistory()
@@ -530,6 +550,7 @@ def build_strategy(
         times=times,
         drift_credit=DriftCredit(drift.drift_evidence, drift.drift_follow_rounds),
         clusters=clusters,
+        codec=compress,
         staleness=Staleness(server.staleness_exponent) if server.buffer_size > 0 else None,
     )
 
@@ -556,5 +577,5 @@ def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | Non
         config.server, config.drift, min_nodes=config.effective_min_clients, history=history,
         training=config.data.training, concepts=config.data.num_tasks, frozen=config.network.frozen_prefixes,
         proximal_mu=config.methods.options["prox-mu"], num_tasks=history.num_tasks, times=times,
-        extra_hooks=extra_hooks,
+        extra_hooks=extra_hooks, compress=config.learner.compress,
     )
