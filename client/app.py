@@ -193,14 +193,16 @@ def _offer(content: RecordDict):
     unchecked; None when it sends none."""
     from client.released_model import Offer
 
-    if RELEASED_KEY not in content.array_records or RELEASE_INFO_KEY not in content.config_records:
+    if RELEASE_INFO_KEY not in content.config_records:
         return None
     info = content[RELEASE_INFO_KEY]
-    try:
-        weights = content[RELEASED_KEY].to_torch_state_dict()
-    except Exception as err:  # arrays torch cannot take: the model held stays
-        print(f"fedtide client: released model not kept: its arrays cannot be read ({str(err)[:80]})", file=sys.stderr)
-        return None
+    weights = None
+    if RELEASED_KEY in content.array_records:
+        try:
+            weights = content[RELEASED_KEY].to_torch_state_dict()
+        except Exception as err:  # arrays torch cannot take: the model held stays
+            print(f"fedtide client: released model not kept: its arrays cannot be read ({str(err)[:80]})",
+                  file=sys.stderr)
     return Offer(info.get("version"), info.get("sha256"), weights)
 
 

@@ -106,9 +106,9 @@ def _train_locked(
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger, feature_range)
     released = ReleasedModelStore(store.folder)
     release_metrics = released.judge_arrivals(arrivals.data.x, arrivals.data.y) if arrivals.data is not None else {}
-    if offer is not None:
+    if offer is not None and offer.weights is not None:
         released.keep(offer, config, input_shape, num_classes)
-    release_metrics["released-version"] = released.held_version()
+    release_metrics["released-version"] = released.reported_version(offer)
     choice = None
     if candidates and arrivals.data is not None:
         choice = best_choice(model_losses(config, input_shape, num_classes, candidates, arrivals.data, device_name))

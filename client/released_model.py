@@ -35,11 +35,12 @@ log = logging.getLogger("fedtide.client")
 
 @dataclass(frozen=True)
 class Offer:
-    """A released model as a training message carries it (nothing checked yet)."""
+    """The released model a training message names (nothing checked yet), with its weights
+    when the server sends them."""
 
     version: Any
     sha256: Any
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -61,13 +62,27 @@ class ReleasedModelStore:
     def held_version(self) -> int:
         """The version kept (0: none, or a file that cannot be read: it is replaced at the next
         release). Reads the file's header only; ``load`` checks the weights."""
+        return self.held()[0]
+
+    def held(self) -> tuple[int, str]:
+        """(version, sha256) of the model kept; (0, '') for none or an unreadable file."""
         if not self.path.is_file():
-            return 0
+            return 0, ""
         try:
             with safe_open(str(self.path), framework="pt") as file:
-                return int((file.metadata() or {})["version"])
+                meta = file.metadata() or {}
+            return int(meta["version"]), str(meta["sha256"])
         except (OSError, SafetensorError, KeyError, ValueError):
+            return 0, ""
+
+    def reported_version(self, named: Offer | None) -> int:
+        """What the reply says the device holds: its version, or 0 when the server names
+        another model under that version (an earlier run's, a number given again) or the
+        device holds none, so that the server sends the one it serves."""
+        version, sha256 = self.held()
+        if named is not None and sha256 != named.sha256:
             return 0
+        return version
 
     def keep(self, offer: Offer, settings: ClientSettings, input_shape: tuple[int, ...], num_classes: int) -> bool:
         """Keep the offered model if it is what it claims and fits; else keep the one held,
@@ -107,7 +122,8 @@ class ReleasedModelStore:
 
     def judge_arrivals(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """The held model's accuracy on newly arrived labelled samples (before any training on
-        them), added to the per-version tally; empty when no model is held."""
+        them), added to the per-version tally; empty when no model is held, or the one held
+        was made for other samples (an earlier run's)."""
         if not self.path.is_file():
             return {}
         try:
@@ -115,8 +131,14 @@ class ReleasedModelStore:
         except FedtideError as err:
             log.warning("%s", err)
             return {}
-        with torch.no_grad():
-            correct = int((predict(released.model, x) == y).sum())
+        if tuple(x.shape[1:]) != released.input_shape or (len(y) and int(y.max()) >= released.num_classes):
+            return {}
+        try:
+            with torch.no_grad():
+                correct = int((predict(released.model, x) == y).sum())
+        except RuntimeError as err:  # a model that cannot take these samples: it answers no prediction
+            log.warning("the released model cannot predict the new samples: %s", str(err).splitlines()[0][:120])
+            return {}
         stats = self.stats()
         entry = stats.setdefault(str(released.version), {"seen": 0, "correct": 0})
         entry["seen"] += len(y)

@@ -51,14 +51,14 @@ def run(args: argparse.Namespace) -> None:
     registry = ModelRegistry(Path(args.run_dir))
     console = Console()
     if args.action == "list":
-        with registry.open() as state:
+        with registry.open(write=False) as state:
             if args.json:
                 print(json.dumps({"versions": state.versions, "released": state.released, "auto": state.auto,
                                   "candidate": state.candidate}, indent=2))
                 return
             console.print(versions_table(state, args.run_dir))
     elif args.action == "show":
-        with registry.open() as state:
+        with registry.open(write=False) as state:
             entry = state.version(args.version)
         decision = next((d for d in registry.decisions() if d.get("released") == args.version), None)
         print(json.dumps({**entry, "served": entry["version"] == state.released, "decision": decision}, indent=2))

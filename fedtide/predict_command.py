@@ -51,12 +51,12 @@ def run(args: argparse.Namespace) -> None:
         print_stats(store)
         if not args.file and not args.serve:
             return
-    released = store.load()
     if args.serve:
         from fedtide.predict_server import serve
 
-        serve(args.serve, released, feature_range)
+        serve(args.serve, store, feature_range)
         return
+    released = store.load()
     if not args.file:
         raise FedtideError("give a FILE of samples to predict (or --serve HOST:PORT, or --stats)")
     path = Path(args.file)
@@ -98,16 +98,19 @@ def write_predictions(predictions: list[int], version: int, out: Path | None) ->
     if out is None:
         sys.stdout.write(text)
         return
-    if out.suffix == ".csv":
-        write_text_atomic(out, text)
-    elif out.suffix == ".npz":
-        import numpy as np
-
-        buffer = io.BytesIO()
-        np.savez(buffer, prediction=np.array(predictions, dtype=np.int64), version=np.array(version))
-        write_bytes_atomic(out, buffer.getvalue())
-    else:
+    if out.suffix not in (".csv", ".npz"):
         raise FedtideError(f"--out {out}: name a .csv or .npz file")
+    try:
+        if out.suffix == ".csv":
+            write_text_atomic(out, text)
+        else:
+            import numpy as np
+
+            buffer = io.BytesIO()
+            np.savez(buffer, prediction=np.array(predictions, dtype=np.int64), version=np.array(version))
+            write_bytes_atomic(out, buffer.getvalue())
+    except OSError as err:
+        raise FedtideError(f"--out {out}: cannot write there ({err.strerror or err}): choose a writable file") from None
     print(f"written: {out}", file=sys.stderr)
 
 

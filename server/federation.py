@@ -218,14 +218,22 @@ class Watchers:
             connected = None
         for watcher in self.watchers:
             started = time.perf_counter()
-            watcher.round_done(record, connected)
+            self._guarded(watcher, "round_done", record, connected)
             self.seconds[type(watcher).__name__] += time.perf_counter() - started
+
+    @staticmethod
+    def _guarded(watcher: Any, step: str, *args: Any) -> None:
+        """A watcher that fails (a tracking server gone, a full disk) is logged; the run goes on."""
+        try:
+            getattr(watcher, step)(*args)
+        except Exception as err:
+            logging.getLogger("fedtide").warning("%s: %s failed: %s", type(watcher).__name__, step, str(err)[:200])
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
         """The run's figures and files, once its folder is written (the trackers log them)."""
         for watcher in self.watchers:
             if hasattr(watcher, "finish"):
-                watcher.finish(summary, run_dir)
+                self._guarded(watcher, "finish", summary, run_dir)
 
     def figures(self) -> dict[str, Any]:
         """Seconds each watcher spent on the rounds, and on setting up its store (MLflow's)."""
@@ -237,8 +245,8 @@ class Watchers:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for watcher in self.watchers:
-            watcher.close()
+        for watcher in self.watchers:  # each closed on its own: one that fails does not keep the others open
+            self._guarded(watcher, "close")
 
 
 def start_watchers(config: RunConfig, history: RunHistory, run_dir: Path, model_bytes: int) -> Watchers:

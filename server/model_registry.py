@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -34,13 +36,17 @@ import torch
 from safetensors import SafetensorError
 
 from common.errors import FedtideError
-from common.files import append_synced, load_tensors, save_tensors_atomic, write_json_atomic, write_text_atomic
+from common.files import (
+    append_synced, load_tensors, save_tensors_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic,
+)
 from common.weights import weights_digest
 
 MODELS_FOLDER = "models"
 REGISTRY_FILE, DECISIONS_FILE, CANDIDATE_FILE, LOCK_FILE = (
     "registry.json", "decisions.jsonl", "candidate.safetensors", "registry.lock")
 MAX_REGISTRY_BYTES = 64 * 2**20  # a registry.json larger than this is not one fedtide wrote
+FILE_NAME = re.compile(r"v\d{4,12}\.(safetensors|pt|onnx)")  # the only files a registry names: never a path
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -53,6 +59,8 @@ class Registry:
     released: int | None = None
     auto: bool = True
     candidate: dict[str, Any] | None = None
+    last_number: int = 0  # the highest version number ever given: never given again, even after a resume
+    keep: int | None = None  # the run's --keep-releases, so that an operator's release prunes alike
 
     def version(self, number: int) -> dict[str, Any]:
         for entry in self.versions:
@@ -77,23 +85,34 @@ class ModelRegistry:
         return (self.folder / REGISTRY_FILE).is_file()
 
     @contextmanager
-    def open(self, create: bool = False) -> Iterator[Registry]:
+    def open(self, create: bool = False, write: bool = True) -> Iterator[Registry]:
         """The registry, read under its lock; what the block changes is written when it ends
-        (nothing is written when it raises). FedtideError when there is none and not ``create``."""
+        (nothing is written when it raises). FedtideError when there is none and not ``create``.
+        ``write=False`` only reads (under a shared lock when the folder lets one be taken), so
+        an operator can list a run folder that is not theirs to change."""
         if not create and not self.exists():
             raise FedtideError(f"{self.folder.parent} has no model registry ({MODELS_FOLDER}/{REGISTRY_FILE}): give a "
                                "run folder written by `fedtide simulate` or `fedtide server`")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if write:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            else:
+                fd = os.open(self.folder / LOCK_FILE, os.O_RDONLY) if (self.folder / LOCK_FILE).exists() else -1
+        except OSError as err:
+            raise FedtideError(f"cannot lock {self.folder} ({err.strerror or err}): "
+                               + ("run this as the run folder's owner" if write else "check its permissions")) from None
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
             registry = self._read()
             before = json.dumps(_as_json(registry), sort_keys=True)
             yield registry
-            if json.dumps(_as_json(registry), sort_keys=True) != before or not self.exists():
+            if write and (json.dumps(_as_json(registry), sort_keys=True) != before or not self.exists()):
                 write_json_atomic(self.folder / REGISTRY_FILE, _as_json(registry))
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def _read(self) -> Registry:
         path = self.folder / REGISTRY_FILE
@@ -104,12 +123,18 @@ class ModelRegistry:
                 raise ValueError(f"larger than {MAX_REGISTRY_BYTES // 2**20} MiB")
             data = json.loads(path.read_text(encoding="utf-8"))
             registry = Registry(versions=list(data["versions"]), released=data["released"], auto=bool(data["auto"]),
-                                candidate=data.get("candidate"))
+                                candidate=data.get("candidate"), last_number=int(data.get("last_number", 0)),
+                                keep=data.get("keep"))
             for entry in registry.versions:
-                int(entry["version"]), int(entry["round"]), str(entry["sha256"])  # noqa: B018 (checks the fields)
+                _check_entry(entry, versioned=True)
+            if registry.candidate is not None:
+                _check_entry(registry.candidate, versioned=False)
+            registry.last_number = max([registry.last_number] + [v["version"] for v in registry.versions])
             if registry.released is not None:
                 registry.version(int(registry.released))
-        except (OSError, ValueError, KeyError, TypeError, FedtideError) as err:
+            if registry.keep is not None and not (isinstance(registry.keep, int) and registry.keep >= 1):
+                raise ValueError("keep must be a whole number >= 1")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, FedtideError) as err:
             raise FedtideError(f"{path} is damaged ({str(err)[:80]}): restore it from a backup, or start a new run") from None
         return registry
 
@@ -134,10 +159,10 @@ class ModelRegistry:
         if same:  # these weights were released before (e.g. a round that kept the model): serve that version
             registry.released = same[-1]["version"]
             return same[-1]
-        number = max((v["version"] for v in registry.versions), default=0) + 1
+        number = registry.last_number + 1
         name = f"v{number:04d}.safetensors"
-        shutil.copyfile(self.folder / CANDIDATE_FILE, self.folder / f".{name}.tmp")
-        os.replace(self.folder / f".{name}.tmp", self.folder / name)
+        write_bytes_atomic(self.folder / name, (self.folder / CANDIDATE_FILE).read_bytes())
+        registry.last_number = number
         entry = {**candidate, "version": number, "file": name, "how": how, "time": time.time(),
                  **({"note": note} if note else {})}
         registry.versions.append(entry)
@@ -146,8 +171,11 @@ class ModelRegistry:
         return entry
 
     def _prune(self, registry: Registry) -> None:
-        """Only the newest ``keep`` versions and the released one keep their weights."""
-        kept = {v["version"] for v in registry.versions[-self.keep:]} | {registry.released}
+        """Only the newest ``keep`` versions (the run's, as recorded) and the released one keep
+        their weights."""
+        if registry.keep is None:
+            registry.keep = self.keep
+        kept = {v["version"] for v in registry.versions[-registry.keep:]} | {registry.released}
         for entry in registry.versions:
             if entry["version"] not in kept and entry.get("file"):
                 (self.folder / entry["file"]).unlink(missing_ok=True)
@@ -218,8 +246,9 @@ class ModelRegistry:
                         if name:
                             (self.folder / name).unlink(missing_ok=True)
             registry.versions = [v for v in registry.versions if v["version"] not in dropped]
-            if registry.released in dropped:
-                registry.released = registry.versions[-1]["version"] if registry.versions else None
+            if registry.released in dropped:  # the newest version that still has its weights
+                served = [v["version"] for v in registry.versions if v.get("file")]
+                registry.released = served[-1] if served else None
             if registry.candidate is not None and registry.candidate["round"] > last_round:
                 registry.candidate = None
             kept = [d for d in self.decisions() if d.get("operator") or d.get("round", 0) <= last_round]
@@ -233,4 +262,25 @@ class ModelRegistry:
 
 def _as_json(registry: Registry) -> dict[str, Any]:
     return {"versions": registry.versions, "released": registry.released, "auto": registry.auto,
-            "candidate": registry.candidate}
+            "candidate": registry.candidate, "last_number": registry.last_number, "keep": registry.keep}
+
+
+def _check_entry(entry: dict[str, Any], versioned: bool) -> None:
+    """ValueError naming the first field of a version (or candidate) record that is not what
+    fedtide writes: files are bare names of the registry's own kinds, never paths."""
+    if not isinstance(entry, dict):
+        raise ValueError("a version record is not an object")
+    if versioned and not (isinstance(entry.get("version"), int) and entry["version"] >= 1
+                          and isinstance(entry.get("how"), str)):
+        raise ValueError("a version number is not a whole number >= 1, or it does not say how it was released")
+    if not (isinstance(entry.get("round"), int) and isinstance(entry.get("task"), int) and entry["task"] >= 0):
+        raise ValueError("a record's round or task is not a whole number")
+    if not (isinstance(entry.get("sha256"), str) and SHA256.fullmatch(entry["sha256"])):
+        raise ValueError("a record's sha256 is not 64 hex digits")
+    accuracies = entry.get("accuracies")
+    if not (isinstance(accuracies, list) and len(accuracies) > entry["task"]
+            and all(isinstance(a, (int, float)) and (math.isnan(a) or 0 <= a <= 1) for a in accuracies)):
+        raise ValueError("a record's accuracies are not fractions, one per task")
+    names = [entry.get("file"), (entry.get("export") or {}).get("file")] if versioned else []
+    if any(name is not None and not (isinstance(name, str) and FILE_NAME.fullmatch(name)) for name in names):
+        raise ValueError("a record names a file that is not one of the registry's own")

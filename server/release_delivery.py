@@ -1,10 +1,12 @@
 """Serving the released model to the devices, beside the model they train.
 
 An edge client keeps the released model to answer predictions (``client.released_model``)
-and says in each reply which version it holds (``released-version``, 0 for none). The next
-training message to a node that holds another version than the one released now carries the
-released weights (array record ``released``) with their version and sha256 (config record
-``release``); the device checks the digest before it keeps them. A node that never said what
+and says in each reply which version it holds (``released-version``, 0 for none). Every
+training message to such a node names the version served now and its sha256 (config record
+``release``); one to a node that holds another version also carries the weights (array record
+``released``). The device checks the digest before it keeps them, and reports 0 when what it
+holds is not the version named (a model of an earlier run, a number given again after a
+resume), so that it is sent the right one next. A node that never said what
 it holds (a simulated client, a plain Flower client) is sent nothing, so simulations pay no
 extra traffic; an edge client gets the model from its second round on, and again after every
 release or rollback (``fedtide models rollback`` on a live run is served from the next round).
@@ -17,10 +19,15 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+import logging
+
 from common.config import HELD_VERSION_KEY, RELEASE_INFO_KEY, RELEASED_KEY
+from common.errors import FedtideError
 from server.model_registry import ModelRegistry
 from server.round_hooks import RoundHook
 from server.validation import METRICS_KEY
+
+log = logging.getLogger("fedtide.release")
 
 
 class ReleasedModelDelivery(RoundHook):
@@ -48,17 +55,21 @@ class ReleasedModelDelivery(RoundHook):
 
     def configure(self, server_round, messages):
         waiting = [m for m in messages if m.metadata.dst_node_id in self.held]
-        served = self._released() if waiting else None
+        try:
+            served = self._released() if waiting else None
+        except FedtideError as err:  # the registry's files are damaged or gone: devices keep what they hold
+            log.warning("round %d: the released model is not served: %s", server_round, err)
+            return messages
         if served is None:
             return messages
         version, sha256, record = served
         for message in waiting:
+            content = RecordDict(dict(message.content))
+            content[RELEASE_INFO_KEY] = ConfigRecord({"version": version, "sha256": sha256})
             if self.held[message.metadata.dst_node_id] != version:
-                content = RecordDict(dict(message.content))
                 content[RELEASED_KEY] = record
-                content[RELEASE_INFO_KEY] = ConfigRecord({"version": version, "sha256": sha256})
-                message.content = content
                 self.deliveries += 1
+            message.content = content
         return messages
 
     def after_aggregate(self, server_round, accepted):

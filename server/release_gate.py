@@ -83,8 +83,11 @@ def judge(rule: ReleaseSettings, accuracies: list[float], task: int, released: l
 
 
 def settings_digest(config: RunConfig) -> str:
-    """A short hash of every setting of the run: a candidate's provenance."""
-    text = json.dumps(config.to_mapping(), sort_keys=True, default=str)
+    """A short hash of the settings that decide what the run computes (not where it writes or
+    who watches it): a candidate's provenance."""
+    from server.run_state import run_settings
+
+    text = json.dumps(run_settings(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -106,6 +109,7 @@ class ReleaseStep:
     def __call__(self, server_round: int, task: int, accuracies: list[float],
                  weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         with self.registry.open(create=True) as registry:
+            registry.keep = self.settings.keep_releases
             candidate = self.registry.put_candidate(registry, weights, {
                 "round": server_round, "task": task, "accuracies": list(accuracies), "settings": self.digest})
             current = registry.current
@@ -119,8 +123,10 @@ class ReleaseStep:
                 "best_release": decision.best_release, "released_acc": decision.released_acc,
             }
             if release:
+                newest = registry.last_number
                 entry = self.registry.release_candidate(registry, how=mode)
                 line["released"] = entry["version"]
+                release = entry["version"] > newest  # weights released before are served again, not new
                 if self.export is not None and "export" not in entry:
                     suffix = ".pt" if self.settings.export_releases == "torchscript" else ".onnx"
                     entry["export"] = self.export(weights, self.registry.folder / f"v{entry['version']:04d}{suffix}")

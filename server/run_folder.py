@@ -22,6 +22,9 @@ from server.node_names import NODES_FILE
 from server.plots import plot_task_accuracy
 
 NODE_REJECTS_FILE = "node_rejects.json"
+# what --track writes in the run folder by default (server.tracking): an older run's is removed too
+TRACKING_FILES = ("mlflow.db",)
+TRACKING_FOLDERS = ("tensorboard", "mlartifacts")
 # what a finished run leaves beside config.json and metrics.jsonl; a new run removes an older one's
 RESULT_FILES = ("summary.json", "accuracy_matrix.csv", "model.safetensors", "accuracy.svg", "drift_events.jsonl",
                 "rejected_replies.jsonl", NODE_REJECTS_FILE)
@@ -49,6 +52,7 @@ def clear_run(path: Path) -> None:
     checkpoints = path / CHECKPOINT_FOLDER
     CheckpointStore(path).clear()
     ModelRegistry(path).clear()
+    _clear_tracking(path)
     leftovers = [p for name in RUN_FILES for p in path.glob(f".{name}.*.tmp")]
     if checkpoints.is_dir():
         leftovers += checkpoints.glob(".*.tmp")
@@ -91,6 +95,7 @@ class RunFolder:
         for name in RESULT_FILES:
             (self.path / name).unlink(missing_ok=True)
         ModelRegistry(self.path).clear()  # an older run's releases are not this run's
+        _clear_tracking(self.path)
         self._metrics.write_text("")
         write_json_atomic(self.path / "config.json", config.to_mapping())
 
@@ -124,6 +129,16 @@ class RunFolder:
             )
             write_json_atomic(self.path / NODE_REJECTS_FILE, history.node_rejects().as_json())
         plot_task_accuracy(history, self.path / "accuracy.svg")
+
+
+def _clear_tracking(path: Path) -> None:
+    import shutil
+
+    for name in TRACKING_FILES:
+        (path / name).unlink(missing_ok=True)
+    for name in TRACKING_FOLDERS:
+        if (path / name).is_dir():
+            shutil.rmtree(path / name)
 
 
 def _matrix_csv(matrix: list[list[float]]) -> str:

@@ -99,13 +99,17 @@ class StatusPage:
 
     def __init__(self, address: str, settings: dict[str, Any], num_rounds: int, num_tasks: int,
                  earlier: list[RoundRecord] = ()) -> None:
-        self.status = RunStatus(settings, num_rounds, num_tasks)
+        # a tracking URI may hold credentials: the page shows that one is set, not what it is
+        shown = {k: ("(set)" if "uri" in k and v else v) for k, v in settings.items()}
+        self.status = RunStatus(shown, num_rounds, num_tasks)
         for record in earlier:  # a resumed run shows its rounds so far
             self.status.add(record)
         page = resources.files("server").joinpath("status_page.html").read_bytes()
         status = self.status
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 30  # a connection that sends nothing is closed, not kept open forever
+
             def _send(self, code: int, body: bytes, kind: str) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", kind)

@@ -156,7 +156,10 @@ class MlflowTracker:
                 self.client.log_artifact(self.run_id, str(run_dir / name))
 
     def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+        import sys
+
+        failed = sys.exc_info()[0] is not None  # closed while an error unwinds the run
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 def start_trackers(names: tuple[str, ...], uri: str, run_dir: Path, settings: dict[str, Any],
