@@ -184,6 +184,9 @@ class RunConfig:
                                f"{self.effective_concurrency} clients in flight: lower it, or raise --concurrency")
         check_server(server, drift, self.max_replies_per_round, data.training,
                      self.methods.options["prox-mu"])
+        if self.learner.compress != "none" and data.training in ("local-only", "personal-head"):
+            raise FedtideError(f"--compress sends updates against the global model, but --training {data.training} "
+                               "sends each client a model of its own: drop --compress")
         attackers = self.faults.attacker_partitions
         if any(not 0 <= p < data.clients for p in attackers):
             raise FedtideError(
