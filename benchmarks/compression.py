@@ -23,6 +23,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overrides import parse_overrides  # noqa: E402
+
 
 def run_cell(job: tuple[str, int, str, dict]) -> dict:
     from common.config import RunConfig
@@ -47,10 +50,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key.replace("-", "_")] = json.loads(value) if value[:1].isdigit() else value
+    overrides = parse_overrides(args.set)
     codecs = args.codecs.split(",")
     jobs = [(codec, seed, str(Path(args.data_dir).resolve()), overrides) for seed in range(args.seeds) for codec in codecs]
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:

@@ -26,6 +26,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overrides import parse_overrides  # noqa: E402
+
 from common.config import RunConfig
 from fedtide.presets import preset_settings
 from fedtide.runtimes.inprocess import run_inprocess
@@ -86,10 +89,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key.replace("-", "_")] = json.loads(value) if value[:1].isdigit() or value[:1] == "-" else value
+    overrides = parse_overrides(args.set)
     logging.getLogger("fedtide").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         clean_config = settings(args.data_dir, args.seed, False, overrides)

@@ -25,7 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from common.config import RunConfig, all_settings
+from common.config import RunConfig
 from common.schedule import TaskSchedule
 from fedtide.runtimes.inprocess import run_inprocess
 from server.history import RunHistory
@@ -33,6 +33,7 @@ from server.strategy import run_strategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from reply_fuzz import fuzz_replies, run_fuzz  # noqa: E402  (a test tool, kept with the tests)
+from overrides import parse_overrides  # noqa: E402
 
 RULES = ("fedavg", "median", "trimmed-mean", "multikrum", "clip")
 ATTACKS = {"sign-flip": {"attack": "sign-flip"}, "scale x10": {"attack": "scale", "attack_scale": 10.0},
@@ -86,16 +87,6 @@ def attacked_runs(seed: int, overrides: dict, out: Path) -> list[dict]:
     return rows
 
 
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        out[key.replace("-", "_")] = value
-    RunConfig.from_mapping(out)  # a bad setting stops here, with its name
-    known = all_settings()
-    return {k: known[k.replace("_", "-")].parse(v) for k, v in out.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -107,7 +98,7 @@ def main() -> None:
     logging.getLogger("fedtide").setLevel(logging.ERROR)  # every dropped reply would be a line
     result = {"seed": args.seed, "fuzz": fuzz(args.seed)}
     if not args.skip_attacks:
-        overrides = _overrides(args.set)
+        overrides = parse_overrides(args.set)
         result["scenario"] = {**SCENARIO, **ROBUST, **overrides, "attackers": 2}
         with tempfile.TemporaryDirectory() as tmp:
             result["attacks"] = attacked_runs(args.seed, overrides, Path(tmp))
