@@ -17,8 +17,8 @@ from typing import Any, Mapping
 from common.errors import FedtideError
 from common.method_registry import MethodSettings, method_settings
 from common.sections import (
-    DataSettings, DriftSettings, FaultSettings, LearnerSettings, ModelSettings, ReleaseSettings, RunSettings,
-    ServerSettings,
+    DataSettings, DriftSettings, FaultSettings, LearnerSettings, ModelSettings, PrivacySettings, ReleaseSettings,
+    RunSettings, ServerSettings,
 )
 from common.settings import Section, Setting
 
@@ -51,7 +51,8 @@ SERVER_ONLY = frozenset({"init-from", "react-server", "drift-quorum", "drift-epo
 # RunConfig attribute -> section class
 SECTIONS: dict[str, type[Section]] = {
     "data": DataSettings, "network": ModelSettings, "learner": LearnerSettings, "drift": DriftSettings,
-    "server": ServerSettings, "release": ReleaseSettings, "faults": FaultSettings, "run": RunSettings,
+    "server": ServerSettings, "privacy": PrivacySettings, "release": ReleaseSettings, "faults": FaultSettings,
+    "run": RunSettings,
 }
 
 
@@ -99,7 +100,8 @@ class ClientSettings:
         if strict:
             flat = {k.replace("_", "-"): v for k, v in flat.items()}
             known = set(all_settings()) - SERVER_ONLY - set(FaultSettings.declarations()) - set(
-                ServerSettings.declarations()) - set(ReleaseSettings.declarations()) - {"out", "quiet", "metrics-address", "serve", "track", "track-uri"}
+                ServerSettings.declarations()) - set(ReleaseSettings.declarations()) - set(
+                PrivacySettings.declarations()) - {"out", "quiet", "metrics-address", "serve", "track", "track-uri"}
             unknown = sorted(set(flat) - known)
             if unknown:
                 raise FedtideError(f"unknown client setting '{unknown[0]}': client settings are {', '.join(sorted(known))}")
@@ -125,6 +127,7 @@ class RunConfig:
     methods: MethodSettings = field(default_factory=MethodSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     release: ReleaseSettings = field(default_factory=ReleaseSettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
     run: RunSettings = field(default_factory=RunSettings)
@@ -184,6 +187,8 @@ class RunConfig:
                                f"{self.effective_concurrency} clients in flight: lower it, or raise --concurrency")
         check_server(server, drift, self.max_replies_per_round, data.training,
                      self.methods.options["prox-mu"])
+        if self.privacy.dp == "client":
+            check_client_dp(server, drift, data.training)
         if self.learner.compress != "none" and data.training in ("local-only", "personal-head"):
             raise FedtideError(f"--compress sends updates against the global model, but --training {data.training} "
                                "sends each client a model of its own: drop --compress")
@@ -274,6 +279,20 @@ def check_server(server: ServerSettings, drift: DriftSettings, replies: int, tra
                 f"--aggregation trimmed-mean cuts {cut} of {replies} replies from each side and keeps none: "
                 "use more --clients or a smaller --trim-fraction"
             )
+
+
+def check_client_dp(server: ServerSettings, drift: DriftSettings, training: str) -> None:
+    """What client-level DP cannot go with; FedtideError in one line naming the flag."""
+    if server.aggregation != "fedavg":
+        raise FedtideError(f"--dp client adds noise to a mean of clipped updates; --aggregation {server.aggregation} "
+                           "is another estimator the noise does not cover: use --aggregation fedavg")
+    if training not in ("federated", "joint"):
+        raise FedtideError(f"--dp client protects one global model; --training {training} keeps several: drop one")
+    if server.buffer_size > 0:
+        raise FedtideError("--dp client accounts one step per synchronous round: drop --buffer-size")
+    if drift.drift_weight != 1.0 or drift.react_server:
+        raise FedtideError("--dp client counts every reply alike and samples at a fixed rate: drop --drift-weight and "
+                           "--react-server")
 
 
 def trimmed_count(replies: int, trim_fraction: float) -> int:

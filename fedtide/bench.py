@@ -43,6 +43,7 @@ COLUMNS: list[tuple[str, Callable[[dict], float | None], float, str]] = [
     ("false alarms", lambda s: s["drift_detection"]["false_alarms"], 1, "{:.1f}"),
     ("false alarms /100 client-rounds", lambda s: s["drift_detection"].get("false_alarms_per_100"), 1, "{:.2f}"),
     ("detection precision %", lambda s: s["drift_detection"].get("precision"), 100, "{:.0f}"),
+    ("epsilon (--dp)", lambda s: (s.get("dp") or {}).get("epsilon"), 1, "{:.2f}"),
     # measured on the arrays each reply and message carries (--compress shrinks the first)
     ("KB up/client/round", lambda s: s.get("uplink_bytes_per_client_round"), 1 / 1000, "{:.1f}"),
     ("KB down/client/round", lambda s: s.get("downlink_bytes_per_client_round"), 1 / 1000, "{:.1f}"),

@@ -86,6 +86,10 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     strategy = run_strategy(config, history, times,
                             extra_hooks=[ReleasedModelDelivery(releases.registry)] if releases else ())
     strategy.receipts.last_round = config.num_rounds
+    if strategy.privacy is not None and (per_round := max(int(config.data.clients * config.server.fraction_train), 1)) < 100:
+        console.print(f"[yellow]warning:[/] --dp client with {per_round} client(s) a round: the noise on their mean "
+                      f"(std {config.privacy.dp_noise:g} x {config.privacy.dp_clip:g} / {per_round} per weight) swamps "
+                      "what they learn; client-level DP needs hundreds of clients a round")
     evaluator = TaskEvaluator(config, scenario)
     model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
     if config.network.init_from:
@@ -198,6 +202,23 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
         if not config.run.quiet:
             console.print(summary_table(summary))
     return summary
+
+
+def budget_stop(strategy: Any, config: RunConfig):
+    """With ``--target-epsilon``: why the run stops before a round (its budget would pass the
+    target), else None; None when there is no target."""
+    privacy = strategy.privacy
+    if privacy is None or not privacy.target_epsilon:
+        return None
+    rate = min(1.0, max(int(config.data.clients * config.server.fraction_train), 1) / config.data.clients)
+
+    def stop(server_round: int) -> str | None:
+        if privacy.next_round_exceeds(rate):
+            return (f"another round would spend more than --target-epsilon {privacy.target_epsilon:g} "
+                    f"(spent: {privacy.epsilon():.3f} at delta {privacy.delta:g})")
+        return None
+
+    return stop
 
 
 class Watchers:
@@ -340,6 +361,9 @@ def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, mo
     ``"figure: reason"`` line each.
     """
     matrix = history.accuracy_matrix
+    stopped_early = bool(history.rounds) and history.rounds[-1].server_round < config.num_rounds
+    if stopped_early and len(matrix) < config.data.num_tasks:  # a budget spent mid-task: the model as it stands
+        matrix = matrix + [history.rounds[-1].task_accuracies]
     schedule = scenario.schedule
     curves = [[history.baseline[t]] + [r.task_accuracies[t] for r in history.rounds] for t in range(config.data.num_tasks)]
     recover = [
@@ -375,6 +399,7 @@ def summarize_run(config: RunConfig, scenario: Scenario, history: RunHistory, mo
         "served_acc": float(np.mean(served)) if served else None,
         "final_served_acc": served[-1] if served else None,
         "bytes_per_client_round": 2 * model_bytes,  # the model down, the update up
+        **({"stopped_at_round": history.rounds[-1].server_round} if stopped_early else {}),
         **summarize(matrix, history.baseline[: len(matrix)]),
         **({"unavailable": unavailable} if unavailable else {}),
     }

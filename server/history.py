@@ -24,6 +24,7 @@ class RoundRecord:
     capped: dict[str, int] = field(default_factory=dict)  # replies whose weight or update the influence bound cut
     served_acc: float | None = None  # mean over replying nodes: the served model on the node's task
     release: dict[str, Any] = field(default_factory=dict)  # the version served after the round; a new one
+    epsilon: float | None = None  # --dp: the privacy budget spent so far, at the run's delta
 
     def as_json(self) -> dict[str, Any]:
         seen = self.task_accuracies[: self.task + 1]
@@ -42,6 +43,7 @@ class RoundRecord:
             **({"capped": self.capped} if self.capped else {}),
             **({"served_acc": self.served_acc} if self.served_acc is not None else {}),
             **({"release": self.release} if self.release else {}),
+            **({"epsilon": self.epsilon} if self.epsilon is not None else {}),
         }
 
 
@@ -53,7 +55,7 @@ class RoundRecord:
             train=line.get("train", {}), client_evaluation=line.get("client_evaluation", {}),
             clients=line.get("clients", []), rejected=line.get("rejected", []), seconds=line.get("seconds", 0.0),
             excluded=line.get("excluded", []), aggregation=line.get("aggregation", {}),
-            capped=line.get("capped", {}), served_acc=line.get("served_acc"), release=line.get("release", {}),
+            capped=line.get("capped", {}), served_acc=line.get("served_acc"), release=line.get("release", {}), epsilon=line.get("epsilon"),
         )
 
 
@@ -76,6 +78,7 @@ class RunHistory:
         self._pending_excluded: list[int] = []
         self._pending_aggregation: dict[str, Any] = {}
         self._pending_capped: dict[str, int] = {}
+        self._pending_epsilon: float | None = None
 
     # called from the strategy while a round is aggregated
     def client_reply(self, node_id: int, metrics: dict[str, Any]) -> None:
@@ -116,6 +119,10 @@ class RunHistory:
         """The influence bound cut ``weights`` claimed weights and ``updates`` updates."""
         self._pending_capped = {"weights": weights, "updates": updates}
 
+    def privacy_spent(self, epsilon: float) -> None:
+        """The budget spent after this round's aggregation (``server.privacy``)."""
+        self._pending_epsilon = epsilon
+
     def train_metrics(self, metrics: dict[str, float]) -> None:
         self._pending_train = dict(metrics)
 
@@ -145,6 +152,7 @@ class RunHistory:
             aggregation=self._pending_aggregation,
             capped=self._pending_capped,
             served_acc=served_acc,
+            epsilon=self._pending_epsilon,  # stays as it was after a round that aggregated nothing
         )
         self.rounds.append(record)
         self._pending_clients, self._pending_rejects = [], []

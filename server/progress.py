@@ -57,6 +57,8 @@ class RoundProgress:
         note = f" [red]{len(record.rejected)} rejected[/]" if record.rejected else ""
         drifting = sum(1 for c in record.clients if c.get("drift-detected"))
         note += f" [yellow]drift on {drifting} client(s)[/]" if drifting else ""
+        if record.epsilon is not None:
+            note += f"  ε {record.epsilon:.2f}"
         if record.release.get("released") is not None:
             note += f"  released v{record.release['released']}" + ("" if "release" in record.release else " [dim](held)[/]")
         self._progress.update(
@@ -82,6 +84,8 @@ def round_line(record: RoundRecord, total_rounds: int, num_tasks: int) -> str:
     if record.rejected:
         parts.append(_who(f"{len(record.rejected)} failed", record.rejected))
     parts += [f"acc {100 * acc:.1f}%", *([f"loss {loss:.3f}"] if loss is not None else []), f"{record.seconds:.1f} s"]
+    if record.epsilon is not None:
+        parts.append(f"epsilon {record.epsilon:.3f}")
     if record.release.get("released") is not None:
         parts.append(f"released v{record.release['released']}" + (" (new)" if "release" in record.release else ""))
     if record.aggregation:
@@ -135,6 +139,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if summary.get("simulated_seconds") is not None:
         table.add_row("simulated time (s; one round: the slowest client's) / model updates",
                       f"{summary['simulated_seconds']:.0f} ({summary['round_seconds']:.1f}) / {summary['model_updates']}")
+    if summary.get("dp"):
+        dp = summary["dp"]
+        table.add_row("privacy: client-level DP (epsilon, delta); noise z, clip C",
+                      f"({dp['epsilon']:.3f}, {dp['delta']:g}); z {dp['noise_multiplier']:g}, C {dp['clip']:g}")
+    if summary.get("stopped_at_round"):
+        table.add_row("stopped early (--target-epsilon) after round", str(summary["stopped_at_round"]))
     if summary.get("releases"):
         held = summary["gate_held_rounds"]
         table.add_row("released versions / served at the end (round) / rounds the gate held",

@@ -9,11 +9,14 @@ evaluate the global model on the server, then ``after_round`` (a checkpoint).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+log = logging.getLogger("fedtide")
 
 
 def run_rounds(
@@ -27,14 +30,19 @@ def run_rounds(
     evaluate_config: ConfigRecord,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
     after_round: Callable[[int, ArrayRecord], None],
+    stop_before: Callable[[int], str | None] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` starting from the global model ``arrays``;
     return the final global model. A fresh run (``first_round`` 1) evaluates the initial
-    model as round 0 first. ``timeout`` is how long a round waits for replies (seconds)."""
+    model as round 0 first. ``timeout`` is how long a round waits for replies (seconds).
+    ``stop_before(round)``: a reason to stop before that round (a privacy budget spent)."""
     if first_round == 1:
         evaluate_fn(0, arrays)
         after_round(0, arrays)
     for server_round in range(first_round, num_rounds + 1):
+        if stop_before is not None and (reason := stop_before(server_round)):
+            log.warning("stopping before round %d: %s", server_round, reason)
+            break
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
         )

@@ -44,6 +44,7 @@ from server.robust import AggregationRule, update_norm
 from server.sampling import NodeSampling
 from server.receipts import Receipts
 from server.compressed_replies import payload_size, unpack_reply
+from server.privacy import ClientLevelDP, require_opacus
 from server.round_hooks import (
     ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, PersonalHead, RoundHook, credited_report,
 )
@@ -81,8 +82,10 @@ class FedtideStrategy(Strategy):
         clusters: ModelClusters | None = None,
         staleness: Staleness | None = None,
         codec: str = "none",
+        privacy: ClientLevelDP | None = None,
     ) -> None:
         self.history = history
+        self.privacy = privacy  # client-level DP: clipped, noised mean instead of the rule (server.privacy)
         self.codec = codec  # what clients send: weights, or packed updates (server.compressed_replies)
         self.traffic = {"up": 0, "replies": 0, "down": 0, "messages": 0}  # bytes of arrays, as sent
         self.drift_credit = drift_credit or DriftCredit(0.0)
@@ -235,7 +238,7 @@ class FedtideStrategy(Strategy):
 
     @property
     def _parts(self) -> list[Any]:
-        optional = [part for part in (self.clusters, self.staleness) if part is not None]
+        optional = [part for part in (self.clusters, self.staleness, self.privacy) if part is not None]
         return [self.step, self.receipts, self.drift_credit, *self.hooks, *optional]
 
     def run_summary(self) -> dict[str, Any]:
@@ -248,6 +251,8 @@ class FedtideStrategy(Strategy):
             out.update(hook.summary())
         if self.clusters is not None:
             out.update(self.clusters.summary())
+        if self.privacy is not None:
+            out.update(self.privacy.summary())
         return out
 
     # ---- the round's steps --------------------------------------------------
@@ -419,8 +424,13 @@ class FedtideStrategy(Strategy):
                  reference: dict[str, np.ndarray], norms: list[float] | None) -> tuple[ArrayRecord | None, int]:
         """The next model from these replies around ``reference`` (None when it is not
         finite), and how many updates the influence bound cut."""
-        arrays, cut = self.influence.cap_updates(arrays, reference, norms)
-        aggregate = self.rule.aggregate(arrays, weights, reference)
+        if self.privacy is not None:  # clipping bounds every reply: the influence bound's caps are off
+            aggregate = self.privacy.aggregate(server_round, arrays, reference, len(self._sent))
+            self.history.privacy_spent(self.privacy.epsilon())
+            cut = 0
+        else:
+            arrays, cut = self.influence.cap_updates(arrays, reference, norms)
+            aggregate = self.rule.aggregate(arrays, weights, reference)
         before = self.step.state()  # a step's state moves on only with a model that is kept
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
             new_model = self._as_global(self.step.apply(server_round, aggregate))
@@ -498,6 +508,7 @@ def build_strategy(
     times: PhaseTimes | None = None,
     extra_hooks: Sequence[RoundHook] = (),
     compress: str = "none",
+    privacy: ClientLevelDP | None = None,
 ) -> FedtideStrategy:
     """fedtide's strategy from its settings, for ``run_federation`` or your own ServerApp.
 
@@ -539,7 +550,7 @@ def build_strategy(
                                  ReplyMetrics(server.max_num_examples, num_tasks, reply_metrics)),
         sampling=NodeSampling(server.fraction_train, server.fraction_evaluate, min_nodes, server.client_wait),
         rule=AggregationRule() if local_only else AggregationRule.from_settings(server),
-        influence=InfluenceBound(0, 0, 0) if local_only else _influence(server, drift, clusters is not None,
+        influence=InfluenceBound(0, 0, 0) if local_only or privacy is not None else _influence(server, drift, clusters is not None,
                                                                       server.buffer_size > 0),
         step=ServerStep() if local_only else server_step(server.strategy, server.effective_server_lr,
                                                          server.server_momentum),
@@ -551,6 +562,7 @@ def build_strategy(
         drift_credit=DriftCredit(drift.drift_evidence, drift.drift_follow_rounds),
         clusters=clusters,
         codec=compress,
+        privacy=privacy,
         staleness=Staleness(server.staleness_exponent) if server.buffer_size > 0 else None,
     )
 
@@ -577,5 +589,14 @@ def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | Non
         config.server, config.drift, min_nodes=config.effective_min_clients, history=history,
         training=config.data.training, concepts=config.data.num_tasks, frozen=config.network.frozen_prefixes,
         proximal_mu=config.methods.options["prox-mu"], num_tasks=history.num_tasks, times=times,
-        extra_hooks=extra_hooks, compress=config.learner.compress,
+        extra_hooks=extra_hooks, compress=config.learner.compress, privacy=client_dp(config),
     )
+
+
+def client_dp(config: RunConfig) -> ClientLevelDP | None:
+    """The run's client-level DP (``--dp client``), or None."""
+    if config.privacy.dp != "client":
+        return None
+    require_opacus()
+    p = config.privacy
+    return ClientLevelDP(p.dp_clip, p.dp_noise, p.dp_delta, config.data.clients, config.seed, p.target_epsilon)
