@@ -180,6 +180,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
                     evaluate_config=client_config(config, scenario),
                     evaluate_fn=evaluate,
                     after_round=after_round,
+                    stop_before=budget_stop(strategy, config),
                 )
 
         summary = summarize_run(config, scenario, history, model_bytes=model_bytes)
