@@ -213,8 +213,9 @@ def test_a_fresh_run_gives_the_figures_it_gave_before_checkpoints(tmp_path):
         dict(scenario="distributed-drift", training="clustered", local_epochs=5, concept_switches=2,
              async_spread=2),  # the cluster models (spawned ones too) and who trained which
         dict(scenario="distributed-drift", training="personal-head", concept_switches=1),  # each node's head
+        dict(compress="int4", dp="client", dp_clip=5.0),  # each client's residual, the budget's rounds, the noise
     ],
-    ids=["fedadam-react", "fedavgm-methods", "local-only", "clustered", "personal-head"],
+    ids=["fedadam-react", "fedavgm-methods", "local-only", "clustered", "personal-head", "compressed-private"],
 )
 def test_a_run_killed_mid_round_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path, settings):
     config = SMALL.replace(**settings)

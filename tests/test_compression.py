@@ -142,3 +142,34 @@ def test_compression_with_a_model_per_client_is_refused_in_one_line():
 
     with pytest.raises(FedtideError, match="drop --compress"):
         RunConfig.of(compress="int8", training="personal-head")
+
+
+def test_an_edge_client_sends_a_packed_update_and_keeps_its_residual_on_disk(tmp_path):
+    from flwr.app import ConfigRecord
+
+    from client.app import app
+    from client.state_store import ClientStateStore
+    from common.models import build_model
+    from common.scenarios import build_scenario
+    from fedtide.runtimes.inprocess import InProcessGrid
+    from server.federation import client_config
+
+    config = RunConfig.of(hidden="16", local_epochs=1, quiet=True, compress="int4")
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    inbox.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(inbox / "a.npz", x=rng.integers(0, 256, (24, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 24))
+    grid = InProcessGrid(app, [{"inbox": str(inbox), "state-dir": str(state)}])
+    scenario = build_scenario(config.data, config.seed)
+    model = build_model("mlp", scenario.input_shape, scenario.num_classes, (16,), 0)
+    record = client_config(config, scenario)
+    record["server-round"] = 1
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(dict(record))})
+    reply = list(grid.send_and_receive([grid.create_message(content, "train", dst_node_id=1, group_id="1")]))[0]
+    assert not reply.has_error()
+    assert list(reply.content["arrays"].keys()) == [PACKED_NAME]
+    reference = {k: v.numpy() for k, v in model.state_dict().items()}
+    unpacked, reason = unpack_reply(reply.content, reference, "int4")
+    assert reason is None and set(unpacked["arrays"].keys()) == set(reference)
+    saved, _ = ClientStateStore(state).load()
+    assert {RESIDUAL_PREFIX + name for name in reference} <= set(saved)  # survives a restart of the device

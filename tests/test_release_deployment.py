@@ -1,5 +1,5 @@
 """Releases on loopback: `fedtide server` (a SuperLink) and two `fedtide client` processes
-(SuperNodes), all real processes. The edge clients receive the released model and keep it;
+(SuperNodes), all real processes, the clients sending compressed updates. The edge clients receive the released model and keep it;
 an operator rolls back with `fedtide models rollback` while the server runs, and from the next
 round the clients hold the earlier version, bit-exact; `fedtide predict` answers with it."""
 
@@ -41,7 +41,8 @@ def test_clients_hold_the_released_model_and_a_live_rollback_reaches_them_bit_ex
         server = Session(
             ["server", "--certs", str(certs), "--database", str(tmp_path / "superlink.db"), "--out", str(run),
              "--address", address, "--num-tasks", "1", "--rounds-per-task", str(ROUNDS), "--local-epochs", "1",
-             "--round-timeout", "120", "--release", "every-round", "--metrics-address", f"127.0.0.1:{metrics_port}"],
+             "--round-timeout", "120", "--release", "every-round", "--metrics-address", f"127.0.0.1:{metrics_port}",
+             "--compress", "int8"],  # the edge clients send packed updates, their residuals on disk
             tmp_path / "server.log", tmp_path,
         )
         sessions.append(server)
@@ -81,6 +82,10 @@ def test_clients_hold_the_released_model_and_a_live_rollback_reaches_them_bit_ex
     stats = ReleasedModelStore(state[0]).stats()
     assert [entry["seen"] for entry in stats.values()] == [60]
     assert [entry["correct"] / entry["seen"] for entry in stats.values()] == pytest.approx(judged)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rejected_replies"] == 0
+    assert summary["uplink_bytes_per_client_round"] < summary["downlink_bytes_per_client_round"] / 3
 
     x, y = digits_arrays(seed=5, count=30)
     np.savez(tmp_path / "ask.npz", x=x, y=y)
