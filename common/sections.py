@@ -272,6 +272,9 @@ class PrivacySettings(Section):
                               maximum=1, below=True)
     target_epsilon: float = setting(0.0, "--dp: stop the run before a round would spend more than this epsilon "
                                     "(0: never)", minimum=0, maximum=1e6)
+    dp_reproducible: bool = setting(False, "--dp: draw the noise from --seed (the same seed, the same numbers) instead "
+                                    "of the operating system's entropy; for research only: whoever knows the seed can "
+                                    "subtract the noise, so there is no privacy")
 
 
 RELEASE_MODES = ("gate", "every-round", "manual")

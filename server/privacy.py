@@ -16,6 +16,10 @@ guarantee: what clients report beside their update (metrics: prequential accurac
 flags, losses, the sample count) and what stays on a device (replay memory, EWC's Fisher); and
 the replies validation drops (a malformed reply is dropped whatever its data).
 
+The noise comes from the operating system's entropy: a noise anyone could recompute (from the
+run's seed, which ``config.json`` records) could be subtracted, and would protect no one. Only
+``--dp-reproducible`` (research) draws it from the seed.
+
 Clipping happens here, in fedtide's decode path, not in Flower's ``DifferentialPrivacy*``
 wrappers or client mods: those wrap a plain FedAvg strategy and expect uncompressed arrays,
 while fedtide's strategy validates, unpacks compressed updates and runs its own hooks; and
@@ -39,13 +43,14 @@ Arrays = dict[str, np.ndarray]
 @dataclass
 class ClientLevelDP:
     """DP-FedAvg's aggregation and its accountant. ``clients``: the federation's clients
-    (the denominator's base); ``seed``: the noise's random stream (per round)."""
+    (the denominator's base); ``seed``: the noise's random stream (per round) when
+    reproducible, else None: the operating system's entropy, which no one can predict."""
 
     clip: float
     noise: float
     delta: float
     clients: int
-    seed: int = 0
+    seed: int | None = None
     target_epsilon: float = 0.0
     steps: list[tuple[float, float]] = field(default_factory=list)  # (noise, sampling rate) per round
     clipped: int = 0  # updates that were longer than ``clip``
@@ -55,7 +60,7 @@ class ClientLevelDP:
         """The new model: ``reference`` plus the noised mean of the clipped updates; ``sampled``:
         nodes sent training this round (the expected replies)."""
         expected = max(sampled, 1)
-        rng = np.random.default_rng([self.seed, server_round, 0xD1FF])
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, server_round, 0xD1FF])
         total = {name: np.zeros(base.shape, np.float64) for name, base in reference.items()
                  if np.issubdtype(base.dtype, np.floating)}
         for reply in replies:

@@ -599,4 +599,5 @@ def client_dp(config: RunConfig) -> ClientLevelDP | None:
         return None
     require_opacus()
     p = config.privacy
-    return ClientLevelDP(p.dp_clip, p.dp_noise, p.dp_delta, config.data.clients, config.seed, p.target_epsilon)
+    return ClientLevelDP(p.dp_clip, p.dp_noise, p.dp_delta, config.data.clients,
+                         config.seed if p.dp_reproducible else None, p.target_epsilon)

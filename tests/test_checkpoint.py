@@ -213,7 +213,7 @@ def test_a_fresh_run_gives_the_figures_it_gave_before_checkpoints(tmp_path):
         dict(scenario="distributed-drift", training="clustered", local_epochs=5, concept_switches=2,
              async_spread=2),  # the cluster models (spawned ones too) and who trained which
         dict(scenario="distributed-drift", training="personal-head", concept_switches=1),  # each node's head
-        dict(compress="int4", dp="client", dp_clip=5.0),  # each client's residual, the budget's rounds, the noise
+        dict(compress="int4", dp="client", dp_clip=5.0, dp_reproducible=True),  # residuals, the budget, the noise
     ],
     ids=["fedadam-react", "fedavgm-methods", "local-only", "clustered", "personal-head", "compressed-private"],
 )

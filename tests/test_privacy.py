@@ -26,6 +26,9 @@ def test_one_client_moves_the_private_mean_by_at_most_its_clipped_share():
     replies = _replies(rng, 10)
     hostile = [*replies[:9], {"w": np.full((8, 4), 1e6, np.float32), "steps": np.array(3)}]
     honest_dp, hostile_dp = (ClientLevelDP(clip=0.5, noise=1.0, delta=1e-5, clients=100, seed=1) for _ in range(2))
+    unseeded = ClientLevelDP(clip=0.5, noise=1.0, delta=1e-5, clients=100)  # the default: no one can recompute it
+    assert not np.array_equal(unseeded.aggregate(7, replies, reference, 10)["w"],
+                              unseeded.aggregate(7, replies, reference, 10)["w"])
     honest = honest_dp.aggregate(7, replies, reference, sampled=10)
     attacked = hostile_dp.aggregate(7, hostile, reference, sampled=10)  # same round, same noise
     moved = np.linalg.norm(attacked["w"].astype(np.float64) - honest["w"])
