@@ -15,15 +15,9 @@ import json
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
+from common.addresses import parse_address
 from common.errors import FedtideError
 from fedtide.predict_command import MAX_BODY, predict_bytes
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise FedtideError(f"--serve {address[:60]}: give HOST:PORT, e.g. 127.0.0.1:8500 (port 0: any free one)")
-    return host.strip("[]"), int(port)
 
 
 class FollowReleases:
@@ -89,7 +83,7 @@ def make_server(address: str, released: Any, feature_range: tuple[float, float])
         def log_message(self, format: str, *args: Any) -> None:  # quiet: the device's log is for rounds
             pass
 
-    host, port = parse_address(address)
+    host, port = parse_address(address, "--serve", "127.0.0.1:8500")
     try:
         return HTTPServer((host, port), Handler)
     except OSError as err:

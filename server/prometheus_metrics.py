@@ -20,24 +20,18 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from common.addresses import parse_address
 from common.errors import FedtideError
 from server.history import RoundRecord
 
 INSTALL = 'pip install "fedtide[ops]"'
 
 
-def parse_address(address: str, flag: str = "--metrics-address") -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise FedtideError(f"{flag} {address[:60]}: give HOST:PORT, e.g. 127.0.0.1:9100")
-    return host.strip("[]"), int(port)
-
-
 class PrometheusMetrics:
     """The run's metrics, served at ``address`` until ``close``."""
 
     def __init__(self, address: str, num_tasks: int) -> None:
-        host, port = parse_address(address)
+        host, port = parse_address(address, "--metrics-address", "127.0.0.1:9100")
         if importlib.util.find_spec("prometheus_client") is None:
             raise FedtideError(f"--metrics-address needs prometheus-client: {INSTALL}")
         from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server

@@ -24,19 +24,11 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from common.addresses import parse_address
 from common.errors import FedtideError
 from server.history import RoundRecord
 
 MAX_NODES_SHOWN = 500  # the table lists the most recently seen nodes first
-
-
-def parse_serve_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT``, or ``PORT`` alone (on loopback)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise FedtideError(f"--serve {address[:60]}: give HOST:PORT or PORT, e.g. 127.0.0.1:8080")
-    return host, int(port)
 
 
 class RunStatus:
@@ -137,7 +129,7 @@ class StatusPage:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        host, port = parse_serve_address(address)
+        host, port = parse_address(address, "--serve", "127.0.0.1:8080", port_alone=True)
         try:
             self.server = ThreadingHTTPServer((host, port), Handler)
         except OSError as err:
