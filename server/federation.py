@@ -143,14 +143,16 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
 
             def after_round(server_round: int, arrays: ArrayRecord) -> None:
                 """Checkpoint first: a crash between the two leaves metrics.jsonl a round short,
-                and resuming rewrites it from the checkpoint."""
+                and resuming rewrites it from the checkpoint. The watchers (metrics endpoint,
+                status page, trackers) see the round before metrics.jsonl does, so whoever
+                reads a round in the file finds it in every live view too."""
                 nonlocal round_started
                 states = nodes.node_states() if nodes is not None else None
                 checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings))
                 if server_round > 0:
+                    watchers.round_done(history.rounds[-1], grid)
                     folder.append_round(history.rounds[-1])
                     progress.round_done(history.rounds[-1])
-                    watchers.round_done(history.rounds[-1], grid)
                 round_started = time.perf_counter()
 
             time_figures: dict[str, Any] = {}
