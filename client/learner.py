@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,11 @@ class TrainStats:
     prequential_accuracy: float  # accuracy on each new batch before training on it (epoch 1)
     errors: torch.Tensor  # uint8 [num_examples]: 1 where a new sample was mispredicted, stream order
     epochs: int = 1  # passes over the data this round
+    # --dp sample: the client's DP-SGD history to keep (client state), its epsilon so far, and
+    # whether it stopped training because another round would pass --target-epsilon
+    privacy_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    epsilon: float | None = None
+    budget_spent: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,20 @@ def make_optimizer(training: LocalTraining, model: nn.Module) -> PlainSGD | torc
     if training.optimizer == "adam":
         return torch.optim.Adam(params, lr=training.lr)
     return PlainSGD(params, lr=training.lr)
+
+
+def batch_loss(methods: list[Method], model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor,
+               num_new: int) -> torch.Tensor:
+    """The loss of an (extended) batch whose first ``num_new`` samples are new: a method's
+    classification loss or the plain cross-entropy, plus every method's penalty."""
+    loss = next((l for m in methods if (l := m.classification_loss(logits, yb, num_new)) is not None), None)
+    if loss is None:
+        loss = F.cross_entropy(logits, yb)
+    for method in methods:
+        extra = method.penalty(model, xb, logits)
+        if extra is not None:
+            loss = loss + extra
+    return loss
 
 
 def train_local(
@@ -83,16 +102,7 @@ def train_local(
             for method in methods:
                 xb, yb = method.extend_batch(xb, yb)
             logits = model(xb)
-            loss = next(
-                (l for m in methods if (l := m.classification_loss(logits, yb, len(y))) is not None),
-                None,
-            )
-            if loss is None:
-                loss = F.cross_entropy(logits, yb)
-            for method in methods:
-                extra = method.penalty(model, xb, logits)
-                if extra is not None:
-                    loss = loss + extra
+            loss = batch_loss(methods, model, xb, yb, logits, len(y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

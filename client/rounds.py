@@ -19,7 +19,7 @@ from client.learner import LocalTraining, TrainStats, train_local
 from client.lr_schedule import PLATEAU_KEY, round_lr, update_plateau
 from common.evaluation import accuracy
 from client.methods import Method, build_methods
-from common.config import ClientSettings
+from common.config import DP_SPENT_KEY, SAMPLE_EPSILON_KEY, ClientSettings
 from common.datasets import LabelledSplit
 from common.devices import resolve_device
 from common.errors import FedtideError
@@ -231,19 +231,32 @@ def train_and_react(
         drifted = bool(early.positions) if early is not None else drifted_last_round(state)
         for method in methods:
             method.start_data(model, plan.data, drifted)
-    stats = train_local(model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr), plan.generator, device,
-                        observe=observe)
+    stats = train_stretch(model, plan, methods, config, state, device, observe)
     if not stream:
         stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
     drift = early if early is not None else check_drift(config.drift, state, stats.errors, evidence)
     if (drift.positions or drift.recovering) and config.drift.react_extra_epochs > 0:
-        extra = train_local(
-            model, plan.data, methods, LocalTraining.of(config.learner, lr=plan.lr, epochs=config.drift.react_extra_epochs),
-            plan.generator, device, observe=False, continuing=True,
-        )
+        extra = train_stretch(model, plan, methods, config, {**state, **stats.privacy_state}, device, observe=False,
+                              epochs=config.drift.react_extra_epochs, continuing=True)
         # the loss stays the round's own epochs' (a plateau schedule compares it round to round)
-        stats = dataclasses.replace(stats, epochs=stats.epochs + extra.epochs)
+        stats = dataclasses.replace(stats, epochs=stats.epochs + extra.epochs, privacy_state=extra.privacy_state,
+                                    epsilon=extra.epsilon if extra.epsilon is not None else stats.epsilon)
     return stats, drift
+
+
+def train_stretch(model: torch.nn.Module, plan: RoundPlan, methods: list[Method], config: ClientSettings,
+                  state: dict[str, torch.Tensor], device: torch.device, observe: bool, epochs: int | None = None,
+                  continuing: bool = False) -> TrainStats:
+    """One stretch of local training: the shared loop, or DP-SGD with ``--dp sample`` (its
+    budget read from ``state`` and returned in the stats)."""
+    training = LocalTraining.of(config.learner, lr=plan.lr, epochs=epochs)
+    if config.privacy.dp != "sample":
+        return train_local(model, plan.data, methods, training, plan.generator, device, observe=observe,
+                           continuing=continuing)
+    from client.dp_sgd import train_private
+
+    return train_private(model, plan.data, methods, training, config.privacy, state, plan.generator, device,
+                         observe=observe, continuing=continuing)
 
 
 def finish_round(
@@ -261,6 +274,7 @@ def finish_round(
         new_state[PLATEAU_KEY] = update_plateau(state, stats.loss, plan.task_changed)
     drift_at = drift.positions
     new_state[BOOST_KEY] = torch.tensor(int(bool(drift_at)))
+    new_state.update(stats.privacy_state)  # --dp sample: the device's budget, never reset
     return TrainOutcome(
         weights=weights,
         metrics={
@@ -273,6 +287,8 @@ def finish_round(
             "drift-detected": int(bool(drift_at)),
             "drift-position": drift_at[0] if drift_at else -1,
             **({"pre-acc": drift.evidence.accuracy} if drift.evidence is not None else {}),
+            **({SAMPLE_EPSILON_KEY: stats.epsilon} if stats.epsilon is not None else {}),
+            **({DP_SPENT_KEY: 1} if stats.budget_spent else {}),
         },
         state=new_state,
     )

@@ -33,6 +33,7 @@ def can_vectorize(config: ClientSettings) -> bool:
         and config.learner.optimizer == "sgd"
         and not config.network.frozen_prefixes
         and config.data.training != "local-only"
+        and config.privacy.dp != "sample"  # DP-SGD trains each client with its own per-sample clipping
     )
 
 

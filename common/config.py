@@ -42,6 +42,8 @@ RELEASED_KEY, RELEASE_INFO_KEY = "released", "release"
 # a compressed reply (--compress, common.compression): its arrays record holds this one array
 PACKED_NAME = "fedtide.packed-update"
 HELD_VERSION_KEY, RELEASED_ACC_KEY = "released-version", "released-acc"
+# --dp sample: a client's epsilon so far (its own accountant), and 1 when it stopped training at --target-epsilon
+SAMPLE_EPSILON_KEY, DP_SPENT_KEY = "dp-epsilon", "dp-spent"
 MAX_LOSS = 1e6  # the largest loss a reply may report (a diverged model's is reported as this)
 
 # settings in the sections a client is sent that only the server reads: they are not sent
@@ -82,11 +84,14 @@ class ClientSettings:
     methods: MethodSettings = field(default_factory=MethodSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
     seed: int = 0
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)  # --dp sample trains with DP-SGD
 
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for section in (self.data, self.network, self.learner, self.drift):
             out.update(section.to_flat())
+        if self.privacy.dp == "sample":  # the client trains with DP-SGD; other levels stay on the server
+            out.update(self.privacy.to_flat())
         out.update(self.methods.to_flat())
         out["seed"] = self.seed
         return {k: v for k, v in out.items() if k not in SERVER_ONLY}
@@ -100,8 +105,7 @@ class ClientSettings:
         if strict:
             flat = {k.replace("_", "-"): v for k, v in flat.items()}
             known = set(all_settings()) - SERVER_ONLY - set(FaultSettings.declarations()) - set(
-                ServerSettings.declarations()) - set(ReleaseSettings.declarations()) - set(
-                PrivacySettings.declarations()) - {"out", "quiet", "metrics-address", "serve", "track", "track-uri"}
+                ServerSettings.declarations()) - set(ReleaseSettings.declarations()) - {"out", "quiet", "metrics-address", "serve", "track", "track-uri"}
             unknown = sorted(set(flat) - known)
             if unknown:
                 raise FedtideError(f"unknown client setting '{unknown[0]}': client settings are {', '.join(sorted(known))}")
@@ -109,6 +113,7 @@ class ClientSettings:
             data=DataSettings.from_flat(flat), network=ModelSettings.from_flat(flat),
             learner=LearnerSettings.from_flat(flat), methods=MethodSettings.from_flat(flat),
             drift=DriftSettings.from_flat(flat), seed=RunSettings.declarations()["seed"].parse(flat.get("seed", 0)),
+            privacy=PrivacySettings.from_flat(flat),
         )
 
     def digest(self) -> str:
@@ -142,7 +147,7 @@ class RunConfig:
         defaults = {k: v.default for k, v in all_settings().items() if k in SERVER_ONLY}
         network = ModelSettings.from_flat({**self.network.to_flat(), **defaults})
         drift = DriftSettings.from_flat({**self.drift.to_flat(), **defaults})
-        return ClientSettings(self.data, network, self.learner, self.methods, drift, self.run.seed)
+        return ClientSettings(self.data, network, self.learner, self.methods, drift, self.run.seed, self.privacy)
 
     @property
     def seed(self) -> int:
@@ -189,6 +194,8 @@ class RunConfig:
                      self.methods.options["prox-mu"])
         if self.privacy.dp == "client":
             check_client_dp(server, drift, data.training)
+        if self.privacy.dp == "sample":
+            check_sample_dp([cls.name for cls in self.methods.active], data.training)
         if self.learner.compress != "none" and data.training in ("local-only", "personal-head"):
             raise FedtideError(f"--compress sends updates against the global model, but --training {data.training} "
                                "sends each client a model of its own: drop --compress")
@@ -293,6 +300,21 @@ def check_client_dp(server: ServerSettings, drift: DriftSettings, training: str)
     if drift.drift_weight != 1.0 or drift.react_server:
         raise FedtideError("--dp client counts every reply alike and samples at a fixed rate: drop --drift-weight and "
                            "--react-server")
+
+
+SAMPLE_DP_METHODS = ("replay", "der", "lwf")  # their losses are sums of per-sample terms
+
+
+def check_sample_dp(methods: list[str], training: str) -> None:
+    """What DP-SGD on the clients (``client.dp_sgd``) cannot go with; FedtideError in one line."""
+    other = [name for name in methods if name not in SAMPLE_DP_METHODS]
+    if other:
+        flag = "--prox-mu" if other[0] == "prox" else f"--method {other[0]}"
+        raise FedtideError(f"--dp sample clips each sample's gradient; {flag} adds a penalty that is not a per-sample "
+                           f"loss, which clipping would drop: use --method {', '.join(SAMPLE_DP_METHODS)} or naive")
+    if training not in ("federated", "joint"):
+        raise FedtideError(f"--dp sample trains the federated model with DP-SGD; --training {training} is not built "
+                           "for it: use --training federated")
 
 
 def trimmed_count(replies: int, trim_fraction: float) -> int:

@@ -261,17 +261,18 @@ class ServerSettings(Section):
 class PrivacySettings(Section):
     """Differential privacy of what leaves a device (``server.privacy``)."""
 
-    dp: str = setting("none", "differential privacy: none, or client (DP-FedAvg: each client's update clipped to "
-                      "--dp-clip, Gaussian noise on the sum, the budget reported; needs pip install \"fedtide[dp]\")",
-                      choices=("none", "client"))
-    dp_noise: float = setting(1.0, "--dp client: noise multiplier z (noise std = z * --dp-clip on the sum)",
+    dp: str = setting("none", "differential privacy: none; client (DP-FedAvg: each client's update clipped to "
+                      "--dp-clip, Gaussian noise on the sum); or sample (DP-SGD on each client: each sample's gradient "
+                      "clipped to --dp-clip, noise on each step; replayed memories pay at every step); the budget "
+                      "reported; needs pip install \"fedtide[dp]\"", choices=("none", "client", "sample"))
+    dp_noise: float = setting(1.0, "--dp: noise multiplier z (noise std = z * --dp-clip on the sum)",
                               minimum=0, above=True, maximum=1e4)
-    dp_clip: float = setting(1.0, "--dp client: the largest L2 norm of a client's update", minimum=0, above=True,
-                             maximum=1e6)
+    dp_clip: float = setting(1.0, "--dp: the largest L2 norm of a client's update (client) or of one sample's "
+                             "gradient (sample)", minimum=0, above=True, maximum=1e6)
     dp_delta: float = setting(1e-5, "--dp: the delta of the (epsilon, delta) budget reported", minimum=0, above=True,
                               maximum=1, below=True)
     target_epsilon: float = setting(0.0, "--dp: stop the run before a round would spend more than this epsilon "
-                                    "(0: never)", minimum=0, maximum=1e6)
+                                    "(sample: each client stops training before it would; 0: never)", minimum=0, maximum=1e6)
     dp_reproducible: bool = setting(False, "--dp: draw the noise from --seed (the same seed, the same numbers) instead "
                                     "of the operating system's entropy; for research only: whoever knows the seed can "
                                     "subtract the noise, so there is no privacy")

@@ -29,7 +29,9 @@ from server.checkpoint import CheckpointStore
 from server.evaluation import TaskEvaluator, served_accuracy
 from server.history import RunHistory
 from server.node_names import NodeNames
+from server.privacy import sample_dp_summary
 from server.progress import RoundProgress, summary_table
+from server.reply_metrics import SPENT
 from server.release_delivery import ReleasedModelDelivery
 from server.release_gate import ReleaseStep
 from server.round_loop import run_rounds
@@ -195,6 +197,8 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
             round_seconds=(breakdown["total"] - breakdown["overhead"]) / max(len(history.rounds), 1),
         )
         summary.update(strategy.run_summary())
+        if config.privacy.dp == "sample":
+            summary.update(sample_dp_summary(config.privacy, history.rounds))
         summary.update(releases.summary() if releases is not None else {"releases": None})
         summary.update(time_figures)
         if "mean_clusters" in summary:  # every cluster's model goes down (beside `arrays`), one update up
@@ -210,6 +214,8 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
 def budget_stop(strategy: Any, config: RunConfig):
     """With ``--target-epsilon``: why the run stops before a round (its budget would pass the
     target), else None; None when there is no target."""
+    if config.privacy.dp == "sample" and config.privacy.target_epsilon:
+        return clients_spent(strategy.history, config.privacy.target_epsilon)
     privacy = strategy.privacy
     if privacy is None or not privacy.target_epsilon:
         return None
@@ -220,6 +226,20 @@ def budget_stop(strategy: Any, config: RunConfig):
             return (f"another round would spend more than --target-epsilon {privacy.target_epsilon:g} "
                     f"(spent: {privacy.epsilon():.3f} at delta {privacy.delta:g})")
         return None
+
+    return stop
+
+
+def clients_spent(history: Any, target: float):
+    """``--dp sample`` with ``--target-epsilon``: each client stops itself before its budget
+    would pass the target; the run stops once a round got replies and every one was spent."""
+
+    def stop(server_round: int) -> str | None:
+        last = history.rounds[-1] if history.rounds else None
+        if last is None or last.clients or not last.rejected or not all(SPENT in r["reason"] for r in last.rejected):
+            return None
+        return (f"every client that replied in round {last.server_round} would pass --target-epsilon {target:g} "
+                f"with another round (largest spent: {last.epsilon or 0:.3f})")
 
     return stop
 

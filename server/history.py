@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.config import SAMPLE_EPSILON_KEY
 from common.schedule import TaskSchedule
 from server.node_names import NodeNames
 
@@ -139,6 +140,9 @@ class RunHistory:
         if server_round == 0:
             self.baseline = list(task_accuracies)
             return None
+        reported = [float(c[SAMPLE_EPSILON_KEY]) for c in self._pending_clients if SAMPLE_EPSILON_KEY in c]
+        if reported:  # --dp sample: each client's own accountant; the run's budget is the largest
+            self._pending_epsilon = max(self._pending_epsilon or 0.0, *reported)
         record = RoundRecord(
             server_round=server_round,
             task=self.schedule.newest_task(server_round),

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import FedtideError
+from server.reply_metrics import SPENT
 
 Arrays = dict[str, np.ndarray]
 
@@ -115,6 +116,20 @@ class ClientLevelDP:
             "sampling": "Poisson sampling of clients assumed, q = sampled nodes / clients each round",
             "accountant": "Opacus RDP",
         }}
+
+
+def sample_dp_summary(privacy: Any, rounds: list[Any]) -> dict[str, Any]:
+    """``--dp sample``: the budget as the clients report it (each keeps its own accountant on
+    its device, ``client.dp_sgd``); the run's epsilon is the largest any client reported."""
+    spent = [r.epsilon for r in rounds if r.epsilon is not None]
+    return {"dp": {
+        "level": "sample", "epsilon": max(spent) if spent else 0.0, "delta": privacy.dp_delta,
+        "noise_multiplier": privacy.dp_noise, "clip": privacy.dp_clip, "rounds": len(rounds),
+        "clients_budget_spent": sum(1 for r in rounds for c in r.rejected if SPENT in c.get("reason", "")),
+        "sampling": "Poisson sampling of each step's batch, new samples and memories alike; each step accounted at "
+                    "the larger of the two rates, every round the client trains: a memory pays at every step",
+        "accountant": "Opacus RDP, on each client; the largest epsilon any client reported",
+    }}
 
 
 def require_opacus() -> None:

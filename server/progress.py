@@ -141,7 +141,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
                       f"{summary['simulated_seconds']:.0f} ({summary['round_seconds']:.1f}) / {summary['model_updates']}")
     if summary.get("dp"):
         dp = summary["dp"]
-        table.add_row("privacy: client-level DP (epsilon, delta); noise z, clip C",
+        level = "sample-level DP-SGD, the largest client's" if dp.get("level") == "sample" else "client-level DP"
+        table.add_row(f"privacy: {level} (epsilon, delta); noise z, clip C",
                       f"({dp['epsilon']:.3f}, {dp['delta']:g}); z {dp['noise_multiplier']:g}, C {dp['clip']:g}")
     if summary.get("stopped_at_round"):
         table.add_row("stopped early (--target-epsilon) after round", str(summary["stopped_at_round"]))

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import (
-    CHOICE_KEY, HELD_VERSION_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, MAX_LOSS, RELEASED_ACC_KEY,
+    CHOICE_KEY, DP_SPENT_KEY, HELD_VERSION_KEY, LOSS_KEY, LOSSES_KEY, MAX_CLUSTERS, MAX_LOSS, RELEASED_ACC_KEY,
+    SAMPLE_EPSILON_KEY,
 )
 
 WEIGHT_KEY = "num-examples"
+SPENT = "privacy budget spent"  # why a reply marked dp-spent is dropped
 DRIFT_KEY = "drift-detected"
 LARGE = 10**12  # counts and stream positions: far beyond any device, far below float precision
 
@@ -95,6 +97,9 @@ METRICS: dict[str, MetricSpec] = {
     # an edge client's released model (server.release_delivery): the version it holds, its accuracy
     HELD_VERSION_KEY: MetricSpec("int", 0, LARGE),
     RELEASED_ACC_KEY: MetricSpec("float", 0.0, 1.0),
+    # --dp sample (client.dp_sgd): the client's epsilon so far; 1 when its budget stopped it
+    SAMPLE_EPSILON_KEY: MetricSpec("float", 0.0, 1e6),
+    DP_SPENT_KEY: MetricSpec("flag", 0, 1),
 }
 
 
@@ -134,6 +139,8 @@ class ReplyMetrics:
             if reason is not None:
                 return CleanMetrics(reason, {})
             kept[name] = checked
+        if kept.get(DP_SPENT_KEY):  # its weights are the model it was sent: nothing to aggregate
+            return CleanMetrics(f"{SPENT}: another round would pass --target-epsilon on this client", {})
         return CleanMetrics(None, kept, tuple(dropped))
 
 

@@ -116,6 +116,12 @@ METRIC_KINDS: dict[str, Callable[[Arrays, np.random.Generator], RecordDict]] = {
     "nan-lr": _metrics(lr=float("nan")),
     "huge-local-epochs": _metrics(**{"local-epochs": 10**12}),
     "huge-eval-loss": _metrics(**{"eval-loss": 1e308}),
+    # --dp sample: a client's own budget, and its mark that the budget stopped it
+    "nan-dp-epsilon": _metrics(**{"dp-epsilon": float("nan")}),
+    "huge-dp-epsilon": _metrics(**{"dp-epsilon": 1e300}),
+    "negative-dp-epsilon": _metrics(**{"dp-epsilon": -1.0}),
+    "dp-spent-2": _metrics(**{"dp-spent": 2}),
+    "dp-spent": _metrics(**{"dp-spent": 1}),
     # clustered training: the model a reply claims to have trained, and its losses
     "unknown-cluster": _metrics(cluster=99),
     "nan-cluster": _metrics(cluster=float("nan")),

@@ -92,6 +92,7 @@ class Replay(Method):
         # samples the reservoir keeps or replays
         self.shift_generator = torch.Generator().manual_seed(derive_seed(seed, SHIFT_STREAM))
         self._drawn: torch.Tensor | None = None  # buffer slots replayed in the current batch
+        self._poisson: tuple[float, torch.Generator] | None = None  # DP-SGD's draws (``draw_poisson``)
 
     def classification_loss(self, logits, y, num_new):
         """ER-ACE (Caccia et al., ICLR 2022): new samples compete only among the classes of
@@ -112,11 +113,28 @@ class Replay(Method):
         if len(self.buffer) == 0:
             self._drawn = None
             return x, y
-        slots = self.buffer.sample_slots(max(1, round(x.shape[0] * self.ratio)))
+        if self._poisson is not None:
+            rate, generator = self._poisson
+            slots = (torch.rand(len(self.buffer), generator=generator) < rate).nonzero().flatten()
+            if len(slots) == 0:
+                self._drawn = None
+                return x, y
+        else:
+            slots = self.buffer.sample_slots(max(1, round(x.shape[0] * self.ratio)))
         self._drawn = slots
         assert self.buffer.x is not None and self.buffer.y is not None
         old_x = random_shifts(self.buffer.x[slots], self.shift, self.shift_generator)
         return torch.cat([x, old_x.to(x.device)]), torch.cat([y, self.buffer.y[slots].to(y.device)])
+
+    def draw_poisson(self, rate: float | None, generator: torch.Generator | None = None) -> None:
+        """DP-SGD (``client.dp_sgd``): each memory joins a batch on its own with probability
+        ``rate`` (Poisson sampling, what the privacy accountant models; never twice in one
+        batch), instead of a fixed number drawn with replacement. None: back to those draws."""
+        self._poisson = None if rate is None or generator is None else (rate, generator)
+
+    def memory_size(self) -> int:
+        """The memories a batch may draw from (the stage is not replayed)."""
+        return len(self.buffer)
 
     def start_data(self, model, data, drifted):
         if self.boundary.see(data.y, drifted) and self.stage is not None:

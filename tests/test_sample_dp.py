@@ -1,0 +1,167 @@
+"""Sample-level differential privacy (--dp sample): DP-SGD on each client with Opacus, each
+sample's gradient clipped, memories paying at every step, the budget kept on the device and
+reported, a client stopping at its target, and what cannot work refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from client.dp_sgd import STEPS_KEY, SampleBudget, planned_steps, step_rate, train_local_dp
+from client.learner import LocalTraining
+from client.methods.replay import Replay
+from common.config import RunConfig
+from common.datasets import LabelledSplit
+from common.errors import FedtideError
+from fedtide.cli import main
+from server.reply_metrics import ReplyMetrics
+
+
+def _data(n: int, seed: int = 0) -> LabelledSplit:
+    g = torch.Generator().manual_seed(seed)
+    return LabelledSplit(torch.randn(n, 20, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_one_step_moves_the_model_by_at_most_the_clipped_gradient_whatever_the_data():
+    """A step over all the data (rate 1) with no noise: the mean of gradients each clipped to
+    C moves the weights by at most lr * C, however wild the samples are."""
+    model = _model()
+    before = _flat(model)
+    wild = LabelledSplit(_data(16).x * 1e4, _data(16).y)
+    train_local_dp(model, wild, [], LocalTraining(lr=2.0, epochs=1, batch_size=16), noise=0.0, clip=0.1, seed=0,
+                   budget=SampleBudget(), generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    moved = float((_flat(model) - before).norm())
+    assert 0 < moved <= 2.0 * 0.1 + 1e-5
+    plain = _model()
+    torch.nn.functional.cross_entropy(plain(wild.x), wild.y).backward()
+    assert 2.0 * float(torch.cat([p.grad.flatten() for p in plain.parameters()]).norm()) > 100 * moved
+
+
+def test_the_budget_is_opacus_rdp_accountants_over_every_step_and_memories_pay_each_time():
+    budget = SampleBudget()
+    budget.add(1.1, 0.05, 30)
+    budget.add(1.1, 0.2, 30)  # a round with a small memory: its memories are drawn often
+    budget.add(1.1, 0.05, 30)  # merges with the first row
+    accountant = RDPAccountant()
+    accountant.history = [(1.1, 0.05, 60), (1.1, 0.2, 30)]
+    assert budget.rows == [(1.1, 0.05, 60), (1.1, 0.2, 30)]
+    assert budget.epsilon(1e-5) == pytest.approx(accountant.get_epsilon(1e-5))
+    restored = SampleBudget.from_state(budget.state())
+    assert restored.rows == budget.rows
+    # each round replaying the same memory costs again
+    assert budget.epsilon(1e-5, (1.1, 0.2, 30)) > budget.epsilon(1e-5)
+    # the rate is the worse placed sample's: 200 memories drawn ratio * batch at a time
+    training = LocalTraining(lr=0.1, epochs=2, batch_size=32)
+    assert step_rate(1200, 200, training, 1.0) == (pytest.approx(32 / 1200), pytest.approx(0.16), pytest.approx(0.16))
+    assert step_rate(1200, 0, training, 1.0)[2] == pytest.approx(32 / 1200)
+    assert planned_steps(1200, 32, 2) == 76
+
+
+@pytest.mark.parametrize("damaged", [
+    torch.zeros(3),  # not rows of three
+    torch.tensor([[1.0, 2.0, 10.0]]),  # a rate above 1
+    torch.tensor([[1.0, float("nan"), 10.0]]),
+    torch.tensor([[1.0, 0.1, -5.0]]),
+])
+def test_a_damaged_privacy_history_stops_the_client_instead_of_resetting_its_budget(damaged):
+    with pytest.raises(FedtideError, match="budget this device spent is unknown"):
+        SampleBudget.from_state({STEPS_KEY: damaged})
+
+
+def test_memories_join_a_private_batch_by_poisson_sampling_never_twice():
+    replay = Replay(capacity=50, seed=0, fill="stream")
+    data = _data(50)
+    replay.observe(data.x, data.y)
+    replay.draw_poisson(0.3, torch.Generator().manual_seed(1))
+    sizes = []
+    for _ in range(200):
+        x, _ = replay.extend_batch(torch.zeros(0, 20), torch.zeros(0, dtype=torch.long))
+        if replay._drawn is not None:
+            assert len(set(replay._drawn.tolist())) == len(replay._drawn)
+        sizes.append(len(x))
+    assert 0 in sizes or min(sizes) < 10  # the size varies, as Poisson sampling does
+    assert abs(sum(sizes) / len(sizes) - 15) < 1.5
+    replay.draw_poisson(None)
+    x, _ = replay.extend_batch(torch.zeros(4, 20), torch.zeros(4, dtype=torch.long))
+    assert len(x) == 8  # back to ratio * batch drawn with replacement
+
+
+def test_a_private_run_reports_each_clients_budget_and_keeps_it_on_the_device(tmp_path):
+    out = tmp_path / "run"
+    code = main(["simulate", "--out", str(out), "--num-tasks", "2", "--rounds-per-task", "2", "--clients", "3",
+                 "--dp", "sample", "--dp-noise", "1.0", "--method", "der", "--threads", "1", "--quiet"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epsilons = [r["epsilon"] for r in rounds]
+    assert epsilons == sorted(epsilons) and epsilons[0] > 0
+    reported = [c["dp-epsilon"] for r in rounds for c in r["clients"]]
+    assert max(reported) == pytest.approx(summary["dp"]["epsilon"]) and summary["dp"]["level"] == "sample"
+    assert summary["rejected_replies"] == 0 and "memory pays" in summary["dp"]["sampling"]
+
+
+def test_each_client_stops_before_it_would_pass_its_target_and_so_does_the_run(tmp_path):
+    out = tmp_path / "run"
+    code = main(["simulate", "--out", str(out), "--num-tasks", "1", "--rounds-per-task", "20", "--clients", "3",
+                 "--dp", "sample", "--dp-noise", "1.5", "--target-epsilon", "3", "--method", "replay",
+                 "--threads", "1", "--quiet"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 1 < len(rounds) < 20 and summary["stopped_at_round"] == len(rounds)
+    assert all(c["dp-epsilon"] <= 3 for r in rounds for c in r["clients"])
+    assert all("privacy budget spent" in reject["reason"] for reject in rounds[-1]["rejected"])
+    assert summary["dp"]["clients_budget_spent"] >= 3 and summary["dp"]["epsilon"] <= 3
+
+
+def test_a_client_keeps_its_spent_budget_in_its_state():
+    from client.rounds import train_round
+    from common.models import build_model
+    from common.scenarios import build_scenario
+
+    config = RunConfig.of(num_tasks=1, rounds_per_task=3, clients=2, dp="sample", method="replay").client
+    scenario = build_scenario(config.data, config.seed)
+    model = build_model(config.network.model, scenario.input_shape, scenario.num_classes,
+                        config.network.hidden_widths, config.seed)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    first = train_round(config, 0, 1, weights, {})
+    assert STEPS_KEY in first.state and first.metrics["dp-epsilon"] > 0
+    second = train_round(config, 0, 2, weights, first.state)
+    assert second.metrics["dp-epsilon"] > first.metrics["dp-epsilon"]  # composed, never reset
+    assert train_round(config, 0, 2, weights, {}).metrics["dp-epsilon"] < second.metrics["dp-epsilon"]
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    ({"dp-epsilon": float("nan")}, "dp-epsilon"),
+    ({"dp-epsilon": -1.0}, "dp-epsilon"),
+    ({"dp-epsilon": 1e300}, "dp-epsilon"),
+    ({"dp-spent": 1}, "privacy budget spent"),
+    ({"dp-spent": 7}, "dp-spent"),
+])
+def test_a_reply_with_a_bad_or_spent_budget_is_dropped_with_its_reason(metrics, reason):
+    verdict = ReplyMetrics(max_num_examples=1000).clean({"num-examples": 10, **metrics})
+    assert verdict.reason is not None and reason in verdict.reason
+
+
+@pytest.mark.parametrize("settings, flag", [
+    ({"method": "ewc"}, "--method ewc"),
+    ({"method": "replay+si"}, "--method si"),
+    ({"method": "replay", "prox_mu": 0.01}, "--prox-mu"),
+    ({"training": "local-only"}, "--training local-only"),
+])
+def test_what_dp_sgd_cannot_go_with_is_refused_in_one_line(settings, flag):
+    with pytest.raises(FedtideError, match=flag) as refused:
+        RunConfig.of(dp="sample", **settings)
+    assert "\n" not in str(refused.value)
