@@ -10,12 +10,13 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp_sgd import STEPS_KEY, SampleBudget, planned_steps, step_rate, train_local_dp
+from client.dp_sgd import STEPS_KEY, LinearSteps, SampleBudget, planned_steps, step_rate, train_local_dp
 from client.learner import LocalTraining
 from client.methods.replay import Replay
 from common.config import RunConfig
 from common.datasets import LabelledSplit
 from common.errors import FedtideError
+from common.models import SmallCNN
 from fedtide.cli import main
 from server.reply_metrics import ReplyMetrics
 
@@ -34,19 +35,48 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_one_step_moves_the_model_by_at_most_the_clipped_gradient_whatever_the_data():
+@pytest.mark.parametrize("per_sample", ["auto", "opacus"])
+def test_one_step_moves_the_model_by_at_most_the_clipped_gradient_whatever_the_data(per_sample):
     """A step over all the data (rate 1) with no noise: the mean of gradients each clipped to
     C moves the weights by at most lr * C, however wild the samples are."""
     model = _model()
     before = _flat(model)
     wild = LabelledSplit(_data(16).x * 1e4, _data(16).y)
     train_local_dp(model, wild, [], LocalTraining(lr=2.0, epochs=1, batch_size=16), noise=0.0, clip=0.1, seed=0,
-                   budget=SampleBudget(), generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+                   budget=SampleBudget(), generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                   per_sample=per_sample)
     moved = float((_flat(model) - before).norm())
     assert 0 < moved <= 2.0 * 0.1 + 1e-5
     plain = _model()
     torch.nn.functional.cross_entropy(plain(wild.x), wild.y).backward()
     assert 2.0 * float(torch.cat([p.grad.flatten() for p in plain.parameters()]).norm()) > 100 * moved
+
+
+def _private_weights(model: torch.nn.Module, per_sample: str, noise: float, x_shape=(20,)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    data = LabelledSplit(torch.rand(120, *x_shape, generator=g), torch.randint(0, 4, (120,), generator=g))
+    replay = Replay(capacity=30, seed=0, fill="stream")
+    replay.observe(data.x[:30], data.y[:30])
+    train_local_dp(model, data, [replay], LocalTraining(lr=0.5, epochs=2, batch_size=16), noise=noise, clip=0.5,
+                   seed=3, budget=SampleBudget(), generator=torch.Generator().manual_seed(1),
+                   device=torch.device("cpu"), per_sample=per_sample)
+    return _flat(model)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_the_mlps_ghost_clipping_gives_opacus_numbers_without_per_sample_gradients(noise):
+    assert LinearSteps.fits(_model())
+    fast, opacus = _private_weights(_model(), "auto", noise), _private_weights(_model(), "opacus", noise)
+    assert torch.allclose(fast, opacus, atol=1e-6) and not torch.equal(fast, _flat(_model()))
+
+
+def test_the_cnn_trains_privately_through_opacus():
+    torch.manual_seed(0)
+    cnn = SmallCNN((1, 8, 8), 4, (16,))
+    assert not LinearSteps.fits(cnn)
+    before = _flat(cnn)
+    after = _private_weights(cnn, "auto", 1.0, x_shape=(1, 8, 8))
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
 
 
 def test_the_budget_is_opacus_rdp_accountants_over_every_step_and_memories_pay_each_time():
