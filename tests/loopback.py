@@ -60,10 +60,10 @@ def rss_bytes(pids: list[int]) -> int:
 class Session:
     """``fedtide ARGS...`` started in a new session, its output in ``log``."""
 
-    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
+    def __init__(self, args: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log = log
-        env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), **(env or {})}
         self.remembered: set[int] = set()  # processes seen before the command alone was killed
         with log.open("wb") as out:
             self.process = subprocess.Popen(
@@ -187,3 +187,73 @@ def read_state(state_dir: Path) -> dict:
     from client.state_store import ClientStateStore
 
     return ClientStateStore(state_dir).latest()
+
+
+class CountingRelay:
+    """A TCP relay on 127.0.0.1 in front of ``target`` (HOST:PORT) that counts the bytes each
+    way: what the wire carries between a client and the server, TLS records, HTTP/2 and gRPC
+    framing, polls and heartbeats included. ``up``: client to server; ``down``: back."""
+
+    def __init__(self, target: str) -> None:
+        import threading
+
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.up = self.down = 0
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def counts(self) -> tuple[int, int]:
+        with self.lock:
+            return self.up, self.down
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = self._connect()
+            if server is None:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, server, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, "down"), daemon=True).start()
+
+    def _connect(self, patience: float = 60.0) -> socket.socket | None:
+        """The server's end, waiting while the server starts (a client would read a refused
+        connection as a broken TLS handshake)."""
+        deadline = time.monotonic() + patience
+        while not self.closed and time.monotonic() < deadline:
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+                server.settimeout(None)
+                return server
+            except OSError:
+                time.sleep(0.2)
+        return None
+
+    def _pump(self, source: socket.socket, sink: socket.socket, way: str) -> None:
+        try:
+            while chunk := source.recv(1 << 16):
+                sink.sendall(chunk)
+                with self.lock:
+                    setattr(self, way, getattr(self, way) + len(chunk))
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                end.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()

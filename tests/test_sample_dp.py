@@ -131,7 +131,7 @@ def test_memories_join_a_private_batch_by_poisson_sampling_never_twice():
 def test_a_private_run_reports_each_clients_budget_and_keeps_it_on_the_device(tmp_path):
     out = tmp_path / "run"
     code = main(["simulate", "--out", str(out), "--num-tasks", "2", "--rounds-per-task", "2", "--clients", "3",
-                 "--dp", "sample", "--dp-noise", "1.0", "--method", "der", "--threads", "1", "--quiet"])
+                 "--dp", "sample", "--dp-noise", "1.0", "--method", "der+lwf", "--threads", "1", "--quiet"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

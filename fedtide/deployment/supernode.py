@@ -32,6 +32,8 @@ import sys
 import threading
 from typing import Any, Callable
 
+from fedtide.deployment.wire_meter import install_from_environment
+
 HEARTBEAT_SECONDS = 10  # the shortest interval a SuperLink accepts (Flower: 30)
 HEARTBEAT_PATIENCE = 2  # missed intervals after which the SuperLink takes a node for gone
 RECONNECT_PAUSE = 2  # longest pause between reconnection attempts, seconds (Flower: 20)
@@ -112,6 +114,7 @@ def main() -> None:
               "timings (a restarted client may wait up to a minute to rejoin)", file=sys.stderr)
     from flwr.supernode.cli import flower_supernode
 
+    install_from_environment()  # FEDTIDE_WIRE_LOG: count the bytes of every Fleet API call (benchmarks)
     arguments = sys.argv[1:]
     if "--isolation" not in arguments and start_superexec_thread(runtime_api_address(arguments)) is not None:
         arguments += ["--isolation", "process"]  # the SuperExec runs in this process: Flower starts none
