@@ -148,7 +148,7 @@ def main() -> None:
             f"{row['http_message_down'] / 1000:.1f} KB", f"{100 * (row['http_message_down'] / row['bench_down'] - 1):+.1f}%",
             f"{row['http_other'] / 1000:.1f} KB ({row['empty_polls']:.0f} empty polls, round {row['round_seconds']:.1f} s)",
             f"{row['wire_up'] / 1000:.1f} / {row['wire_down'] / 1000:.1f} KB")
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ sample's gradient (``GradSampleModule``), clips it to L2 norm ``--dp-clip`` and 
 noise of standard deviation ``--dp-noise * --dp-clip`` to the sum (``DPOptimizer``); the sum is
 divided by the expected batch size.
 
-**How memories are accounted.** A sample is in the new data in the round it arrives and, once
-the client observes it (after that round's training, never during it), may sit in the memory
-for the rest of the run. One step is a subsampled Gaussian mechanism at rate max(q, q_mem) for
+**How memories are accounted.** A sample is the client's data while its task runs and joins
+the memory when the task ends (``--memory-fill boundary``; ``stream``, which would make it a
+memory while it is still data, is refused; an edge device retraining on its memory draws it
+once, as data). It may then sit in the memory for the rest of the run. One step is a subsampled Gaussian mechanism at rate max(q, q_mem) for
 whichever sample is worst placed; the client composes every step of every round it trains
 (Opacus's RDP accountant), so a memory replayed in a hundred rounds pays in all of them. The
 epsilon a client reports bounds every sample it ever held, memories included. Each arriving
@@ -20,7 +21,7 @@ accounting, which this is not.
 Outside the guarantee: what a client reports beside its weights (prequential accuracy, drift
 flags, losses, counts), its drift detector's evidence, and the logits der stores (used only in
 their own sample's loss, but kept on the device). Penalties that are not a per-sample loss
-(EWC, SI, MAS, FedProx) are refused: per-sample clipping would drop their gradient, and their
+(EWC, SI, MAS, FedProx; generative replay) are refused: per-sample clipping would drop their gradient, and their
 importance weights are computed from the data outside any clipping.
 """
 
@@ -116,14 +117,21 @@ def train_private(
     device: torch.device,
     observe: bool = True,
     continuing: bool = False,
+    memories: bool = True,
 ) -> TrainStats:
     """A stretch of DP-SGD with the budget kept in ``state``; with ``--target-epsilon``, no
-    training at all when it would pass the target (the stats say ``budget_spent``)."""
+    training at all when it would pass the target (the stats say ``budget_spent``).
+    ``memories`` False: ``data`` is the memory (an edge device with nothing new), which is
+    then not drawn a second time beside it."""
     budget = SampleBudget.from_state(state)
-    # the noise's seed: drawn from the round's stream (research, --dp-reproducible), else the OS's entropy
+    # the noise and the batches' draws come from the operating system's entropy: subsampling
+    # amplifies privacy only while no one can tell which samples a step drew, and the run's
+    # seed is in its config.json. --dp-reproducible (research) draws both from the round's stream.
     drawn = int(torch.randint(0, 2**62, (1,), generator=generator))
     seed = drawn if privacy.dp_reproducible else int.from_bytes(os.urandom(8), "little") >> 1
-    memory = _memory(methods)
+    if not privacy.dp_reproducible:
+        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    memory = _memory(methods) if memories else None
     rate = step_rate(len(data), memory.memory_size() if memory is not None else 0, training,
                      memory.ratio if memory is not None else 0.0)[2]
     steps = planned_steps(len(data), training.batch_size, training.epochs)
@@ -136,7 +144,7 @@ def train_private(
         for method in methods:
             method.start_round(model)
     stats = train_local_dp(model, data, methods, training, privacy.dp_noise, privacy.dp_clip, seed, budget, generator,
-                           device, observe)
+                           device, observe, memories=memories)
     return dataclasses.replace(stats, privacy_state=budget.state(), epsilon=budget.epsilon(privacy.dp_delta))
 
 
@@ -153,6 +161,7 @@ def train_local_dp(
     device: torch.device,
     observe: bool = True,
     per_sample: str = "auto",
+    memories: bool = True,
 ) -> TrainStats:
     """DP-SGD for ``training.epochs`` epochs over ``data`` (noise multiplier ``noise``, each
     sample's gradient clipped to ``clip``, the noise drawn from ``seed``); the steps are added
@@ -165,19 +174,19 @@ def train_local_dp(
     x_all, y_all = data.x.to(device), data.y.to(device)
     errors = _errors(model, x_all, y_all)
     memory = _memory(methods)
-    memories = memory.memory_size() if memory is not None else 0
+    drawn = memory.memory_size() if memory is not None and memories else 0
     ratio = memory.ratio if memory is not None else 0.0
-    q, q_mem, rate = step_rate(len(data), memories, training, ratio)
+    q, q_mem, rate = step_rate(len(data), drawn, training, ratio)
     steps = planned_steps(len(data), training.batch_size, training.epochs)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     inner = torch.optim.Adam(params, lr=training.lr) if training.optimizer == "adam" else torch.optim.SGD(params, lr=training.lr)
-    expected = max(1, round(q * len(data) + q_mem * memories))
+    expected = max(1, round(q * len(data) + q_mem * drawn))
     noise_generator = torch.Generator(device=device).manual_seed(seed)
     kind = LinearSteps if per_sample == "auto" and LinearSteps.fits(model) else OpacusSteps
     private = kind(model, inner, noise, clip, expected, noise_generator)
     if memory is not None:
-        memory.draw_poisson(q_mem, generator)
+        memory.draw_poisson(q_mem, generator)  # 0 when ``memories`` is False: none drawn
     loss_sum = 0.0
     try:
         for _ in range(steps):

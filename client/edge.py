@@ -38,6 +38,8 @@ from client.rounds import (
     restore_methods,
     train_and_react,
 )
+from client.dp_sgd import STEPS_KEY
+from client.privacy_ledger import PrivacyLedger
 from client.state_store import ClientStateStore
 from common.config import ClientSettings
 from common.datasets import LabelledSplit
@@ -103,6 +105,9 @@ def _train_locked(
     candidates: dict[int, dict[str, torch.Tensor]], offer: Offer | None,
 ) -> TrainOutcome:
     state, ledger = store.load() if receipt is None else store.begin_round(receipt, new_run, server_round)
+    spending = PrivacyLedger(store.folder) if config.privacy.dp == "sample" else None
+    if spending is not None and (spent := spending.load()) is not None:
+        state = {**state, STEPS_KEY: spent}  # the ledger outlives the state: a fresh run or a reset counts on
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger, feature_range)
     released = ReleasedModelStore(store.folder)
     release_metrics = released.judge_arrivals(arrivals.data.x, arrivals.data.y) if arrivals.data is not None else {}
@@ -126,6 +131,8 @@ def _train_locked(
     if choice is not None:
         outcome.metrics.update(choice.metrics())
     outcome = compress_outcome(config.learner.compress, weights, outcome, state)  # its residual is saved with the state
+    if spending is not None and STEPS_KEY in outcome.state:
+        spending.save(outcome.state[STEPS_KEY])  # before the reply leaves the device
     consumed = [
         {"name": f.name, "size": f.size, "sha256": f.sha256, "mtime_ns": f.mtime_ns, "round": server_round,
          "samples": len(f.data)}

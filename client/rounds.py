@@ -231,13 +231,13 @@ def train_and_react(
         drifted = bool(early.positions) if early is not None else drifted_last_round(state)
         for method in methods:
             method.start_data(model, plan.data, drifted)
-    stats = train_stretch(model, plan, methods, config, state, device, observe)
+    stats = train_stretch(model, plan, methods, config, state, device, observe, memories=stream)
     if not stream:
         stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
     drift = early if early is not None else check_drift(config.drift, state, stats.errors, evidence)
     if (drift.positions or drift.recovering) and config.drift.react_extra_epochs > 0:
         extra = train_stretch(model, plan, methods, config, {**state, **stats.privacy_state}, device, observe=False,
-                              epochs=config.drift.react_extra_epochs, continuing=True)
+                              epochs=config.drift.react_extra_epochs, continuing=True, memories=stream)
         # the loss stays the round's own epochs' (a plateau schedule compares it round to round)
         stats = dataclasses.replace(stats, epochs=stats.epochs + extra.epochs, privacy_state=extra.privacy_state,
                                     epsilon=extra.epsilon if extra.epsilon is not None else stats.epsilon)
@@ -246,9 +246,10 @@ def train_and_react(
 
 def train_stretch(model: torch.nn.Module, plan: RoundPlan, methods: list[Method], config: ClientSettings,
                   state: dict[str, torch.Tensor], device: torch.device, observe: bool, epochs: int | None = None,
-                  continuing: bool = False) -> TrainStats:
+                  continuing: bool = False, memories: bool = True) -> TrainStats:
     """One stretch of local training: the shared loop, or DP-SGD with ``--dp sample`` (its
-    budget read from ``state`` and returned in the stats)."""
+    budget read from ``state`` and returned in the stats; ``memories`` False when the data
+    is the memory itself, so that no sample is drawn twice in a step)."""
     training = LocalTraining.of(config.learner, lr=plan.lr, epochs=epochs)
     if config.privacy.dp != "sample":
         return train_local(model, plan.data, methods, training, plan.generator, device, observe=observe,
@@ -256,7 +257,7 @@ def train_stretch(model: torch.nn.Module, plan: RoundPlan, methods: list[Method]
     from client.dp_sgd import train_private
 
     return train_private(model, plan.data, methods, training, config.privacy, state, plan.generator, device,
-                         observe=observe, continuing=continuing)
+                         observe=observe, continuing=continuing, memories=memories)
 
 
 def finish_round(

@@ -195,7 +195,7 @@ class RunConfig:
         if self.privacy.dp == "client":
             check_client_dp(server, drift, data.training)
         if self.privacy.dp == "sample":
-            check_sample_dp([cls.name for cls in self.methods.active], data.training)
+            check_sample_dp([cls.name for cls in self.methods.active], data.training, self.methods.options["memory-fill"])
         if self.learner.compress != "none" and data.training in ("local-only", "personal-head"):
             raise FedtideError(f"--compress sends updates against the global model, but --training {data.training} "
                                "sends each client a model of its own: drop --compress")
@@ -305,8 +305,11 @@ def check_client_dp(server: ServerSettings, drift: DriftSettings, training: str)
 SAMPLE_DP_METHODS = ("replay", "der", "lwf")  # their losses are sums of per-sample terms
 
 
-def check_sample_dp(methods: list[str], training: str) -> None:
+def check_sample_dp(methods: list[str], training: str, memory_fill: str) -> None:
     """What DP-SGD on the clients (``client.dp_sgd``) cannot go with; FedtideError in one line."""
+    if memory_fill == "stream" and any(name in ("replay", "der") for name in methods):
+        raise FedtideError("--dp sample accounts each sample once per step; with --memory-fill stream a task's samples "
+                           "are memories while they are still its data, drawn twice: use --memory-fill boundary")
     other = [name for name in methods if name not in SAMPLE_DP_METHODS]
     if other:
         flag = "--prox-mu" if other[0] == "prox" else f"--method {other[0]}"

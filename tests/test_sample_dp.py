@@ -190,8 +190,40 @@ def test_a_reply_with_a_bad_or_spent_budget_is_dropped_with_its_reason(metrics, 
     ({"method": "replay+si"}, "--method si"),
     ({"method": "replay", "prox_mu": 0.01}, "--prox-mu"),
     ({"training": "local-only"}, "--training local-only"),
+    ({"method": "replay", "memory_fill": "stream"}, "--memory-fill boundary"),
+    ({"method": "dgr"}, "--method dgr"),
 ])
 def test_what_dp_sgd_cannot_go_with_is_refused_in_one_line(settings, flag):
     with pytest.raises(FedtideError, match=flag) as refused:
         RunConfig.of(dp="sample", **settings)
     assert "\n" not in str(refused.value)
+
+
+def _edge_round(state_dir, inbox, server_round, run_uid):
+    from client.edge import train_on_arrivals
+    from common.models import build_model
+    from common.receipt import Receipt
+
+    config = RunConfig.of(dp="sample", method="replay").client
+    weights = build_model(config.network.model, (1, 8, 8), 10, config.network.hidden_widths, config.seed).state_dict()
+    return train_on_arrivals(config, (1, 8, 8), 10, server_round, weights, inbox, state_dir,
+                             receipt=Receipt(run_uid, server_round - 1))
+
+
+def test_a_devices_budget_counts_on_when_a_new_run_starts_its_state_fresh(tmp_path):
+    import numpy as np
+
+    from client.privacy_ledger import LEDGER_FILE
+
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    inbox.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(inbox / "a.npz", x=rng.uniform(0, 1, (64, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 64))
+    first = _edge_round(state, inbox, 1, "a" * 32).metrics["dp-epsilon"]
+    second = _edge_round(state, inbox, 2, "a" * 32).metrics["dp-epsilon"]
+    # a new server run: the state goes aside and the file is new again, its samples trained on again
+    again = _edge_round(state, inbox, 1, "b" * 32)
+    assert again.metrics["new-files"] == 1 and 0 < first < second < again.metrics["dp-epsilon"]
+    (state / LEDGER_FILE).write_text((state / LEDGER_FILE).read_text().replace("1.0", "0.5", 1))
+    with pytest.raises(FedtideError, match="privacy ledger .* is damaged.*will not train"):
+        _edge_round(state, inbox, 2, "b" * 32)
