@@ -27,11 +27,12 @@ from flwr.clientapp import ClientApp
 
 from client.clusters import check_choice, choose_model
 from client.compressed_reply import compress_outcome
+from client.packed_model import received_model
 from client.rounds import TrainOutcome, evaluate_round, train_round
 from client.vectorized import train_rounds_together
 from common.config import (
-    CANDIDATE_PREFIX, CHOICE_RULE_KEY, EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, RELEASE_INFO_KEY,
-    RELEASED_KEY, ClientSettings,
+    CANDIDATE_PREFIX, CHOICE_RULE_KEY, EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, PACKED_MODEL_NAME,
+    RELEASE_INFO_KEY, RELEASED_KEY, ClientSettings,
 )
 from common.datasets import LabelledSplit
 from common.errors import FedtideError
@@ -111,7 +112,7 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
     if "inbox" in context.node_config:
         return _train_edge(msg, context, settings, server_round)
     settings = _local(settings, context)
-    partition, received = _partition(context), msg.content["arrays"].to_torch_state_dict()
+    partition, received = _partition(context), _received(msg.content["arrays"], settings)
     before = _state(context)
     choice = None
     candidates = _candidates(msg.content)
@@ -133,6 +134,16 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
     if tampering is not None:
         outcome = tampering.reply(settings, partition, server_round, received, outcome)
     return _reply(msg, context, compress_outcome(settings.learner.compress, received, outcome, before))
+
+
+def _received(arrays: ArrayRecord, settings: ClientSettings) -> dict:
+    """A simulated client's received weights (unpacked with ``--compress-down``)."""
+    if PACKED_MODEL_NAME not in arrays:
+        return arrays.to_torch_state_dict()
+    from common.scenarios import build_scenario
+
+    scenario = build_scenario(settings.data, settings.seed)
+    return received_model(arrays, settings, scenario.input_shape, scenario.num_classes)
 
 
 def _candidates(content: RecordDict) -> dict[int, dict]:
@@ -160,6 +171,8 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
         raise FedtideError("this node has an inbox but no state-dir: start it with `fedtide client --state DIR`")
     if INPUT_SHAPE_KEY not in record or NUM_CLASSES_KEY not in record:
         raise FedtideError("the server sent no model shape: run the server with `fedtide server` of the same version")
+    input_shape = tuple(int(d) for d in str(record[INPUT_SHAPE_KEY]).split(","))
+    num_classes = int(record[NUM_CLASSES_KEY])
     candidates = _candidates(msg.content)
     if candidates:
         rule = str(record.get(CHOICE_RULE_KEY, "loss"))
@@ -168,10 +181,10 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
             raise FedtideError(f"an edge client chooses its model by loss; '{rule[:20]}' needs a simulation")
     outcome = train_on_arrivals(
         config,
-        tuple(int(d) for d in str(record[INPUT_SHAPE_KEY]).split(",")),
-        int(record[NUM_CLASSES_KEY]),
+        input_shape,
+        num_classes,
         server_round,
-        msg.content["arrays"].to_torch_state_dict(),
+        received_model(msg.content["arrays"], config, input_shape, num_classes),
         Path(str(context.node_config["inbox"])),
         Path(str(state_dir)),
         device_name=context.node_config.get("device"),
@@ -238,7 +251,7 @@ def train_many(
         config, server_round = received_settings(messages[0])
         if tampering is not None and any(tampering.poison(config, _partition(c), server_round) for c in contexts):
             return None  # a poisoned client trains on other data: one by one
-        received = first["arrays"].to_torch_state_dict()
+        received = _received(first["arrays"], config)
         jobs = [(_partition(c), server_round, _state(c)) for c in contexts]
         outcomes = train_rounds_together(config, jobs, received)
     except Exception:

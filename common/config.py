@@ -41,6 +41,7 @@ MAX_CLUSTERS = 64
 RELEASED_KEY, RELEASE_INFO_KEY = "released", "release"
 # a compressed reply (--compress, common.compression): its arrays record holds this one array
 PACKED_NAME = "fedtide.packed-update"
+PACKED_MODEL_NAME = "fedtide.packed-model"  # --compress-down: the global model, quantised and packed
 HELD_VERSION_KEY, RELEASED_ACC_KEY = "released-version", "released-acc"
 # --dp sample: a client's epsilon so far (its own accountant), and 1 when it stopped training at --target-epsilon
 SAMPLE_EPSILON_KEY, DP_SPENT_KEY = "dp-epsilon", "dp-spent"
@@ -196,6 +197,9 @@ class RunConfig:
             check_client_dp(server, drift, data.training)
         if self.privacy.dp == "sample":
             check_sample_dp([cls.name for cls in self.methods.active], data.training, self.methods.options["memory-fill"])
+        if self.learner.compress_down != "none" and data.training not in ("federated", "joint"):
+            raise FedtideError(f"--compress-down packs the one global model; --training {data.training} sends several: "
+                               "drop --compress-down")
         if self.learner.compress != "none" and data.training in ("local-only", "personal-head"):
             raise FedtideError(f"--compress sends updates against the global model, but --training {data.training} "
                                "sends each client a model of its own: drop --compress")

@@ -121,8 +121,15 @@ class LearnerSettings(Section):
     compress: str = setting("none", "what a client sends: none (its weights), int8 or int4 (its update, quantised per "
                             "chunk of 256 with error feedback, packed with zstandard: about 4x / 9x fewer bytes)",
                             choices=("none", "int8", "int4"))
+    compress_down: str = setting("none", "what the server sends for training: none (the model's weights) or int8 (the "
+                                 "model quantised per chunk of 256, packed: about 4x fewer bytes; the server keeps the "
+                                 "full model and reads each reply against it); needs --compress", choices=("none", "int8"))
 
     def check(self) -> None:
+        if self.compress_down != "none" and self.compress == "none":
+            raise FedtideError("--compress-down sends a quantised model, and a client's weights trained from it would "
+                               "carry the quantisation back as if it were learning: add --compress int8 or int4, whose "
+                               "updates the server reads against its full model")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise FedtideError(f"--device '{self.device}': use auto, cpu, cuda or cuda:N")
 

@@ -5,7 +5,8 @@ The update is decoded against the model the node was sent (the round's global mo
 cluster's, or the version an asynchronous node started from), so validation, the influence
 bound and every aggregation rule work on the decoded weights as on a plain reply. A payload
 that is not exactly what the model and codec make is refused with the reason; a plain reply
-(a Flower client that does not compress) is taken as it is.
+(a Flower client that does not compress) is taken as it is. With ``--compress-down`` the
+training messages carry the model packed too (``DownlinkModel``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from common.compression import CodecError, decode_update
-from common.config import PACKED_NAME
+from common.compression import CodecError, decode_update, encode_update
+from common.config import PACKED_MODEL_NAME, PACKED_NAME
 
 ARRAYS_KEY = "arrays"
 
@@ -52,6 +53,26 @@ def unpack_reply(content: RecordDict, reference: dict[str, np.ndarray], codec: s
     decoded = RecordDict(dict(content))
     decoded[ARRAYS_KEY] = ArrayRecord({name: Array(np.ascontiguousarray(w)) for name, w in weights.items()})
     return decoded, None
+
+
+class DownlinkModel:
+    """``--compress-down``: the global model a training message carries, quantised per chunk
+    (``common.compression``, against zero) and packed as one uint8 array, ``PACKED_MODEL_NAME``;
+    packed once per model, whichever nodes it goes to. The server keeps the full model: a
+    client's compressed update, made against the model it unpacked, is read against the full
+    one, so the quantisation is not learned as if it were an update (error feedback)."""
+
+    def __init__(self, codec: str) -> None:
+        self.codec = codec
+        self._last: tuple[ArrayRecord, ArrayRecord] | None = None
+
+    def pack(self, arrays: ArrayRecord) -> ArrayRecord:
+        if self.codec == "none":
+            return arrays
+        if self._last is None or self._last[0] is not arrays:
+            payload, _ = encode_update({name: array.numpy() for name, array in arrays.items()}, self.codec)
+            self._last = (arrays, ArrayRecord({PACKED_MODEL_NAME: Array(np.frombuffer(payload, np.uint8).copy())}))
+        return self._last[1]
 
 
 def payload_size(content: RecordDict) -> int:

@@ -43,7 +43,7 @@ from server.influence import InfluenceBound
 from server.robust import AggregationRule, update_norm
 from server.sampling import NodeSampling
 from server.receipts import Receipts
-from server.compressed_replies import payload_size, unpack_reply
+from server.compressed_replies import DownlinkModel, payload_size, unpack_reply
 from server.privacy import ClientLevelDP, require_opacus
 from server.round_hooks import (
     ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, PersonalHead, RoundHook, credited_report,
@@ -83,10 +83,12 @@ class FedtideStrategy(Strategy):
         staleness: Staleness | None = None,
         codec: str = "none",
         privacy: ClientLevelDP | None = None,
+        downlink: str = "none",
     ) -> None:
         self.history = history
         self.privacy = privacy  # client-level DP: clipped, noised mean instead of the rule (server.privacy)
         self.codec = codec  # what clients send: weights, or packed updates (server.compressed_replies)
+        self.downlink = DownlinkModel(downlink)  # what training messages carry: the model, or it packed
         self.traffic = {"up": 0, "replies": 0, "down": 0, "messages": 0}  # bytes of arrays, as sent
         self.drift_credit = drift_credit or DriftCredit(0.0)
         self.validator = validator
@@ -259,6 +261,8 @@ class FedtideStrategy(Strategy):
     def _messages(self, server_round, arrays, config, nodes, message_type) -> list[Message]:
         config.update(self.extra_config)
         config["server-round"] = server_round
+        if message_type == MessageType.TRAIN and self.clusters is None:
+            arrays = self.downlink.pack(arrays)  # the server keeps the full model; replies are read against it
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})  # one payload, shared
         return [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
 
@@ -508,6 +512,7 @@ def build_strategy(
     times: PhaseTimes | None = None,
     extra_hooks: Sequence[RoundHook] = (),
     compress: str = "none",
+    compress_down: str = "none",
     privacy: ClientLevelDP | None = None,
 ) -> FedtideStrategy:
     """fedtide's strategy from its settings, for ``run_federation`` or your own ServerApp.
@@ -562,6 +567,7 @@ def build_strategy(
         drift_credit=DriftCredit(drift.drift_evidence, drift.drift_follow_rounds),
         clusters=clusters,
         codec=compress,
+        downlink=compress_down,
         privacy=privacy,
         staleness=Staleness(server.staleness_exponent) if server.buffer_size > 0 else None,
     )
@@ -590,6 +596,7 @@ def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | Non
         training=config.data.training, concepts=config.data.num_tasks, frozen=config.network.frozen_prefixes,
         proximal_mu=config.methods.options["prox-mu"], num_tasks=history.num_tasks, times=times,
         extra_hooks=extra_hooks, compress=config.learner.compress, privacy=client_dp(config),
+        compress_down=config.learner.compress_down,
     )
 
 

@@ -15,6 +15,7 @@ from client.compressed_reply import RESIDUAL_PREFIX, compress_outcome
 from client.rounds import TrainOutcome
 from common.compression import CodecError, decode_update, encode_update, payload_bytes
 from common.config import PACKED_NAME, RunConfig
+from common.errors import FedtideError
 from fedtide.runtimes.inprocess import run_inprocess
 from server.compressed_replies import unpack_reply
 
@@ -173,3 +174,49 @@ def test_an_edge_client_sends_a_packed_update_and_keeps_its_residual_on_disk(tmp
     assert reason is None and set(unpacked["arrays"].keys()) == set(reference)
     saved, _ = ClientStateStore(state).load()
     assert {RESIDUAL_PREFIX + name for name in reference} <= set(saved)  # survives a restart of the device
+
+
+def test_a_packed_downlink_sends_four_times_fewer_bytes_down_and_learns_alike(tmp_path):
+    summaries = {}
+    for down in ("none", "int8"):
+        config = RunConfig.of(num_tasks=2, rounds_per_task=3, quiet=True, out=str(tmp_path / down), compress="int4",
+                              compress_down=down)
+        summaries[down] = run_inprocess(config, threads=1)
+    plain, packed = summaries["none"], summaries["int8"]
+    assert packed["rejected_replies"] == 0
+    assert packed["downlink_bytes_per_client_round"] * 3.5 < plain["downlink_bytes_per_client_round"]
+    assert abs(packed["acc"] - plain["acc"]) < 0.02
+
+
+def test_the_server_packs_each_model_once_and_a_client_refuses_a_packed_model_it_cannot_read():
+    from client.packed_model import received_model
+    from common.config import PACKED_MODEL_NAME
+    from common.models import build_model
+    from server.compressed_replies import DownlinkModel
+
+    config = RunConfig.of(compress="int4", compress_down="int8").client
+    model = build_model(config.network.model, (1, 8, 8), 10, config.network.hidden_widths, config.seed)
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in model.state_dict().items()})
+    downlink = DownlinkModel("int8")
+    packed = downlink.pack(arrays)
+    assert downlink.pack(arrays) is packed and list(packed) == [PACKED_MODEL_NAME]
+    unpacked = received_model(packed, config, (1, 8, 8), 10)
+    for name, tensor in model.state_dict().items():  # within half a quantisation step of each chunk
+        assert torch.allclose(unpacked[name], tensor, atol=float(tensor.abs().max()) / 127 / 2 + 1e-7)
+    cut = ArrayRecord({PACKED_MODEL_NAME: Array(packed[PACKED_MODEL_NAME].numpy()[:-10].copy())})
+    with pytest.raises(FedtideError, match="packed model does not fit this client's model"):
+        received_model(cut, config, (1, 8, 8), 10)
+    with pytest.raises(FedtideError, match="does not fit"):
+        received_model(packed, config, (1, 28, 28), 10)  # another model's shapes
+    with pytest.raises(FedtideError, match="--compress-down none"):
+        received_model(packed, RunConfig.of(compress="int4").client, (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("settings, flag", [
+    ({"compress_down": "int8"}, "--compress int8 or int4"),
+    ({"compress": "int8", "compress_down": "int8", "training": "clustered", "scenario": "distributed-drift",
+      "num_tasks": 2}, "--training clustered"),
+])
+def test_a_packed_downlink_that_cannot_work_is_refused_in_one_line(settings, flag):
+    with pytest.raises(FedtideError, match=flag):
+        RunConfig.of(**settings)

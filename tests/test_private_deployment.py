@@ -1,6 +1,6 @@
 """Sample-level DP on loopback: a real `fedtide server` (SuperLink, TLS, node authentication) and
-two `fedtide client` processes (SuperNodes) training with DP-SGD and sending int4-compressed
-updates. Each device's budget is in its privacy ledger; a second server run starts the
+two `fedtide client` processes (SuperNodes) training with DP-SGD, sending int4-compressed
+updates and receiving the model packed (int8). Each device's budget is in its privacy ledger; a second server run starts the
 devices' state fresh and reads their files again, and their budget counts on."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _run(tmp_path, certs, name: str, rounds: int) -> dict:
             ["server", "--certs", str(certs), "--database", str(tmp_path / f"{name}.db"), "--out", str(run),
              "--address", address, "--num-tasks", "1", "--rounds-per-task", str(rounds), "--local-epochs", "1",
              "--round-timeout", "120", "--release", "manual", "--dp", "sample", "--dp-noise", "1.0",
-             "--compress", "int4"],
+             "--compress", "int4", "--compress-down", "int8"],
             tmp_path / f"{name}-server.log", tmp_path,
         )
         sessions.append(server)
@@ -63,7 +63,8 @@ def test_devices_train_privately_send_packed_updates_and_their_budget_outlives_a
     for result in (first, second):
         summary = result["summary"]
         assert summary["rejected_replies"] == 0 and summary["dp"]["level"] == "sample"
-        assert summary["uplink_bytes_per_client_round"] < summary["downlink_bytes_per_client_round"] / 6
+        model = summary["bytes_per_client_round"] / 2  # the model's float32 bytes, one way
+        assert summary["uplink_bytes_per_client_round"] < model / 6 and summary["downlink_bytes_per_client_round"] < model / 3.5
     before, after = _epsilons(first["records"]), _epsilons(second["records"])
     assert set(before) == set(after) == {"node-1", "node-2"}
     for node in before:
