@@ -6,7 +6,10 @@ ACC and the bytes each client sends up and receives down per round, measured on 
 uncompressed run, and how many times fewer bytes go up (targets: >= 8x with ACC within 0.5
 points).
 
-Usage: python benchmarks/compression.py --data-dir ../shared/datasets [--seeds 3] [--codecs none,int8,int4]
+A codec may name the downlink too, UP/DOWN: ``int4/int8`` sends int4 updates up and the model
+packed as int8 down (``--compress-down``).
+
+Usage: python benchmarks/compression.py --data-dir ../shared/datasets [--seeds 3] [--codecs none,int8,int4,int4/int8]
        [--jobs 2] [--json] [--set KEY=VALUE ...]
 """
 
@@ -34,8 +37,10 @@ def run_cell(job: tuple[str, int, str, dict]) -> dict:
 
     codec, seed, data_dir, overrides = job
     with tempfile.TemporaryDirectory() as tmp:
+        up, _, down = codec.partition("/")  # UP[/DOWN]: int4/int8 packs the model the server sends too
         settings = {**preset_settings("split-mnist"), "data_dir": data_dir, "method": "der", "replay_shift": 2,
-                    "seed": seed, "compress": codec, "quiet": True, "out": f"{tmp}/run", **overrides}
+                    "seed": seed, "compress": up, "compress_down": down or "none", "quiet": True, "out": f"{tmp}/run",
+                    **overrides}
         summary = run_inprocess(RunConfig.of(**settings), threads=1)
     return {"codec": codec, "seed": seed, "acc": summary["acc"], "up": summary["uplink_bytes_per_client_round"],
             "down": summary["downlink_bytes_per_client_round"], "rejected": summary["rejected_replies"]}
