@@ -33,17 +33,18 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from client.learner import LocalTraining, TrainStats, batch_loss
 from client.methods import Method
 from common.datasets import LabelledSplit
-from common.errors import FedtideError
+from common.errors import FedtideError, require_opacus
 from common.sections import PrivacySettings
 
 STEPS_KEY = "dp.steps"  # client state: rows of (noise multiplier, sampling rate, steps)
-MAX_HISTORY_ROWS = 1_000_000  # a state file claiming more is refused (rows merge when equal)
+MAX_HISTORY_ROWS = 10_000  # a state file claiming more is refused (rows merge when equal; rates have 2 digits)
 
 
 @dataclass
@@ -58,13 +59,15 @@ class SampleBudget:
         if saved is None:
             return cls()
         if (saved.dim() != 2 or saved.shape[1] != 3 or saved.shape[0] > MAX_HISTORY_ROWS
-                or not torch.isfinite(saved).all() or (saved < 0).any() or (saved[:, 1] > 1).any()):
+                or not torch.isfinite(saved).all() or (saved < 0).any() or (saved[:, 1] > 1).any()
+                or (saved[:, 0] < 0.1).any() or (saved[:, 2] > 1e12).any()):
             # a privacy history must never be silently shortened: a broken one stops the client
             raise FedtideError(f"the client state's DP history '{STEPS_KEY}' is damaged ({tuple(saved.shape)}): the "
                                "budget this device spent is unknown; restore the state folder from a backup")
         return cls([(float(n), float(q), int(s)) for n, q, s in saved.tolist()])
 
     def add(self, noise: float, rate: float, steps: int) -> None:
+        rate = rate_up(rate)
         for i, (n, q, s) in enumerate(self.rows):
             if n == noise and q == rate:
                 self.rows[i] = (n, q, s + steps)
@@ -75,23 +78,65 @@ class SampleBudget:
         """Epsilon at ``delta`` by Opacus's RDP accountant (its orders), after the steps so far
         (and ``extra``)."""
         from opacus.accountants import RDPAccountant
-        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+        from opacus.accountants.analysis.rdp import get_privacy_spent
 
-        rows = [*self.rows, *([extra] if extra else [])]
+        rows = [*self.rows, *([(extra[0], rate_up(extra[1]), extra[2])] if extra else [])]
         if not any(steps for _, _, steps in rows):
             return 0.0
-        orders = RDPAccountant.DEFAULT_ALPHAS
-        total = sum(torch.as_tensor(compute_rdp(q=q, noise_multiplier=n, steps=s, orders=orders), dtype=torch.float64)
-                    for n, q, s in rows if s)
-        epsilon, _ = get_privacy_spent(orders=orders, rdp=total.numpy(), delta=delta)
+        total = sum(s * _one_step_rdp(n, q) for n, q, s in rows if s)  # RDP composes by adding
+        epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
         return float(epsilon)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {STEPS_KEY: torch.tensor(self.rows, dtype=torch.float64).reshape(-1, 3)}
 
 
+_RDP: dict[tuple[float, float], "np.ndarray"] = {}  # one step's RDP per (noise, rate), at Opacus's orders
+
+
+def _one_step_rdp(noise: float, rate: float):
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    key = (noise, rate)
+    if key not in _RDP:
+        if len(_RDP) > 4096:
+            _RDP.clear()
+        _RDP[key] = np.asarray(compute_rdp(q=rate, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+    return _RDP[key]
+
+
+def rate_up(rate: float) -> float:
+    """``rate`` rounded up to two significant digits: a little more budget counted, and few
+    distinct rates for the accountant (each is computed once)."""
+    if rate <= 0 or rate >= 1:
+        return min(max(rate, 0.0), 1.0)
+    unit = 10.0 ** (math.floor(math.log10(rate)) - 1)
+    return min(1.0, math.ceil(round(rate / unit, 9)) * unit)
+
+
 def _memory(methods: list[Method]):
     return next((m for m in methods if hasattr(m, "draw_poisson")), None)
+
+
+def _fingerprints(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One number per sample, equal for equal samples (a fixed random projection of its values
+    and its label); two different samples share one only by chance, which excludes a memory
+    that did not need it: never the other way."""
+    flat = x.detach().cpu().reshape(len(x), -1).double()
+    weights = torch.rand(flat.shape[1] + 1, generator=torch.Generator().manual_seed(0x5EED), dtype=torch.float64)
+    return flat @ weights[:-1] + y.detach().cpu().double() * weights[-1]
+
+
+def drawable(memory, data: LabelledSplit) -> tuple[torch.Tensor | None, int]:
+    """(which memory slots a step may draw, how many): not those holding a sample of ``data``,
+    which a step may already draw as data (a drift detected mid-task merges the task's samples
+    into the memory while the task still trains on them), so that no sample is drawn twice."""
+    samples = memory.memory_samples() if memory is not None else None
+    if samples is None:
+        return None, 0
+    allowed = ~torch.isin(_fingerprints(*samples), _fingerprints(data.x, data.y))
+    return allowed, int(allowed.sum())
 
 
 def planned_steps(data_size: int, batch_size: int, epochs: int) -> int:
@@ -131,9 +176,9 @@ def train_private(
     seed = drawn if privacy.dp_reproducible else int.from_bytes(os.urandom(8), "little") >> 1
     if not privacy.dp_reproducible:
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    require_opacus()
     memory = _memory(methods) if memories else None
-    rate = step_rate(len(data), memory.memory_size() if memory is not None else 0, training,
-                     memory.ratio if memory is not None else 0.0)[2]
+    rate = step_rate(len(data), drawable(memory, data)[1], training, memory.ratio if memory is not None else 0.0)[2]
     steps = planned_steps(len(data), training.batch_size, training.epochs)
     if privacy.target_epsilon and budget.epsilon(privacy.dp_delta, (privacy.dp_noise, rate, steps)) > privacy.target_epsilon:
         errors = _errors(model, data.x.to(device), data.y.to(device))
@@ -174,7 +219,7 @@ def train_local_dp(
     x_all, y_all = data.x.to(device), data.y.to(device)
     errors = _errors(model, x_all, y_all)
     memory = _memory(methods)
-    drawn = memory.memory_size() if memory is not None and memories else 0
+    allowed, drawn = drawable(memory if memories else None, data)
     ratio = memory.ratio if memory is not None else 0.0
     q, q_mem, rate = step_rate(len(data), drawn, training, ratio)
     steps = planned_steps(len(data), training.batch_size, training.epochs)
@@ -186,7 +231,7 @@ def train_local_dp(
     kind = LinearSteps if per_sample == "auto" and LinearSteps.fits(model) else OpacusSteps
     private = kind(model, inner, noise, clip, expected, noise_generator)
     if memory is not None:
-        memory.draw_poisson(q_mem, generator)  # 0 when ``memories`` is False: none drawn
+        memory.draw_poisson(q_mem, generator, allowed)  # q_mem 0 when ``memories`` is False: none drawn
     loss_sum = 0.0
     try:
         for _ in range(steps):
@@ -256,6 +301,10 @@ class OpacusSteps:
 
     def close(self) -> None:
         self.wrapped._close()
+        for p in self.params:  # what DPOptimizer leaves on a parameter
+            for name in ("summed_grad", "grad_sample"):
+                if hasattr(p, name):
+                    delattr(p, name)
 
 
 class LinearSteps:

@@ -39,7 +39,7 @@ from client.rounds import (
     train_and_react,
 )
 from client.dp_sgd import STEPS_KEY
-from client.privacy_ledger import PrivacyLedger
+from client.privacy_ledger import PrivacyLedger, merge_spent
 from client.state_store import ClientStateStore
 from common.config import ClientSettings
 from common.datasets import LabelledSplit
@@ -107,7 +107,8 @@ def _train_locked(
     state, ledger = store.load() if receipt is None else store.begin_round(receipt, new_run, server_round)
     spending = PrivacyLedger(store.folder) if config.privacy.dp == "sample" else None
     if spending is not None and (spent := spending.load()) is not None:
-        state = {**state, STEPS_KEY: spent}  # the ledger outlives the state: a fresh run or a reset counts on
+        # the ledger outlives the state: a fresh run or a reset counts on; a restored backup never lowers it
+        state = {**state, STEPS_KEY: merge_spent(spent, state.get(STEPS_KEY))}
     arrivals = collect_arrivals(Path(inbox), input_shape, num_classes, ledger, feature_range)
     released = ReleasedModelStore(store.folder)
     release_metrics = released.judge_arrivals(arrivals.data.x, arrivals.data.y) if arrivals.data is not None else {}

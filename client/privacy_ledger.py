@@ -50,11 +50,12 @@ class PrivacyLedger:
                     problem = "its checksum or format does not match"
                 else:
                     spent = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
-                    if not torch.isfinite(spent).all() or (spent < 0).any() or (spent[:, 1] > 1).any():
+                    if (not torch.isfinite(spent).all() or (spent < 0).any() or (spent[:, 1] > 1).any()
+                            or (spent[:, 0] < 0.1).any() or (spent[:, 2] > 1e12).any()):
                         problem = "it holds values no accountant wrote"
                     else:
                         return spent
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, ArithmeticError) as err:
             problem = f"it cannot be read ({str(err)[:80]})"
         raise FedtideError(f"the privacy ledger {self.path} is damaged: {problem}. The budget this device spent is "
                            "unknown, so it will not train: restore the file from a backup (delete it only if the "
@@ -64,3 +65,13 @@ class PrivacyLedger:
         rows = [[float(v) for v in row] for row in spent.reshape(-1, 3).tolist()]
         text = json.dumps({"format": FORMAT, "rows": rows, "sha256": _digest(rows)})
         write_bytes_atomic(self.path, text.encode(), mode=0o600)
+
+
+def merge_spent(ledger: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    """The larger count of steps for each (noise, rate) of the two: a ledger restored from an
+    older backup never lowers what the state knows was spent, nor the other way round."""
+    steps: dict[tuple[float, float], float] = {}
+    for rows in (ledger, state if state is not None else torch.zeros(0, 3, dtype=torch.float64)):
+        for noise, rate, count in rows.reshape(-1, 3).tolist():
+            steps[(noise, rate)] = max(steps.get((noise, rate), 0.0), count)
+    return torch.tensor([[n, q, c] for (n, q), c in steps.items()], dtype=torch.float64).reshape(-1, 3)

@@ -197,6 +197,8 @@ class RunConfig:
             check_client_dp(server, drift, data.training)
         if self.privacy.dp == "sample":
             check_sample_dp([cls.name for cls in self.methods.active], data.training, self.methods.options["memory-fill"])
+            check_sample_dp_inputs(self.methods.options["replay-loss"], drift, self.learner.lr_schedule,
+                                   server.timed and self.privacy.target_epsilon > 0)
         if self.learner.compress_down != "none" and data.training not in ("federated", "joint"):
             raise FedtideError(f"--compress-down packs the one global model; --training {data.training} sends several: "
                                "drop --compress-down")
@@ -322,6 +324,23 @@ def check_sample_dp(methods: list[str], training: str, memory_fill: str) -> None
     if training not in ("federated", "joint"):
         raise FedtideError(f"--dp sample trains the federated model with DP-SGD; --training {training} is not built "
                            "for it: use --training federated")
+
+
+def check_sample_dp_inputs(replay_loss: str, drift: DriftSettings, lr_schedule: str, timed_target: bool) -> None:
+    """What would let the raw data steer training past DP-SGD's clipping and noise, or a target
+    that cannot stop the run; FedtideError in one line."""
+    if replay_loss == "ace":
+        raise FedtideError("--dp sample bounds each sample's part of a step; --replay-loss ace masks every new "
+                           "sample's loss by the classes the others bring: use --replay-loss ce")
+    if drift.react_extra_epochs or drift.react_lr_boost != 1.0:
+        raise FedtideError("--dp sample: --react-extra-epochs and --react-lr-boost train harder on a verdict read from "
+                           "the raw data, outside the guarantee: drop them")
+    if lr_schedule == "plateau":
+        raise FedtideError("--dp sample: --lr-schedule plateau follows the noise-free training loss, outside the "
+                           "guarantee: use constant or restart")
+    if timed_target:
+        raise FedtideError("--dp sample with --target-epsilon stops synchronous rounds: drop --buffer-size and "
+                           "--speed-spread, or --target-epsilon")
 
 
 def trimmed_count(replies: int, trim_fraction: float) -> int:

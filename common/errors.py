@@ -6,3 +6,12 @@ class FedtideError(Exception):
 
     The CLI prints it on one line and exits with code 2, never a traceback.
     """
+
+
+def require_opacus() -> None:
+    """FedtideError unless Opacus (differential privacy's accountant and per-sample gradients)
+    is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("opacus") is None:
+        raise FedtideError('--dp needs Opacus for its privacy accountant: pip install "fedtide[dp]"')

@@ -273,7 +273,7 @@ class PrivacySettings(Section):
                       "clipped to --dp-clip, noise on each step; replayed memories pay at every step); the budget "
                       "reported; needs pip install \"fedtide[dp]\"", choices=("none", "client", "sample"))
     dp_noise: float = setting(1.0, "--dp: noise multiplier z (noise std = z * --dp-clip on the sum)",
-                              minimum=0, above=True, maximum=1e4)
+                              minimum=0.1, maximum=1e4)
     dp_clip: float = setting(1.0, "--dp: the largest L2 norm of a client's update (client) or of one sample's "
                              "gradient (sample)", minimum=0, above=True, maximum=1e6)
     dp_delta: float = setting(1e-5, "--dp: the delta of the (epsilon, delta) budget reported", minimum=0, above=True,

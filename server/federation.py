@@ -232,11 +232,18 @@ def budget_stop(strategy: Any, config: RunConfig):
 
 def clients_spent(history: Any, target: float):
     """``--dp sample`` with ``--target-epsilon``: each client stops itself before its budget
-    would pass the target; the run stops once a round got replies and every one was spent."""
+    would pass the target; the run stops after a round that kept no reply, once every node
+    that ever replied has said its budget is spent."""
 
     def stop(server_round: int) -> str | None:
         last = history.rounds[-1] if history.rounds else None
-        if last is None or last.clients or not last.rejected or not all(SPENT in r["reason"] for r in last.rejected):
+        if last is None or last.clients or not last.rejected:
+            return None
+        seen, spent = set(), set()  # nodes by name, over the whole run: a round may sample only spent ones
+        for record in history.rounds:
+            seen |= {c.get("name", c["node"]) for c in record.clients} | {r.get("name", r["node"]) for r in record.rejected}
+            spent |= {r.get("name", r["node"]) for r in record.rejected if SPENT in r["reason"]}
+        if seen != spent:
             return None
         return (f"every client that replied in round {last.server_round} would pass --target-epsilon {target:g} "
                 f"with another round (largest spent: {last.epsilon or 0:.3f})")

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import FedtideError
+
 from server.reply_metrics import SPENT
 
 Arrays = dict[str, np.ndarray]
@@ -131,9 +131,3 @@ def sample_dp_summary(privacy: Any, rounds: list[Any]) -> dict[str, Any]:
         "accountant": "Opacus RDP, on each client; the largest epsilon any client reported",
     }}
 
-
-def require_opacus() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("opacus") is None:
-        raise FedtideError('--dp needs Opacus for its privacy accountant: pip install "fedtide[dp]"')

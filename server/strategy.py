@@ -34,7 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.config import RunConfig, check_server
+from common.config import SAMPLE_EPSILON_KEY, RunConfig, check_server
 from common.sections import DriftSettings, ServerSettings
 from server.clusters import ModelClusters, cluster_reply
 from server.drift_credit import DriftCredit
@@ -44,7 +44,8 @@ from server.robust import AggregationRule, update_norm
 from server.sampling import NodeSampling
 from server.receipts import Receipts
 from server.compressed_replies import DownlinkModel, payload_size, unpack_reply
-from server.privacy import ClientLevelDP, require_opacus
+from common.errors import require_opacus
+from server.privacy import ClientLevelDP
 from server.round_hooks import (
     ARRAYS_KEY, CONFIG_KEY, DriftResponse, DriftWeighting, LocalModels, PersonalHead, RoundHook, credited_report,
 )
@@ -84,11 +85,13 @@ class FedtideStrategy(Strategy):
         codec: str = "none",
         privacy: ClientLevelDP | None = None,
         downlink: str = "none",
+        sample_dp: bool = False,
     ) -> None:
         self.history = history
         self.privacy = privacy  # client-level DP: clipped, noised mean instead of the rule (server.privacy)
         self.codec = codec  # what clients send: weights, or packed updates (server.compressed_replies)
         self.downlink = DownlinkModel(downlink)  # what training messages carry: the model, or it packed
+        self.sample_dp = sample_dp  # every reply must come from DP-SGD and say its epsilon
         self.traffic = {"up": 0, "replies": 0, "down": 0, "messages": 0}  # bytes of arrays, as sent
         self.drift_credit = drift_credit or DriftCredit(0.0)
         self.validator = validator
@@ -302,6 +305,9 @@ class FedtideStrategy(Strategy):
                 else:
                     reply.content = unpacked
                     verdict = self.validator.check(reply.content, reference if reference is not self._reference else None)
+                    if verdict.reason is None and self.sample_dp and SAMPLE_EPSILON_KEY not in verdict.metrics:
+                        verdict = Verdict("--dp sample: the reply reports no dp-epsilon (a client not training with "
+                                          "DP-SGD?); its update would be outside the run's guarantee")
             if verdict.reason is not None:
                 if self.staleness is not None:
                     self.staleness.rejected(node)
@@ -513,6 +519,7 @@ def build_strategy(
     extra_hooks: Sequence[RoundHook] = (),
     compress: str = "none",
     compress_down: str = "none",
+    sample_dp: bool = False,
     privacy: ClientLevelDP | None = None,
 ) -> FedtideStrategy:
     """fedtide's strategy from its settings, for ``run_federation`` or your own ServerApp.
@@ -568,6 +575,7 @@ def build_strategy(
         clusters=clusters,
         codec=compress,
         downlink=compress_down,
+        sample_dp=sample_dp,
         privacy=privacy,
         staleness=Staleness(server.staleness_exponent) if server.buffer_size > 0 else None,
     )
@@ -596,12 +604,15 @@ def run_strategy(config: RunConfig, history: RunHistory, times: PhaseTimes | Non
         training=config.data.training, concepts=config.data.num_tasks, frozen=config.network.frozen_prefixes,
         proximal_mu=config.methods.options["prox-mu"], num_tasks=history.num_tasks, times=times,
         extra_hooks=extra_hooks, compress=config.learner.compress, privacy=client_dp(config),
-        compress_down=config.learner.compress_down,
+        compress_down=config.learner.compress_down, sample_dp=config.privacy.dp == "sample",
     )
 
 
 def client_dp(config: RunConfig) -> ClientLevelDP | None:
-    """The run's client-level DP (``--dp client``), or None."""
+    """The run's client-level DP (``--dp client``), or None (``--dp sample``: Opacus checked
+    here too, before a client trains)."""
+    if config.privacy.dp == "sample":
+        require_opacus()
     if config.privacy.dp != "client":
         return None
     require_opacus()

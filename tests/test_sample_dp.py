@@ -192,6 +192,11 @@ def test_a_reply_with_a_bad_or_spent_budget_is_dropped_with_its_reason(metrics, 
     ({"training": "local-only"}, "--training local-only"),
     ({"method": "replay", "memory_fill": "stream"}, "--memory-fill boundary"),
     ({"method": "dgr"}, "--method dgr"),
+    ({"method": "replay", "replay_loss": "ace"}, "--replay-loss ce"),
+    ({"method": "replay", "react_extra_epochs": 1}, "--react-extra-epochs"),
+    ({"method": "replay", "lr_schedule": "plateau"}, "--lr-schedule plateau"),
+    ({"method": "replay", "target_epsilon": 5.0, "buffer_size": 2, "concurrency": 4}, "--buffer-size"),
+    ({"method": "replay", "dp_noise": 0.01}, "dp-noise"),
 ])
 def test_what_dp_sgd_cannot_go_with_is_refused_in_one_line(settings, flag):
     with pytest.raises(FedtideError, match=flag) as refused:
@@ -227,3 +232,42 @@ def test_a_devices_budget_counts_on_when_a_new_run_starts_its_state_fresh(tmp_pa
     (state / LEDGER_FILE).write_text((state / LEDGER_FILE).read_text().replace("1.0", "0.5", 1))
     with pytest.raises(FedtideError, match="privacy ledger .* is damaged.*will not train"):
         _edge_round(state, inbox, 2, "b" * 32)
+
+
+def test_a_memory_that_is_still_the_rounds_data_is_never_drawn_beside_it():
+    from client.dp_sgd import drawable
+
+    data = _data(40)
+    replay = Replay(capacity=30, seed=0, fill="stream")
+    replay.observe(data.x[:10], data.y[:10])  # a drift mid-task: ten of the task's samples are memories already
+    replay.observe(_data(20, seed=1).x, _data(20, seed=1).y)
+    allowed, count = drawable(replay, data)
+    assert count == 20 and not allowed[:10].any() and allowed[10:].all()
+    replay.draw_poisson(1.0, torch.Generator().manual_seed(0), allowed)
+    _, y = replay.extend_batch(torch.zeros(0, 20), torch.zeros(0, dtype=torch.long))
+    assert len(y) == 20  # rate 1: every allowed memory, none of the ten
+
+
+def test_a_restored_older_ledger_never_lowers_what_was_spent_and_rates_round_up():
+    from client.dp_sgd import rate_up
+    from client.privacy_ledger import merge_spent
+
+    ledger = torch.tensor([[1.0, 0.027, 100.0]], dtype=torch.float64)
+    state = torch.tensor([[1.0, 0.027, 300.0], [1.0, 0.16, 40.0]], dtype=torch.float64)
+    merged = {(n, q): c for n, q, c in merge_spent(ledger, state).tolist()}
+    assert merged == {(1.0, 0.027): 300.0, (1.0, 0.16): 40.0}
+    assert all(rate_up(q) >= q for q in (32 / 1200, 0.16, 0.0123456, 0.999)) and rate_up(32 / 1200) == 0.027
+
+
+def test_ders_private_penalty_is_a_sum_of_per_sample_terms_over_the_batch():
+    from client.methods.der import DarkReplay
+
+    der = DarkReplay(capacity=8, seed=0, weight=0.5, fill="stream")
+    der.observe(_data(8).x, _data(8).y)
+    der._label(_model())
+    der.draw_poisson(1.0, torch.Generator().manual_seed(0))
+    x, y = der.extend_batch(_data(4, seed=2).x, _data(4, seed=2).y)
+    logits = _model()(x)
+    replayed, target = logits[4:], der.logits[der._drawn]
+    expected = 0.5 * ((replayed - target) ** 2).mean(dim=1).sum() / len(x)
+    assert torch.allclose(der.penalty(_model(), x, logits), expected)

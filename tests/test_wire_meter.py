@@ -55,3 +55,11 @@ def test_the_environment_puts_the_meter_innermost_in_flowers_fleet_client(tmp_pa
         del FleetHttpClient.from_server_address  # back to the inherited one
     monkeypatch.delenv(ENV)
     assert not install_from_environment()
+
+
+def test_a_log_that_cannot_be_written_never_fails_the_call_it_counts(tmp_path):
+    meter = WireMeter(tmp_path / "missing-folder" / "wire.json")
+    request = httpx.Client().build_request("POST", "https://superlink:9092/flwr.proto.Fleet/PushMessages", content=b"x")
+    answer = httpx.Response(200, content=b"ok", request=request)
+    assert meter.intercept(_Context("/flwr.proto.Fleet/PushMessages", request), lambda _: answer) is answer
+    assert meter.failed and meter.counts["PushMessages"]["calls"] == 1

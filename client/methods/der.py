@@ -94,6 +94,8 @@ class DarkReplay(Replay):
         # replay is the first method to extend a batch, and the only one: its memories are the tail
         replayed = logits[logits.shape[0] - len(self._drawn) :][keep.to(logits.device)]
         target = self.logits[self._drawn[keep]].to(logits.device)
+        if self._poisson is not None:  # DP-SGD: a sum of per-sample terms over the batch, as the losses are
+            return self.weight * ((replayed - target) ** 2).mean(dim=1).sum() / logits.shape[0]
         return self.weight * F.mse_loss(replayed, target)
 
     def observe(self, x, y):

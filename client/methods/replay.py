@@ -92,7 +92,7 @@ class Replay(Method):
         # samples the reservoir keeps or replays
         self.shift_generator = torch.Generator().manual_seed(derive_seed(seed, SHIFT_STREAM))
         self._drawn: torch.Tensor | None = None  # buffer slots replayed in the current batch
-        self._poisson: tuple[float, torch.Generator] | None = None  # DP-SGD's draws (``draw_poisson``)
+        self._poisson: tuple[float, torch.Generator, torch.Tensor | None] | None = None  # DP-SGD's draws
 
     def classification_loss(self, logits, y, num_new):
         """ER-ACE (Caccia et al., ICLR 2022): new samples compete only among the classes of
@@ -114,8 +114,9 @@ class Replay(Method):
             self._drawn = None
             return x, y
         if self._poisson is not None:
-            rate, generator = self._poisson
-            slots = (torch.rand(len(self.buffer), generator=generator) < rate).nonzero().flatten()
+            rate, generator, allowed = self._poisson
+            drawn = torch.rand(len(self.buffer), generator=generator) < rate
+            slots = (drawn & allowed if allowed is not None else drawn).nonzero().flatten()
             if len(slots) == 0:
                 self._drawn = None
                 return x, y
@@ -126,15 +127,23 @@ class Replay(Method):
         old_x = random_shifts(self.buffer.x[slots], self.shift, self.shift_generator)
         return torch.cat([x, old_x.to(x.device)]), torch.cat([y, self.buffer.y[slots].to(y.device)])
 
-    def draw_poisson(self, rate: float | None, generator: torch.Generator | None = None) -> None:
+    def draw_poisson(self, rate: float | None, generator: torch.Generator | None = None,
+                     allowed: torch.Tensor | None = None) -> None:
         """DP-SGD (``client.dp_sgd``): each memory joins a batch on its own with probability
         ``rate`` (Poisson sampling, what the privacy accountant models; never twice in one
-        batch), instead of a fixed number drawn with replacement. None: back to those draws."""
-        self._poisson = None if rate is None or generator is None else (rate, generator)
+        batch), instead of a fixed number drawn with replacement; only the slots ``allowed``
+        (a bool mask; None: all). None: back to those draws."""
+        self._poisson = None if rate is None or generator is None else (rate, generator, allowed)
 
     def memory_size(self) -> int:
         """The memories a batch may draw from (the stage is not replayed)."""
         return len(self.buffer)
+
+    def memory_samples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The memories a batch may draw from, by slot (None when there are none)."""
+        if len(self.buffer) == 0 or self.buffer.x is None or self.buffer.y is None:
+            return None
+        return self.buffer.x[: len(self.buffer)], self.buffer.y[: len(self.buffer)]
 
     def start_data(self, model, data, drifted):
         if self.boundary.see(data.y, drifted) and self.stage is not None:

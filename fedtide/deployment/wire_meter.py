@@ -16,6 +16,7 @@ reads them to set the bytes on the wire beside the bench's figure.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -48,6 +49,7 @@ class WireMeter:
         self.path = path
         self.counts: dict[str, dict[str, int]] = {}
         self.lock = threading.Lock()
+        self.failed = False
 
     def intercept(self, context: Any, call_next: Any) -> Any:
         up = request_bytes(context.request)
@@ -65,9 +67,18 @@ class WireMeter:
         return response
 
     def _write(self) -> None:
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        temporary.write_text(json.dumps(self.counts))
-        os.replace(temporary, self.path)
+        """The counts so far; a log that cannot be written is given up with one warning (the
+        call it counts already reached the SuperLink and must not look failed)."""
+        if self.failed:
+            return
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.counts))
+            os.replace(temporary, self.path)
+        except OSError as err:
+            self.failed = True
+            logging.getLogger("fedtide").warning("%s=%s cannot be written (%s): the wire is not counted", ENV,
+                                                 self.path, err)
 
 
 def install_from_environment() -> bool:
