@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

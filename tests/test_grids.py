@@ -85,7 +85,7 @@ def test_a_reply_whose_upload_died_midway_stops_being_pulled_after_the_bound(mon
     assert seen["max_time"] == 12.5  # Flower's own default waits two hours
 
 
-def test_a_round_samples_every_node_that_connects_while_it_waits_for_the_minimum(monkeypatch):
+def test_the_strategy_on_the_inprocess_grid_samples_a_node_that_connects_while_it_waits(monkeypatch):
     """Flower sizes its sample from the nodes connected when it first looks; a node that
     (re)connects a moment later must still train in that round."""
     import torch
