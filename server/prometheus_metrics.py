@@ -46,6 +46,8 @@ class PrometheusMetrics:
         self.duration = gauge("fedtide_round_duration_seconds", "wall time of the last round")
         self.model_version = gauge("fedtide_model_version", "rounds aggregated into the global model")
         self.released = gauge("fedtide_released_version", "the model version served to devices (0: none yet)")
+        self.epsilon = gauge("fedtide_privacy_epsilon", "--dp: the privacy budget spent so far, at the run's delta "
+                             "(sample: the largest a client reported)")
         self.replies = Counter("fedtide_replies", "training replies", ("outcome",), registry=self.registry)
         self.drift = Counter("fedtide_drift_events", "drift reported by clients", registry=self.registry)
         self.rounds = Counter("fedtide_rounds", "rounds completed by this process", registry=self.registry)
@@ -78,6 +80,8 @@ class PrometheusMetrics:
         self.duration.set(record.seconds)
         self.model_version.set(record.server_round)
         self.released.set(record.release.get("released") or 0)
+        if record.epsilon is not None:
+            self.epsilon.set(record.epsilon)
         self.rounds.inc()
 
     def close(self) -> None:

@@ -68,6 +68,8 @@ class RoundMetrics:
             metrics["loss/train"] = record.train["train-loss"]
         if record.release.get("released") is not None:
             metrics["released_version"] = record.release["released"]
+        if record.epsilon is not None:
+            metrics["privacy/epsilon"] = record.epsilon
         for client in record.clients:
             if not client.get("drift-detected"):
                 continue

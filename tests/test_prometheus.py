@@ -28,7 +28,7 @@ def test_a_round_updates_the_gauges_and_counters_an_operator_scrapes():
     with PrometheusMetrics("127.0.0.1:0", num_tasks=2) as metrics:
         record = RoundRecord(server_round=3, task=1, task_accuracies=[0.8, 0.6], seconds=1.5,
                              clients=[{"num-examples": 5, "drift-detected": 1}, {"num-examples": 5}],
-                             rejected=[{"reason": "nan"}], release={"released": 2})
+                             rejected=[{"reason": "nan"}], release={"released": 2}, epsilon=3.25)
         metrics.round_done(record, connected=4)
         metrics.round_done(record, connected=4)
         scraped = _scrape(metrics.port)
@@ -40,6 +40,7 @@ def test_a_round_updates_the_gauges_and_counters_an_operator_scrapes():
     assert scraped[("fedtide_drift_events_total", ())] == 2
     assert scraped[("fedtide_released_version", ())] == 2
     assert scraped[("fedtide_round_duration_seconds", ())] == 1.5
+    assert scraped[("fedtide_privacy_epsilon", ())] == 3.25
 
 
 def test_a_simulation_serves_its_metrics_while_it_runs_and_a_taken_port_stops_it_early(tmp_path):
