@@ -1,7 +1,9 @@
-"""Sample-level DP on loopback: a real `fedtide server` (SuperLink, TLS, node authentication) and
-two `fedtide client` processes (SuperNodes) training with DP-SGD, sending int4-compressed
-updates and receiving the model packed (int8). Each device's budget is in its privacy ledger; a second server run starts the
-devices' state fresh and reads their files again, and their budget counts on."""
+"""Differential privacy on loopback: a real `fedtide server` (SuperLink, TLS, node
+authentication) and two `fedtide client` processes (SuperNodes) training with DP-SGD, sending
+int4-compressed updates and receiving the model packed (int8). Each device's budget is in its
+privacy ledger; a second server run starts the devices' state fresh and reads their files
+again, and their budget counts on. A third run uses client-level DP on the same packed
+updates."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from loopback import Session, digits_arrays, drop_file, free_port
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, certs, name: str, rounds: int) -> dict:
+def _run(tmp_path, certs, name: str, rounds: int, dp: str = "sample") -> dict:
     address = f"127.0.0.1:{free_port()}"
     run = tmp_path / name
     sessions: list[Session] = []
@@ -24,7 +26,7 @@ def _run(tmp_path, certs, name: str, rounds: int) -> dict:
         server = Session(
             ["server", "--certs", str(certs), "--database", str(tmp_path / f"{name}.db"), "--out", str(run),
              "--address", address, "--num-tasks", "1", "--rounds-per-task", str(rounds), "--local-epochs", "1",
-             "--round-timeout", "120", "--release", "manual", "--dp", "sample", "--dp-noise", "1.0",
+             "--round-timeout", "120", "--release", "manual", "--dp", dp, "--dp-noise", "1.0",
              "--compress", "int4", "--compress-down", "int8"],
             tmp_path / f"{name}-server.log", tmp_path,
         )
@@ -74,3 +76,8 @@ def test_devices_train_privately_send_packed_updates_and_their_budget_outlives_a
     for i in (1, 2):  # three rounds of DP-SGD in each device's ledger
         spent = PrivacyLedger(tmp_path / f"state-{i}").load()
         assert spent is not None and spent[:, 2].sum() > 0
+
+    # client-level DP composes with the packed updates too: unpacked, clipped and noised on the server
+    client_level = _run(tmp_path, certs, "run-3", rounds=1, dp="client")["summary"]
+    assert client_level["rejected_replies"] == 0 and client_level["dp"]["level"] == "client"
+    assert client_level["dp"]["epsilon"] > 0 and client_level["dp"]["rounds"] == 1
