@@ -271,3 +271,24 @@ def test_ders_private_penalty_is_a_sum_of_per_sample_terms_over_the_batch():
     replayed, target = logits[4:], der.logits[der._drawn]
     expected = 0.5 * ((replayed - target) ** 2).mean(dim=1).sum() / len(x)
     assert torch.allclose(der.penalty(_model(), x, logits), expected)
+
+
+def test_the_server_aggregates_only_replies_that_say_their_epsilon_and_drops_spent_ones():
+    import numpy as np
+
+    from common.schedule import TaskSchedule
+    from reply_fuzz import _honest, _record, run_fuzz
+    from server.history import RunHistory
+    from server.strategy import run_strategy
+
+    rng = np.random.default_rng(0)
+    global_arrays = {"w": rng.normal(size=(6, 4)).astype(np.float32), "b": np.zeros(4, np.float32)}
+    replies = [_record(_honest(global_arrays, rng), {"num-examples": 10, "dp-epsilon": 2.5}),
+               _record(_honest(global_arrays, rng), {"num-examples": 10}),  # no DP-SGD behind it
+               _record(_honest(global_arrays, rng), {"num-examples": 10, "dp-epsilon": 9.0, "dp-spent": 1})]
+    history = RunHistory(TaskSchedule.build(num_tasks=1, rounds_per_task=2, clients=3, spread=0, seed=0))
+    result = run_fuzz(run_strategy(RunConfig.of(clients=3, dp="sample"), history), global_arrays, replies, per_round=3)
+    assert (result.crashes, result.accepted) == (0, 1), result.errors
+    reasons = [r["reason"] for r in history.rounds[0].rejected]
+    assert any("reports no dp-epsilon" in r for r in reasons) and any("privacy budget spent" in r for r in reasons)
+    assert history.rounds[0].epsilon == 2.5
