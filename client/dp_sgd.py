@@ -47,6 +47,14 @@ STEPS_KEY = "dp.steps"  # client state: rows of (noise multiplier, sampling rate
 MAX_HISTORY_ROWS = 10_000  # a state file claiming more is refused (rows merge when equal; rates have 2 digits)
 
 
+def plausible_history(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` could be what an accountant wrote: [k, 3] rows of (noise >= 0.1, a rate
+    in [0, 1], a step count), finite, not absurdly many."""
+    return (rows.dim() == 2 and rows.shape[1] == 3 and rows.shape[0] <= MAX_HISTORY_ROWS
+            and bool(torch.isfinite(rows).all()) and not bool((rows < 0).any()) and not bool((rows[:, 1] > 1).any())
+            and not bool((rows[:, 0] < 0.1).any()) and not bool((rows[:, 2] > 1e12).any()))
+
+
 @dataclass
 class SampleBudget:
     """A client's DP-SGD history: (noise, rate, steps) rows; equal (noise, rate) rows merge."""
@@ -58,9 +66,7 @@ class SampleBudget:
         saved = state.get(STEPS_KEY)
         if saved is None:
             return cls()
-        if (saved.dim() != 2 or saved.shape[1] != 3 or saved.shape[0] > MAX_HISTORY_ROWS
-                or not torch.isfinite(saved).all() or (saved < 0).any() or (saved[:, 1] > 1).any()
-                or (saved[:, 0] < 0.1).any() or (saved[:, 2] > 1e12).any()):
+        if not plausible_history(saved):
             # a privacy history must never be silently shortened: a broken one stops the client
             raise FedtideError(f"the client state's DP history '{STEPS_KEY}' is damaged ({tuple(saved.shape)}): the "
                                "budget this device spent is unknown; restore the state folder from a backup")
@@ -151,6 +157,14 @@ def step_rate(data_size: int, memories: int, training: LocalTraining, ratio: flo
     return q, q_mem, max(q, q_mem)
 
 
+def planned_round(methods: list[Method], data: LabelledSplit, training: LocalTraining, noise: float,
+                  memories: bool) -> tuple[float, float, int]:
+    """(noise, rate, steps): the row a stretch of ``train_local_dp`` will add to the budget."""
+    memory = _memory(methods) if memories else None
+    rate = step_rate(len(data), drawable(memory, data)[1], training, memory.ratio if memory is not None else 0.0)[2]
+    return noise, rate, planned_steps(len(data), training.batch_size, training.epochs)
+
+
 def train_private(
     model: nn.Module,
     data: LabelledSplit,
@@ -177,10 +191,8 @@ def train_private(
     if not privacy.dp_reproducible:
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     require_opacus()
-    memory = _memory(methods) if memories else None
-    rate = step_rate(len(data), drawable(memory, data)[1], training, memory.ratio if memory is not None else 0.0)[2]
-    steps = planned_steps(len(data), training.batch_size, training.epochs)
-    if privacy.target_epsilon and budget.epsilon(privacy.dp_delta, (privacy.dp_noise, rate, steps)) > privacy.target_epsilon:
+    if privacy.target_epsilon and budget.epsilon(privacy.dp_delta, planned_round(methods, data, training, privacy.dp_noise,
+                                                                                  memories)) > privacy.target_epsilon:
         errors = _errors(model, data.x.to(device), data.y.to(device))
         return TrainStats(num_examples=len(data), loss=0.0, epochs=0, errors=errors,
                           prequential_accuracy=1.0 - float(errors.float().mean()) if len(errors) else 0.0,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from client.dp_sgd import plausible_history
 from common.errors import FedtideError
 from common.files import write_bytes_atomic
 
@@ -50,8 +51,7 @@ class PrivacyLedger:
                     problem = "its checksum or format does not match"
                 else:
                     spent = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
-                    if (not torch.isfinite(spent).all() or (spent < 0).any() or (spent[:, 1] > 1).any()
-                            or (spent[:, 0] < 0.1).any() or (spent[:, 2] > 1e12).any()):
+                    if not plausible_history(spent):
                         problem = "it holds values no accountant wrote"
                     else:
                         return spent
