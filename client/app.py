@@ -29,10 +29,11 @@ from client.clusters import check_choice, choose_model
 from client.compressed_reply import compress_outcome
 from client.packed_model import received_model
 from client.rounds import TrainOutcome, evaluate_round, train_round
+from client.secure_aggregation import is_secure, secure_aggregation_mod, secure_reply
 from client.vectorized import train_rounds_together
 from common.config import (
     CANDIDATE_PREFIX, CHOICE_RULE_KEY, EPOCH_BOOST_KEY, INPUT_SHAPE_KEY, NUM_CLASSES_KEY, PACKED_MODEL_NAME,
-    RELEASE_INFO_KEY, RELEASED_KEY, ClientSettings,
+    RELEASE_INFO_KEY, RELEASED_KEY, SECURE_CLIP_KEY, SECURE_UNIT_WEIGHT_KEY, ClientSettings,
 )
 from common.datasets import LabelledSplit
 from common.errors import FedtideError
@@ -41,7 +42,7 @@ from common.sections import DriftSettings
 
 STATE_KEY = "fedtide-state"
 _PARSED: dict[str, ClientSettings] = {}  # the settings as sent -> parsed (a few at most)
-ROUND_KEYS = ("server-round", EPOCH_BOOST_KEY)  # a round's own instructions, beside the settings
+ROUND_KEYS = ("server-round", EPOCH_BOOST_KEY, SECURE_CLIP_KEY, SECURE_UNIT_WEIGHT_KEY)  # a round's own instructions
 _EPOCH_BOOST = dataclasses.replace(DriftSettings.declarations()["drift-epoch-boost"], name=EPOCH_BOOST_KEY, default=1)
 app = ClientApp()
 
@@ -94,13 +95,18 @@ def _state(context: Context) -> dict:
     return context.state[STATE_KEY].to_torch_state_dict() if STATE_KEY in context.state else {}
 
 
-def _reply(msg: Message, context: Context, outcome: TrainOutcome) -> Message:
+def _reply(msg: Message, context: Context, outcome: TrainOutcome, received: dict | None = None) -> Message:
+    """The reply to a training message; in a secure round, the update for SecAgg+ to mask
+    (``received``: the model it was trained from)."""
     context.state[STATE_KEY] = ArrayRecord(outcome.state)
+    if is_secure(msg):
+        return secure_reply(msg, context, received if received is not None else msg.content["arrays"],
+                            outcome.weights, outcome.metrics)
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     return train_message(msg, context)
 
@@ -133,7 +139,7 @@ def train_message(msg: Message, context: Context, tampering: Tampering | None = 
         outcome = dataclasses.replace(outcome, metrics={**outcome.metrics, **choice.metrics()})
     if tampering is not None:
         outcome = tampering.reply(settings, partition, server_round, received, outcome)
-    return _reply(msg, context, compress_outcome(settings.learner.compress, received, outcome, before))
+    return _reply(msg, context, compress_outcome(settings.learner.compress, received, outcome, before), received)
 
 
 def _received(arrays: ArrayRecord, settings: ClientSettings) -> dict:
@@ -179,12 +185,13 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
         check_choice(rule, candidates)
         if rule != "loss":
             raise FedtideError(f"an edge client chooses its model by loss; '{rule[:20]}' needs a simulation")
+    received = received_model(msg.content["arrays"], config, input_shape, num_classes)
     outcome = train_on_arrivals(
         config,
         input_shape,
         num_classes,
         server_round,
-        received_model(msg.content["arrays"], config, input_shape, num_classes),
+        received,
         Path(str(context.node_config["inbox"])),
         Path(str(state_dir)),
         device_name=context.node_config.get("device"),
@@ -197,6 +204,8 @@ def _train_edge(msg: Message, context: Context, config: ClientSettings, server_r
         offer=_offer(msg.content),
     )
     _report_edge_round(server_round, outcome.metrics, str(context.node_config.get("name", "")))
+    if is_secure(msg):
+        return secure_reply(msg, context, received, outcome.weights, outcome.metrics)
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(outcome.metrics)})
     return Message(content=content, reply_to=msg)  # the state is on disk, not in context.state
 
@@ -238,7 +247,7 @@ def train_many(
     many nodes in one process. The replies and states are what ``train`` would give each
     node (up to float rounding). None when the messages cannot share one computation: then
     the runtime calls the ClientApp for each."""
-    if len(messages) < 2 or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+    if len(messages) < 2 or any(m.metadata.message_type != MessageType.TRAIN or is_secure(m) for m in messages):
         return None
     first = messages[0].content
     if any(m.content["arrays"] is not first["arrays"] or m.content["config"] is not first["config"] for m in messages):

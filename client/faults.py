@@ -117,7 +117,7 @@ def faulty_client_app(faults: FaultSettings) -> ClientApp:
     injection = FaultInjection(faults)
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[plain.secure_aggregation_mod])
     def train(msg: Message, context: Context) -> Message:
         return plain.train_message(msg, context, injection)
 

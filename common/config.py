@@ -27,6 +27,10 @@ from common.settings import Section, Setting
 # a round's own instruction to one node: train this many times the local epochs (drift response)
 INPUT_SHAPE_KEY, NUM_CLASSES_KEY, SETTINGS_HASH_KEY = "input-shape", "num-classes", "settings-hash"
 EPOCH_BOOST_KEY = "epoch-boost"
+# secure aggregation (server.secure_round, client.secure_aggregation): a secure round's training
+# message tells each client the L2 norm to clip its update to before masking (0: none) and whether
+# every update counts alike (client-level DP) instead of by its num-examples
+SECURE_CLIP_KEY, SECURE_UNIT_WEIGHT_KEY = "secure-clip", "secure-unit-weight"
 # clustered training (server.clusters, client.clusters): the training message carries every
 # cluster's model as array record ``model-<id>`` and says how to choose (``loss`` or ``oracle``);
 # the reply's metrics say which model was trained, its loss before training, and every offered
@@ -199,6 +203,8 @@ class RunConfig:
             check_sample_dp([cls.name for cls in self.methods.active], data.training, self.methods.options["memory-fill"])
             check_sample_dp_inputs(self.methods.options["replay-loss"], drift, self.learner.lr_schedule,
                                    server.timed and self.privacy.target_epsilon > 0)
+        if self.privacy.secure_aggregation:
+            check_secure_aggregation(self)
         if self.learner.compress_down != "none" and data.training not in ("federated", "joint"):
             raise FedtideError(f"--compress-down packs the one global model; --training {data.training} sends several: "
                                "drop --compress-down")
@@ -306,6 +312,34 @@ def check_client_dp(server: ServerSettings, drift: DriftSettings, training: str)
     if drift.drift_weight != 1.0 or drift.react_server:
         raise FedtideError("--dp client counts every reply alike and samples at a fixed rate: drop --drift-weight and "
                            "--react-server")
+
+
+def check_secure_aggregation(config: "RunConfig") -> None:
+    """What secure aggregation (``server.secure_round``) cannot go with; FedtideError in one
+    line naming the flag."""
+    server, data = config.server, config.data
+    if server.aggregation != "fedavg":
+        raise FedtideError(f"--secure-aggregation shows the server only the sum of the updates; --aggregation "
+                           f"{server.aggregation} needs each one: use --aggregation fedavg")
+    if config.learner.compress != "none":
+        raise FedtideError("--secure-aggregation masks the full quantised update; --compress sends packed codes that "
+                           "cannot be masked: drop --compress")
+    if server.timed:
+        raise FedtideError("--secure-aggregation masks the updates of one synchronous round together: drop --buffer-size "
+                           "and --speed-spread")
+    if data.training != "federated":
+        raise FedtideError(f"--secure-aggregation sums the updates of one global model; --training {data.training} "
+                           "is not built for it: use --training federated")
+    if config.drift.drift_weight != 1.0:
+        raise FedtideError("--secure-aggregation masks each update's weight too, so --drift-weight cannot reweigh it: "
+                           "drop --drift-weight")
+    replies = config.max_replies_per_round
+    if replies < 3:
+        raise FedtideError(f"--secure-aggregation needs at least 3 clients a round (the sum of two updates gives each "
+                           f"away); a round samples {replies}: raise --clients or --fraction-train")
+    if replies > 1023:
+        raise FedtideError(f"--secure-aggregation sums at most 1023 masked updates a round (32-bit masks); a round "
+                           f"samples {replies}: lower --fraction-train")
 
 
 SAMPLE_DP_METHODS = ("replay", "der", "lwf")  # their losses are sums of per-sample terms

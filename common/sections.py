@@ -283,6 +283,12 @@ class PrivacySettings(Section):
     dp_reproducible: bool = setting(False, "--dp: draw the noise from --seed (the same seed, the same numbers) instead "
                                     "of the operating system's entropy; for research only: whoever knows the seed can "
                                     "subtract the noise, so there is no privacy")
+    secure_aggregation: bool = setting(False, "secure aggregation (SecAgg+): clients mask their updates so that the server "
+                                       "learns only each round's sum; needs 3 or more clients a round and --aggregation "
+                                       "fedavg (the influence bound and the robust rules read single updates: off)")
+    secure_max_weight: float = setting(2000.0, "--secure-aggregation: the most a client's num-examples counts (a "
+                                       "larger claim is cut to it); the sum is most precise when this is near the "
+                                       "clients' sample counts", minimum=1, maximum=1e6)
 
 
 RELEASE_MODES = ("gate", "every-round", "manual")

@@ -39,6 +39,7 @@ from server.live_buffered import run_live_buffered
 from server.timed_rounds import run_timed
 from server.run_folder import RunFolder, default_run_dir
 from server.run_lock import hold_run_folder
+from server.secure_round import secure_round
 from server.run_state import capture, check_settings, node_states, restore, run_settings
 from server.strategy import run_strategy
 from server.timing import PhaseTimes, TimedGrid
@@ -88,6 +89,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     strategy = run_strategy(config, history, times,
                             extra_hooks=[ReleasedModelDelivery(releases.registry)] if releases else ())
     strategy.receipts.last_round = config.num_rounds
+    secure = secure_round(config, strategy)
     if strategy.privacy is not None and (per_round := max(int(config.data.clients * config.server.fraction_train), 1)) < 100:
         console.print(f"[yellow]warning:[/] --dp client with {per_round} client(s) a round: the noise on their mean "
                       f"(std {config.privacy.dp_noise:g} x {config.privacy.dp_clip:g} / {per_round} per weight) swamps "
@@ -185,6 +187,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
                     evaluate_fn=evaluate,
                     after_round=after_round,
                     stop_before=budget_stop(strategy, config),
+                    train_round=secure,
                 )
 
         summary = summarize_run(config, scenario, history, model_bytes=model_bytes)
@@ -197,6 +200,8 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
             round_seconds=(breakdown["total"] - breakdown["overhead"]) / max(len(history.rounds), 1),
         )
         summary.update(strategy.run_summary())
+        if secure is not None:
+            summary.update(secure.summary())
         if config.privacy.dp == "sample":
             summary.update(sample_dp_summary(config.privacy, history.rounds))
         summary.update(releases.summary() if releases is not None else {"releases": None})

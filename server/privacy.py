@@ -60,8 +60,6 @@ class ClientLevelDP:
     def aggregate(self, server_round: int, replies: list[Arrays], reference: Arrays, sampled: int) -> Arrays:
         """The new model: ``reference`` plus the noised mean of the clipped updates; ``sampled``:
         nodes sent training this round (the expected replies)."""
-        expected = max(sampled, 1)
-        rng = np.random.default_rng(None if self.seed is None else [self.seed, server_round, 0xD1FF])
         total = {name: np.zeros(base.shape, np.float64) for name, base in reference.items()
                  if np.issubdtype(base.dtype, np.floating)}
         for reply in replies:
@@ -71,6 +69,17 @@ class ClientLevelDP:
             self.clipped += int(scale < 1.0)
             for name, u in update.items():
                 total[name] += u * scale
+        return self._noised_mean(server_round, total, reference, sampled)
+
+    def aggregate_sum(self, server_round: int, total: Arrays, reference: Arrays, sampled: int) -> Arrays:
+        """The new model from the sum of updates that their clients clipped to ``clip``
+        themselves (secure aggregation: the server sees only the sum)."""
+        return self._noised_mean(server_round, {name: np.asarray(u, np.float64) for name, u in total.items()},
+                                 reference, sampled)
+
+    def _noised_mean(self, server_round: int, total: Arrays, reference: Arrays, sampled: int) -> Arrays:
+        expected = max(sampled, 1)
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, server_round, 0xD1FF])
         out = dict(reference)
         for name, summed in total.items():
             noised = summed + rng.normal(0.0, self.noise * self.clip, size=summed.shape)

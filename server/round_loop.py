@@ -31,11 +31,14 @@ def run_rounds(
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
     after_round: Callable[[int, ArrayRecord], None],
     stop_before: Callable[[int], str | None] | None = None,
+    train_round: Callable[[Grid, int, ArrayRecord, ConfigRecord], ArrayRecord | None] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` starting from the global model ``arrays``;
     return the final global model. A fresh run (``first_round`` 1) evaluates the initial
     model as round 0 first. ``timeout`` is how long a round waits for replies (seconds).
-    ``stop_before(round)``: a reason to stop before that round (a privacy budget spent)."""
+    ``stop_before(round)``: a reason to stop before that round (a privacy budget spent).
+    ``train_round(grid, round, arrays, config)``: the round's training and aggregation in
+    place of the strategy's (secure aggregation, ``server.secure_round``); None keeps the model."""
     if first_round == 1:
         evaluate_fn(0, arrays)
         after_round(0, arrays)
@@ -43,10 +46,13 @@ def run_rounds(
         if stop_before is not None and (reason := stop_before(server_round)):
             log.warning("stopping before round %d: %s", server_round, reason)
             break
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
-        )
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        if train_round is not None:
+            aggregated = train_round(grid, server_round, arrays, train_config)
+        else:
+            replies = grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
+            )
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:  # no valid reply: the model stays as it was
             arrays = aggregated
         replies = grid.send_and_receive(

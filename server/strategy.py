@@ -52,7 +52,7 @@ from server.round_hooks import (
 from server.server_step import ServerStep, server_step
 from server.staleness import Staleness
 from server.timing import PhaseTimes
-from server.reply_metrics import WEIGHT_KEY, MetricSpec, ReplyMetrics, describe_dropped
+from server.reply_metrics import SPENT, WEIGHT_KEY, MetricSpec, ReplyMetrics, describe_dropped
 from server.validation import METRICS_KEY, ReplyValidator, Verdict, client_error
 
 log = logging.getLogger("fedtide.server")
@@ -192,6 +192,59 @@ class FedtideStrategy(Strategy):
             finally:
                 for hook in self.hooks:
                     hook.after_aggregate(server_round, valid)
+
+    def aggregate_secure(self, server_round: int, mean_update: dict[str, np.ndarray], reports: list[Message],
+                         weight_total: float) -> ArrayRecord | None:
+        """A secure round's next model (``server.secure_round``): ``mean_update`` is the
+        unmasked weighted mean of the updates of the nodes in ``reports`` (their float arrays;
+        the rest keep the global model's), ``weight_total`` the sum of their weights. No
+        individual update exists here: per-reply validation, the influence bound and the
+        rules cannot run. The reports carry each node's metrics, in the clear; metrics the
+        schema refuses are left out of the history (the node's update is in the sum already)."""
+        with self.times.phase("aggregate"):
+            accepted = []
+            for reply in reports:
+                node = reply.metadata.src_node_id
+                checked = self.validator.schema.clean(reply.content[METRICS_KEY])
+                if checked.reason is not None and checked.reason.startswith(SPENT):  # it sent nothing, weight 0
+                    self._reject(server_round, node, checked.reason)
+                    continue
+                if checked.reason is not None:
+                    log.warning("round %d: node %s's metrics left out: %s (its update is in the secure sum)",
+                                server_round, self.history.label(node), checked.reason)
+                    continue
+                metrics = self.drift_credit.judge(server_round, node, checked.metrics, self.history.label(node))
+                reply.content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
+                self.history.client_reply(node, metrics)
+                accepted.append(reply)
+            try:
+                self.accepted_nodes = [reply.metadata.src_node_id for reply in reports]
+                if accepted:
+                    self.history.train_metrics(dict(weighted_metrics([reply.content for reply in accepted])))
+                reference = self._reference
+                if self.privacy is not None:  # the clients clipped to --dp-clip and weigh 1: the mean times the count is the sum
+                    total = {name: update * weight_total for name, update in mean_update.items()}
+                    aggregate = self.privacy.aggregate_sum(server_round, total, reference, len(self._sent))
+                    self.history.privacy_spent(self.privacy.epsilon())
+                else:
+                    aggregate = {name: reference[name] + mean_update[name] if name in mean_update else reference[name]
+                                 for name in reference}
+                before = self.step.state()
+                with np.errstate(over="ignore", invalid="ignore"):
+                    new_model = self._as_global(self.step.apply(server_round, aggregate))
+                if not all(np.isfinite(array.numpy()).all() for array in new_model.values()):
+                    self.step.load_state(before)
+                    self._keep_global(server_round, "the secure aggregate holds NaN or Inf")
+                    return None
+                self.receipts.aggregated(server_round, self.accepted_nodes)
+                return new_model
+            finally:
+                for hook in self.hooks:
+                    hook.after_aggregate(server_round, accepted)
+
+    def keep_global(self, server_round: int, reason: str) -> None:
+        """This round leaves the global model as it was, for ``reason`` (in the log and history)."""
+        self._keep_global(server_round, reason)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client-side evaluation replies carry only metrics; drop those that fail or lie."""

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from client.secure_aggregation import SECURE_STATE
 from common.config import RunConfig
 from common.sections import FaultSettings
 from common.errors import FedtideError
@@ -44,9 +45,12 @@ def _new_context(run_id: int, node_id: int, node_config: dict[str, Any]) -> Cont
 
 
 def context_state(context: Context) -> dict[str, torch.Tensor]:
-    """A node's ``context.state`` as flat named tensors (``<record>/<array>``), for a checkpoint."""
+    """A node's ``context.state`` as flat named tensors (``<record>/<array>``), for a checkpoint.
+    SecAgg+'s keys (``secaggplus_state``) live for one round and never go to disk."""
     flat = {}
     for name, record in context.state.items():
+        if name == SECURE_STATE:
+            continue
         if not isinstance(record, ArrayRecord):
             raise FedtideError(f"node {context.node_id} keeps a {type(record).__name__} '{name}' in its state: "
                                "only ArrayRecords can be checkpointed")
