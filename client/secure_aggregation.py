@@ -28,9 +28,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from common.config import DP_SPENT_KEY, SECURE_CLIP_KEY, SECURE_UNIT_WEIGHT_KEY
 from common.errors import FedtideError
+from common.secure_aggregation import SECURE_CONFIGS, SECURE_STATE, as_numpy, float_names
 
-SECURE_CONFIGS = "secaggplus_configs"  # Flower's SecAgg+ record (flwr.common.secure_aggregation)
-SECURE_STATE = "secaggplus_state"  # where secaggplus_mod keeps its keys in context.state
 WEIGHT_KEY = "num-examples"
 
 
@@ -47,12 +46,6 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
     from flwr.client.mod import secaggplus_mod  # the protocol's cryptography loads only when used
 
     return secaggplus_mod(msg, context, call_next)
-
-
-def float_names(arrays: Mapping[str, Any]) -> list[str]:
-    """The arrays a secure round sums, in the order the server sent them: the floating ones
-    (a counter such as BatchNorm's ``num_batches_tracked`` keeps the server's value)."""
-    return [name for name, array in arrays.items() if np.issubdtype(_numpy(array).dtype, np.floating)]
 
 
 def round_bounds(config: Mapping[str, Any]) -> tuple[float, bool]:
@@ -74,7 +67,7 @@ def secure_reply(msg: Message, context: Context, received: Mapping[str, Any], we
     ``received``, clipped) and its weight, in Flower's legacy ``FitRes`` layout."""
     clip, unit_weight = round_bounds(msg.content["config"])
     names = float_names(msg.content["arrays"])
-    update = [_numpy(weights[name]).astype(np.float64) - _numpy(received[name]).astype(np.float64) for name in names]
+    update = [as_numpy(weights[name]).astype(np.float64) - as_numpy(received[name]).astype(np.float64) for name in names]
     norm = math.sqrt(sum(float(np.sum(u * u)) for u in update))
     if not math.isfinite(norm):
         raise FedtideError("this round's update holds NaN or Inf (the training diverged): lower --lr")
@@ -92,8 +85,3 @@ def secure_reply(msg: Message, context: Context, received: Mapping[str, Any], we
     })
     return Message(content=content, reply_to=msg)
 
-
-def _numpy(array: Any) -> np.ndarray:
-    if hasattr(array, "numpy") and not isinstance(array, np.ndarray):
-        return array.detach().cpu().numpy() if hasattr(array, "detach") else array.numpy()
-    return np.asarray(array)

@@ -34,7 +34,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client.secure_aggregation import SECURE_CONFIGS, float_names
+from common.secure_aggregation import SECURE_CONFIGS, float_names
 from common.config import SECURE_CLIP_KEY, SECURE_UNIT_WEIGHT_KEY
 from server.grids import GridWrapper
 from server.validation import METRICS_KEY

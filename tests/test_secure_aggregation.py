@@ -15,7 +15,8 @@ from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
 from client import app as plain
-from client.secure_aggregation import SECURE_CONFIGS, secure_aggregation_mod
+from client.secure_aggregation import secure_aggregation_mod
+from common.secure_aggregation import SECURE_CONFIGS
 from common.config import RunConfig
 from common.errors import FedtideError
 from fedtide.runtimes import inprocess

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.secure_aggregation import SECURE_STATE
+from common.secure_aggregation import SECURE_STATE
 from common.config import RunConfig
 from common.sections import FaultSettings
 from common.errors import FedtideError
