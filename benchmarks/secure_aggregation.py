@@ -4,13 +4,15 @@ Split-MNIST (preset: 10 clients, Dirichlet 1, replay, 10 rounds a task), each mo
 seeds, in fedtide's in-process runtime: ACC, the seconds a round takes (whole rounds: the
 protocol's four stages, training, aggregation, evaluation), and the bytes each client
 receives and sends per round (arrays, keys, key shares and masked vectors as sent, no
-framing). ``secure`` runs SecAgg+ (``--secure-aggregation``); ``dp`` and ``secure+dp`` add
-client-level DP (noise on the sum, seeded for a like-for-like comparison). The gap column is
-the largest difference of any weight after round 1 against the same run without secure
-aggregation (quantisation, and nothing else).
+framing). ``plain`` is the default run; ``fedavg`` the same without the influence bound
+(``--norm-cap 0 --weight-cap 0 --norm-outlier 0``), which secure aggregation cannot apply;
+``secure`` runs SecAgg+ (``--secure-aggregation``) and is compared with ``fedavg``; ``dp`` and
+``secure+dp`` add client-level DP (noise on the sum, seeded for a like-for-like comparison).
+The gap column is the largest difference of any weight after round 1 against the compared
+run: for ``secure``, quantisation and nothing else.
 
 Usage: python benchmarks/secure_aggregation.py --data-dir ../shared/datasets [--seeds 1]
-       [--modes plain,secure] [--jobs 2] [--json] [--set KEY=VALUE ...]
+       [--modes plain,fedavg,secure,dp,secure+dp] [--jobs 2] [--json] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overrides import parse_overrides  # noqa: E402
 
+UNBOUNDED = {"norm_cap": 0.0, "weight_cap": 0.0, "norm_outlier": 0.0}  # what secure aggregation cannot apply
 MODES = {
     "plain": {},
+    "fedavg": UNBOUNDED,
     "secure": {"secure_aggregation": True},
     "dp": {"dp": "client", "dp_noise": 0.3, "dp_clip": 5.0, "dp_reproducible": True},
     "secure+dp": {"secure_aggregation": True, "dp": "client", "dp_noise": 0.3, "dp_clip": 5.0, "dp_reproducible": True},
 }
-BASE = {"secure": "plain", "secure+dp": "dp"}
+BASE = {"secure": "fedavg", "fedavg": "plain", "secure+dp": "dp"}
 
 
 def run_cell(job: tuple[str, int, str, dict, int]) -> dict:

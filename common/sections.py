@@ -286,7 +286,7 @@ class PrivacySettings(Section):
     secure_aggregation: bool = setting(False, "secure aggregation (SecAgg+): clients mask their updates so that the server "
                                        "learns only each round's sum; needs 3 or more clients a round and --aggregation "
                                        "fedavg (the influence bound and the robust rules read single updates: off)")
-    secure_max_weight: float = setting(2000.0, "--secure-aggregation: the most a client's num-examples counts (a "
+    secure_max_weight: float = setting(10_000.0, "--secure-aggregation: the most a client's num-examples counts (a "
                                        "larger claim is cut to it); the sum is most precise when this is near the "
                                        "clients' sample counts", minimum=1, maximum=1e6)
 

@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from common.secure_aggregation import SECURE_CONFIGS, float_names
 from common.config import SECURE_CLIP_KEY, SECURE_UNIT_WEIGHT_KEY
 from server.grids import GridWrapper
-from server.validation import METRICS_KEY
+from server.validation import METRICS_KEY, client_error
 
 log = logging.getLogger("fedtide.server")
 
@@ -90,9 +90,7 @@ class SecureRound:
         except Exception as error:  # noqa: BLE001 - whatever the replies hold, the run goes on
             outcome = f"secure aggregation failed: {type(error).__name__}: {str(error)[:200]}"
         for node, reason in checked.dropped:
-            self.strategy.history.rejected_reply(server_round, node, reason)
-            log.warning("round %d: dropped secure-aggregation reply from node %s: %s", server_round,
-                        self.strategy.history.label(node), reason)
+            self.strategy.reject(server_round, node, reason)
         if isinstance(outcome, str):
             self.failed_rounds += 1
             self.strategy.keep_global(server_round, outcome)
@@ -232,8 +230,10 @@ class CheckedStages(GridWrapper):
         self.traffic["down"] += sum(_size(m.content) for m in messages)
         kept = []
         for reply in self.inner.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():
-                kept.append(reply)  # the workflow counts it as a dropout
+            if reply.has_error():  # the workflow counts it as a dropout
+                self.dropped.append((_sender(reply, messages), f"secure aggregation, {stage}: client failed: "
+                                     f"{client_error(reply.error.code, reply.error.reason)}"))
+                kept.append(reply)
                 continue
             self.traffic["up"] += _size(reply.content)
             node = reply.metadata.src_node_id
@@ -288,6 +288,14 @@ class CheckedStages(GridWrapper):
         if len(metrics) > 256 or any(isinstance(v, bytes) or not isinstance(v, (int, float, str)) for v in metrics.values()):
             return "its metrics must be at most 256 numbers"  # the legacy layout takes single values only
         return None
+
+
+def _sender(reply: Message, sent: list[Message]) -> int:
+    """The node an error reply is about (the SuperLink answers for a node it lost)."""
+    for message in sent:
+        if message.metadata.message_id and message.metadata.message_id == reply.metadata.reply_to_message_id:
+            return message.metadata.dst_node_id
+    return reply.metadata.src_node_id
 
 
 def _bytes_fields(record: ConfigRecord, keys: tuple[str, ...]) -> str | None:

@@ -242,6 +242,11 @@ class FedtideStrategy(Strategy):
                 for hook in self.hooks:
                     hook.after_aggregate(server_round, accepted)
 
+    def reject(self, server_round: int, node: int, reason: str) -> None:
+        """Record that ``node``'s reply of this round was not used, and why (it counts towards
+        ``--exclude-after``)."""
+        self._reject(server_round, node, reason)
+
     def keep_global(self, server_round: int, reason: str) -> None:
         """This round leaves the global model as it was, for ``reason`` (in the log and history)."""
         self._keep_global(server_round, reason)

@@ -73,11 +73,12 @@ def test_a_secure_round_gives_the_plain_model_within_quantisation_and_no_reply_c
 
     monkeypatch.setattr(inprocess.InProcessGrid, "send_and_receive", recorded)
     monkeypatch.setattr(FedtideStrategy, "aggregate_train", no_plain_aggregation)
-    secure_summary = run_inprocess(_config(tmp_path, "secure", secure_aggregation=True), threads=1)
+    secure_summary = run_inprocess(_config(tmp_path, "secure", secure_aggregation=True, secure_max_weight=2000),
+                                   threads=1)
 
     before, after = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "secure" / "model.safetensors")
     gap = max(float(np.abs(before[k] - after[k]).max()) for k in before)
-    assert 0 < gap < 1e-4  # quantisation (2^22 levels over [-8, 8], weights / 2000) and nothing else
+    assert 0 < gap < 1e-4  # quantisation (2^22 levels over [-8, 8], num-examples / 2000) and nothing else
     assert secure_summary["secure_aggregation"]["failed_rounds"] == 0 and secure_summary["rejected_replies"] == 0
     assert abs(secure_summary["acc"] - plain_summary["acc"]) < 0.01
     assert sum(protocol for protocol, _ in replies) == 4 * 5  # four stages, five clients

@@ -1,17 +1,27 @@
 """Secure aggregation on loopback: a real `fedtide server --secure-aggregation` (SuperLink, TLS,
 node authentication) and four `fedtide client` processes (SuperNodes) with their own files.
-Every round runs SecAgg+'s four stages through Flower's own message path; one client is
-killed outright in the middle of round 2's protocol, and that round and the next still
-aggregate the others (``--min-clients 3``: the run does not wait for it to come back)."""
+Every round runs SecAgg+'s four stages through Flower's own message path. Round 1's model is
+the plain weighted mean of the four devices' models within quantisation error (each device's
+round replayed here, in the clear, from its files); one client is killed outright in the
+middle of round 2's protocol, and that round and the next still aggregate the others
+(``--min-clients 3``: the run does not wait for it to come back)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from safetensors.numpy import load_file
 
+from client.app import train_message
+from common.config import RunConfig
+from common.models import build_model
+from common.scenarios import build_scenario
 from fedtide.cli import main
 from loopback import Session, digits_arrays, drop_file, free_port, wait_for
+from server.federation import client_config
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +48,7 @@ def test_four_devices_aggregate_securely_and_a_client_killed_mid_protocol_does_n
             ["server", "--certs", str(certs), "--database", str(tmp_path / "superlink.db"), "--out", str(run),
              "--address", address, "--num-tasks", "1", "--rounds-per-task", str(ROUNDS), "--local-epochs", "1",
              "--round-timeout", str(ROUND_TIMEOUT), "--release", "manual", "--secure-aggregation",
-             "--min-clients", str(CLIENTS - 1)],
+             "--secure-max-weight", "500", "--min-clients", str(CLIENTS - 1)],
             tmp_path / "server.log", tmp_path,
         )
         sessions.append(server)
@@ -63,6 +73,35 @@ def test_four_devices_aggregate_securely_and_a_client_killed_mid_protocol_does_n
     assert len(records[0]["clients"]) == CLIENTS and len(records[-1]["clients"]) == CLIENTS - 1
     assert not any("aggregation" in r for r in records)  # every round moved the model
     assert records[-1]["accuracy_seen_tasks"] > records[0]["accuracy_seen_tasks"]
+    expected = _plain_round_one(run, tmp_path, records[0]["clients"])
+    secure = load_file(run / "checkpoints" / "round-000001.safetensors")
+    gap = max(float(np.abs(secure[f"model/{name}"] - value).max()) for name, value in expected.items())
+    assert gap < 1e-4, gap  # quantisation, and nothing else
     up = summary["secure_aggregation"]["bytes_up_per_client_round"]
     model = summary["bytes_per_client_round"] / 2  # the model's float32 bytes, one way
     assert model < up < 3 * model  # a masked update is int64 (8 bytes a value), keys and shares are small
+
+
+def _plain_round_one(run, tmp_path, clients: list[dict]) -> dict[str, np.ndarray]:
+    """Round 1 as a plain FedAvg would have it: each device's training replayed in this
+    process on its own files and node id (fresh state), averaged by num-examples."""
+    config = RunConfig.from_mapping(json.loads((run / "config.json").read_text()))
+    scenario = build_scenario(config.data, config.seed)
+    model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths,
+                        config.seed)
+    record = client_config(config, scenario)
+    record["server-round"] = 1
+    total, weights = {}, 0
+    for client in clients:
+        index = int(client["name"].split("-")[1]) - 1
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(dict(record))})
+        context = Context(run_id=0, node_id=int(client["node"]), state=RecordDict(), run_config={},
+                          node_config={"inbox": str(tmp_path / f"data-{index}"), "state-dir": str(tmp_path / f"replay-{index}")})
+        reply = train_message(Message(content=content, dst_node_id=int(client["node"]), message_type="train"), context)
+        count = int(reply.content["metrics"]["num-examples"])
+        assert count == client["num-examples"]
+        for name, array in reply.content["arrays"].items():
+            total[name] = total.get(name, 0) + count * array.numpy().astype(np.float64)
+        weights += count
+    return {name: value / weights for name, value in total.items()}
+
