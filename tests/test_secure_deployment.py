@@ -20,6 +20,7 @@ from common.config import RunConfig
 from common.models import build_model
 from common.scenarios import build_scenario
 from fedtide.cli import main
+from fedtide.runtimes.inprocess import InProcessGrid
 from loopback import Session, digits_arrays, drop_file, free_port, wait_for
 from server.federation import client_config
 
@@ -91,6 +92,7 @@ def _plain_round_one(run, tmp_path, clients: list[dict]) -> dict[str, np.ndarray
                         config.seed)
     record = client_config(config, scenario)
     record["server-round"] = 1
+    InProcessGrid(None, [])  # sets Flower's task identity, which a Message needs outside a runtime
     total, weights = {}, 0
     for client in clients:
         index = int(client["name"].split("-")[1]) - 1
