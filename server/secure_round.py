@@ -99,6 +99,7 @@ class SecureRound:
         if self.unit_weight:  # each update counts 1: the sum is the mean times the updates in it
             weight_total = float(len(checked.masked))
         if len(mean) != len(names) or any(a.shape != s for a, s in zip(mean, shapes)):
+            self.failed_rounds += 1
             self.strategy.keep_global(server_round, "the secure aggregate does not fit the model")
             return None
         reports = [self._report(reply) for reply in checked.masked]
