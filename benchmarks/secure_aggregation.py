@@ -9,7 +9,8 @@ framing). ``plain`` is the default run; ``fedavg`` the same without the influenc
 ``secure`` runs SecAgg+ (``--secure-aggregation``) and is compared with ``fedavg``; ``dp`` and
 ``secure+dp`` add client-level DP (noise on the sum, seeded for a like-for-like comparison).
 The gap column is the largest difference of any weight after round 1 against the compared
-run: for ``secure``, quantisation and nothing else.
+run: for ``secure``, quantisation and nothing else (that one-round run fixes
+``--secure-max-weight 16384``, above every client's count, so that no count is cut).
 
 Usage: python benchmarks/secure_aggregation.py --data-dir ../shared/datasets [--seeds 1]
        [--modes plain,fedavg,secure,dp,secure+dp] [--jobs 2] [--json] [--set KEY=VALUE ...]
@@ -39,6 +40,7 @@ MODES = {
     "dp": {"dp": "client", "dp_noise": 0.3, "dp_clip": 5.0, "dp_reproducible": True},
     "secure+dp": {"secure_aggregation": True, "dp": "client", "dp_noise": 0.3, "dp_clip": 5.0, "dp_reproducible": True},
 }
+FIRST_ROUND_MAX_WEIGHT = 16384  # above every split-MNIST client's first-round count (up to ~11,000)
 BASE = {"secure": "fedavg", "fedavg": "plain", "secure+dp": "dp"}
 
 
@@ -54,8 +56,10 @@ def run_cell(job: tuple[str, int, str, dict, int]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         settings = {**preset_settings("split-mnist"), "data_dir": data_dir, "seed": seed, "quiet": True, **MODES[mode],
                     **overrides}
-        first = run_inprocess(RunConfig.of(**{**settings, "num_tasks": 1, "rounds_per_task": 1, "out": f"{tmp}/one"}),
-                              threads=1)
+        one = {**settings, "num_tasks": 1, "rounds_per_task": 1, "out": f"{tmp}/one"}
+        if one.get("secure_aggregation") and not one.get("dp") == "client":
+            one["secure_max_weight"] = FIRST_ROUND_MAX_WEIGHT  # no client cut: the gap is quantisation alone
+        first = run_inprocess(RunConfig.of(**one), threads=1)
         weights = {k: v.astype(np.float64) for k, v in load_file(f"{tmp}/one/model.safetensors").items()}
         if rounds:
             settings["rounds_per_task"] = rounds

@@ -286,9 +286,10 @@ class PrivacySettings(Section):
     secure_aggregation: bool = setting(False, "secure aggregation (SecAgg+): clients mask their updates so that the server "
                                        "learns only each round's sum; needs 3 or more clients a round and --aggregation "
                                        "fedavg (the influence bound and the robust rules read single updates: off)")
-    secure_max_weight: float = setting(10_000.0, "--secure-aggregation: the most a client's num-examples counts (a "
-                                       "larger claim is cut to it); the sum is most precise when this is near the "
-                                       "clients' sample counts", minimum=1, maximum=1e6)
+    secure_max_weight: float = setting(0.0, "--secure-aggregation: the most a client's num-examples counts (a larger "
+                                       "claim is cut to it; the sum is most precise when this is near the clients' "
+                                       "sample counts); 0: 4 x the median count of the round before (10,000 in the "
+                                       "first)", minimum=0, maximum=1e6)
 
 
 RELEASE_MODES = ("gate", "every-round", "manual")

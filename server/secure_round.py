@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from common.secure_aggregation import SECURE_CONFIGS, float_names
 from common.config import SECURE_CLIP_KEY, SECURE_UNIT_WEIGHT_KEY
 from server.grids import GridWrapper
+from server.reply_metrics import WEIGHT_KEY
 from server.validation import METRICS_KEY, client_error
 
 log = logging.getLogger("fedtide.server")
@@ -47,6 +48,8 @@ QUANTIZATION = 2**22  # levels each clipped value is quantised to
 CLIPPING_RANGE = 8.0  # each weighted update value is clipped to [-8, 8] before quantising
 MAX_CLIENTS = MOD_RANGE // QUANTIZATION - 1  # more quantised vectors than this overflow the modulus
 MAX_KEY_BYTES = 1024  # a public key, a key share or one encrypted share, far above their real size
+FIRST_MAX_WEIGHT = 10_000.0  # automatic max weight before any count is known
+MEDIAN_FACTOR = 4  # automatic max weight: this many times the median count of the round before
 
 
 def shares_for(clients: int) -> int:
@@ -61,8 +64,8 @@ def shares_for(clients: int) -> int:
 class SecureRound:
     """One secure round's driver; ``strategy`` is the run's ``FedtideStrategy``.
     ``clip``: the L2 norm each client clips its update to (0: none); ``unit_weight``: every
-    update counts 1 (client-level DP); ``max_weight``: the most a client's num-examples counts;
-    ``timeout``: the round's timeout (seconds)."""
+    update counts 1 (client-level DP); ``max_weight``: the most a client's num-examples counts
+    (0: automatic, ``weight_for``); ``timeout``: the round's timeout (seconds)."""
 
     strategy: Any
     timeout: float
@@ -72,6 +75,17 @@ class SecureRound:
     traffic: dict[str, int] = field(default_factory=lambda: {"down": 0, "up": 0})  # bytes of all stages, as sent
     client_rounds: int = 0  # training messages sent in secure rounds
     failed_rounds: int = 0  # rounds that kept the global model
+    last_counts: list[int] = field(default_factory=list)  # num-examples the last round's masked replies claimed
+
+    def weight_for(self) -> float:
+        """The round's max weight: fixed, or 4 x the median num-examples the previous round's
+        clients reported (in the clear), so that quantisation is fine and one liar cannot
+        coarsen it (a resumed run starts again at 10,000)."""
+        if self.max_weight > 0:
+            return self.max_weight
+        if not self.last_counts:
+            return FIRST_MAX_WEIGHT
+        return float(max(1, MEDIAN_FACTOR * int(np.median(self.last_counts))))
 
     def __call__(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord | None:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
@@ -102,6 +116,8 @@ class SecureRound:
             self.failed_rounds += 1
             self.strategy.keep_global(server_round, "the secure aggregate does not fit the model")
             return None
+        counts = [reply.content.config_records["fitres.metrics"].get(WEIGHT_KEY) for reply in checked.masked]
+        self.last_counts = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and 0 < c <= 10**9]
         reports = [self._report(reply) for reply in checked.masked]
         return self.strategy.aggregate_secure(server_round, dict(zip(names, mean)), reports, weight_total)
 
@@ -134,7 +150,7 @@ class SecureRound:
 
         shares = shares_for(len(contents))
         workflow = SecAggPlusWorkflow(
-            num_shares=shares, reconstruction_threshold=2 / 3, max_weight=self.max_weight,
+            num_shares=shares, reconstruction_threshold=2 / 3, max_weight=self.weight_for(),
             clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION, modulus_range=MOD_RANGE,
         )
         state = RecordDict({

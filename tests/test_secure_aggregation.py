@@ -253,3 +253,21 @@ def test_the_mod_passes_plain_messages_to_the_handler_untouched():
     seen = []
     secure_aggregation_mod(msg, context, lambda m, c: seen.append(m) or m)
     assert seen == [msg]
+
+
+def test_the_automatic_max_weight_follows_the_median_count_so_one_liar_cannot_coarsen_the_sum():
+    from server.secure_round import SecureRound
+
+    auto = SecureRound(strategy=None, timeout=1.0, max_weight=0.0)
+    assert auto.weight_for() == 10_000  # nothing known yet
+    auto.last_counts = [100, 120, 130, 10**9]
+    assert auto.weight_for() == 4 * 125
+    assert SecureRound(strategy=None, timeout=1.0, max_weight=700.0, last_counts=[5]).weight_for() == 700
+
+
+def test_sample_level_dp_composes_with_secure_aggregation(tmp_path):
+    summary = run_inprocess(_config(tmp_path, "sample", secure_aggregation=True, dp="sample", rounds=2), threads=1)
+    assert summary["dp"]["level"] == "sample" and summary["dp"]["epsilon"] > 0
+    assert summary["secure_aggregation"]["failed_rounds"] == 0 and summary["rejected_replies"] == 0
+    records = _rounds(tmp_path / "sample")
+    assert all(len(r["clients"]) == 5 and all(c["dp-epsilon"] > 0 for c in r["clients"]) for r in records)
