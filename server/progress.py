@@ -144,6 +144,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
         level = "sample-level DP-SGD, the largest client's" if dp.get("level") == "sample" else "client-level DP"
         table.add_row(f"privacy: {level} (epsilon, delta); noise z, clip C",
                       f"({dp['epsilon']:.3f}, {dp['delta']:g}); z {dp['noise_multiplier']:g}, C {dp['clip']:g}")
+    if summary.get("secure_aggregation"):
+        secure = summary["secure_aggregation"]
+        table.add_row("secure aggregation (SecAgg+): KB down / up per client and round; rounds that failed",
+                      f"{secure['bytes_down_per_client_round'] / 1000:.1f} / {secure['bytes_up_per_client_round'] / 1000:.1f}; "
+                      f"{secure['failed_rounds']}")
     if summary.get("stopped_at_round"):
         table.add_row("stopped early (--target-epsilon) after round", str(summary["stopped_at_round"]))
     if summary.get("releases"):
