@@ -331,8 +331,11 @@ def check_secure_aggregation(config: "RunConfig") -> None:
         raise FedtideError(f"--secure-aggregation sums the updates of one global model; --training {data.training} "
                            "is not built for it: use --training federated")
     if config.drift.drift_weight != 1.0:
-        raise FedtideError("--secure-aggregation masks each update's weight too, so --drift-weight cannot reweigh it: "
-                           "drop --drift-weight")
+        raise FedtideError("--secure-aggregation applies each update's weight on the client, inside the mask, so "
+                           "--drift-weight cannot reweigh it: drop --drift-weight")
+    if 0 < config.privacy.secure_max_weight < 1:
+        raise FedtideError(f"--secure-max-weight {config.privacy.secure_max_weight:g} would weigh every client 0: use 0 "
+                           "(automatic) or 1 or more")
     replies = config.max_replies_per_round
     if replies < 3:
         raise FedtideError(f"--secure-aggregation needs at least 3 clients a round (the sum of two updates gives each "

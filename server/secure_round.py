@@ -89,9 +89,10 @@ class SecureRound:
 
     def __call__(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord | None:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        if len(messages) < MIN_CLIENTS:
-            self.strategy.keep_global(server_round, f"secure aggregation needs at least {MIN_CLIENTS} clients a round, "
-                                                    f"{len(messages)} were sampled")
+        if not MIN_CLIENTS <= len(messages) <= MAX_CLIENTS:
+            self.failed_rounds += 1
+            self.strategy.keep_global(server_round, f"secure aggregation sums {MIN_CLIENTS} to {MAX_CLIENTS} updates a "
+                                                    f"round; {len(messages)} clients were sampled")
             return None
         contents = {m.metadata.dst_node_id: self._content(m.content) for m in messages}
         self.client_rounds += len(contents)
@@ -118,8 +119,15 @@ class SecureRound:
             return None
         counts = [reply.content.config_records["fitres.metrics"].get(WEIGHT_KEY) for reply in checked.masked]
         self.last_counts = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and 0 < c <= 10**9]
+        if self.clip > 0 and (norm := float(np.sqrt(sum(float(np.sum(a * a)) for a in mean)))) > self.clip * 1.01 + 0.01:
+            self.failed_rounds += 1  # a mean of updates clipped to C is no longer than C: a share or mask was wrong
+            self.strategy.keep_global(server_round, f"the secure aggregate's norm {norm:.3g} exceeds the clients' clip "
+                                                    f"{self.clip:g}: a key share or mask was wrong")
+            return None
         reports = [self._report(reply) for reply in checked.masked]
-        return self.strategy.aggregate_secure(server_round, dict(zip(names, mean)), reports, weight_total)
+        model = self.strategy.aggregate_secure(server_round, dict(zip(names, mean)), reports, weight_total)
+        self.failed_rounds += model is None
+        return model
 
     def summary(self) -> dict[str, Any]:
         """Figures for the run's summary: what the protocol's four stages carried per client
@@ -174,6 +182,9 @@ class SecureRound:
                 progress.nid_to_fitins = {node: contents[node] for node in progress.nid_to_fitins}
             if name == "key sharing":
                 _forget_early_dropouts(progress)
+            if name == "masked updates" and len(progress.active_node_ids) < MIN_CLIENTS:
+                return (f"secure aggregation stopped before unmasking: {len(progress.active_node_ids)} masked "
+                        f"update(s) arrived, and the sum of fewer than {MIN_CLIENTS} gives each away")
         if handover.mean is None:
             return "secure aggregation returned no aggregate"
         return handover.mean, handover.weight_total
@@ -240,44 +251,54 @@ class CheckedStages(GridWrapper):
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         stage = str(messages[0].content.config_records[SECURE_CONFIGS]["stage"]) if messages else ""
+        expected: dict[int, set[int]] = {}  # the node ids each node's reply must name
         for message in messages:  # the workflow shares one record among nodes, and Flower's mod edits it
             content = RecordDict(dict(message.content))
-            content[SECURE_CONFIGS] = ConfigRecord(dict(content.config_records[SECURE_CONFIGS]))
+            record = ConfigRecord(dict(content.config_records[SECURE_CONFIGS]))
+            content[SECURE_CONFIGS] = record
             message.content = content
+            node = message.metadata.dst_node_id
+            if stage == "share_keys":  # a share for each neighbour whose keys it was sent, itself excepted
+                expected[node] = {int(key) for key in record if key != "stage"} - {node}
+            elif stage == "unmask":  # a share of each neighbour it was asked about
+                expected[node] = {*record.get("active_nids", []), *record.get("dead_nids", [])}
         self.traffic["down"] += sum(_size(m.content) for m in messages)
-        kept = []
+        kept, seen, keys = [], set(), set()
         for reply in self.inner.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():  # the workflow counts it as a dropout
-                self.dropped.append((_sender(reply, messages), f"secure aggregation, {stage}: client failed: "
-                                     f"{client_error(reply.error.code, reply.error.reason)}"))
+            if reply.has_error():  # a dropout (it may be a peer's bad key that failed it: no blame)
+                log.warning("secure aggregation, %s: node %s failed: %s", stage, _sender(reply, messages),
+                            client_error(reply.error.code, reply.error.reason))
                 kept.append(reply)
                 continue
             self.traffic["up"] += _size(reply.content)
             node = reply.metadata.src_node_id
             try:
-                reason = self._check(stage, reply.content)
+                reason = self._check(stage, reply.content, expected.get(node, set()), keys)
             except Exception as error:  # noqa: BLE001 - a reply the checks cannot read is a bad reply
                 reason = f"unreadable {stage} reply ({type(error).__name__})"
-            if reason is not None or node not in self.nodes:
-                self.dropped.append((node, f"secure aggregation, {stage}: {reason or 'not a node of this round'}"))
+            if reason is None and (node not in self.nodes or node in seen):
+                reason = "not a node of this round, or its second reply"
+            if reason is not None:
+                self.dropped.append((node, f"secure aggregation, {stage}: {reason}"))
                 continue
+            seen.add(node)
             kept.append(reply)
             if stage == "collect_masked_vectors":
                 self.masked.append(reply)
         return kept
 
-    def _check(self, stage: str, content: RecordDict) -> str | None:
+    def _check(self, stage: str, content: RecordDict, expected: set[int], keys: set[bytes]) -> str | None:
         if SECURE_CONFIGS not in content.config_records:
             return "no SecAgg+ record"
         record = content.config_records[SECURE_CONFIGS]
         if stage == "setup":
-            return _bytes_fields(record, ("pk1", "pk2"))
+            return _public_keys(record, keys)
         if stage == "share_keys":
-            return _lists(record, "dsts", "ctxts", self.nodes)
+            return _lists(record, "dsts", "ctxts", expected)
         if stage == "collect_masked_vectors":
             return self._check_masked(content, record)
         if stage == "unmask":
-            return _lists(record, "nids", "shares", self.nodes)
+            return _lists(record, "nids", "shares", expected)
         return f"unknown stage {stage[:30]!r}"
 
     def _check_masked(self, content: RecordDict, record: ConfigRecord) -> str | None:
@@ -288,8 +309,8 @@ class CheckedStages(GridWrapper):
             if not isinstance(blob, bytes) or len(blob) > 8 * math.prod(shape) + 256:
                 return "a masked array is not bytes of its size"
             array = np.load(io.BytesIO(blob), allow_pickle=False)
-            if array.shape != shape or not np.issubdtype(array.dtype, np.integer):
-                return f"a masked array has shape {array.shape} and dtype {array.dtype}, not {shape} integers"
+            if array.shape != shape or array.dtype != np.int64:
+                return f"a masked array has shape {array.shape} and dtype {array.dtype}, not {shape} int64"
             if array.size and (int(array.min()) < 0 or int(array.max()) >= MOD_RANGE):
                 return "a masked array holds values outside the masks' range"
         count = content.metric_records.get("fitres.num_examples")
@@ -297,11 +318,13 @@ class CheckedStages(GridWrapper):
         metrics = content.config_records.get("fitres.metrics")
         if count is None or status is None or metrics is None or "fitres.parameters" not in content.array_records:
             return "the reply lacks Flower's FitRes records"
+        if list(content.array_records) != ["fitres.parameters"] or len(content.array_records["fitres.parameters"]):
+            return "a masked reply must hold no arrays in the clear"
         examples = count.get("num_examples")
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
             return "num_examples must be a whole number >= 0"
-        if not isinstance(status.get("code"), int) or not isinstance(status.get("message"), str):
-            return "its status must be a code and a message"
+        if status.get("code") != 0 or isinstance(status.get("code"), bool) or not isinstance(status.get("message"), str):
+            return "its status must be code 0 (OK) and a message"
         if len(metrics) > 256 or any(isinstance(v, bytes) or not isinstance(v, (int, float, str)) for v in metrics.values()):
             return "its metrics must be at most 256 numbers"  # the legacy layout takes single values only
         return None
@@ -315,22 +338,34 @@ def _sender(reply: Message, sent: list[Message]) -> int:
     return reply.metadata.src_node_id
 
 
-def _bytes_fields(record: ConfigRecord, keys: tuple[str, ...]) -> str | None:
-    for key in keys:
-        value = record.get(key)
-        if not isinstance(value, bytes) or not 0 < len(value) <= MAX_KEY_BYTES:
-            return f"'{key}' must be a key of at most {MAX_KEY_BYTES} bytes"
+def _public_keys(record: ConfigRecord, seen: set[bytes]) -> str | None:
+    """A setup reply: two distinct public keys that parse, neither seen before this round
+    (a repeated or malformed key would fail every honest neighbour at the next stage)."""
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+    pair = [record.get("pk1"), record.get("pk2")]
+    for key in pair:
+        if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
+            return f"its public keys must be at most {MAX_KEY_BYTES} bytes each"
+    if pair[0] == pair[1] or seen & set(pair):
+        return "its public keys repeat a key of this round"
+    try:
+        for key in pair:
+            bytes_to_public_key(key)
+    except Exception:  # noqa: BLE001 - not a key
+        return "its public keys do not parse"
+    seen.update(pair)
     return None
 
 
-def _lists(record: ConfigRecord, ids_key: str, blobs_key: str, nodes: set[int]) -> str | None:
+def _lists(record: ConfigRecord, ids_key: str, blobs_key: str, expected: set[int]) -> str | None:
+    """Key sharing and unmasking: one entry for each node it was asked about, no other."""
     ids, blobs = record.get(ids_key), record.get(blobs_key)
-    if not isinstance(ids, list) or not isinstance(blobs, list) or len(ids) != len(blobs) or len(ids) > len(nodes):
-        return f"'{ids_key}' and '{blobs_key}' must be lists of the same length, one entry per node at most"
-    if any(isinstance(i, bool) or not isinstance(i, int) or i not in nodes for i in ids):
-        return f"'{ids_key}' names a node that is not in this round"
-    if len(set(ids)) != len(ids):
-        return f"'{ids_key}' names a node twice"
+    if not isinstance(ids, list) or not isinstance(blobs, list) or len(ids) != len(blobs):
+        return f"'{ids_key}' and '{blobs_key}' must be lists of the same length"
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids) \
+            or set(ids) != expected:
+        return f"'{ids_key}' must name each node it was asked about once, and no other"
     if any(not isinstance(b, bytes) or not 0 < len(b) <= MAX_KEY_BYTES for b in blobs):
         return f"each of '{blobs_key}' must be at most {MAX_KEY_BYTES} bytes"
     return None

@@ -202,12 +202,13 @@ class FedtideStrategy(Strategy):
         rules cannot run. The reports carry each node's metrics, in the clear; metrics the
         schema refuses are left out of the history (the node's update is in the sum already)."""
         with self.times.phase("aggregate"):
-            accepted = []
+            accepted, spent = [], set()
             for reply in reports:
                 node = reply.metadata.src_node_id
                 checked = self.validator.schema.clean(reply.content[METRICS_KEY])
                 if checked.reason is not None and checked.reason.startswith(SPENT):  # it sent nothing, weight 0
                     self._reject(server_round, node, checked.reason)
+                    spent.add(node)
                     continue
                 if checked.reason is not None:
                     log.warning("round %d: node %s's metrics left out: %s (its update is in the secure sum)",
@@ -218,7 +219,8 @@ class FedtideStrategy(Strategy):
                 self.history.client_reply(node, metrics)
                 accepted.append(reply)
             try:
-                self.accepted_nodes = [reply.metadata.src_node_id for reply in reports]
+                self.accepted_nodes = [reply.metadata.src_node_id for reply in reports
+                                       if reply.metadata.src_node_id not in spent]
                 if accepted:
                     self.history.train_metrics(dict(weighted_metrics([reply.content for reply in accepted])))
                 reference = self._reference

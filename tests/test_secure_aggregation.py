@@ -109,6 +109,29 @@ def test_clients_that_drop_out_mid_protocol_cost_only_their_update(tmp_path, mon
     assert records[1]["accuracy_seen_tasks"] > records[0]["accuracy_seen_tasks"] > 0.3
 
 
+def test_a_client_lost_at_key_setup_is_left_out_and_three_updates_are_the_least_a_round_unmasks(tmp_path, monkeypatch):
+    def lost_at_setup(stage, msg, context, reply):
+        if int(context.node_config["partition-id"]) == 4 and stage == "setup":
+            raise RuntimeError("no network")
+        return reply
+
+    monkeypatch.setattr("client.faults.faulty_client_app", lambda faults: _client_app(lost_at_setup))
+    summary = run_inprocess(_config(tmp_path, "setup", secure_aggregation=True), threads=1, vectorize=False)
+    assert summary["secure_aggregation"]["failed_rounds"] == 0
+    assert len(_rounds(tmp_path / "setup")[0]["clients"]) == 4
+
+    def one_of_three_lost(stage, msg, context, reply):  # 2 of 3 could still be unmasked, but would give each other away
+        if int(context.node_config["partition-id"]) == 0 and stage == "collect_masked_vectors":
+            raise RuntimeError("device lost power")
+        return reply
+
+    monkeypatch.setattr("client.faults.faulty_client_app", lambda faults: _client_app(one_of_three_lost))
+    summary = run_inprocess(_config(tmp_path, "three", secure_aggregation=True, clients=3), threads=1, vectorize=False)
+    [record] = _rounds(tmp_path / "three")
+    assert summary["secure_aggregation"]["failed_rounds"] == 1 and record["clients"] == []
+    assert "fewer than 3 gives each away" in record["aggregation"]["skipped"]
+
+
 def _bad_masked(reply: Message) -> Message:
     record = reply.content.config_records[SECURE_CONFIGS]
     vectors = list(record["masked_params"])
@@ -127,7 +150,7 @@ def _bad_shares(reply: Message) -> Message:
 
 @pytest.mark.parametrize("stage, tamper, reason", [
     ("collect_masked_vectors", _bad_masked, "masked array has shape"),
-    ("share_keys", _bad_shares, "names a node that is not in this round"),
+    ("share_keys", _bad_shares, "must name each node it was asked about once"),
 ])
 def test_a_hostile_protocol_reply_is_dropped_with_its_reason_and_the_round_goes_on(tmp_path, monkeypatch, stage, tamper,
                                                                                    reason):
@@ -172,47 +195,64 @@ def _masked(shapes, dtype=np.int64, high=2**32) -> list[bytes]:
     return out
 
 
-def _fitres(content: RecordDict, examples=5, metrics=None) -> RecordDict:
-    content["fitres.parameters"] = ArrayRecord()
+def _fitres(content: RecordDict, examples=5, metrics=None, status=0, clear=False) -> RecordDict:
+    content["fitres.parameters"] = ArrayRecord([np.ones(3)]) if clear else ArrayRecord()
     content["fitres.num_examples"] = MetricRecord({"num_examples": examples})
     content["fitres.metrics"] = ConfigRecord(metrics if metrics is not None else {"num-examples": examples})
-    content["fitres.status"] = ConfigRecord({"code": 0, "message": "ok"})
+    content["fitres.status"] = ConfigRecord({"code": status, "message": "ok"})
     return content
 
 
-@pytest.mark.parametrize("stage, content, reason", [
-    ("setup", _record(pk1=b"k" * 32), "'pk2' must be a key"),
-    ("setup", _record(pk1=b"k" * 5000, pk2=b"k"), "'pk1' must be a key"),
-    ("share_keys", _record(dsts=[1, 2], ctxts=[b"c"]), "lists of the same length"),
-    ("share_keys", _record(dsts=[1, 1], ctxts=[b"c", b"c"]), "names a node twice"),
-    ("share_keys", _record(dsts=[True], ctxts=[b"c"]), "not in this round"),
-    ("unmask", _record(nids=[1], shares=[b"s" * 2000]), "at most 1024 bytes"),
-    ("unmask", _record(nids=list(range(1, 9)), shares=[b"s"] * 8), "one entry per node at most"),
-    ("collect_masked_vectors", _fitres(_record(masked_params=_masked([(1,), (2, 3)]))), "must be 3 arrays"),
-    ("collect_masked_vectors", _fitres(_record(masked_params=_masked([(1,), (2, 3), (4,)], np.float64))), "integers"),
-    ("collect_masked_vectors", _fitres(_record(masked_params=_masked([(1,), (2, 3), (4,)], high=2**40))), "range"),
-    ("collect_masked_vectors", _record(masked_params=_masked([(1,), (2, 3), (4,)])), "FitRes records"),
-    ("collect_masked_vectors", _fitres(_record(masked_params=_masked([(1,), (2, 3), (4,)])), examples=-1), "whole number"),
-    ("collect_masked_vectors", _fitres(_record(masked_params=_masked([(1,), (2, 3), (4,)])), metrics={"x": [1.0]}),
-     "metrics"),
-    ("collect_masked_vectors", _fitres(_record(masked_params=[b"\x93NUMPY garbage"] * 3)), None),
-    ("share_keys", RecordDict({"other": ConfigRecord({})}), "no SecAgg+ record"),
+def _keys(*seeds: int) -> list[bytes]:
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    return [public_key_to_bytes(generate_key_pairs()[1]) for _ in seeds]
+
+
+PK1, PK2 = _keys(1, 2)
+MASKED = [(1,), (2, 3), (4,)]
+
+
+@pytest.mark.parametrize("stage, content, expected, reason", [
+    ("setup", _record(pk1=PK1), set(), "public keys must be"),
+    ("setup", _record(pk1=b"k" * 5000, pk2=PK2), set(), "public keys must be"),
+    ("setup", _record(pk1=PK1, pk2=PK1), set(), "repeat a key"),
+    ("setup", _record(pk1=b"not a key", pk2=PK2), set(), "do not parse"),
+    ("share_keys", _record(dsts=[1, 2], ctxts=[b"c"]), {1, 2}, "lists of the same length"),
+    ("share_keys", _record(dsts=[1, 1], ctxts=[b"c", b"c"]), {1, 2}, "once, and no other"),
+    ("share_keys", _record(dsts=[True], ctxts=[b"c"]), {1}, "once, and no other"),
+    ("share_keys", _record(dsts=[1, 7], ctxts=[b"c", b"c"]), {1, 2}, "once, and no other"),  # a node it was not sent
+    ("share_keys", _record(dsts=[1], ctxts=[b"c"]), {1, 2}, "once, and no other"),  # one share left out
+    ("unmask", _record(nids=[1], shares=[b"s" * 2000]), {1}, "at most 1024 bytes"),
+    ("unmask", _record(nids=[1, 9], shares=[b"s"] * 2), {1, 2}, "once, and no other"),  # a node it was not asked about
+    ("collect_masked_vectors", _fitres(_record(masked_params=_masked(MASKED[:2]))), set(), "must be 3 arrays"),
+    ("collect_masked_vectors", _fitres(_record(masked_params=_masked(MASKED, np.float64))), set(), "int64"),
+    ("collect_masked_vectors", _fitres(_record(masked_params=_masked(MASKED, np.int8, 100))), set(), "int64"),
+    ("collect_masked_vectors", _fitres(_record(masked_params=_masked(MASKED, high=2**40))), set(), "range"),
+    ("collect_masked_vectors", _record(masked_params=_masked(MASKED)), set(), "FitRes records"),
+    ("collect_masked_vectors", _fitres(_record(masked_params=_masked(MASKED)), examples=-1), set(), "whole number"),
+    ("collect_masked_vectors", _fitres(_record(masked_params=_masked(MASKED)), metrics={"x": [1.0]}), set(), "metrics"),
+    ("collect_masked_vectors", _fitres(_record(masked_params=_masked(MASKED)), status=5), set(), "code 0"),
+    ("collect_masked_vectors", _fitres(_record(masked_params=_masked(MASKED)), clear=True), set(), "in the clear"),
+    ("collect_masked_vectors", _fitres(_record(masked_params=[b"\x93NUMPY garbage"] * 3)), set(), "unreadable"),
+    ("share_keys", RecordDict({"other": ConfigRecord({})}), {1}, "no SecAgg+ record"),
 ])
-def test_each_stage_checks_its_replies_before_the_protocol_reads_them(stage, content, reason):
+def test_each_stage_checks_its_replies_before_the_protocol_reads_them(stage, content, expected, reason):
     checked = CheckedStages(inner=None, nodes={1, 2, 3, 4, 5}, shapes=[(2, 3), (4,)], traffic={"down": 0, "up": 0})
     try:
-        found = checked._check(stage, content)
-    except Exception:  # send_and_receive turns an unreadable reply into a drop
-        found = None if reason is None else "raised"
-    if reason is None:
-        return
-    assert found is not None and reason in found
+        found = checked._check(stage, content, expected, set())
+    except Exception as error:  # send_and_receive drops a reply the checks cannot read, with this reason
+        found = f"unreadable {stage} reply ({type(error).__name__})"
+    assert found is not None and reason in found, found
 
 
 def test_a_valid_masked_reply_passes():
     checked = CheckedStages(inner=None, nodes={1, 2, 3}, shapes=[(2, 3), (4,)], traffic={"down": 0, "up": 0})
     content = _fitres(_record(masked_params=_masked([(1,), (2, 3), (4,)])))
-    assert checked._check("collect_masked_vectors", content) is None
+    assert checked._check("collect_masked_vectors", content, set(), set()) is None
+    keys: set[bytes] = set()
+    assert checked._check("setup", _record(pk1=PK1, pk2=PK2), set(), keys) is None
+    assert "repeat" in checked._check("setup", _record(pk1=PK2, pk2=_keys(3)[0]), set(), keys)  # a key seen this round
 
 
 @pytest.mark.parametrize("settings, flag", [

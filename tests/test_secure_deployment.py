@@ -1,5 +1,6 @@
 """Secure aggregation on loopback: a real `fedtide server --secure-aggregation` (SuperLink, TLS,
-node authentication) and four `fedtide client` processes (SuperNodes) with their own files.
+node authentication) and four `fedtide client` processes (SuperNodes) with their own files,
+training with DP-SGD (sample-level DP composes: each device accounts its own budget).
 Every round runs SecAgg+'s four stages through Flower's own message path. Round 1's model is
 the plain weighted mean of the four devices' models within quantisation error (each device's
 round replayed here, in the clear, from its files); one client is killed outright in the
@@ -49,7 +50,8 @@ def test_four_devices_aggregate_securely_and_a_client_killed_mid_protocol_does_n
             ["server", "--certs", str(certs), "--database", str(tmp_path / "superlink.db"), "--out", str(run),
              "--address", address, "--num-tasks", "1", "--rounds-per-task", str(ROUNDS), "--local-epochs", "1",
              "--round-timeout", str(ROUND_TIMEOUT), "--release", "manual", "--secure-aggregation",
-             "--secure-max-weight", "500", "--min-clients", str(CLIENTS - 1)],
+             "--secure-max-weight", "500", "--min-clients", str(CLIENTS - 1),
+             "--dp", "sample", "--dp-noise", "1.0", "--dp-reproducible"],
             tmp_path / "server.log", tmp_path,
         )
         sessions.append(server)
@@ -73,6 +75,7 @@ def test_four_devices_aggregate_securely_and_a_client_killed_mid_protocol_does_n
     assert summary["secure_aggregation"]["failed_rounds"] == 0, server.output()[-3000:]
     assert len(records[0]["clients"]) == CLIENTS and len(records[-1]["clients"]) == CLIENTS - 1
     assert not any("aggregation" in r for r in records)  # every round moved the model
+    assert all(c["dp-epsilon"] > 0 for r in records for c in r["clients"]) and summary["dp"]["epsilon"] > 0
     assert records[-1]["accuracy_seen_tasks"] > records[0]["accuracy_seen_tasks"]
     expected = _plain_round_one(run, tmp_path, records[0]["clients"])
     secure = load_file(run / "checkpoints" / "round-000001.safetensors")
@@ -85,7 +88,8 @@ def test_four_devices_aggregate_securely_and_a_client_killed_mid_protocol_does_n
 
 def _plain_round_one(run, tmp_path, clients: list[dict]) -> dict[str, np.ndarray]:
     """Round 1 as a plain FedAvg would have it: each device's training replayed in this
-    process on its own files and node id (fresh state), averaged by num-examples."""
+    process on its own files and node id (fresh state; ``--dp-reproducible`` draws the same
+    batches and noise), averaged by num-examples."""
     config = RunConfig.from_mapping(json.loads((run / "config.json").read_text()))
     scenario = build_scenario(config.data, config.seed)
     model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths,
