@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -35,17 +37,37 @@ class Dataset:
         return tuple(self.train.x.shape[1:])
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (images 1797x8x8 in 0..16, labels), read straight from
+    the file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``: 64 pixels and the
+    label per row). Importing ``sklearn.datasets`` would cost about 0.8 s of start-up (it loads
+    scipy.stats); where the file is not found, that import is the fallback."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as rows:
+                table = np.loadtxt(rows, delimiter=",")
+            if table.shape == (1797, 65):
+                return table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    return np.asarray(bunch.images), np.asarray(bunch.target, dtype=np.int64)
+
+
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """scikit-learn's 1,797 8x8 digits, split stratified per class into train and test.
 
     The split is fixed by ``split_seed`` and independent of the run seed, so every run
     (and every client) sees the same test set.
     """
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
-    images = np.asarray(bunch.images, dtype=np.float32) / 16.0
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    images, labels = digits_arrays()
+    images = images.astype(np.float32) / 16.0
     rng = np.random.default_rng(split_seed)
     test_idx: list[np.ndarray] = []
     train_idx: list[np.ndarray] = []

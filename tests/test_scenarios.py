@@ -74,3 +74,20 @@ def test_too_many_clients_is_a_clear_error():
 
 def _scenario_args(config):
     return config.data, config.seed
+
+
+def test_the_embedded_digits_are_scikit_learns_and_load_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from common.datasets import digits_arrays
+
+    images, labels = digits_arrays()
+    reference = sklearn_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+    # importing sklearn.datasets costs about 0.8 s of every run's start-up (benchmarks/startup.py)
+    probe = "import sys; from common.datasets import load_digits; load_digits(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
