@@ -231,11 +231,8 @@ class FedtideStrategy(Strategy):
                 else:
                     aggregate = {name: reference[name] + mean_update[name] if name in mean_update else reference[name]
                                  for name in reference}
-                before = self.step.state()
-                with np.errstate(over="ignore", invalid="ignore"):
-                    new_model = self._as_global(self.step.apply(server_round, aggregate))
-                if not all(np.isfinite(array.numpy()).all() for array in new_model.values()):
-                    self.step.load_state(before)
+                new_model = self._stepped(server_round, aggregate)
+                if new_model is None:
                     self._keep_global(server_round, "the secure aggregate holds NaN or Inf")
                     return None
                 self.receipts.aggregated(server_round, self.accepted_nodes)
@@ -501,13 +498,18 @@ class FedtideStrategy(Strategy):
         else:
             arrays, cut = self.influence.cap_updates(arrays, reference, norms)
             aggregate = self.rule.aggregate(arrays, weights, reference)
-        before = self.step.state()  # a step's state moves on only with a model that is kept
+        return self._stepped(server_round, aggregate), cut
+
+    def _stepped(self, server_round: int, aggregate: dict[str, np.ndarray]) -> ArrayRecord | None:
+        """The server step applied to ``aggregate``: the next global model, or None when it is
+        not finite (then the step's state stays as it was: it moves on only with a kept model)."""
+        before = self.step.state()
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below
             new_model = self._as_global(self.step.apply(server_round, aggregate))
         if not all(np.isfinite(array.numpy()).all() for array in new_model.values()):
             self.step.load_state(before)
-            return None, cut
-        return new_model, cut
+            return None
+        return new_model
 
     def _as_global(self, arrays: dict[str, np.ndarray]) -> ArrayRecord:
         """Server optimizers compute in float64: the model keeps its dtypes. Frozen layers keep

@@ -311,3 +311,16 @@ def test_sample_level_dp_composes_with_secure_aggregation(tmp_path):
     assert summary["secure_aggregation"]["failed_rounds"] == 0 and summary["rejected_replies"] == 0
     records = _rounds(tmp_path / "sample")
     assert all(len(r["clients"]) == 5 and all(c["dp-epsilon"] > 0 for c in r["clients"]) for r in records)
+
+
+@pytest.mark.parametrize("config", [
+    {"secure-clip": float("nan")}, {"secure-clip": float("inf")}, {"secure-clip": -1.0}, {"secure-clip": True},
+    {"secure-clip": "5"}, {"secure-unit-weight": 1},
+])
+def test_a_secure_round_instruction_that_is_not_a_bound_is_refused_by_the_client(config):
+    from client.secure_aggregation import round_bounds
+
+    with pytest.raises(FedtideError) as error:
+        round_bounds(config)
+    assert "the server sent" in str(error.value)
+    assert round_bounds({"secure-clip": 2.5, "secure-unit-weight": True}) == (2.5, True)
