@@ -133,6 +133,17 @@ def train_round(
         plan = dataclasses.replace(plan, data=poison(plan.data))
     model = _load_global(config, weights).to(device)
     freeze(model, config.network.frozen_prefixes)
+    methods = round_methods(config, scenario, partition_id, plan, state, model, device)
+    # a client's data for a task is fixed, so memories are offered each sample once:
+    # in the first round the client trains on that task
+    stats, drift = train_and_react(model, plan, methods, config, state, device, observe=plan.task_changed)
+    return finish_round(config, plan, stats, state, model_weights(model), methods_state(methods), drift)
+
+
+def round_methods(config: ClientSettings, scenario, partition_id: int, plan: RoundPlan, state: dict[str, torch.Tensor],
+                  model: torch.nn.Module, device: torch.device) -> list[Method]:
+    """The client's methods for this round, restored from ``state``; at a new task, told the
+    task ended (``start_task`` with the received ``model``)."""
     methods = build_methods(config.methods.parts, config.methods.options, derive_seed(config.seed, partition_id), plan.lr)
     restore_methods(methods, state, device)
     last_task = int(state[LAST_TASK_KEY]) if LAST_TASK_KEY in state else -1
@@ -140,10 +151,7 @@ def train_round(
         previous = scenario.train_data(partition_id, last_task)
         for method in methods:
             method.start_task(model, previous)
-    # a client's data for a task is fixed, so memories are offered each sample once:
-    # in the first round the client trains on that task
-    stats, drift = train_and_react(model, plan, methods, config, state, device, observe=plan.task_changed)
-    return finish_round(config, plan, stats, state, model_weights(model), methods_state(methods), drift)
+    return methods
 
 
 @dataclass
@@ -223,14 +231,7 @@ def train_and_react(
     ``stream`` is False when the data is not the stream (an edge client retraining on its
     memory): then neither its errors nor its evidence may move the detector."""
     evidence = gather_evidence(model, plan.data, device) if stream and config.drift.drift_detector != "none" else None
-    # a round-level test reads only the evidence: its verdict is known before training, so the
-    # methods see a drift at the very samples it is at; a River detector's comes after, a round late
-    early = check_drift(config.drift, state, torch.zeros(0, dtype=torch.uint8), evidence) \
-        if config.drift.drift_detector in ROUND_DETECTORS else None
-    if stream:
-        drifted = bool(early.positions) if early is not None else drifted_last_round(state)
-        for method in methods:
-            method.start_data(model, plan.data, drifted)
+    early = start_stream(model, plan, methods, config, state, evidence, stream)
     stats = train_stretch(model, plan, methods, config, state, device, observe, memories=stream)
     if not stream:
         stats = dataclasses.replace(stats, errors=torch.zeros(0, dtype=torch.uint8))
@@ -242,6 +243,22 @@ def train_and_react(
         stats = dataclasses.replace(stats, epochs=stats.epochs + extra.epochs, privacy_state=extra.privacy_state,
                                     epsilon=extra.epsilon if extra.epsilon is not None else stats.epsilon)
     return stats, drift
+
+
+def start_stream(model: torch.nn.Module, plan: RoundPlan, methods: list[Method], config: ClientSettings,
+                 state: dict[str, torch.Tensor], evidence: RoundEvidence | None, stream: bool = True) -> DriftCheck | None:
+    """Before training: a round-level detector's verdict on ``evidence`` (None for a River
+    detector, whose verdict comes after training), and the methods shown the round's new data
+    (``start_data``) with whether it drifted."""
+    # a round-level test reads only the evidence: its verdict is known before training, so the
+    # methods see a drift at the very samples it is at; a River detector's comes after, a round late
+    early = check_drift(config.drift, state, torch.zeros(0, dtype=torch.uint8), evidence) \
+        if config.drift.drift_detector in ROUND_DETECTORS else None
+    if stream:
+        drifted = bool(early.positions) if early is not None else drifted_last_round(state)
+        for method in methods:
+            method.start_data(model, plan.data, drifted)
+    return early
 
 
 def train_stretch(model: torch.nn.Module, plan: RoundPlan, methods: list[Method], config: ClientSettings,

@@ -1,40 +1,78 @@
-"""Train many clients' rounds as one vectorised computation.
+"""Train a round's clients as one batched computation, continual-learning methods included.
 
-When every client of a round runs plain SGD with no method hooks, their local training is
-the same program on different data: stacking their weights along a new leading axis turns
-K small matrix products into one batched product (``baddbmm``), forward and backward
-(``_sgd_step`` writes the backward pass out, fused with the SGD update). This covers the MLP;
-other models take the one-client-at-a-time path. Each client still shuffles with its own
-generator, sees its own samples in its own order, and gets its own prequential errors, so
-the result equals K separate ``train_local`` calls up to float rounding.
+A round's clients train the same model from the same global weights, each on its own data
+with its own methods. Here their weights are stacked along a new leading axis
+(``client.batched_models``) and they step in lockstep: at each step every client still
+training contributes its next batch, and one batched forward and backward pass computes all
+their gradients. What is per client stays per client and runs as on the one-client path, in
+the same order: the shuffles (each client's own generator), the methods' hooks on the
+received model (``start_task``, ``start_data``, ``start_round``), ``extend_batch`` (each
+replay memory draws with its own generator), ``observe``, the drift check and the state.
+The methods' loss terms come as data (``client.methods.terms``) and are computed for all
+clients at once (``client.batched_loss``). So the outcome equals the clients' separate
+``train_round`` calls up to float rounding (tests/test_vectorized_methods.py).
+
+Clients may hold different numbers of samples: those with more steps come first, so the
+clients still training at any step are a prefix of the stack, and their weights a view of
+it; batches of unequal length are padded, the padding weighing nothing. When a batch has no
+term beyond the cross-entropy and the model is an MLP, the step is ``fused_sgd_step`` (the
+backward pass written out and fused with the update); otherwise autograd computes it.
+
+Not batched (the one-client path trains them): DP-SGD (per-sample clipping), a method that
+acts on every optimizer step (SI) or is not declared ``vectorized``, Adam, frozen layers,
+extra epochs in reaction to drift, local-only training, and a model that is not a chain of
+Linear/Conv2d/ReLU/MaxPool2d/Flatten layers.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
 
-from client.learner import TrainStats
+import torch
+
+from client import batched_models
+from client.batched_loss import RoundTerms, client_losses
 from client.drift_signals import gather_evidence_many
-from client.rounds import RoundPlan, TrainOutcome, check_drift, finish_round, plan_round
+from client.learner import TrainStats
+from client.methods import Method
+from client.methods.terms import Term
+from client.rounds import (
+    RoundPlan, TrainOutcome, check_drift, finish_round, methods_state, plan_round, round_methods, start_stream,
+)
 from common.config import ClientSettings
 from common.devices import resolve_device
-from common.models import MLP, build_model
+from common.models import build_model
 from common.scenarios import build_scenario
 
 
 def can_vectorize(config: ClientSettings) -> bool:
-    """Plain SGD with no per-client hooks: no method that is not ``vectorized`` (none of the
-    built-ins is yet; the proximal term is one of them), no frozen layers,
-    and no in-round reaction to drift (it would train only some clients further)."""
+    """Whether the settings allow a batched round: every method ``vectorized``, plain SGD,
+    no frozen layers, no in-round reaction to drift (it would train only some clients
+    further), federated training, no DP-SGD (each client clips per sample)."""
     return (
         config.methods.vectorized
         and config.drift.react_extra_epochs == 0
         and config.learner.optimizer == "sgd"
         and not config.network.frozen_prefixes
         and config.data.training != "local-only"
-        and config.privacy.dp != "sample"  # DP-SGD trains each client with its own per-sample clipping
+        and config.privacy.dp != "sample"
     )
+
+
+@dataclass
+class _Client:
+    """One client's round on the batched path."""
+
+    plan: RoundPlan
+    methods: list[Method]
+    state: dict[str, torch.Tensor]
+    observe: bool
+    orders: list[torch.Tensor]  # the sample order of each epoch
+    steps_per_epoch: int
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_epoch * len(self.orders)
 
 
 def train_rounds_together(
@@ -47,128 +85,149 @@ def train_rounds_together(
     (then the caller trains them one by one)."""
     if not jobs or not can_vectorize(config):
         return None
-    plans = [plan_round(config, partition, server_round, state) for partition, server_round, state in jobs]
-    sizes = {len(plan.data) for plan in plans}
-    if len(sizes) != 1 or 0 in sizes or len({plan.lr for plan in plans}) != 1:
-        return None  # unequal data: the clients' steps would not line up
     scenario = build_scenario(config.data, config.seed)
     device = resolve_device(config.learner.device)
-    model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths, config.seed)
-    if not isinstance(model, MLP) or set(weights) != {n for n, _ in model.named_parameters()}:
+    model = build_model(config.network.model, scenario.input_shape, scenario.num_classes, config.network.hidden_widths,
+                        config.seed)
+    layers = batched_models.batched_layers(model)
+    if layers is None or set(weights) != {n for n, _ in model.named_parameters()}:
         return None
-    layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    evidence: list = [None] * len(plans)
+    model.load_state_dict(weights)
+    model.to(device)
+    batch_size, epochs = config.learner.batch_size, config.learner.local_epochs
+    clients: list[_Client] = []
+    for partition, server_round, state in jobs:
+        plan = plan_round(config, partition, server_round, state)
+        methods = round_methods(config, scenario, partition, plan, state, model, device)
+        orders = [torch.randperm(len(plan.data), generator=plan.generator) for _ in range(epochs)]
+        clients.append(_Client(plan, methods, state, plan.task_changed, orders, -(-len(plan.data) // batch_size)))
+    evidence: list = [None] * len(clients)
     if config.drift.drift_detector != "none":  # the received model on each client's new data, before training
-        model.load_state_dict(weights)
-        model.to(device)
-        evidence = gather_evidence_many(model, [plan.data for plan in plans], device)
-    params = {n: _stack(weights[n], len(jobs), n.endswith(".weight"), device) for n in weights}
-    stats = _train(layers, params, plans, config, device)
+        evidence = gather_evidence_many(model, [c.plan.data for c in clients], device)
+    early = [start_stream(model, c.plan, c.methods, config, c.state, e) for c, e in zip(clients, evidence)]
+    for client in clients:
+        for method in client.methods:
+            method.start_round(model)
+    stats = _train(clients, layers, weights, config, device)
     outcomes = []
-    for k, ((_, _, state), plan) in enumerate(zip(jobs, plans)):
-        client_weights = {n: _unstack(n, p[k]) for n, p in params.items()}
-        drift = check_drift(config.drift, state, stats[k].errors, evidence[k])
-        outcomes.append(finish_round(config, plan, stats[k], state, client_weights, {}, drift))
+    for client, stat, seen, found in zip(clients, stats, evidence, early):
+        client_weights, train_stats = stat
+        drift = found if found is not None else check_drift(config.drift, client.state, train_stats.errors, seen)
+        outcomes.append(finish_round(config, client.plan, train_stats, client.state, client_weights,
+                                     methods_state(client.methods), drift))
     return outcomes
 
 
-def _stack(tensor: torch.Tensor, copies: int, is_weight: bool, device: torch.device) -> torch.Tensor:
-    """``copies`` copies of one parameter along a new leading axis. A Linear weight is
-    stored transposed, [K, in, out], so that every product of the forward and backward
-    pass reads contiguous memory; a bias as [K, 1, out], to broadcast over the batch."""
-    stacked = tensor.to(device).unsqueeze(0).expand(copies, *tensor.shape)
-    stacked = stacked.transpose(1, 2) if is_weight else stacked.unsqueeze(1)
-    return stacked.clone(memory_format=torch.contiguous_format)  # never a view of the caller's tensor
-
-
-def _unstack(name: str, stacked: torch.Tensor) -> torch.Tensor:
-    """One client's parameter back in the model's own layout."""
-    tensor = stacked.t() if name.endswith(".weight") else stacked.squeeze(0)
-    return tensor.cpu().contiguous()
-
-
-def _sgd_step(
-    weights: list[torch.Tensor], biases: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, lr: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step of K MLPs (Linear + ReLU layers, cross-entropy loss) on their own
-    batches x [K, B, features], y [K, B]; returns (logits, per-client mean loss).
-
-    The backward pass is written out, because it can update each weight in the same
-    product that computes its gradient: ``W.baddbmm_(a^T, g, alpha=-lr)`` reads and writes
-    W once, where autograd writes a gradient, reads it back and then updates W (the step
-    is ~25% faster). The maths is that of autograd: for logits z = a W + b,
-    dL/dz = (softmax(z) - onehot(y)) / B; dL/dW = a^T dL/dz; dL/db = sum_B dL/dz;
-    dL/da = dL/dz W^T, masked where the ReLU was off."""
-    inputs = [x]
-    h = x
-    for i, (w, b) in enumerate(zip(weights, biases)):
-        h = torch.baddbmm(b, h, w)
-        if i < len(weights) - 1:
-            h.clamp_(min=0)
-            inputs.append(h)
-    logits = h
-    log_p = torch.log_softmax(logits, dim=-1)
-    loss = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
-    grad = log_p.exp_()
-    grad.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(grad[..., :1], -1.0))
-    grad.div_(y.shape[1])
-    for i in reversed(range(len(weights))):
-        a = inputs[i]
-        below = torch.bmm(grad, weights[i].transpose(1, 2)).mul_(a > 0) if i > 0 else None  # with W before its step
-        weights[i].baddbmm_(a.transpose(1, 2), grad, alpha=-lr)
-        biases[i].sub_(grad.sum(1, keepdim=True), alpha=lr)
-        grad = below
-    return logits, loss
-
-
-_last_stack: dict = {}  # the previous round's stack: "sources" (data tensors, kept alive), "key", "xs", "ys"
-
-
-def _stacked_data(plans: list[RoundPlan], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clients' samples as xs [K, n, features] and ys [K, n]. When a round's clients
-    hold the same data tensors as the previous round's (one task, all clients sampled), the
-    previous stack is reused instead of copied again (the ids are safe to compare: the
-    previous tensors are kept alive, so no id can have been reused)."""
-    sources = [t for plan in plans for t in (plan.data.x, plan.data.y)]
-    key = (tuple(id(t) for t in sources), device)
-    if _last_stack.get("key") != key:
-        xs = torch.stack([plan.data.x for plan in plans]).to(device).flatten(2)
-        ys = torch.stack([plan.data.y for plan in plans]).to(device)
-        _last_stack.update(sources=sources, key=key, xs=xs, ys=ys)
-    return _last_stack["xs"], _last_stack["ys"]
-
-
-def _train(layers, params, plans: list[RoundPlan], config: ClientSettings, device: torch.device) -> list[TrainStats]:
-    """SGD on every client at once; updates ``params`` in place."""
-    n = len(plans[0].data)
-    lr = plans[0].lr
-    weights = [params[f"{name}.weight"] for name in layers]
-    biases = [params[f"{name}.bias"] for name in layers]
-    xs, ys = _stacked_data(plans, device)
-    rows = torch.arange(len(plans), device=device).unsqueeze(1)
-    errors: list[torch.Tensor] = []
-    losses = torch.zeros(len(plans), device=device)
-    steps = 0
-    with torch.no_grad():
-        for epoch in range(config.learner.local_epochs):
-            orders = torch.stack([torch.randperm(n, generator=plan.generator) for plan in plans]).to(device)
-            for start in range(0, n, config.learner.batch_size):
-                idx = orders[:, start : start + config.learner.batch_size]
-                y = ys[rows, idx]
-                logits, loss = _sgd_step(weights, biases, xs[rows, idx], y, lr)
-                losses += loss
-                if epoch == 0:
-                    errors.append(logits.argmax(-1) != y)
-                steps += 1
-    wrong = torch.cat(errors, dim=1).to(torch.uint8).cpu() if errors else torch.zeros((len(plans), 0), dtype=torch.uint8)
+def _train(
+    clients: list[_Client], layers, weights: dict[str, torch.Tensor], config: ClientSettings, device: torch.device,
+) -> list[tuple[dict[str, torch.Tensor], TrainStats]]:
+    """Every client's local training in lockstep; their weights and stats, in ``clients``' order."""
+    order = sorted(range(len(clients)), key=lambda k: -clients[k].steps)  # training clients: always a prefix
+    ranked = [clients[k] for k in order]
+    linear = batched_models.linear_names(layers)
+    names = list(weights)
+    params = {n: batched_models.stack(n, [weights[n].to(device)] * len(ranked), linear) for n in names}
+    terms = RoundTerms([[m.round_terms() for m in c.methods] for c in ranked], params, linear)
+    lrs = torch.tensor([c.plan.lr for c in ranked], device=device)
+    one_lr = len(set(lrs.tolist())) == 1
+    fused = batched_models.fusable(layers) and terms.empty() and one_lr
+    weight_names = [f"{name}.weight" for name, module in layers if name in linear]
+    bias_names = [f"{name}.bias" for name, module in layers if name in linear]
+    batch_size = config.learner.batch_size
+    errors: list[list[torch.Tensor]] = [[] for _ in ranked]
+    losses = torch.zeros(len(ranked), dtype=torch.float64, device=device)
+    steps = ranked[0].steps if ranked else 0
+    for step in range(steps):
+        active = sum(1 for c in ranked if c.steps > step)
+        batch = _Batch.gather(ranked[:active], step, batch_size, device)
+        if fused and not any(batch.terms):
+            logits, loss = batched_models.fused_sgd_step(
+                [params[n][:active] for n in weight_names], [params[n][:active] for n in bias_names],
+                batch.x.flatten(2), batch.y, batch.row_weight, float(lrs[0]))
+        else:
+            logits, loss = _autograd_step(layers, params, active, batch, terms, lrs, one_lr)
+        losses[:active] += loss.detach().to(torch.float64)
+        for k, client in enumerate(ranked[:active]):
+            epoch = step // client.steps_per_epoch
+            if epoch == 0:
+                new_x, new_y = batch.new[k]
+                errors[k].append((logits[k, : len(new_y)].argmax(dim=1) != new_y).to(torch.uint8).cpu())
+                if client.observe:
+                    for method in client.methods:
+                        method.observe(new_x, new_y)
     losses = losses.cpu()
-    return [
-        TrainStats(
-            num_examples=n,
-            loss=float(losses[k]) / max(steps, 1),
-            prequential_accuracy=1.0 - float(wrong[k].float().mean()) if wrong.shape[1] else 0.0,
-            errors=wrong[k].clone(),
-            epochs=config.learner.local_epochs,
+    by_rank = []
+    for k, client in enumerate(ranked):
+        wrong = torch.cat(errors[k]) if errors[k] else torch.zeros(0, dtype=torch.uint8)
+        stats = TrainStats(
+            num_examples=len(client.plan.data),
+            loss=float(losses[k]) / max(client.steps, 1),
+            prequential_accuracy=1.0 - float(wrong.float().mean()) if len(wrong) else 0.0,
+            errors=wrong,
+            epochs=len(client.orders),
         )
-        for k in range(len(plans))
-    ]
+        by_rank.append(({n: batched_models.unstack(n, params[n][k], linear) for n in names}, stats))
+    results: list = [None] * len(clients)
+    for rank, k in enumerate(order):
+        results[k] = by_rank[rank]
+    return results
+
+
+@dataclass
+class _Batch:
+    """One lockstep step's batches of the clients still training, padded to one length."""
+
+    x: torch.Tensor  # [K, B, *input shape]
+    y: torch.Tensor  # [K, B]
+    row_weight: torch.Tensor  # [K, B]: 1 / the client's batch size, 0 on padding
+    new: list[tuple[torch.Tensor, torch.Tensor]]  # each client's new samples (the head of its batch)
+    terms: list[list[Term]]  # each client's batch terms
+
+    @classmethod
+    def gather(cls, clients: list[_Client], step: int, batch_size: int, device: torch.device) -> "_Batch":
+        xs, ys, new, terms = [], [], [], []
+        for client in clients:
+            epoch, at = divmod(step, client.steps_per_epoch)
+            idx = client.orders[epoch][at * batch_size : (at + 1) * batch_size]
+            data = client.plan.data
+            x, y = data.x[idx].to(device), data.y[idx].to(device)
+            xb, yb = x, y
+            for method in client.methods:
+                xb, yb = method.extend_batch(xb, yb)
+            xs.append(xb)
+            ys.append(yb)
+            new.append((x, y))
+            terms.append([t for method in client.methods for t in method.batch_terms(len(yb), len(y))])
+        sizes = [len(y) for y in ys]
+        width = max(sizes)
+        if all(size == width for size in sizes):
+            x, y = torch.stack(xs), torch.stack(ys)
+        else:
+            x = xs[0].new_zeros((len(xs), width, *xs[0].shape[1:]))
+            y = ys[0].new_zeros((len(ys), width))
+            for k, (xb, yb) in enumerate(zip(xs, ys)):
+                x[k, : len(yb)] = xb
+                y[k, : len(yb)] = yb
+        counts = torch.tensor(sizes, device=device)
+        row_weight = (torch.arange(width, device=device) < counts.unsqueeze(1)) / counts.unsqueeze(1)
+        return cls(x, y, row_weight.float(), new, terms)
+
+
+def _autograd_step(layers, params: dict[str, torch.Tensor], active: int, batch: _Batch, terms: RoundTerms,
+                   lrs: torch.Tensor, one_lr: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of the first ``active`` clients with autograd; updates ``params`` in place."""
+    views = {n: p[:active].detach().requires_grad_() for n, p in params.items()}
+
+    def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return batched_models.forward(layers, p, x)
+
+    logits = forward(views, batch.x)
+    loss = client_losses(logits, batch.y, batch.row_weight, batch.x, views, terms, batch.terms, forward)
+    grads = torch.autograd.grad(loss.sum(), list(views.values()))
+    with torch.no_grad():
+        for (name, param), grad in zip(params.items(), grads):
+            if one_lr:
+                param[:active].sub_(grad, alpha=float(lrs[0]))
+            else:
+                param[:active].sub_(grad * lrs[:active].view(-1, *[1] * (grad.dim() - 1)))
+    return logits.detach(), loss.detach()

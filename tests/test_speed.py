@@ -36,12 +36,12 @@ def test_vectorised_clients_match_one_by_one_training(hidden):
         assert torch.equal(a.state["drift.errors"], b.state["drift.errors"])
 
 
-def test_clients_that_cannot_share_a_computation_are_left_to_the_plain_path():
+def test_clients_that_cannot_share_a_computation_are_left_to_the_plain_path():  # more: test_vectorized_methods
     config = RunConfig.of(num_tasks=1, clients=4, iid=True, client_samples=200)
     weights = build_model("mlp", build_scenario(config.data, config.seed).input_shape, 10, config.network.hidden_widths, 0).state_dict()
-    assert train_rounds_together(config, [(0, 1, {}), (1, 1, {})], weights) is None  # replay has hooks
-    unequal = config.replace(method="naive", client_samples=0, iid=False)
-    assert train_rounds_together(unequal, [(0, 1, {}), (1, 1, {})], weights) is None  # unequal data
+    assert train_rounds_together(config.replace(method="si"), [(0, 1, {}), (1, 1, {})], weights) is None  # per step
+    frozen = config.replace(method="naive", freeze="features.1")
+    assert train_rounds_together(frozen, [(0, 1, {}), (1, 1, {})], weights) is None  # frozen layers
 
 
 def test_vectorised_run_matches_the_plain_run(tmp_path):

@@ -11,6 +11,9 @@ A method may
 - ``penalty``: add a term to the loss (EWC, SI, MAS, LwF, FedProx);
 - ``after_step``: see each optimizer step (SI's path integral);
 - ``observe``: see each new sample once, after it was trained on (replay stores it).
+A method that can be ``vectorized`` also states its loss terms as data
+(``round_terms``, ``batch_terms``; ``client.methods.terms``), so that a round's clients can
+train in one batched computation (``client.vectorized``).
 Methods compose: ``replay+ewc`` with ``--prox-mu 0.01`` runs all three hooks on one loop.
 Each method's state is a flat dict of tensors, so it can live in memory or on disk.
 
@@ -26,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from client.methods.terms import Term
 from common.datasets import LabelledSplit
 from common.settings import Setting
 
@@ -74,6 +78,17 @@ class Method:
 
     def penalty(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
         return None
+
+    def round_terms(self) -> list[Term]:
+        """This round's ``penalty`` as terms that stay fixed for the round (after ``start_round``);
+        only a ``vectorized`` method is asked."""
+        return []
+
+    def batch_terms(self, batch_size: int, num_new: int) -> list[Term]:
+        """The terms of the batch just extended (``extend_batch``: ``batch_size`` samples, the
+        first ``num_new`` new) that ``round_terms`` cannot state: ``classification_loss``'s and
+        any ``penalty`` that depends on the batch; only a ``vectorized`` method is asked."""
+        return []
 
     def after_step(self, model: nn.Module) -> None:
         """After each optimizer step (gradients still on the parameters); SI integrates here."""

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from client.methods.replay import MEMORY_SETTINGS, Replay, check_memory_options
+from client.methods.terms import MatchLogits
 from common.method_registry import register_method
 from common.settings import Setting
 
@@ -97,6 +98,16 @@ class DarkReplay(Replay):
         if self._poisson is not None:  # DP-SGD: a sum of per-sample terms over the batch, as the losses are
             return self.weight * ((replayed - target) ** 2).mean(dim=1).sum() / logits.shape[0]
         return self.weight * F.mse_loss(replayed, target)
+
+    def batch_terms(self, batch_size, num_new):
+        terms = super().batch_terms(batch_size, num_new)
+        if self._drawn is None or self.logits is None or self._poisson is not None:
+            return terms
+        keep = self.known[self._drawn]
+        if not bool(keep.any()):
+            return terms
+        rows = torch.arange(batch_size - len(self._drawn), batch_size)[keep]
+        return [*terms, MatchLogits(rows, self.logits[self._drawn[keep]], self.weight)]
 
     def observe(self, x, y):
         if self.stage is not None:

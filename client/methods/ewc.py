@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from client.methods.base import Method
+from client.methods.terms import Pull
 from common.datasets import LabelledSplit
 from common.method_registry import register_method
 from common.settings import Setting
@@ -23,6 +24,7 @@ class EWC(Method):
     """
 
     name = "ewc"
+    vectorized = True
     order = 30  # where its hooks run among the methods'
     settings = (Setting("ewc-lambda", float, 50.0, "EWC penalty strength", minimum=0),)
 
@@ -52,6 +54,12 @@ class EWC(Method):
             coefficient = (self.strength * self.fisher[name]).clamp(max=self.max_coefficient)
             total = total + (coefficient * (param - self.anchor[name]) ** 2).sum()
         return 0.5 * total
+
+    def round_terms(self):
+        if not self.anchor:
+            return []
+        return [Pull({n: 0.5 * (self.strength * f).clamp(max=self.max_coefficient) for n, f in self.fisher.items()},
+                     self.anchor)]
 
     def state(self):
         out = {f"fisher.{n}": t for n, t in self.fisher.items()}

@@ -16,6 +16,7 @@ from torch import nn
 
 from client.methods.base import Method
 from client.methods.boundary import TaskBoundary
+from client.methods.terms import Pull
 from common.datasets import LabelledSplit
 
 
@@ -56,6 +57,13 @@ class ImportanceMethod(Method):
             coefficient = (self.strength * omega.to(param.device)).clamp(max=self.max_coefficient / 2)
             total = total + (coefficient * (param - anchor.to(param.device)) ** 2).sum()
         return total
+
+    def round_terms(self):
+        if not self.omega:
+            return []
+        names = [n for n in self.omega if n in self.anchor]  # the batched loss skips shapes not the model's
+        return [Pull({n: (self.strength * self.omega[n]).clamp(max=self.max_coefficient / 2) for n in names},
+                     {n: self.anchor[n] for n in names})]
 
     def state(self):
         out = {f"omega.{n}": t for n, t in self.omega.items()}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.methods.base import Method
+from client.methods.terms import Distill
 from common.method_registry import register_method
 from common.settings import Setting
 
@@ -18,6 +19,7 @@ class LwF(Method):
     """Learning without forgetting: distil the previous task's model into the current one."""
 
     name = "lwf"
+    vectorized = True
     order = 40  # where its hooks run among the methods'
     settings = (
         Setting("lwf-alpha", float, 1.0, "LwF distillation weight", minimum=0),
@@ -55,6 +57,9 @@ class LwF(Method):
             target = F.softmax(self._teacher_for(model)(x) / t, dim=1)
         log_student = F.log_softmax(logits / t, dim=1)
         return self.weight * t * t * F.kl_div(log_student, target, reduction="batchmean")
+
+    def round_terms(self):
+        return [Distill(self._teacher_state, self.weight, self.temperature)] if self._teacher_state else []
 
     def state(self):
         return {f"teacher.{k}": v for k, v in self._teacher_state.items()}

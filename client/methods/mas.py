@@ -24,6 +24,7 @@ class MemoryAwareSynapses(ImportanceMethod):
     """
 
     name = "mas"
+    vectorized = True  # it measures before training, on the received model; SI integrates every step
     order = 34  # where its hooks run among the methods'
     settings = (Setting("mas-lambda", float, 1.0, "MAS penalty strength", minimum=0),)
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from client.methods.base import Method
 from client.methods.boundary import TaskBoundary
+from client.methods.terms import OwnClassesOnly
 from client.replay import POLICIES, make_buffer, merge
 from common.errors import FedtideError
 from common.method_registry import register_method
@@ -65,6 +66,7 @@ class Replay(Method):
     """
 
     name = "replay"
+    vectorized = True
     order = 10  # where its hooks run among the methods'
     settings = MEMORY_SETTINGS
     keeps_memory = True
@@ -107,6 +109,9 @@ class Replay(Method):
         new_loss = F.cross_entropy(masked, new_y, reduction="sum")
         old_loss = F.cross_entropy(logits[num_new:], y[num_new:], reduction="sum")
         return (new_loss + old_loss) / logits.shape[0]
+
+    def batch_terms(self, batch_size, num_new):
+        return [OwnClassesOnly(num_new)] if self.asymmetric and num_new < batch_size else []
 
     def extend_batch(self, x, y):
         """The batch, then the replayed memories (the tail of the returned batch)."""

@@ -1,0 +1,163 @@
+"""The loss of K clients' batches at once: the cross-entropy and the methods' terms
+(``client.methods.terms``), each client's exactly as ``client.learner.batch_loss`` computes
+it on its own model (up to float rounding).
+
+Batches are padded to one length: ``row_weight`` [K, B] is 1 / the client's batch size on its
+samples and 0 on the padding, so that a padded row adds nothing to a loss or a gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from client.batched_models import stack
+from client.methods.terms import Distill, MatchLogits, OwnClassesOnly, Pull, Term
+
+
+class RoundTerms:
+    """The terms that stay fixed for a round (``Method.round_terms``), stacked across the
+    round's clients in the order given; a client without a term gets a zero coefficient or
+    weight for it. Terms are matched across clients by their position in the method list."""
+
+    def __init__(self, per_client: list[list[list[Term]]], params: dict[str, torch.Tensor], linear: set[str]) -> None:
+        clients = len(per_client)
+        self.pulls: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.distills: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] = []
+        slots = max((len(terms) for terms in per_client), default=0)
+        for slot in range(slots):
+            at = [terms[slot] if slot < len(terms) else [] for terms in per_client]
+            for kind in (Pull, Distill):
+                found = [next((t for t in terms if isinstance(t, kind)), None) for terms in at]
+                if not any(found):
+                    continue
+                if kind is Pull:
+                    self.pulls.append(_stack_pulls(found, params, linear))  # type: ignore[arg-type]
+                else:
+                    self.distills.append(_stack_distills(found, params, linear, clients))  # type: ignore[arg-type]
+
+    def empty(self) -> bool:
+        return not self.pulls and not self.distills
+
+
+def _stack_pulls(pulls: list[Pull | None], params: dict[str, torch.Tensor], linear: set[str]):
+    coefficients, anchors = {}, {}
+    for name, stacked in params.items():
+        shape, device = stacked.shape[1:], stacked.device
+        own = [_own_shape(p, name, shape, linear) for p in pulls]
+        if not any(own):
+            continue
+        scalar = all(p is None or not isinstance(p.coefficient[name], torch.Tensor) for p, ok in zip(pulls, own) if ok)
+        if scalar:  # one number per client (FedProx): broadcast, never a tensor of the parameter's size
+            values = [float(p.coefficient[name]) if ok and p is not None else 0.0 for p, ok in zip(pulls, own)]
+            coefficients[name] = torch.tensor(values, device=device).view(-1, *[1] * len(shape))
+        else:
+            coefficients[name] = torch.stack([
+                _as_tensor(p.coefficient[name], name, shape, linear, device) if ok and p is not None
+                else torch.zeros(shape, device=device) for p, ok in zip(pulls, own)
+            ])
+        anchors[name] = torch.stack([
+            _as_tensor(p.anchor[name], name, shape, linear, device) if ok and p is not None
+            else torch.zeros(shape, device=device) for p, ok in zip(pulls, own)
+        ])
+    return coefficients, anchors
+
+
+def _own_shape(pull: Pull | None, name: str, shape: torch.Size, linear: set[str]) -> bool:
+    """Whether ``pull`` pulls parameter ``name`` with values of the model's shape (a state of
+    other settings is skipped, as the one-client penalty skips it)."""
+    if pull is None or name not in pull.coefficient or name not in pull.anchor:
+        return False
+    model_shape = _model_shape(name, shape, linear)
+    coefficient = pull.coefficient[name]
+    return pull.anchor[name].shape == model_shape and (
+        not isinstance(coefficient, torch.Tensor) or coefficient.shape == model_shape)
+
+
+def _model_shape(name: str, shape: torch.Size, linear: set[str]) -> torch.Size:
+    layer, kind = name.rsplit(".", 1)
+    if layer in linear:
+        return torch.Size((shape[1], shape[0])) if kind == "weight" else torch.Size(shape[1:])
+    return shape
+
+
+def _as_tensor(value: torch.Tensor | float, name: str, shape: torch.Size, linear: set[str], device) -> torch.Tensor:
+    """A value in the model's layout, as one client's slice of the stacked layout."""
+    tensor = value if isinstance(value, torch.Tensor) else torch.full(_model_shape(name, shape, linear), float(value))
+    return stack(name, [tensor.to(device).float()], linear)[0]
+
+
+def _stack_distills(distills: list[Distill | None], params: dict[str, torch.Tensor], linear: set[str], clients: int):
+    device = next(iter(params.values())).device
+    teacher = {
+        name: torch.stack([
+            stack(name, [d.teacher[name].to(device).float()], linear)[0] if d is not None else torch.zeros_like(p[0])
+            for d in distills
+        ]) for name, p in params.items()
+    }
+    weight = torch.tensor([d.weight if d is not None else 0.0 for d in distills], device=device)
+    temperature = torch.tensor([d.temperature if d is not None else 1.0 for d in distills], device=device)
+    return teacher, weight, temperature
+
+
+def client_losses(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    row_weight: torch.Tensor,
+    x: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    round_terms: RoundTerms,
+    batch_terms: list[list[Term]],
+    forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Each of the first K clients' loss [K]: logits [K, B, classes] of their batches x with
+    labels y; ``params`` their weights (the first K of the round's), ``round_terms`` the
+    round's, ``batch_terms`` this batch's per client; ``forward`` the batched model (for LwF's
+    teachers)."""
+    clients = logits.shape[0]
+    logits_for_ce = _own_classes(logits, y, batch_terms)
+    log_p = torch.log_softmax(logits_for_ce, dim=-1)
+    loss = -(log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1) * row_weight).sum(1)
+    for coefficients, anchors in round_terms.pulls:
+        for name, coefficient in coefficients.items():
+            pulled = coefficient[:clients] * (params[name] - anchors[name][:clients]) ** 2
+            loss = loss + pulled.flatten(1).sum(1)
+    for teacher, weight, temperature in round_terms.distills:
+        active = {n: t[:clients] for n, t in teacher.items()}
+        t = temperature[:clients].view(-1, 1, 1)
+        with torch.no_grad():
+            target = torch.softmax(forward(active, x) / t, dim=-1)
+        log_student = torch.log_softmax(logits / t, dim=-1)
+        kl = (torch.xlogy(target, target) - target * log_student).sum(-1)
+        loss = loss + weight[:clients] * temperature[:clients] ** 2 * (kl * row_weight).sum(1)
+    return loss + _matched_logits(logits, batch_terms)
+
+
+def _own_classes(logits: torch.Tensor, y: torch.Tensor, batch_terms: list[list[Term]]) -> torch.Tensor:
+    """The logits with, for each client under ER-ACE, the classes absent from its new samples
+    masked out of its new samples' rows."""
+    num_new = [next((t.num_new for t in terms if isinstance(t, OwnClassesOnly)), -1) for terms in batch_terms]
+    if all(n < 0 for n in num_new):
+        return logits
+    rows = torch.arange(logits.shape[1], device=logits.device)
+    new = rows < torch.tensor(num_new, device=logits.device).unsqueeze(1)  # clients without the term: no row
+    counts = torch.zeros(logits.shape[0], logits.shape[2], dtype=torch.int32, device=logits.device)
+    present = counts.scatter_add_(1, y, new.to(torch.int32)) > 0  # the classes among each client's new samples
+    hidden = new.unsqueeze(-1) & ~present.unsqueeze(1)
+    return logits.masked_fill(hidden, torch.finfo(logits.dtype).min)
+
+
+def _matched_logits(logits: torch.Tensor, batch_terms: list[list[Term]]) -> torch.Tensor:
+    """DER's squared error of replayed logits against stored ones, per client."""
+    matches = [[t for t in terms if isinstance(t, MatchLogits)] for terms in batch_terms]
+    if not any(matches):
+        return logits.new_zeros(logits.shape[0])
+    clients, rows, classes = logits.shape
+    target = logits.new_zeros(logits.shape)
+    scale = logits.new_zeros(clients, rows)
+    for k, found in enumerate(matches):
+        for term in found:
+            target[k, term.rows] = term.targets.to(logits.device, logits.dtype)
+            scale[k, term.rows] += term.weight / (len(term.rows) * classes)
+    return (scale.unsqueeze(-1) * (logits - target) ** 2).sum((1, 2))
