@@ -45,9 +45,10 @@ class ReplayBuffer:
         if self.x is None or self.y is None:
             self.x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype)
             self.y = torch.zeros((self.capacity,), dtype=y.dtype)
-        written = []
-        for i in range(x.shape[0]):
-            label = int(y[i])
+        written: list[int] = []
+        pending: dict[int, int] = {}  # slot -> the batch row it takes (a later row wins); copied at the end
+        labels = y.tolist()
+        for i, label in enumerate(labels):
             self.seen += 1
             if self.filled < self.capacity:
                 slot = self.filled  # empty slots first (a memory restored into a larger capacity has some)
@@ -55,19 +56,23 @@ class ReplayBuffer:
             else:
                 slot = self._slot_for(label)
             if slot < self.capacity:
-                self._store(slot, label)
-                self.x[slot] = x[i]
-                self.y[slot] = y[i]
+                self._store(slot, label, labels[pending[slot]] if slot in pending else int(self.y[slot]))
+                pending[slot] = i
                 written.append(slot)
             self._saw(label)
+        if pending:
+            slots, rows = list(pending), list(pending.values())
+            self.x[slots] = x[rows]
+            self.y[slots] = y[rows]
         return written
 
     def _slot_for(self, label: int) -> int:  # noqa: ARG002 - the class-balanced policy reads it
         """The full memory's slot a new sample takes, or ``capacity`` to drop it."""
         return int(torch.randint(0, self.seen, (1,), generator=self.generator))
 
-    def _store(self, slot: int, label: int) -> None:
-        """Bookkeeping before ``slot`` is overwritten by a sample of ``label``."""
+    def _store(self, slot: int, label: int, previous: int) -> None:
+        """Bookkeeping before ``slot``, which holds a sample of ``previous`` (any label when
+        the slot is empty), is overwritten by a sample of ``label``."""
 
     def _saw(self, label: int) -> None:
         """Bookkeeping after a sample of ``label`` went past, kept or not."""
@@ -134,11 +139,10 @@ class ClassBalancedBuffer(ReplayBuffer):
         r = int(torch.randint(0, self.class_seen.get(label, 0) + 1, (1,), generator=self.generator))
         return self._slots[label][r] if r < held else self.capacity
 
-    def _store(self, slot: int, label: int) -> None:
-        if self.y is not None:
-            previous = self._slots.get(int(self.y[slot]))
-            if previous is not None and slot in previous:  # the slot held a sample: its class gives it up
-                previous.remove(slot)
+    def _store(self, slot: int, label: int, previous: int) -> None:
+        held = self._slots.get(previous)
+        if held is not None and slot in held:  # the slot held a sample: its class gives it up
+            held.remove(slot)
         self._slots.setdefault(label, []).append(slot)
 
     def _saw(self, label: int) -> None:

