@@ -29,16 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from speed import measure, w1_flags  # noqa: E402
+from speed import measure, w1_flags, w2_flags  # noqa: E402
 
 BUSY = [sys.executable, "-c", "while 1: pass"]
-
-
-def w2_flags(data_dir: str) -> list[str]:
-    return [
-        "--preset", "split-mnist", "--data-dir", data_dir, "--method", "replay", "--memory-size", "200",
-        "--rounds-per-task", "5", "--lr", "0.05", "--hidden", "400,400", "--seed", "0", "--quiet",
-    ]
 
 
 def run_once(flags: list[str], out: Path, env: dict[str, str], busy: bool) -> float:

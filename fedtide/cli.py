@@ -43,6 +43,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     simulate.add_argument("--engine", choices=ENGINES, default="inprocess",
                           help="inprocess (fast, no Ray) or flower (Flower's simulation engine)")
+    simulate.add_argument("--ray-address", metavar="HOST:PORT",
+                          help="--engine flower: join this running Ray cluster (its head's address, as `ray start "
+                          "--head` printed it) instead of starting Ray here; every node needs the same Python, Ray, "
+                          "fedtide and data paths")
+    simulate.add_argument("--client-cpus", type=float, default=None,
+                          help="--engine flower: CPUs Ray reserves for each client (default 1; 0.5 runs two per core)")
+    simulate.add_argument("--client-gpus", type=float, default=None,
+                          help="--engine flower: GPUs Ray reserves for each client (default 0; 0.25 shares a GPU by "
+                          "four)")
     simulate.add_argument("--workers", type=int, default=None,
                           help="worker processes for the in-process engine (1, the default: none, clients run in this "
                           "process; 0: one per core); helps when each client's round is long. --resume takes the "
@@ -52,7 +61,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                           "the cores divided among --workers); 1 keeps a run steady beside other busy processes")
     simulate.add_argument("--no-vectorize", action="store_true",
                           help="train each client separately even when a round's clients could share "
-                          "one batched computation (plain SGD, no method hooks)")
+                          "one batched computation (every method but si and dgr, without DP-SGD or Adam)")
     simulate.add_argument("--preset", metavar="NAME", help=f"start from a named scenario: {', '.join(PRESETS)}")
     simulate.add_argument("--resume", metavar="RUN_DIR",
                           help="go on with the run in RUN_DIR after its last checkpoint, with its own settings "
@@ -216,6 +225,7 @@ def simulate_main(args: argparse.Namespace) -> None:
     if args.workers is not None and args.workers < 0:
         raise FedtideError(f"--workers must be >= 0 (got {args.workers})")
     check_threads(args.threads)
+    ray_cluster(args)  # bad Ray flags: refused before anything starts
     from fedtide.resume import finished_message, resume_config
 
     if args.resume:
@@ -252,7 +262,7 @@ def _simulate(args: argparse.Namespace, config: RunConfig) -> None:
     if args.engine == "flower":
         from fedtide.runtimes.flower_engine import run_flower_simulation
 
-        run_flower_simulation(config)
+        run_flower_simulation(config, cluster=ray_cluster(args))
         return
     from fedtide.runtimes.inprocess import default_workers, run_inprocess
 
@@ -266,6 +276,22 @@ def _simulate(args: argparse.Namespace, config: RunConfig) -> None:
     workers = 1 if workers is None else workers
     run_inprocess(config, workers=workers or default_workers(config), vectorize=vectorize, resume=bool(args.resume),
                   threads=args.threads)
+
+
+def ray_cluster(args: argparse.Namespace):
+    """Where ``--engine flower`` runs Ray (``--ray-address``, ``--client-cpus``, ``--client-gpus``);
+    those flags are refused with the in-process engine, where they would do nothing."""
+    given = [flag for flag, value in (("--ray-address", args.ray_address), ("--client-cpus", args.client_cpus),
+                                      ("--client-gpus", args.client_gpus)) if value is not None]
+    if args.engine != "flower":
+        if given:
+            raise FedtideError(f"{', '.join(given)} only apply to Flower's engine (Ray): add --engine flower, or drop "
+                               "them")
+        return None
+    from fedtide.runtimes.flower_engine import RayCluster
+
+    return RayCluster(args.ray_address, 1.0 if args.client_cpus is None else args.client_cpus,
+                      0.0 if args.client_gpus is None else args.client_gpus)
 
 
 def check_threads(threads: int | None) -> None:
