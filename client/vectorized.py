@@ -137,9 +137,11 @@ def _train(
     errors: list[list[torch.Tensor]] = [[] for _ in ranked]
     losses = torch.zeros(len(ranked), dtype=torch.float64, device=device)
     steps = ranked[0].steps if ranked else 0
+    stacked = _stacked_data(ranked, device)
     for step in range(steps):
         active = sum(1 for c in ranked if c.steps > step)
-        batch = _Batch.gather(ranked[:active], step, batch_size, device)
+        batch = _Batch.stacked(stacked, ranked, step, batch_size) if stacked is not None \
+            else _Batch.gather(ranked[:active], step, batch_size, device)
         if fused and not any(batch.terms):
             logits, loss = batched_models.fused_sgd_step(
                 [params[n][:active] for n in weight_names], [params[n][:active] for n in bias_names],
@@ -187,6 +189,18 @@ class _Batch:
     terms: list[list[Term]]  # each client's batch terms
 
     @classmethod
+    def stacked(cls, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], clients: list[_Client], step: int,
+                batch_size: int) -> "_Batch":
+        """The batches of clients without methods and with equal data, all training, from
+        ``_stacked_data``'s stack in one indexing operation."""
+        xs, ys, rows = data
+        epoch, at = divmod(step, clients[0].steps_per_epoch)
+        idx = torch.stack([c.orders[epoch][at * batch_size : (at + 1) * batch_size] for c in clients]).to(xs.device)
+        x, y = xs[rows, idx], ys[rows, idx]
+        return cls(x, y, torch.full(y.shape, 1.0 / y.shape[1], device=xs.device), list(zip(x, y)),
+                   [[] for _ in clients])
+
+    @classmethod
     def gather(cls, clients: list[_Client], step: int, batch_size: int, device: torch.device) -> "_Batch":
         xs, ys, new, terms = [], [], [], []
         for client in clients:
@@ -217,6 +231,28 @@ class _Batch:
             counts = torch.tensor(sizes, device=device).unsqueeze(1)
             row_weight = ((torch.arange(width, device=device) < counts) / counts).float()
         return cls(x, y, row_weight, new, terms)
+
+
+_last_stack: dict = {}  # the previous round's stack: "sources" (data tensors, kept alive), "key", "xs", "ys"
+
+
+def _stacked_data(clients: list[_Client], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """When no client has a method and all hold the same number of samples (plain SGD on an
+    even split), their samples as xs [K, n, ...], ys [K, n] and the row index [K, 1]; else
+    None. A round whose clients hold the same data tensors as the previous round's (one task,
+    all clients sampled) reuses the previous stack instead of copying it again (the ids are
+    safe to compare: the previous tensors are kept alive, so no id can have been reused)."""
+    if any(c.methods for c in clients) or len({len(c.plan.data) for c in clients}) != 1 or not len(clients[0].plan.data):
+        return None
+    sources = [t for c in clients for t in (c.plan.data.x, c.plan.data.y)]
+    key = (tuple(id(t) for t in sources), device)
+    if _last_stack.get("key") != key:
+        _last_stack.clear()  # the old stack goes before the new one is made
+        xs = torch.stack([c.plan.data.x for c in clients]).to(device)
+        ys = torch.stack([c.plan.data.y for c in clients]).to(device)
+        _last_stack.update(sources=sources, key=key, xs=xs, ys=ys)
+    rows = torch.arange(len(clients), device=device).unsqueeze(1)
+    return _last_stack["xs"], _last_stack["ys"], rows
 
 
 def _autograd_step(layers, params: dict[str, torch.Tensor], active: int, batch: _Batch, terms: RoundTerms,
