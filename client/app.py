@@ -17,6 +17,7 @@ its node_config:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -240,6 +241,9 @@ def _report_edge_round(server_round: int, metrics: dict, name: str = "") -> None
     )
 
 
+_fallback_logged: list[bool] = []  # said once per process, not every round
+
+
 def train_many(
     messages: list[Message], contexts: list[Context], tampering: Tampering | None = None
 ) -> list[Message] | None:
@@ -263,8 +267,13 @@ def train_many(
         received = _received(first["arrays"], config)
         jobs = [(_partition(c), server_round, _state(c)) for c in contexts]
         outcomes = train_rounds_together(config, jobs, received)
-    except Exception:
-        return None  # the per-node path reports the error as each node's reply
+    except Exception as err:  # the per-node path reports the error as each node's reply
+        if not _fallback_logged:
+            _fallback_logged.append(True)
+            logging.getLogger("fedtide").info(
+                "a round's clients train one by one: the batched path failed (%s: %s)", type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "")
+        return None
     if outcomes is None:
         return None
     if tampering is not None:

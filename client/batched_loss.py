@@ -22,7 +22,6 @@ class RoundTerms:
     weight for it. Terms are matched across clients by their position in the method list."""
 
     def __init__(self, per_client: list[list[list[Term]]], params: dict[str, torch.Tensor], linear: set[str]) -> None:
-        clients = len(per_client)
         self.pulls: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         self.distills: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] = []
         slots = max((len(terms) for terms in per_client), default=0)
@@ -35,7 +34,7 @@ class RoundTerms:
                 if kind is Pull:
                     self.pulls.append(_stack_pulls(found, params, linear))  # type: ignore[arg-type]
                 else:
-                    self.distills.append(_stack_distills(found, params, linear, clients))  # type: ignore[arg-type]
+                    self.distills.append(_stack_distills(found, params, linear))  # type: ignore[arg-type]
 
     def empty(self) -> bool:
         return not self.pulls and not self.distills
@@ -66,7 +65,7 @@ def _stack_pulls(pulls: list[Pull | None], params: dict[str, torch.Tensor], line
 
 def _own_shape(pull: Pull | None, name: str, shape: torch.Size, linear: set[str]) -> bool:
     """Whether ``pull`` pulls parameter ``name`` with values of the model's shape (a state of
-    other settings is skipped, as the one-client penalty skips it)."""
+    other settings is skipped, as the one-client penalties of EWC, SI and MAS skip it)."""
     if pull is None or name not in pull.coefficient or name not in pull.anchor:
         return False
     model_shape = _model_shape(name, shape, linear)
@@ -88,7 +87,7 @@ def _as_tensor(value: torch.Tensor | float, name: str, shape: torch.Size, linear
     return stack(name, [tensor.to(device).float()], linear)[0]
 
 
-def _stack_distills(distills: list[Distill | None], params: dict[str, torch.Tensor], linear: set[str], clients: int):
+def _stack_distills(distills: list[Distill | None], params: dict[str, torch.Tensor], linear: set[str]):
     device = next(iter(params.values())).device
     teacher = {
         name: torch.stack([
@@ -160,4 +159,6 @@ def _matched_logits(logits: torch.Tensor, batch_terms: list[list[Term]]) -> torc
         for term in found:
             target[k, term.rows] = term.targets.to(logits.device, logits.dtype)
             scale[k, term.rows] += term.weight / (len(term.rows) * classes)
-    return (scale.unsqueeze(-1) * (logits - target) ** 2).sum((1, 2))
+    # rows without stored logits drop out before squaring: an overflowing logit there adds no NaN
+    difference = (logits - target).masked_fill((scale == 0).unsqueeze(-1), 0.0)
+    return (scale.unsqueeze(-1) * difference**2).sum((1, 2))

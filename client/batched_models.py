@@ -37,6 +37,13 @@ def batched_layers(model: nn.Module) -> list[Layer] | None:
             return None
         if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
             return None
+    kinds = [type(m) for _, m in layers]
+    convs = [i for i, k in enumerate(kinds) if k is nn.Conv2d]
+    linears = [i for i, k in enumerate(kinds) if k is nn.Linear]
+    if convs and not (nn.Flatten in kinds[convs[-1]:linears[0]] and max(convs) < min(linears)):
+        return None  # the convolution stage must end in a Flatten before the first Linear
+    if nn.MaxPool2d in kinds and (not convs or kinds.index(nn.MaxPool2d) < convs[0]):
+        return None  # pooling only inside the convolution stage
     expected = {f"{name}.{p}" for name, m in layers if isinstance(m, (nn.Linear, nn.Conv2d)) for p in ("weight", "bias")}
     if {n for n, _ in model.named_parameters()} != expected:
         return None  # a layer without bias, or parameters outside the chain
@@ -62,7 +69,7 @@ def unstack(name: str, stacked: torch.Tensor, linear: set[str]) -> torch.Tensor:
     layer, kind = name.rsplit(".", 1)
     if layer in linear:
         stacked = stacked.t() if kind == "weight" else stacked.squeeze(0)
-    return stacked.cpu().contiguous()
+    return stacked.cpu().clone(memory_format=torch.contiguous_format)  # never a view of the whole stack
 
 
 def forward(layers: list[Layer], params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ MAX_CLASSES = 1_000_000  # a saved class count longer than this is not a memory'
 
 class ReplayBuffer:
     policy = "reservoir"
+    tracks_labels = False  # whether ``_store`` keeps books by label (then it is told the slot's old one)
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         if capacity <= 0:
@@ -45,6 +46,8 @@ class ReplayBuffer:
         if self.x is None or self.y is None:
             self.x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype)
             self.y = torch.zeros((self.capacity,), dtype=y.dtype)
+        if x.shape[1:] != self.x.shape[1:] or len(x) != len(y):  # before any count moves
+            raise ValueError(f"samples of shape {tuple(x.shape[1:])} cannot join a memory of {tuple(self.x.shape[1:])}")
         written: list[int] = []
         pending: dict[int, int] = {}  # slot -> the batch row it takes (a later row wins); copied at the end
         labels = y.tolist()
@@ -56,7 +59,8 @@ class ReplayBuffer:
             else:
                 slot = self._slot_for(label)
             if slot < self.capacity:
-                self._store(slot, label, labels[pending[slot]] if slot in pending else int(self.y[slot]))
+                if self.tracks_labels:
+                    self._store(slot, label, labels[pending[slot]] if slot in pending else int(self.y[slot]))
                 pending[slot] = i
                 written.append(slot)
             self._saw(label)
@@ -121,6 +125,7 @@ class ReplayBuffer:
 
 class ClassBalancedBuffer(ReplayBuffer):
     policy = "class-balanced"
+    tracks_labels = True
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         super().__init__(capacity, seed)

@@ -4,10 +4,11 @@ A round's clients train the same model from the same global weights, each on its
 with its own methods. Here their weights are stacked along a new leading axis
 (``client.batched_models``) and they step in lockstep: at each step every client still
 training contributes its next batch, and one batched forward and backward pass computes all
-their gradients. What is per client stays per client and runs as on the one-client path, in
-the same order: the shuffles (each client's own generator), the methods' hooks on the
-received model (``start_task``, ``start_data``, ``start_round``), ``extend_batch`` (each
-replay memory draws with its own generator), ``observe``, the drift check and the state.
+their gradients. What is per client stays per client and runs as on the one-client path: the
+shuffles (each client's own generator, used by nothing else), the methods' hooks on the
+received model (``start_task``, ``start_data``, ``start_round``, in that order), then step by
+step ``extend_batch`` (each replay memory draws with its own generator) and ``observe``, the
+drift check and the state.
 The methods' loss terms come as data (``client.methods.terms``) and are computed for all
 clients at once (``client.batched_loss``). So the outcome equals the clients' separate
 ``train_round`` calls up to float rounding (tests/test_vectorized_methods.py).
@@ -108,7 +109,7 @@ def train_rounds_together(
     for client in clients:
         for method in client.methods:
             method.start_round(model)
-    stats = _train(clients, layers, weights, config, device)
+    stats = _train(clients, layers, {n: p.detach() for n, p in model.named_parameters()}, config, device)
     outcomes = []
     for client, stat, seen, found in zip(clients, stats, evidence, early):
         client_weights, train_stats = stat
@@ -131,8 +132,8 @@ def _train(
     lrs = torch.tensor([c.plan.lr for c in ranked], device=device)
     one_lr = len(set(lrs.tolist())) == 1
     fused = batched_models.fusable(layers) and terms.empty() and one_lr
-    weight_names = [f"{name}.weight" for name, module in layers if name in linear]
-    bias_names = [f"{name}.bias" for name, module in layers if name in linear]
+    weight_names = [f"{name}.weight" for name, _ in layers if name in linear]
+    bias_names = [f"{name}.bias" for name, _ in layers if name in linear]
     batch_size = config.learner.batch_size
     errors: list[list[torch.Tensor]] = [[] for _ in ranked]
     losses = torch.zeros(len(ranked), dtype=torch.float64, device=device)

@@ -119,7 +119,7 @@ def test_a_malformed_ray_address_is_refused(address):
         RayCluster(address)
 
 
-@pytest.mark.parametrize("cpus, gpus", [(0, 0), (-1, 0), (float("nan"), 0), (float("inf"), 0), (1, -0.5),
+@pytest.mark.parametrize("cpus, gpus", [(0, 0), (0.01, 0), (1, 0.001), (-1, 0), (float("nan"), 0), (float("inf"), 0), (1, -0.5),
                                         (1, float("nan")), (2000, 0), (1, 100), (True, 0)])
 def test_client_resources_out_of_range_are_refused(cpus, gpus):
     with pytest.raises(FedtideError, match="--client-"):

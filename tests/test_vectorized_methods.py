@@ -81,13 +81,33 @@ def test_cnn_trained_together_matches_one_by_one():
     _rounds(_config(model="cnn", method="replay+lwf", hidden="16"), rounds=3, atol=5e-5)
 
 
-def test_several_epochs_and_learning_rate_schedules_match():
-    _rounds(_config(method="replay", local_epochs=2, lr_schedule="restart", rounds_per_task=2), rounds=4)
+@pytest.mark.parametrize("method", ["replay", "der"])
+def test_several_epochs_and_learning_rate_schedules_match(method):
+    _rounds(_config(method=method, replay_loss="ace", local_epochs=2, lr_schedule="restart", rounds_per_task=2),
+            rounds=4)
 
 
-def test_clients_at_different_learning_rates_match():  # a client that found drift trains faster next round
-    rates = _rounds(_config(method="der", drift_detector="adwin", react_lr_boost=3.0, rounds_per_task=2), rounds=5)
+@pytest.mark.parametrize("method", ["der", "ewc", "mas"])  # ewc and mas cap their pull at 1 / the client's rate
+def test_clients_at_different_learning_rates_match(method):  # a client that found drift trains faster next round
+    rates = _rounds(_config(method=method, drift_detector="adwin", react_lr_boost=3.0, rounds_per_task=2), rounds=5)
     assert any(len(r) > 1 for r in rates)
+
+
+def test_a_saved_state_of_other_settings_trains_alike_on_both_paths():
+    """An EWC state whose Fisher and anchor do not fit this model (a run of other settings, or a
+    tampered file): both paths skip the pull, neither crashes."""
+    config = _config(method="ewc")
+    scenario = build_scenario(config.data, config.seed)
+    weights = build_model("mlp", scenario.input_shape, scenario.num_classes, config.network.hidden_widths, 0).state_dict()
+    odd = {"meta.last-task": torch.tensor(1), "ewc.fisher.head.weight": torch.full((3, 3), float("nan")),
+           "ewc.anchor.head.weight": torch.zeros(3, 3), "ewc.fisher.head.bias": torch.ones(10)}
+    alone = [train_round(config, p, 2, weights, dict(odd)) for p in range(CLIENTS)]
+    together = train_rounds_together(config, [(p, 2, dict(odd)) for p in range(CLIENTS)], weights)
+    assert together is not None
+    for a, b in zip(alone, together):
+        for name in a.weights:
+            assert torch.isfinite(b.weights[name]).all()
+            assert torch.allclose(a.weights[name], b.weights[name], atol=2e-5)
 
 
 def test_what_cannot_share_a_computation_is_left_to_the_one_client_path():

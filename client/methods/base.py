@@ -39,7 +39,7 @@ class Method:
     order: ClassVar[int] = 100  # hooks run in this order among a run's methods (built-ins: 10-50)
     settings: ClassVar[tuple[Setting, ...]] = ()
     keeps_memory: ClassVar[bool] = False  # holds samples (a replay memory) in its state
-    vectorized: ClassVar[bool] = False  # a round of clients using it can share one batched computation
+    vectorized: ClassVar[bool] = False  # a round of clients can share one batched computation (its terms: round_terms, batch_terms)
     selectable: ClassVar[bool] = True  # named in --method (False: its settings turn it on)
     excludes: ClassVar[tuple[str, ...]] = ()  # methods it cannot be combined with
 

@@ -51,15 +51,19 @@ class EWC(Method):
             return None
         total = logits.new_zeros(())
         for name, param in model.named_parameters():
-            coefficient = (self.strength * self.fisher[name]).clamp(max=self.max_coefficient)
-            total = total + (coefficient * (param - self.anchor[name]) ** 2).sum()
+            fisher, anchor = self.fisher.get(name), self.anchor.get(name)
+            if fisher is None or anchor is None or fisher.shape != param.shape or anchor.shape != param.shape:
+                continue  # not this model's (a state of other settings): no pull rather than a crash
+            coefficient = (self.strength * fisher).clamp(max=self.max_coefficient)
+            total = total + (coefficient * (param - anchor) ** 2).sum()
         return 0.5 * total
 
     def round_terms(self):
         if not self.anchor:
             return []
-        return [Pull({n: 0.5 * (self.strength * f).clamp(max=self.max_coefficient) for n, f in self.fisher.items()},
-                     self.anchor)]
+        names = [n for n in self.fisher if n in self.anchor]  # the batched loss skips shapes not the model's
+        return [Pull({n: 0.5 * (self.strength * self.fisher[n]).clamp(max=self.max_coefficient) for n in names},
+                     {n: self.anchor[n] for n in names})]
 
     def state(self):
         out = {f"fisher.{n}": t for n, t in self.fisher.items()}
@@ -67,8 +71,10 @@ class EWC(Method):
         return out
 
     def load_state(self, state, device):
-        self.fisher = {k.removeprefix("fisher."): v.to(device) for k, v in state.items() if k.startswith("fisher.")}
-        self.anchor = {k.removeprefix("anchor."): v.to(device) for k, v in state.items() if k.startswith("anchor.")}
+        # a Fisher is a mean of squares: never negative or NaN, whatever a saved file holds
+        self.fisher = {k.removeprefix("fisher."): v.float().nan_to_num(0.0, 0.0, 0.0).clamp(min=0).to(device)
+                       for k, v in state.items() if k.startswith("fisher.")}
+        self.anchor = {k.removeprefix("anchor."): v.float().to(device) for k, v in state.items() if k.startswith("anchor.")}
 
 
 

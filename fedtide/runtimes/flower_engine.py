@@ -29,7 +29,9 @@ from common.errors import FedtideError
 
 MAX_CLIENT_CPUS = 1024
 MAX_CLIENT_GPUS = 64
-_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|(ray://)?\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5})$")
+MIN_CLIENT_CPUS = 0.05  # Flower starts (node CPUs / client CPUs) actors per node up front, each importing torch
+MIN_CLIENT_GPUS = 0.01
+_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9._\-]{1,253}:[0-9]{1,5}|(ray://)?\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,11 @@ class RayCluster:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not 0 <= value <= high:
                 raise FedtideError(f"{flag} must be a number between 0 and {high} (got {value!r})")
-        if self.client_cpus <= 0:
-            raise FedtideError(f"--client-cpus must be above 0 (got {self.client_cpus}): each client needs some CPU, "
-                               "e.g. 0.5 to run two clients per core")
+        if self.client_cpus < MIN_CLIENT_CPUS:
+            raise FedtideError(f"--client-cpus must be at least {MIN_CLIENT_CPUS} (got {self.client_cpus}): Flower "
+                               "starts a worker process for every share of a CPU; e.g. 0.5 runs two clients per core")
+        if 0 < self.client_gpus < MIN_CLIENT_GPUS:
+            raise FedtideError(f"--client-gpus must be 0 or at least {MIN_CLIENT_GPUS} (got {self.client_gpus})")
 
     def init_args(self) -> dict[str, Any]:
         """``ray.init``'s arguments. Joining a cluster, the cluster's resources stand: Ray refuses
@@ -82,9 +86,8 @@ def start_ray(cluster: RayCluster) -> None:
         _reachable(cluster.address)
     if ray.is_initialized():
         ray.shutdown()
-    # the clients import fedtide from this process's paths, on every node (Flower does the same)
-    pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
-    os.environ["PYTHONPATH"] = pythonpath
+    # the clients import fedtide from this process's paths, on every node (as Flower passes them)
+    pythonpath = os.pathsep.join(dict.fromkeys(p for p in sys.path if p))
     try:
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **cluster.init_args())
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as err:
@@ -152,14 +155,20 @@ def run_flower_simulation(config: RunConfig, client_app: Any = None, cluster: Ra
     cluster = cluster or RayCluster()
     start_ray(cluster)
     backend_config = {"init_args": cluster.init_args(), "client_resources": cluster.client_resources()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app or faulty_client_app(config.faults),
-            num_supernodes=config.data.clients,
-            backend_config=backend_config,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app or faulty_client_app(config.faults),
+                num_supernodes=config.data.clients,
+                backend_config=backend_config,
+            )
+    finally:  # Flower shuts Ray down once its backend started; not when it failed before
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
     if failure:
         raise failure[0]
     if not summary:
