@@ -17,6 +17,7 @@ Scale: N clients sharing MNIST (60,000 / N samples each), 1% sampled per round (
 
 Usage: python benchmarks/continual_speed.py --data-dir ../shared/datasets [--repeat 1] [--json]
        [--parts w2,der,load,scale] [--scale 100,1000,10000] [--skip-flower]
+       [--rounds-per-task 5] [--scale-rounds 20] (smaller: a quick check, not the figures)
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from under_load import run_once  # noqa: E402
 TARGETS = {"a_over_d": 0.6, "c_over_a": 3.0, "acc_gap_points": 0.5, "busy_over_quiet": 1.6, "rss_10000_mib": 2048}
 
 
-def run_plain(data_dir: str, method: str, env: dict[str, str]) -> dict:
+def run_plain(data_dir: str, method: str, rounds_per_task: int, env: dict[str, str]) -> dict:
     extra = ["--der", "0.2", "--shift", "2"] if method == "der" else []
-    seconds, peak, out = measure([sys.executable, "benchmarks/replay_loop.py", "--data-dir", data_dir, *extra], env)
+    seconds, peak, out = measure([sys.executable, "benchmarks/replay_loop.py", "--data-dir", data_dir,
+                                  "--rounds-per-task", str(rounds_per_task), *extra], env)
     loop = json.loads(out.strip().splitlines()[-1])
     return {"process_seconds": seconds, "peak_rss_mib": peak / 2**20, "acc": loop["acc"]}
 
@@ -51,13 +53,14 @@ def run_app(flags: list[str], out: Path, env: dict[str, str]) -> dict:
     return run
 
 
-def workload(method: str, data_dir: str, tmp: Path, env: dict[str, str], repeat: int, flower: bool) -> dict:
-    flags = w2_flags(data_dir, method, policy="reservoir")
+def workload(method: str, data_dir: str, tmp: Path, env: dict[str, str], repeat: int, flower: bool,
+             rounds_per_task: int) -> dict:
+    flags = w2_flags(data_dir, method, policy="reservoir", rounds_per_task=rounds_per_task)
     ways = {
         "a_fedtide": lambda: run_app(flags, tmp / f"{method}-a", env),
         "b_client_by_client": lambda: run_app(flags + ["--no-vectorize"], tmp / f"{method}-b", env),
         "c_flower_engine": lambda: run_app(flags + ["--engine", "flower"], tmp / f"{method}-c", env),
-        "d_plain_loop": lambda: run_plain(data_dir, method, env),
+        "d_plain_loop": lambda: run_plain(data_dir, method, rounds_per_task, env),
     }
     if not flower:
         del ways["c_flower_engine"]
@@ -89,10 +92,10 @@ def under_load(data_dir: str, tmp: Path, env: dict[str, str], repeat: int) -> li
     return rows
 
 
-def scale(data_dir: str, counts: list[int], tmp: Path, env: dict[str, str]) -> list[dict]:
+def scale(data_dir: str, counts: list[int], rounds: int, tmp: Path, env: dict[str, str]) -> list[dict]:
     rows = []
     for clients in counts:
-        flags = w1_flags(data_dir, 20, clients, 60_000 // clients)
+        flags = w1_flags(data_dir, rounds, clients, 60_000 // clients)
         flags[flags.index("--method") + 1] = "replay"
         flags += ["--fraction-train", str(max(0.01, 2 / clients))]
         run = run_fedtide(flags, tmp / f"scale-{clients}", env)
@@ -108,6 +111,8 @@ def main() -> None:
     parser.add_argument("--parts", default="w2,der,load,scale")
     parser.add_argument("--scale", default="100,1000,10000", help="client counts for the scale run")
     parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument("--rounds-per-task", type=int, default=5, help="W2's rounds per task (5: the workload)")
+    parser.add_argument("--scale-rounds", type=int, default=20, help="rounds of the scale runs (20: the figure)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not args.data_dir:
@@ -126,11 +131,13 @@ def main() -> None:
             env.pop(name, None)
         for method, key in (("replay", "w2"), ("der", "der")):
             if key in parts:
-                result[key] = workload(method, args.data_dir, tmp, env, args.repeat, not args.skip_flower)
+                result[key] = workload(method, args.data_dir, tmp, env, args.repeat, not args.skip_flower,
+                                       args.rounds_per_task)
         if "load" in parts:
             result["under_load"] = under_load(args.data_dir, tmp, env, args.repeat)
         if "scale" in parts:
-            result["scale"] = scale(args.data_dir, [int(n) for n in args.scale.split(",") if n.strip()], tmp, env)
+            counts = [int(n) for n in args.scale.split(",") if n.strip()]
+            result["scale"] = scale(args.data_dir, counts, args.scale_rounds, tmp, env)
     result["targets"] = TARGETS
     if args.json:
         print(json.dumps(result, indent=2))

@@ -79,13 +79,13 @@ def w1_flags(data_dir: str, rounds: int, clients: int = 10, samples: int = 600) 
     ]
 
 
-def w2_flags(data_dir: str, method: str = "replay", policy: str = "class-balanced") -> list[str]:
+def w2_flags(data_dir: str, method: str = "replay", policy: str = "class-balanced", rounds_per_task: int = 5) -> list[str]:
     """W2: split-MNIST, 10 clients, Dirichlet alpha 1, 200 memories per client, 5 rounds per
     task, 1 local epoch, batch 32, SGD lr 0.05, MLP 400-400, seed 0; ``method`` replay or der
     (der with shifted memories, as benchmarks/replay_loop.py --der 0.2 --shift 2)."""
     flags = [
         "--preset", "split-mnist", "--data-dir", data_dir, "--method", method, "--memory-size", "200",
-        "--memory-policy", policy, "--rounds-per-task", "5", "--lr", "0.05", "--hidden", "400,400", "--seed", "0",
+        "--memory-policy", policy, "--rounds-per-task", str(rounds_per_task), "--lr", "0.05", "--hidden", "400,400", "--seed", "0",
         "--quiet",
     ]
     return flags + (["--replay-shift", "2"] if method == "der" else [])

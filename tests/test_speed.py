@@ -80,3 +80,18 @@ def test_speed_benchmark_runs_in_a_tiny_configuration():
     result = json.loads(out)
     assert result["figures"]["max_acc_difference_points"] < 1.0
     assert result["a_fedtide_inprocess"]["peak_rss_mib"] > 0 and result["scale"][0]["clients"] == 100
+
+
+@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="../shared/datasets not present")
+def test_continual_speed_benchmark_runs_in_a_tiny_configuration():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/continual_speed.py", "--data-dir", str(SHARED), "--parts", "w2,scale",
+         "--skip-flower", "--rounds-per-task", "1", "--scale", "100", "--scale-rounds", "2", "--json"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    ).stdout
+    result = json.loads(out)
+    ways = result["w2"]["ways"]
+    assert set(ways) == {"a_fedtide", "b_client_by_client", "d_plain_loop"}
+    assert result["w2"]["figures"]["acc_gap_points"] < 1.0  # batched and one by one learn the same
+    assert all(w["process_seconds"] > 0 and 0 < w["acc"] <= 1 for w in ways.values())
+    assert result["scale"][0]["clients"] == 100 and result["scale"][0]["peak_rss_mib"] > 0
