@@ -56,10 +56,12 @@ def run_app(flags: list[str], out: Path, env: dict[str, str]) -> dict:
 def workload(method: str, data_dir: str, tmp: Path, env: dict[str, str], repeat: int, flower: bool,
              rounds_per_task: int) -> dict:
     flags = w2_flags(data_dir, method, policy="reservoir", rounds_per_task=rounds_per_task)
+    # Ray's processes take a few seconds to go after (c); (b) runs next, so that they never
+    # share the machine with the plain loop, whose spinning OpenMP threads slow 1.5x beside them
     ways = {
         "a_fedtide": lambda: run_app(flags, tmp / f"{method}-a", env),
-        "b_client_by_client": lambda: run_app(flags + ["--no-vectorize"], tmp / f"{method}-b", env),
         "c_flower_engine": lambda: run_app(flags + ["--engine", "flower"], tmp / f"{method}-c", env),
+        "b_client_by_client": lambda: run_app(flags + ["--no-vectorize"], tmp / f"{method}-b", env),
         "d_plain_loop": lambda: run_plain(data_dir, method, rounds_per_task, env),
     }
     if not flower:
