@@ -160,7 +160,7 @@ def report(result: dict) -> None:
         table = Table(title=title)
         for column in ("way", "whole process s", "peak RSS MiB", "ACC %"):
             table.add_column(column, justify="right")
-        for way, r in result[key]["ways"].items():
+        for way, r in sorted(result[key]["ways"].items()):
             table.add_row(labels[way], f"{r['process_seconds']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{100 * r['acc']:.2f}")
         console.print(table)
         figures = result[key]["figures"]
