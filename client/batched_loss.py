@@ -9,6 +9,7 @@ samples and 0 on the padding, so that a padded row adds nothing to a loss or a g
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -100,6 +101,33 @@ def _stack_distills(distills: list[Distill | None], params: dict[str, torch.Tens
     return teacher, weight, temperature
 
 
+@dataclass(frozen=True)
+class LogitTerms:
+    """The batch terms that act on the logits alone, as tensors for all K clients: ER-ACE's
+    ``hidden`` classes [K, B, classes] (True: masked out of that row's cross-entropy) and DER's
+    matched logits, ``scale`` [K, B] (weight / (rows x classes) on a matched row, else 0) and
+    ``target`` [K, B, classes]; None where no client has the term. Both the autograd step and
+    the fused step read them."""
+
+    hidden: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, batch_terms: list[list[Term]], y: torch.Tensor, classes: int) -> "LogitTerms":
+        return cls(_hidden_classes(batch_terms, y, classes), *_matches(batch_terms, y, classes))
+
+    def masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the cross-entropy reads."""
+        return logits if self.hidden is None else logits.masked_fill(self.hidden, torch.finfo(logits.dtype).min)
+
+    def difference(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """logits - target on matched rows, 0 elsewhere (an overflowing logit there adds no NaN)."""
+        if self.scale is None or self.target is None:
+            return None
+        return (logits - self.target).masked_fill((self.scale == 0).unsqueeze(-1), 0.0)
+
+
 def client_losses(
     logits: torch.Tensor,
     y: torch.Tensor,
@@ -107,16 +135,14 @@ def client_losses(
     x: torch.Tensor,
     params: dict[str, torch.Tensor],
     round_terms: RoundTerms,
-    batch_terms: list[list[Term]],
+    logit_terms: LogitTerms,
     forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Each of the first K clients' loss [K]: logits [K, B, classes] of their batches x with
     labels y; ``params`` their weights (the first K of the round's), ``round_terms`` the
-    round's, ``batch_terms`` this batch's per client; ``forward`` the batched model (for LwF's
-    teachers)."""
+    round's, ``logit_terms`` this batch's; ``forward`` the batched model (for LwF's teachers)."""
     clients = logits.shape[0]
-    logits_for_ce = _own_classes(logits, y, batch_terms)
-    log_p = torch.log_softmax(logits_for_ce, dim=-1)
+    log_p = torch.log_softmax(logit_terms.masked(logits), dim=-1)
     loss = -(log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1) * row_weight).sum(1)
     for coefficients, anchors in round_terms.pulls:
         for name, coefficient in coefficients.items():
@@ -130,35 +156,34 @@ def client_losses(
         log_student = torch.log_softmax(logits / t, dim=-1)
         kl = (torch.xlogy(target, target) - target * log_student).sum(-1)
         loss = loss + weight[:clients] * temperature[:clients] ** 2 * (kl * row_weight).sum(1)
-    return loss + _matched_logits(logits, batch_terms)
+    difference = logit_terms.difference(logits)
+    if difference is not None:
+        loss = loss + (logit_terms.scale.unsqueeze(-1) * difference**2).sum((1, 2))
+    return loss
 
 
-def _own_classes(logits: torch.Tensor, y: torch.Tensor, batch_terms: list[list[Term]]) -> torch.Tensor:
-    """The logits with, for each client under ER-ACE, the classes absent from its new samples
-    masked out of its new samples' rows."""
+def _hidden_classes(batch_terms: list[list[Term]], y: torch.Tensor, classes: int) -> torch.Tensor | None:
+    """For each client under ER-ACE, the classes absent from its new samples, in its new
+    samples' rows."""
     num_new = [next((t.num_new for t in terms if isinstance(t, OwnClassesOnly)), -1) for terms in batch_terms]
     if all(n < 0 for n in num_new):
-        return logits
-    rows = torch.arange(logits.shape[1], device=logits.device)
-    new = rows < torch.tensor(num_new, device=logits.device).unsqueeze(1)  # clients without the term: no row
-    counts = torch.zeros(logits.shape[0], logits.shape[2], dtype=torch.int32, device=logits.device)
+        return None
+    rows = torch.arange(y.shape[1], device=y.device)
+    new = rows < torch.tensor(num_new, device=y.device).unsqueeze(1)  # clients without the term: no row
+    counts = torch.zeros(y.shape[0], classes, dtype=torch.int32, device=y.device)
     present = counts.scatter_add_(1, y, new.to(torch.int32)) > 0  # the classes among each client's new samples
-    hidden = new.unsqueeze(-1) & ~present.unsqueeze(1)
-    return logits.masked_fill(hidden, torch.finfo(logits.dtype).min)
+    return new.unsqueeze(-1) & ~present.unsqueeze(1)
 
 
-def _matched_logits(logits: torch.Tensor, batch_terms: list[list[Term]]) -> torch.Tensor:
-    """DER's squared error of replayed logits against stored ones, per client."""
+def _matches(batch_terms: list[list[Term]], y: torch.Tensor, classes: int):
+    """DER's matched rows: (scale, target), or (None, None) when no client has one."""
     matches = [[t for t in terms if isinstance(t, MatchLogits)] for terms in batch_terms]
     if not any(matches):
-        return logits.new_zeros(logits.shape[0])
-    clients, rows, classes = logits.shape
-    target = logits.new_zeros(logits.shape)
-    scale = logits.new_zeros(clients, rows)
+        return None, None
+    target = torch.zeros(*y.shape, classes, device=y.device)
+    scale = torch.zeros(y.shape, device=y.device)
     for k, found in enumerate(matches):
         for term in found:
-            target[k, term.rows] = term.targets.to(logits.device, logits.dtype)
+            target[k, term.rows] = term.targets.to(y.device, torch.float32)
             scale[k, term.rows] += term.weight / (len(term.rows) * classes)
-    # rows without stored logits drop out before squaring: an overflowing logit there adds no NaN
-    difference = (logits - target).masked_fill((scale == 0).unsqueeze(-1), 0.0)
-    return (scale.unsqueeze(-1) * difference**2).sum((1, 2))
+    return scale, target

@@ -118,18 +118,22 @@ def fusable(layers: list[Layer]) -> bool:
 
 def fused_sgd_step(
     weights: list[torch.Tensor], biases: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-    row_weight: torch.Tensor, lr: float,
+    row_weight: torch.Tensor, lr: float, logit_terms=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step of K MLPs (``fusable``) on the cross-entropy of their own batches
     x [K, B, features], y [K, B], each sample weighted by ``row_weight`` [K, B] (1 / the
-    client's batch size for its samples, 0 for padding); returns (logits, per-client loss).
+    client's batch size for its samples, 0 for padding), plus the terms on the logits alone
+    (``client.batched_loss.LogitTerms``: ER-ACE's masked classes, DER's matched logits);
+    returns (logits, per-client loss).
 
     The backward pass is written out, because it can update each weight in the same
     product that computes its gradient: ``W.baddbmm_(a^T, g, alpha=-lr)`` reads and writes
     W once, where autograd writes a gradient, reads it back and then updates W (the step
     is ~25% faster). The maths is that of autograd: for logits z = a W + b and
     L = sum_i w_i CE(z_i, y_i), dL/dz = w (softmax(z) - onehot(y)); dL/dW = a^T dL/dz;
-    dL/db = sum_B dL/dz; dL/da = dL/dz W^T, masked where the ReLU was off."""
+    dL/db = sum_B dL/dz; dL/da = dL/dz W^T, masked where the ReLU was off. A class masked
+    out of a row's cross-entropy (ER-ACE) has softmax 0 there, so no gradient; DER's
+    s * (z - t)^2 adds 2 s (z - t) to dL/dz."""
     inputs = [x]
     h = x
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -138,11 +142,16 @@ def fused_sgd_step(
             h.clamp_(min=0)
             inputs.append(h)
     logits = h
-    log_p = torch.log_softmax(logits, dim=-1)
+    log_p = torch.log_softmax(logits if logit_terms is None else logit_terms.masked(logits), dim=-1)
     loss = -(log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1) * row_weight).sum(1)
     grad = log_p.exp_()
     grad.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(grad[..., :1], -1.0))
     grad.mul_(row_weight.unsqueeze(-1))
+    difference = None if logit_terms is None else logit_terms.difference(logits)
+    if difference is not None:
+        scale = logit_terms.scale.unsqueeze(-1)
+        loss = loss + (scale * difference**2).sum((1, 2))
+        grad.add_(difference.mul_(scale), alpha=2.0)
     for i in reversed(range(len(weights))):
         a = inputs[i]
         below = torch.bmm(grad, weights[i].transpose(1, 2)).mul_(a > 0) if i > 0 else None  # with W before its step

@@ -16,8 +16,9 @@ clients at once (``client.batched_loss``). So the outcome equals the clients' se
 Clients may hold different numbers of samples: those with more steps come first, so the
 clients still training at any step are a prefix of the stack, and their weights a view of
 it; batches of unequal length are padded, the padding weighing nothing. When a batch has no
-term beyond the cross-entropy and the model is an MLP, the step is ``fused_sgd_step`` (the
-backward pass written out and fused with the update); otherwise autograd computes it.
+term but those on the logits alone (ER-ACE, DER) and the model is an MLP, the step is
+``fused_sgd_step`` (the backward pass written out and fused with the update); otherwise
+autograd computes it.
 
 Not batched (the one-client path trains them): DP-SGD (per-sample clipping), a method that
 acts on every optimizer step (SI) or is not declared ``vectorized``, Adam, frozen layers,
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from client import batched_models
-from client.batched_loss import RoundTerms, client_losses
+from client.batched_loss import LogitTerms, RoundTerms, client_losses
 from client.drift_signals import gather_evidence_many
 from client.learner import TrainStats
 from client.methods import Method
@@ -131,7 +132,8 @@ def _train(
     terms = RoundTerms([[m.round_terms() for m in c.methods] for c in ranked], params, linear)
     lrs = torch.tensor([c.plan.lr for c in ranked], device=device)
     one_lr = len(set(lrs.tolist())) == 1
-    fused = batched_models.fusable(layers) and terms.empty() and one_lr
+    fused = batched_models.fusable(layers) and terms.empty() and one_lr  # batch terms: on the logits alone
+    classes = layers[-1][1].out_features
     weight_names = [f"{name}.weight" for name, _ in layers if name in linear]
     bias_names = [f"{name}.bias" for name, _ in layers if name in linear]
     batch_size = config.learner.batch_size
@@ -143,12 +145,13 @@ def _train(
         active = sum(1 for c in ranked if c.steps > step)
         batch = _Batch.stacked(stacked, ranked, step, batch_size) if stacked is not None \
             else _Batch.gather(ranked[:active], step, batch_size, device)
-        if fused and not any(batch.terms):
+        logit_terms = LogitTerms.of(batch.terms, batch.y, classes)
+        if fused:
             logits, loss = batched_models.fused_sgd_step(
                 [params[n][:active] for n in weight_names], [params[n][:active] for n in bias_names],
-                batch.x.flatten(2), batch.y, batch.row_weight, float(lrs[0]))
+                batch.x.flatten(2), batch.y, batch.row_weight, float(lrs[0]), logit_terms)
         else:
-            logits, loss = _autograd_step(layers, params, active, batch, terms, lrs, one_lr)
+            logits, loss = _autograd_step(layers, params, active, batch, terms, logit_terms, lrs, one_lr)
         losses[:active] += loss.detach().to(torch.float64)
         wrong = None
         for k, client in enumerate(ranked[:active]):
@@ -257,7 +260,7 @@ def _stacked_data(clients: list[_Client], device: torch.device) -> tuple[torch.T
 
 
 def _autograd_step(layers, params: dict[str, torch.Tensor], active: int, batch: _Batch, terms: RoundTerms,
-                   lrs: torch.Tensor, one_lr: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   logit_terms: LogitTerms, lrs: torch.Tensor, one_lr: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step of the first ``active`` clients with autograd; updates ``params`` in place."""
     views = {n: p[:active].detach().requires_grad_() for n, p in params.items()}
 
@@ -265,7 +268,7 @@ def _autograd_step(layers, params: dict[str, torch.Tensor], active: int, batch: 
         return batched_models.forward(layers, p, x)
 
     logits = forward(views, batch.x)
-    loss = client_losses(logits, batch.y, batch.row_weight, batch.x, views, terms, batch.terms, forward)
+    loss = client_losses(logits, batch.y, batch.row_weight, batch.x, views, terms, logit_terms, forward)
     grads = torch.autograd.grad(loss.sum(), list(views.values()))
     with torch.no_grad():
         for (name, param), grad in zip(params.items(), grads):
