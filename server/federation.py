@@ -116,7 +116,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
     if resume and config.server.timed and nodes is not None:
         raise FedtideError("a run in simulated time (--buffer-size or --speed-spread) cannot resume yet: start it again")
     if resume:
-        arrays, first_round = _resume(checkpoints, config, runtime, nodes, strategy, history, console)
+        arrays, first_round = _resume(checkpoints, config, runtime, nodes, strategy, history, console, secure)
         folder.rewrite_metrics(history)
         if releases is not None:
             releases.resume_after(first_round - 1)
@@ -152,7 +152,7 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
                 reads a round in the file finds it in every live view too."""
                 nonlocal round_started
                 states = nodes.node_states() if nodes is not None else None
-                checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings))
+                checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings, secure))
                 if server_round > 0:
                     watchers.round_done(history.rounds[-1], grid)
                     folder.append_round(history.rounds[-1])
@@ -361,7 +361,7 @@ def release_exporter(config: RunConfig, scenario: Scenario):
 
 def _resume(
     checkpoints: CheckpointStore, config: RunConfig, runtime: dict[str, Any], nodes: Any, strategy: Any,
-    history: RunHistory, console: Console,
+    history: RunHistory, console: Console, secure: Any = None,
 ) -> tuple[ArrayRecord, int]:
     """The global model and the first round to run, with strategy, history, RNGs and (in
     simulation) every node's state as the last usable checkpoint left them."""
@@ -381,7 +381,7 @@ def _resume(
             f"this run was started with --workers {written['workers']}: resume it with that many (or without "
             "--workers), or its numbers would change in their last digits"
         )
-    arrays = restore(checkpoint, strategy, history)
+    arrays = restore(checkpoint, strategy, history, secure)
     checkpoints.continue_after(checkpoint)
     if nodes is not None:
         nodes.restore_node_states(node_states(checkpoint))

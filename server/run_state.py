@@ -62,9 +62,10 @@ def capture(
     node_states: dict[int, dict[str, torch.Tensor]] | None,
     runtime: dict[str, Any],
     settings: dict[str, Any] | None = None,
+    secure: Any = None,
 ) -> Checkpoint:
     """The state after ``server_round`` was aggregated and evaluated; ``settings``: the run's
-    (``run_settings``)."""
+    (``run_settings``); ``secure``: the run's ``SecureRound``, if any."""
     groups: dict[str, dict[str, torch.Tensor]] = {"model": arrays.to_torch_state_dict()}
     meta: dict[str, Any] = {
         "task": history.schedule.newest_task(server_round) if server_round > 0 else 0,
@@ -72,6 +73,7 @@ def capture(
         "random": _python_random_state(),
         "runtime": runtime,
         "settings": settings,
+        "secure": secure.state() if secure is not None else None,
     }
     strategy_groups, meta["strategy"] = _strategy_state(strategy)
     groups.update(strategy_groups)
@@ -84,9 +86,12 @@ def capture(
     return Checkpoint.build(server_round, groups, meta, journal=history.rounds)
 
 
-def restore(checkpoint: Checkpoint, strategy: Any, history: RunHistory) -> ArrayRecord:
-    """Put the strategy, the history and the RNGs back as they were; return the global model."""
+def restore(checkpoint: Checkpoint, strategy: Any, history: RunHistory, secure: Any = None) -> ArrayRecord:
+    """Put the strategy, the secure rounds' driver, the history and the RNGs back as they
+    were; return the global model."""
     meta = checkpoint.meta
+    if secure is not None:
+        secure.load_state(meta.get("secure"))
     history.baseline = list(meta["baseline"])
     history.rounds = [RoundRecord.from_json(line) for line in checkpoint.journal]
     _restore_strategy(strategy, checkpoint)

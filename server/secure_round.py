@@ -80,7 +80,7 @@ class SecureRound:
     def weight_for(self) -> float:
         """The round's max weight: fixed, or 4 x the median num-examples the previous round's
         clients reported (in the clear), so that quantisation is fine and one liar cannot
-        coarsen it (a resumed run starts again at 10,000)."""
+        coarsen it."""
         if self.max_weight > 0:
             return self.max_weight
         if not self.last_counts:
@@ -128,6 +128,31 @@ class SecureRound:
         model = self.strategy.aggregate_secure(server_round, dict(zip(names, mean)), reports, weight_total)
         self.failed_rounds += model is None
         return model
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so that a resumed run quantises as the uninterrupted one
+        (its next max weight) and reports the whole run's traffic and failures."""
+        return {"last_counts": list(self.last_counts), "traffic": dict(self.traffic),
+                "client_rounds": self.client_rounds, "failed_rounds": self.failed_rounds}
+
+    def load_state(self, state: Any) -> None:
+        """``state()`` from a checkpoint; a value of the wrong kind or out of bounds is left at
+        its start value (a checkpoint is checksummed, but its JSON is still read as input)."""
+        if not isinstance(state, dict):
+            return
+
+        def count(value: Any, most: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
+
+        counts = state.get("last_counts")
+        if isinstance(counts, list) and len(counts) <= MAX_CLIENTS and all(count(c, 10**9) and c > 0 for c in counts):
+            self.last_counts = list(counts)
+        traffic = state.get("traffic")
+        if isinstance(traffic, dict) and set(traffic) == {"down", "up"} and all(count(v, 2**62) for v in traffic.values()):
+            self.traffic = dict(traffic)
+        for name in ("client_rounds", "failed_rounds"):
+            if count(state.get(name), 2**62):
+                setattr(self, name, state[name])
 
     def summary(self) -> dict[str, Any]:
         """Figures for the run's summary: what the protocol's four stages carried per client

@@ -32,24 +32,26 @@ from server.federation import client_config, run_federation
 from server.history import RunHistory
 from server.round_loop import run_rounds
 from server.run_state import capture, restore
+from server.secure_round import SecureRound
 from server.strategy import run_strategy
 from server.timing import PhaseTimes, TimedGrid
 
 SMALL = RunConfig.of(num_tasks=3, rounds_per_task=2, local_epochs=1, quiet=True)
 
 
-class Crash(Exception):
-    pass
+class Crash(BaseException):
+    """The server process dies: no handler in the run catches it (a secure round catches Exception)."""
 
 
 def crashing(grid: InProcessGrid, crash_in: int) -> InProcessGrid:
-    """``grid``, whose server dies while the clients train round ``crash_in``."""
-    deliver, trained = grid.send_and_receive, []
+    """``grid``, whose server dies while the clients train round ``crash_in`` (a secure
+    round's stages are messages of one group)."""
+    deliver, trained = grid.send_and_receive, set()
 
     def send_and_receive(messages, *, timeout=None):
         messages = list(messages)
         if messages and messages[0].metadata.message_type.startswith("train"):
-            trained.append(1)
+            trained.add(messages[0].metadata.group_id or len(trained))  # fedtide's own: one send a round
             if len(trained) == crash_in:
                 raise Crash
         return deliver(messages, timeout=timeout)
@@ -227,6 +229,24 @@ def test_a_run_killed_mid_round_resumes_to_the_numbers_of_an_uninterrupted_run(t
     summary = run_inprocess(crashed, resume=True)
     assert summary["rounds"] == config.num_rounds
     _assert_same_run(tmp_path / "whole", tmp_path / "crashed")
+
+
+def test_a_resumed_secure_run_quantises_as_the_uninterrupted_one_and_reports_the_whole_runs_traffic(tmp_path, monkeypatch):
+    """Secure rounds quantise with stochastic rounding (unseeded), so the weights differ in
+    their last digits from run to run: what must carry over is the max weight each round
+    quantises with (4 x the median count of the round before) and the run's figures."""
+    used: list[float] = []
+    weight_for = SecureRound.weight_for
+    monkeypatch.setattr(SecureRound, "weight_for", lambda self: used.append(weight_for(self)) or used[-1])
+    config = SMALL.replace(secure_aggregation=True)
+    whole = run_inprocess(config.replace(out=str(tmp_path / "whole")))
+    whole_weights, used[:] = list(used), []
+    crashed = config.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=4)  # rounds 1-3 completed
+    resumed = run_inprocess(crashed, resume=True)
+    assert whole_weights[0] == 10_000 and all(w < 10_000 for w in whole_weights[1:])  # counted from round 1
+    assert used == whole_weights[:4] + whole_weights[3:]  # round 4 twice: it crashed, then ran again
+    assert resumed["secure_aggregation"] == whole["secure_aggregation"]
 
 
 def test_a_new_run_in_an_old_runs_folder_does_not_resume_the_old_run(tmp_path, capsys):

@@ -305,6 +305,23 @@ def test_the_automatic_max_weight_follows_the_median_count_so_one_liar_cannot_co
     assert SecureRound(strategy=None, timeout=1.0, max_weight=700.0, last_counts=[5]).weight_for() == 700
 
 
+@pytest.mark.parametrize("state", [
+    None, [], "x", {"last_counts": [0, 5]}, {"last_counts": [True]}, {"last_counts": [1.5]}, {"last_counts": [10**12]},
+    {"last_counts": list(range(1, 10**5))}, {"traffic": {"down": -1, "up": 3}}, {"traffic": {"down": 1}},
+    {"client_rounds": float("nan")}, {"failed_rounds": -2}, {"failed_rounds": "3"},
+])
+def test_a_checkpoints_secure_state_out_of_bounds_leaves_the_start_values(state):
+    from server.secure_round import SecureRound
+
+    fresh = SecureRound(strategy=None, timeout=1.0, max_weight=0.0)
+    fresh.load_state(state)
+    assert fresh.state() == SecureRound(strategy=None, timeout=1.0, max_weight=0.0).state()
+    saved = SecureRound(strategy=None, timeout=1.0, max_weight=0.0, last_counts=[60, 70, 80], client_rounds=12,
+                        failed_rounds=1, traffic={"down": 500, "up": 900})
+    fresh.load_state(saved.state())
+    assert fresh.state() == saved.state() and fresh.weight_for() == 4 * 70
+
+
 def test_sample_level_dp_composes_with_secure_aggregation(tmp_path):
     summary = run_inprocess(_config(tmp_path, "sample", secure_aggregation=True, dp="sample", rounds=2), threads=1)
     assert summary["dp"]["level"] == "sample" and summary["dp"]["epsilon"] > 0
