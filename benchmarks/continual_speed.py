@@ -14,9 +14,11 @@ with a reservoir memory filled when a task ends, the memory policy of the plain 
 Under load: W1 and W2, quiet and beside one ``python -c 'while 1: pass'``. Target: <= 1.6x.
 Scale: N clients sharing MNIST (60,000 / N samples each), 1% sampled per round (at least 2),
 20 rounds, replay. Target: 10,000 clients in <= 2 GiB peak RSS.
+Floor (benchmarks/compute_floor.py): the seconds W2's matrix products alone take on this CPU,
+plus a bare ``import torch`` process: the least any fp32 W2 can take here, over the plain loop.
 
 Usage: python benchmarks/continual_speed.py --data-dir ../shared/datasets [--repeat 1] [--json]
-       [--parts w2,der,load,scale] [--scale 100,1000,10000] [--skip-flower]
+       [--parts w2,der,load,scale,floor] [--scale 100,1000,10000] [--skip-flower]
        [--rounds-per-task 5] [--scale-rounds 20] (smaller: a quick check, not the figures)
 """
 
@@ -81,6 +83,22 @@ def workload(method: str, data_dir: str, tmp: Path, env: dict[str, str], repeat:
     return {"ways": result, "figures": figures}
 
 
+def compute_floor(data_dir: str, rounds_per_task: int, env: dict[str, str], w2: dict | None) -> dict:
+    """W2's compute floor (its own process, so that its threads are fedtide's choice) and a bare
+    ``import torch`` process; with W2's figures, the floor over the plain loop."""
+    _, _, out = measure([sys.executable, str(ROOT / "benchmarks" / "compute_floor.py"), "--data-dir", data_dir,
+                         "--rounds-per-task", str(rounds_per_task), "--json"], env)
+    floor = json.loads(out)
+    floor["import_torch_seconds"] = statistics.median(
+        measure([sys.executable, "-c", "import torch"], env)[0] for _ in range(3))
+    floor["least_process_seconds"] = floor["floor_seconds"] + floor["import_torch_seconds"]
+    if w2 is not None:
+        floor["least_over_d"] = floor["least_process_seconds"] / w2["ways"]["d_plain_loop"]["process_seconds"]
+        floor["a_over_least"] = w2["ways"]["a_fedtide"]["process_seconds"] / floor["least_process_seconds"]
+    print(f"floor: {floor['least_process_seconds']:.1f} s", file=sys.stderr, flush=True)
+    return floor
+
+
 def under_load(data_dir: str, tmp: Path, env: dict[str, str], repeat: int) -> list[dict]:
     rows = []
     for name, flags in (("W1", w1_flags(data_dir, 20)), ("W2", w2_flags(data_dir))):
@@ -110,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("FEDTIDE_DATA_DIR", ""))
     parser.add_argument("--repeat", type=int, default=1, help="runs of each way; the median is reported")
-    parser.add_argument("--parts", default="w2,der,load,scale")
+    parser.add_argument("--parts", default="w2,der,load,scale,floor")
     parser.add_argument("--scale", default="100,1000,10000", help="client counts for the scale run")
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument("--rounds-per-task", type=int, default=5, help="W2's rounds per task (5: the workload)")
@@ -120,9 +138,9 @@ def main() -> None:
     if not args.data_dir:
         raise SystemExit("give --data-dir (or FEDTIDE_DATA_DIR): the folder with MNIST's IDX files")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"w2", "der", "load", "scale"}
+    unknown = parts - {"w2", "der", "load", "scale", "floor"}
     if unknown:
-        raise SystemExit(f"unknown part(s) {sorted(unknown)}: choose from w2, der, load, scale")
+        raise SystemExit(f"unknown part(s) {sorted(unknown)}: choose from w2, der, load, scale, floor")
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -140,6 +158,8 @@ def main() -> None:
         if "scale" in parts:
             counts = [int(n) for n in args.scale.split(",") if n.strip()]
             result["scale"] = scale(args.data_dir, counts, args.scale_rounds, tmp, env)
+        if "floor" in parts:
+            result["floor"] = compute_floor(args.data_dir, args.rounds_per_task, env, result.get("w2"))
     result["targets"] = TARGETS
     if args.json:
         print(json.dumps(result, indent=2))
@@ -183,6 +203,15 @@ def report(result: dict) -> None:
             table.add_row(str(r["clients"]), str(r["samples_each"]), f"{r['process_seconds']:.1f}",
                           f"{r['round_seconds']:.3f}", f"{r['peak_rss_mib']:.0f}", f"{100 * r['final_acc']:.2f}")
         console.print(table)
+    if "floor" in result:
+        f = result["floor"]
+        console.print(
+            f"floor: W2's products take {f['train_tflop']:.2f} TFLOP at {f['train_gflops']:.0f} GFLOPS (training) + "
+            f"{f['test_tflop']:.2f} TFLOP at {f['test_gflops']:.0f} GFLOPS (testing) = {f['floor_seconds']:.1f} s on "
+            f"{f['threads']} thread(s); with a bare import torch ({f['import_torch_seconds']:.1f} s), "
+            f"{f['least_process_seconds']:.1f} s"
+            + (f" = {f['least_over_d']:.2f}x the plain loop; fedtide (a) takes {f['a_over_least']:.2f}x that"
+               if "least_over_d" in f else ""))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,23 @@
 finished work.
 
 A checkpoint is two files in ``RUN_DIR/checkpoints/``: ``round-000012.safetensors`` (every
-tensor: the global model, the strategy's server-optimizer state, each simulated node's
-``context.state``, torch's and numpy's RNG states) and ``round-000012.json`` (the rest: round,
-task, Python's ``random`` state, the drift response, the run's settings, the order of the
-tensors, and the sha256 of both files), plus the journal that all checkpoints share: one line
-per finished round, appended (and synced) before the checkpoint of that round is written. A
-checkpoint names how many journal lines are its history, with their byte count and sha256,
-so that saving round N costs the same at round 10 as at round 10,000 (a history stored in
-every checkpoint made a long run write quadratic bytes).
+tensor: the global model, the strategy's server-optimizer state, torch's and numpy's RNG
+states) and ``round-000012.json`` (the rest: round, task, Python's ``random`` state, the drift
+response, the run's settings, the order of the tensors, and the sha256 of both files), plus
+the journal that all checkpoints share: one line per finished round, appended (and synced)
+before the checkpoint of that round is written. A checkpoint names how many journal lines are
+its history, with their byte count and sha256, so that saving round N costs the same at round
+10 as at round 10,000 (a history stored in every checkpoint made a long run write quadratic
+bytes).
+
+A simulation's nodes' states (``context.state``: replay memories, method state) go to node
+packs, shared the same way: a round's checkpoint writes ``nodes-000012.safetensors`` with
+the states of the nodes sent a message since the checkpoint before, and names, for every
+node, the pack that holds its newest state, with each pack's sha256. A round of 100 sampled
+clients out of 10,000 writes 100 states, not 10,000. Once the packs written since the last
+pack of every node's state add up to its size, or the packs in use number ``MAX_PACKS``,
+the next checkpoint writes every node's state into one pack again.
+Each pack is written twice (``.copy``), as the journal is, since many checkpoints need it.
 
 Every checkpoint needs every line of the journal before its own, so the journal is written
 twice (``history.jsonl`` and ``history-copy.jsonl``) and each line carries its index and a
@@ -17,7 +26,7 @@ checksum of its own: a line damaged in one file is read from the other (with a w
 only a round whose line is damaged in both costs the checkpoints that need it. The tensors
 file is written first and the JSON last, each atomically, so a checkpoint whose JSON exists
 is complete; a damaged one (bad checksum, truncated, unreadable, a journal that no longer
-holds its rounds) is skipped for the one before it. The last ``KEEP`` are kept. The folder
+holds its rounds) is skipped for the one before it. The last ``KEEP`` are kept, and the packs they name. The folder
 is private to its owner (0700, files 0600): a simulation's checkpoints hold its clients'
 replay memories. Nothing is pickled.
 """
@@ -41,11 +50,14 @@ CHECKPOINT_FOLDER = "checkpoints"
 JOURNAL = "history.jsonl"
 JOURNAL_COPY = "history-copy.jsonl"
 KEEP = 3
-FORMAT = 3  # 2: one journal of bare lines, no copy (still read)
-READABLE = (1, 2, FORMAT)
+FORMAT = 4  # 3: the nodes' states inside every checkpoint; 2: one journal of bare lines, no copy (both still read)
+READABLE = (1, 2, 3, FORMAT)
 LEGACY_FORMAT = 1  # the history inside every checkpoint; still read, so older runs resume
 PRIVATE_FILE, PRIVATE_FOLDER = 0o600, 0o700
 _NAME = re.compile(r"^round-(\d{6})\.json$")
+_PACK = re.compile(r"^nodes-(\d{6})\.safetensors$")
+_PACK_FILE = re.compile(r"^nodes-(\d{6})\.safetensors(\.copy)?$")
+MAX_PACKS = 64
 
 
 class JournalEntry(Protocol):
@@ -57,12 +69,16 @@ class Checkpoint:
     """Named tensors (``model/``, ``strategy/``, ``node/<id>/``, ``rng/`` prefixes) and
     JSON-able metadata; ``meta["order"]`` keeps each group's key order (safetensors sorts).
     ``journal``: the run's history so far, one entry per round, oldest first (entries with
-    ``as_json()`` when saving; the loaded dicts after ``load``)."""
+    ``as_json()`` when saving; the loaded dicts after ``load``). ``nodes``: simulated nodes'
+    states, when the run has them: when saving, those of the nodes that changed since the
+    checkpoint before (every node's at the store's first save: ``CheckpointStore.full_nodes_next``);
+    after ``load``, every node's."""
 
     server_round: int
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
     journal: Sequence[Any] = field(default_factory=list)
+    nodes: dict[int, dict[str, torch.Tensor]] | None = None
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under ``prefix/``, without it, in the order they were saved."""
@@ -71,7 +87,7 @@ class Checkpoint:
     @classmethod
     def build(
         cls, server_round: int, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],
-        journal: Sequence[JournalEntry] = (),
+        journal: Sequence[JournalEntry] = (), nodes: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> "Checkpoint":
         tensors: dict[str, torch.Tensor] = {}
         order: dict[str, list[str]] = {}
@@ -80,7 +96,7 @@ class Checkpoint:
             for key, tensor in group.items():
                 # clones: safetensors refuses tensors that share memory
                 tensors[f"{prefix}/{key}"] = tensor.detach().to("cpu").clone().contiguous()
-        return cls(server_round, tensors, {**meta, "round": server_round, "order": order}, journal)
+        return cls(server_round, tensors, {**meta, "round": server_round, "order": order}, journal, nodes)
 
 
 def _sha256(data: bytes) -> str:
@@ -115,6 +131,23 @@ def _journal_lines(path: Path, wanted: int, bare: bool) -> dict[int, str]:
     return found
 
 
+def _pack_afresh(packs: dict[str, dict[str, Any]]) -> bool:
+    """Whether the next checkpoint should pack every node's state again: none of the packs in
+    use holds every node's, they number ``MAX_PACKS``, or the packs written since the one that
+    does add up to its size (so the states written, and the disk used, stay within twice
+    what the rounds changed)."""
+    full = [r["bytes"] for r in packs.values() if r.get("every")]
+    return not full or len(packs) >= MAX_PACKS or sum(r["bytes"] for r in packs.values()) > 2 * full[-1]
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (its first 8 bytes give the header's length)."""
+    size = int.from_bytes(data[:8], "little")
+    if not 0 < size <= len(data) - 8:
+        raise ValueError("a node pack's header is cut short")
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
+
+
 def _spans(rounds: list[int]) -> str:
     """``[2, 3, 4, 9]`` as ``2-4, 9``."""
     spans: list[list[int]] = []
@@ -136,6 +169,8 @@ class CheckpointStore:
         self._journal_lines = 0  # what this store has written to the journal, or found valid there
         self._journal_bytes = 0
         self._journal_hash = hashlib.sha256()
+        self._packs: dict[str, dict[str, Any]] = {}  # pack -> sha256, bytes and the nodes whose newest state it holds
+        self.full_nodes_next = True  # the next save needs every node's state (no packs in use yet, or too many)
 
     def _paths(self, server_round: int) -> tuple[Path, Path]:
         stem = self.folder / f"round-{server_round:06d}"
@@ -175,17 +210,76 @@ class CheckpointStore:
         self._make_folder()
         journal = self._append_journal(checkpoint.journal)
         tensors_path, meta_path = self._paths(checkpoint.server_round)
+        packs = self._save_nodes(checkpoint) if checkpoint.nodes is not None else None
         data = save(checkpoint.tensors, metadata={"format": str(FORMAT)})
         write_bytes_atomic(tensors_path, data, mode=PRIVATE_FILE)
         body = {
             **checkpoint.meta, "format": FORMAT, "tensors_sha256": _sha256(data), "tensors_bytes": len(data),
-            "journal": journal,
+            "journal": journal, "node_packs": packs,
         }
         text = json.dumps(body, sort_keys=True)
         document = json.dumps({"sha256": _sha256(text.encode()), "checkpoint": body}) + "\n"
         write_bytes_atomic(meta_path, document.encode(), mode=PRIVATE_FILE)
         self._prune()
         return meta_path
+
+    def _save_nodes(self, checkpoint: Checkpoint) -> dict[str, dict[str, Any]]:
+        """Write the changed nodes' states as this round's pack (and its copy); return the packs
+        in use, each with the nodes whose newest state it holds."""
+        from safetensors.torch import save
+
+        changed = checkpoint.nodes or {}
+        if changed:
+            name = f"nodes-{checkpoint.server_round:06d}.safetensors"
+            # clones: safetensors refuses tensors that share memory
+            tensors = {f"{node}/{key}": t.detach().to("cpu").clone().contiguous()
+                       for node, state in changed.items() for key, t in state.items()}
+            order = json.dumps({str(node): list(state) for node, state in changed.items()})
+            data = save(tensors, metadata={"format": str(FORMAT), "order": order})
+            for path in (self.folder / name, self.folder / f"{name}.copy"):
+                write_bytes_atomic(path, data, mode=PRIVATE_FILE)
+            packs = {}
+            for pack, record in self._packs.items():  # an older pack keeps the nodes that did not change
+                rest = [node for node in record["nodes"] if node not in changed]
+                if rest:
+                    packs[pack] = {**record, "nodes": rest}
+            every = len(packs) == 0  # no older pack holds a newest state: this one holds every node's
+            packs[name] = {"sha256": _sha256(data), "bytes": len(data), "nodes": sorted(changed), "every": every}
+            self._packs = packs
+        self.full_nodes_next = _pack_afresh(self._packs)
+        return {pack: dict(record) for pack, record in self._packs.items()}
+
+    def _load_nodes(self, packs: Any, nodes: Any, warn: Callable[[str], None]) -> dict[int, dict[str, torch.Tensor]]:
+        """Every node's state from the packs a checkpoint names; ValueError says what is wrong."""
+        from safetensors.torch import load
+
+        if not isinstance(packs, dict) or not isinstance(nodes, list):
+            raise ValueError("its node packs are not a mapping")
+        states: dict[int, dict[str, torch.Tensor]] = {}
+        for name, record in packs.items():
+            if not isinstance(name, str) or not _PACK.match(name) or not isinstance(record, dict):
+                raise ValueError(f"it names a node pack {str(name)[:40]!r} that fedtide does not write")
+            data = None
+            for path in (self.folder / name, self.folder / f"{name}.copy"):
+                try:
+                    candidate = path.read_bytes()
+                except OSError:
+                    continue
+                if len(candidate) == record.get("bytes") and _sha256(candidate) == record.get("sha256"):
+                    data = candidate
+                    break
+            if data is None:
+                raise ValueError(f"{name} and its copy are both lost or damaged")
+            if path.name != name:
+                warn(f"{name} was lost or damaged; its copy was read")
+            order = json.loads(_safetensors_metadata(data)["order"])
+            tensors = load(data)
+            for node in record.get("nodes", []):
+                states[int(node)] = {key: tensors[f"{node}/{key}"] for key in order[str(node)]}
+        missing = sorted(set(nodes) - set(states))
+        if missing:
+            raise ValueError(f"its node packs lack the state of node(s) {_spans(missing[:20])}")
+        return states
 
     def _append_journal(self, entries: Sequence[JournalEntry]) -> dict[str, Any]:
         """Append the entries this store has not written yet (normally one round's) to the
@@ -238,6 +332,9 @@ class CheckpointStore:
             write_bytes_atomic(path, framed, mode=PRIVATE_FILE)
         bare = "".join(t + "\n" for t in texts).encode()
         self._journal_lines, self._journal_bytes, self._journal_hash = len(texts), len(bare), hashlib.sha256(bare)
+        packs = checkpoint.meta.get("node_packs")  # None: no nodes, or a checkpoint of format 3 or older
+        self._packs = {name: dict(record) for name, record in packs.items()} if isinstance(packs, dict) else {}
+        self.full_nodes_next = _pack_afresh(self._packs)
 
     def clear(self) -> None:
         """Remove every checkpoint and the journal: a new run in this folder must not resume
@@ -248,10 +345,28 @@ class CheckpointStore:
         for path in self._journals():
             path.unlink(missing_ok=True)
         self._journal_lines, self._journal_bytes, self._journal_hash = 0, 0, hashlib.sha256()
+        self._remove_packs(keep=set())
+        self._packs, self.full_nodes_next = {}, True
 
     def _prune(self) -> None:
         for server_round in self.rounds()[self.keep:]:
             for path in self._paths(server_round):
+                path.unlink(missing_ok=True)
+        used: set[str] = set()
+        for server_round in self.rounds():
+            try:
+                packs = json.loads(self.meta_path(server_round).read_text(encoding="utf-8"))["checkpoint"].get("node_packs")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return  # a checkpoint that does not read might still need any pack
+            used.update(packs or {})
+        self._remove_packs(keep=used)
+
+    def _remove_packs(self, keep: set[str]) -> None:
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            match = _PACK_FILE.match(path.name)
+            if match and f"nodes-{match.group(1)}.safetensors" not in keep:
                 path.unlink(missing_ok=True)
 
     def load(self, server_round: int, warn: Callable[[str], None] = lambda message: None) -> Checkpoint:
@@ -283,7 +398,18 @@ class CheckpointStore:
             history = body["history"]
             body = {**body, "baseline": history["baseline"], "journal": None}
             return Checkpoint(int(body["round"]), load(data), body, list(history["rounds"]))
-        return Checkpoint(int(body["round"]), load(data), body, self._read_journal(body["journal"], warn, bare=body["format"] == 2))
+        journal = self._read_journal(body["journal"], warn, bare=body["format"] == 2)
+        nodes = None
+        if body.get("node_packs") is not None:
+            try:
+                nodes = self._load_nodes(body["node_packs"], body.get("nodes"), warn)
+            except (KeyError, TypeError, AttributeError) as err:  # a checksummed pack that does not hold what it names
+                raise ValueError(f"its node packs do not hold what it names ({err!r:.80})") from None
+            except Exception as err:  # noqa: BLE001 - safetensors' own errors on a damaged pack
+                if isinstance(err, ValueError):
+                    raise ValueError(f"{meta_path.name}: {err}") from None
+                raise ValueError(f"{meta_path.name}: a node pack does not read ({type(err).__name__})") from None
+        return Checkpoint(int(body["round"]), load(data), body, journal, nodes)
 
     def latest(self, warn: Callable[[str], None]) -> Checkpoint:
         """The newest usable checkpoint; each damaged newer one is reported with ``warn``.

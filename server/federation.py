@@ -151,8 +151,9 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
                 status page, trackers) see the round before metrics.jsonl does, so whoever
                 reads a round in the file finds it in every live view too."""
                 nonlocal round_started
-                states = nodes.node_states() if nodes is not None else None
-                checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings, secure))
+                states = nodes.node_states(changed_only=not checkpoints.full_nodes_next) if nodes is not None else None
+                checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings, secure,
+                                         node_ids=list(nodes.get_node_ids()) if nodes is not None else None))
                 if server_round > 0:
                     watchers.round_done(history.rounds[-1], grid)
                     folder.append_round(history.rounds[-1])

@@ -63,9 +63,12 @@ def capture(
     runtime: dict[str, Any],
     settings: dict[str, Any] | None = None,
     secure: Any = None,
+    node_ids: list[int] | None = None,
 ) -> Checkpoint:
     """The state after ``server_round`` was aggregated and evaluated; ``settings``: the run's
-    (``run_settings``); ``secure``: the run's ``SecureRound``, if any."""
+    (``run_settings``); ``secure``: the run's ``SecureRound``, if any; ``node_states``: the
+    simulated nodes' states that changed since the checkpoint before (``Checkpoint.nodes``),
+    of all ``node_ids`` (default: those in ``node_states``)."""
     groups: dict[str, dict[str, torch.Tensor]] = {"model": arrays.to_torch_state_dict()}
     meta: dict[str, Any] = {
         "task": history.schedule.newest_task(server_round) if server_round > 0 else 0,
@@ -80,10 +83,8 @@ def capture(
     numpy_state = np.random.get_state()
     groups["rng"] = {"torch": torch.random.get_rng_state(), "numpy": torch.from_numpy(numpy_state[1].astype(np.int64))}
     meta["numpy_random"] = [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])]
-    meta["nodes"] = sorted(node_states) if node_states is not None else None
-    for node, state in (node_states or {}).items():
-        groups[f"node/{node}"] = state
-    return Checkpoint.build(server_round, groups, meta, journal=history.rounds)
+    meta["nodes"] = sorted(node_ids if node_ids is not None else node_states) if node_states is not None else None
+    return Checkpoint.build(server_round, groups, meta, journal=history.rounds, nodes=node_states)
 
 
 def restore(checkpoint: Checkpoint, strategy: Any, history: RunHistory, secure: Any = None) -> ArrayRecord:
@@ -109,7 +110,9 @@ def node_states(checkpoint: Checkpoint) -> dict[int, dict[str, torch.Tensor]] | 
     nodes = checkpoint.meta.get("nodes")
     if nodes is None:
         return None
-    return {int(node): checkpoint.group(f"node/{node}") for node in nodes}
+    if checkpoint.nodes is not None:
+        return checkpoint.nodes
+    return {int(node): checkpoint.group(f"node/{node}") for node in nodes}  # format 3 and older: in the tensors
 
 
 def _python_random_state() -> list[Any]:

@@ -27,7 +27,7 @@ from common.models import build_model
 from common.scenarios import build_scenario
 from fedtide.cli import main
 from fedtide.runtimes.inprocess import InProcessGrid, WorkerPoolGrid, node_configs, run_inprocess
-from server.checkpoint import CheckpointStore
+from server.checkpoint import Checkpoint, CheckpointStore
 from server.federation import client_config, run_federation
 from server.history import RunHistory
 from server.round_loop import run_rounds
@@ -163,7 +163,8 @@ def test_checkpoint_round_trip_keeps_weights_fedadam_moments_history_and_rng(tmp
     assert fresh_history.baseline == [0.1, 0.2, 0.3]
     assert random.random() == expected_random
     assert torch.equal(torch.rand(3), expected_torch)
-    assert torch.equal(checkpoint.group("node/1")["fedtide-state/replay.x"], nodes[1]["fedtide-state/replay.x"])
+    assert torch.equal(checkpoint.nodes[1]["fedtide-state/replay.x"], nodes[1]["fedtide-state/replay.x"])
+    assert checkpoint.nodes[2] == {}
 
 
 def test_our_round_loop_computes_what_flowers_strategy_start_does(tmp_path):
@@ -249,6 +250,47 @@ def test_a_resumed_secure_run_quantises_as_the_uninterrupted_one_and_reports_the
     assert resumed["secure_aggregation"] == whole["secure_aggregation"]
 
 
+def test_a_checkpoint_writes_the_states_of_the_nodes_sampled_since_the_one_before(tmp_path):
+    config = SMALL.replace(clients=10, fraction_train=0.2, out=str(tmp_path))
+    run_inprocess(config)
+    store = CheckpointStore(tmp_path)
+    sampled_only = 0
+    for server_round, record in enumerate(_rounds(tmp_path), start=1):
+        if server_round not in store.rounds():
+            continue
+        packs = json.loads(store.meta_path(server_round).read_text())["checkpoint"]["node_packs"]
+        own = packs.pop(f"nodes-{server_round:06d}.safetensors")
+        if not own["every"]:  # else every node's state, packed afresh
+            assert len(own["nodes"]) == len(record["clients"]) == 2
+            sampled_only += 1
+        assert sorted(own["nodes"] + [n for p in packs.values() for n in p["nodes"]]) == list(range(1, 11))
+    assert sampled_only
+    assert store.latest(warn=pytest.fail).nodes.keys() == set(range(1, 11))
+
+
+def test_node_states_are_packed_afresh_once_the_packs_since_add_up_to_a_whole_pack(tmp_path):
+    store = CheckpointStore(tmp_path)
+    newest: dict[int, float] = {}
+
+    def save(server_round: int, nodes: list[int]) -> None:
+        newest.update({n: float(server_round) for n in nodes})
+        states = {n: {"r/x": torch.full((4096,), float(server_round))} for n in nodes}
+        store.save(Checkpoint.build(server_round, {"model": {"w": torch.zeros(1)}}, {"nodes": list(range(1, 11))},
+                                    nodes=states))
+
+    save(0, list(range(1, 11)))
+    packed_afresh = []
+    for server_round in range(1, 9):
+        if store.full_nodes_next:
+            packed_afresh.append(server_round)
+        save(server_round, list(range(1, 11)) if store.full_nodes_next else [(3 * server_round + i) % 10 + 1 for i in range(3)])
+    assert packed_afresh == [5]  # rounds 1-4 wrote 12 states: more than the 10 of round 0's pack
+    assert {n: float(s["r/x"][0]) for n, s in store.latest(warn=pytest.fail).nodes.items()} == newest
+    named = {p for r in store.rounds() for p in json.loads(store.meta_path(r).read_text())["checkpoint"]["node_packs"]}
+    assert sorted(p.name for p in tmp_path.joinpath("checkpoints").glob("nodes-*")) == sorted(
+        n + suffix for n in named for suffix in ("", ".copy"))
+
+
 def test_a_new_run_in_an_old_runs_folder_does_not_resume_the_old_run(tmp_path, capsys):
     out = tmp_path / "run"
     run_inprocess(SMALL.replace(out=str(out)))  # 6 rounds: checkpoints 4, 5, 6
@@ -260,8 +302,12 @@ def test_a_new_run_in_an_old_runs_folder_does_not_resume_the_old_run(tmp_path, c
 
 
 def test_checkpoints_keep_only_the_last_three(whole):
-    assert CheckpointStore(whole).rounds() == [6, 5, 4]
-    assert len(list((whole / "checkpoints").glob("*.safetensors"))) == 3
+    store = CheckpointStore(whole)
+    assert store.rounds() == [6, 5, 4]
+    assert len(list((whole / "checkpoints").glob("round-*.safetensors"))) == 3
+    named = {pack for r in store.rounds() for pack in json.loads(store.meta_path(r).read_text())["checkpoint"]["node_packs"]}
+    assert sorted(p.name for p in (whole / "checkpoints").glob("nodes-*")) == sorted(
+        name + suffix for name in named for suffix in ("", ".copy"))
 
 
 @pytest.mark.parametrize("damage", ["truncate-tensors", "edit-json", "cut-journal"])
@@ -298,6 +344,62 @@ def test_a_partial_journal_line_left_by_a_crash_is_dropped_on_resume(tmp_path, c
     assert len(journal.read_text().splitlines()) == SMALL.num_rounds
 
 
+def _as_format_3(folder: Path, server_round: int) -> dict:
+    """Rewrite ``server_round``'s checkpoint as format 3 wrote it (every node's state inside
+    its tensors file, no node packs), remove the packs; return its JSON body."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    checkpoint = CheckpointStore(folder.parent).load(server_round)
+    tensors = dict(checkpoint.tensors)
+    body = dict(checkpoint.meta)
+    order = dict(body["order"])
+    for node, state in checkpoint.nodes.items():
+        order[f"node/{node}"] = list(state)
+        tensors.update({f"node/{node}/{key}": t.clone() for key, t in state.items()})
+    data = save(tensors, metadata={"format": "3"})
+    (folder / f"round-{server_round:06d}.safetensors").write_bytes(data)
+    body.update(format=3, order=order, tensors_sha256=hashlib.sha256(data).hexdigest(), tensors_bytes=len(data))
+    body.pop("node_packs")
+    text = json.dumps(body, sort_keys=True)
+    (folder / f"round-{server_round:06d}.json").write_text(
+        json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "checkpoint": body}) + "\n")
+    for pack in folder.glob("nodes-*"):
+        pack.unlink()
+    return body
+
+
+def test_a_damaged_node_pack_is_read_from_its_copy_and_a_pack_name_out_of_the_folder_is_refused(tmp_path, capsys, whole):
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)  # checkpoints of rounds 2, 3, 4
+    folder = tmp_path / "crashed" / "checkpoints"
+    pack = folder / "nodes-000004.safetensors"
+    pack.write_bytes(pack.read_bytes()[:-10])
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nodes-000004.safetensors was lost or damaged; its copy was read" in err and "not usable" not in err
+    _assert_same_run(whole, tmp_path / "crashed")
+
+    body = json.loads((folder / "round-000006.json").read_text())["checkpoint"]
+    _rewrite_checkpoint(folder / "round-000006.json", node_packs={"../../model.safetensors": body["node_packs"].popitem()[1]})
+    with pytest.raises(ValueError, match="names a node pack '../../model.safetensors' that fedtide does not write"):
+        CheckpointStore(tmp_path / "crashed").load(6)
+
+
+def test_a_run_checkpointed_before_node_packs_resumes_and_packs_every_node_again(tmp_path, whole):
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)
+    folder = tmp_path / "crashed" / "checkpoints"
+    _as_format_3(folder, 4)
+    for older in (2, 3):
+        for suffix in (".json", ".safetensors"):
+            (folder / f"round-{older:06d}{suffix}").unlink()
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
+    _assert_same_run(whole, tmp_path / "crashed")
+    assert CheckpointStore(tmp_path / "crashed").latest(warn=pytest.fail).nodes.keys() == set(range(1, 6))
+
+
 def test_a_run_checkpointed_before_the_journal_existed_still_resumes(tmp_path, whole):
     """Format 1 kept the whole history inside each checkpoint: such a checkpoint is read,
     and its history starts the journal."""
@@ -306,8 +408,7 @@ def test_a_run_checkpointed_before_the_journal_existed_still_resumes(tmp_path, w
     crashed = SMALL.replace(out=str(tmp_path / "crashed"))
     _crash(crashed, crash_in=5)
     folder = tmp_path / "crashed" / "checkpoints"
-    document = json.loads((folder / "round-000004.json").read_text())
-    body = document["checkpoint"]
+    body = _as_format_3(folder, 4)
     rounds = _journal(folder / "history.jsonl")[: body["journal"]["lines"]]
     legacy = {k: v for k, v in body.items() if k not in ("journal", "baseline")}
     legacy.update(format=1, history={"baseline": body["baseline"], "rounds": rounds})

@@ -105,6 +105,7 @@ class InProcessGrid(Grid):
         self.node_configs = {node_id: cfg for node_id, cfg in enumerate(node_configs, start=1)}
         self.contexts = {n: _new_context(run_id, n, cfg) for n, cfg in self.node_configs.items()} if client_app else {}
         self._replies: dict[str, Message] = {}
+        self._changed: set[int] | None = None  # nodes sent a message since the last node_states (None: all)
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -126,6 +127,8 @@ class InProcessGrid(Grid):
         messages = list(messages)
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        if self._changed is not None:  # only a message changes a node's state
+            self._changed.update(m.metadata.dst_node_id for m in messages)
         return self._deliver_all(messages)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -138,13 +141,21 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
-    def node_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Every node's ``context.state`` (replay memory, method state, drift detector)."""
-        return {node: context_state(context) for node, context in self.contexts.items()}
+    def node_states(self, changed_only: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+        """Every node's ``context.state`` (replay memory, method state, drift detector), or
+        with ``changed_only`` those of the nodes sent a message since the last call (every
+        node's at the first); either way, the next call counts from now."""
+        wanted = self._wanted(changed_only)
+        return {node: context_state(self.contexts[node]) for node in wanted}
+
+    def _wanted(self, changed_only: bool) -> list[int]:
+        changed, self._changed = self._changed, set()
+        return sorted(self.node_configs if changed is None or not changed_only else changed)
 
     def restore_node_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
         for node, flat in states.items():
             load_context_state(self.contexts[node], flat)
+        self._changed = set()  # as the checkpoint left them
 
     def close(self) -> None:
         pass
@@ -171,7 +182,7 @@ def _worker_main(connection, run_id: int, node_configs: dict[int, dict[str, Any]
             return
         command, payload = request
         if command == "states":
-            connection.send({node: context_state(context) for node, context in contexts.items()})
+            connection.send({node: context_state(contexts[node]) for node in payload})
         elif command == "restore":
             for node, flat in payload.items():
                 load_context_state(contexts[node], flat)
@@ -219,10 +230,11 @@ class WorkerPoolGrid(InProcessGrid):
                     replies[message.metadata.message_id] = Message(failure, reply_to=message)
         return [replies[m.metadata.message_id] for m in messages]
 
-    def node_states(self) -> dict[int, dict[str, torch.Tensor]]:
+    def node_states(self, changed_only: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+        wanted = self._wanted(changed_only)
         states = {}
-        for connection in self._connections:
-            connection.send(("states", None))
+        for index, connection in enumerate(self._connections):
+            connection.send(("states", [n for n in wanted if self._owner[n] == index]))
         for connection in self._connections:
             states.update(connection.recv())
         return dict(sorted(states.items()))
@@ -232,6 +244,7 @@ class WorkerPoolGrid(InProcessGrid):
             connection.send(("restore", {n: s for n, s in states.items() if self._owner[n] == index}))
         for connection in self._connections:
             connection.recv()
+        self._changed = set()
 
     def close(self) -> None:
         for connection in self._connections:
