@@ -15,8 +15,8 @@ A simulation's nodes' states (``context.state``: replay memories, method state) 
 packs, shared the same way: a round's checkpoint writes ``nodes-000012.safetensors`` with
 the states of the nodes sent a message since the checkpoint before, and names, for every
 node, the pack that holds its newest state, with each pack's sha256. A round of 100 sampled
-clients out of 10,000 writes 100 states, not 10,000. Once the packs written since the last
-pack of every node's state add up to its size, or the packs in use number ``MAX_PACKS``,
+clients out of 10,000 writes 100 states, not 10,000. Once the other packs in use add up to
+the size of the last pack of every node's state, or the packs in use number ``MAX_PACKS``,
 the next checkpoint writes every node's state into one pack again.
 Each pack is written twice (``.copy``), as the journal is, since many checkpoints need it.
 
@@ -55,8 +55,8 @@ READABLE = (1, 2, 3, FORMAT)
 LEGACY_FORMAT = 1  # the history inside every checkpoint; still read, so older runs resume
 PRIVATE_FILE, PRIVATE_FOLDER = 0o600, 0o700
 _NAME = re.compile(r"^round-(\d{6})\.json$")
-_PACK = re.compile(r"^nodes-(\d{6})\.safetensors$")
-_PACK_FILE = re.compile(r"^nodes-(\d{6})\.safetensors(\.copy)?$")
+_PACK = re.compile(r"nodes-([0-9]{6})\.safetensors")  # fullmatch: exactly what fedtide writes
+_PACK_FILE = re.compile(r"nodes-([0-9]{6})\.safetensors(\.copy)?")
 MAX_PACKS = 64
 
 
@@ -66,12 +66,12 @@ class JournalEntry(Protocol):
 
 @dataclass
 class Checkpoint:
-    """Named tensors (``model/``, ``strategy/``, ``node/<id>/``, ``rng/`` prefixes) and
+    """Named tensors (``model/``, ``strategy/``, ``rng/`` prefixes; ``node/<id>/`` in format 3 and older) and
     JSON-able metadata; ``meta["order"]`` keeps each group's key order (safetensors sorts).
     ``journal``: the run's history so far, one entry per round, oldest first (entries with
     ``as_json()`` when saving; the loaded dicts after ``load``). ``nodes``: simulated nodes'
-    states, when the run has them: when saving, those of the nodes that changed since the
-    checkpoint before (every node's at the store's first save: ``CheckpointStore.full_nodes_next``);
+    states, when the run has them: when saving, those of the nodes sent a message since the
+    checkpoint before, or every node's when ``CheckpointStore.full_nodes_next`` asks for them;
     after ``load``, every node's."""
 
     server_round: int
@@ -79,6 +79,7 @@ class Checkpoint:
     meta: dict[str, Any]
     journal: Sequence[Any] = field(default_factory=list)
     nodes: dict[int, dict[str, torch.Tensor]] | None = None
+    repaired: bool = False  # a node pack was read from its copy
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under ``prefix/``, without it, in the order they were saved."""
@@ -132,10 +133,9 @@ def _journal_lines(path: Path, wanted: int, bare: bool) -> dict[int, str]:
 
 
 def _pack_afresh(packs: dict[str, dict[str, Any]]) -> bool:
-    """Whether the next checkpoint should pack every node's state again: none of the packs in
-    use holds every node's, they number ``MAX_PACKS``, or the packs written since the one that
-    does add up to its size (so the states written, and the disk used, stay within twice
-    what the rounds changed)."""
+    """Whether the next checkpoint should pack every node's state again: no pack in use holds
+    every node's, they number ``MAX_PACKS``, or the other packs in use add up to the size of
+    the one that does (so the packs a checkpoint needs stay within twice a whole pack)."""
     full = [r["bytes"] for r in packs.values() if r.get("every")]
     return not full or len(packs) >= MAX_PACKS or sum(r["bytes"] for r in packs.values()) > 2 * full[-1]
 
@@ -249,15 +249,17 @@ class CheckpointStore:
         self.full_nodes_next = _pack_afresh(self._packs)
         return {pack: dict(record) for pack, record in self._packs.items()}
 
-    def _load_nodes(self, packs: Any, nodes: Any, warn: Callable[[str], None]) -> dict[int, dict[str, torch.Tensor]]:
-        """Every node's state from the packs a checkpoint names; ValueError says what is wrong."""
+    def _load_nodes(self, packs: Any, nodes: Any) -> tuple[dict[int, dict[str, torch.Tensor]], list[str]]:
+        """Every node's state from the packs a checkpoint names, and the packs read from their
+        copies; ValueError says what is wrong."""
         from safetensors.torch import load
 
         if not isinstance(packs, dict) or not isinstance(nodes, list):
             raise ValueError("its node packs are not a mapping")
         states: dict[int, dict[str, torch.Tensor]] = {}
+        repaired = []
         for name, record in packs.items():
-            if not isinstance(name, str) or not _PACK.match(name) or not isinstance(record, dict):
+            if not isinstance(name, str) or not _PACK.fullmatch(name) or not isinstance(record, dict):
                 raise ValueError(f"it names a node pack {str(name)[:40]!r} that fedtide does not write")
             data = None
             for path in (self.folder / name, self.folder / f"{name}.copy"):
@@ -271,15 +273,18 @@ class CheckpointStore:
             if data is None:
                 raise ValueError(f"{name} and its copy are both lost or damaged")
             if path.name != name:
-                warn(f"{name} was lost or damaged; its copy was read")
+                repaired.append(name)
             order = json.loads(_safetensors_metadata(data)["order"])
             tensors = load(data)
-            for node in record.get("nodes", []):
-                states[int(node)] = {key: tensors[f"{node}/{key}"] for key in order[str(node)]}
-        missing = sorted(set(nodes) - set(states))
-        if missing:
-            raise ValueError(f"its node packs lack the state of node(s) {_spans(missing[:20])}")
-        return states
+            for node in record["nodes"]:
+                if not isinstance(node, int) or isinstance(node, bool) or node in states:
+                    raise ValueError(f"{name} is named for node {str(node)[:20]!r}: not a node id, or a second time")
+                states[node] = {key: tensors[f"{node}/{key}"] for key in order[str(node)]}
+        if set(states) != set(nodes) or len(nodes) != len(set(nodes)):
+            missing, extra = sorted(set(nodes) - set(states)), sorted(set(states) - set(nodes))
+            raise ValueError(f"its node packs hold the states of other nodes than it lists (missing "
+                             f"{_spans(missing[:20]) or 'none'}, extra {_spans(extra[:20]) or 'none'})")
+        return states, repaired
 
     def _append_journal(self, entries: Sequence[JournalEntry]) -> dict[str, Any]:
         """Append the entries this store has not written yet (normally one round's) to the
@@ -334,7 +339,8 @@ class CheckpointStore:
         self._journal_lines, self._journal_bytes, self._journal_hash = len(texts), len(bare), hashlib.sha256(bare)
         packs = checkpoint.meta.get("node_packs")  # None: no nodes, or a checkpoint of format 3 or older
         self._packs = {name: dict(record) for name, record in packs.items()} if isinstance(packs, dict) else {}
-        self.full_nodes_next = _pack_afresh(self._packs)
+        # a pack read from its copy is left with one good file: the next checkpoint needs none of them
+        self.full_nodes_next = _pack_afresh(self._packs) or checkpoint.repaired
 
     def clear(self) -> None:
         """Remove every checkpoint and the journal: a new run in this folder must not resume
@@ -358,6 +364,8 @@ class CheckpointStore:
                 packs = json.loads(self.meta_path(server_round).read_text(encoding="utf-8"))["checkpoint"].get("node_packs")
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return  # a checkpoint that does not read might still need any pack
+            if packs is not None and not isinstance(packs, dict):
+                return
             used.update(packs or {})
         self._remove_packs(keep=used)
 
@@ -365,15 +373,13 @@ class CheckpointStore:
         if not self.folder.is_dir():
             return
         for path in self.folder.iterdir():
-            match = _PACK_FILE.match(path.name)
+            match = _PACK_FILE.fullmatch(path.name)
             if match and f"nodes-{match.group(1)}.safetensors" not in keep:
                 path.unlink(missing_ok=True)
 
     def load(self, server_round: int, warn: Callable[[str], None] = lambda message: None) -> Checkpoint:
         """The checkpoint of ``server_round``; ValueError says why it cannot be used. A
-        journal line read from the copy is reported with ``warn``."""
-        from safetensors.torch import load
-
+        journal line or node pack read from its copy is reported with ``warn``."""
         tensors_path, meta_path = self._paths(server_round)
         try:
             document = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -392,24 +398,32 @@ class CheckpointStore:
             data = tensors_path.read_bytes()
         except OSError as err:
             raise ValueError(f"{tensors_path.name} is unreadable ({err.strerror or err})") from None
+        try:
+            return self._read(body, data, tensors_path.name, warn)
+        except ValueError as err:
+            raise ValueError(f"{meta_path.name}: {err}") from None
+        except (KeyError, TypeError, AttributeError) as err:  # checksummed, yet not what fedtide writes
+            raise ValueError(f"{meta_path.name} lacks or misstates a field ({err!r:.80})") from None
+        except Exception as err:  # noqa: BLE001 - safetensors' own errors on a file that does not parse
+            raise ValueError(f"{meta_path.name}: a tensors file does not parse ({type(err).__name__})") from None
+
+    def _read(self, body: dict[str, Any], data: bytes, tensors_name: str, warn: Callable[[str], None]) -> Checkpoint:
+        """The checkpoint of a JSON body whose checksum held, and of its tensors file's bytes."""
+        from safetensors.torch import load
+
         if len(data) != body["tensors_bytes"] or _sha256(data) != body["tensors_sha256"]:
-            raise ValueError(f"{tensors_path.name} fails its checksum (truncated or damaged)")
+            raise ValueError(f"{tensors_name} fails its checksum (truncated or damaged)")
         if body["format"] == LEGACY_FORMAT:
             history = body["history"]
             body = {**body, "baseline": history["baseline"], "journal": None}
             return Checkpoint(int(body["round"]), load(data), body, list(history["rounds"]))
         journal = self._read_journal(body["journal"], warn, bare=body["format"] == 2)
-        nodes = None
-        if body.get("node_packs") is not None:
-            try:
-                nodes = self._load_nodes(body["node_packs"], body.get("nodes"), warn)
-            except (KeyError, TypeError, AttributeError) as err:  # a checksummed pack that does not hold what it names
-                raise ValueError(f"its node packs do not hold what it names ({err!r:.80})") from None
-            except Exception as err:  # noqa: BLE001 - safetensors' own errors on a damaged pack
-                if isinstance(err, ValueError):
-                    raise ValueError(f"{meta_path.name}: {err}") from None
-                raise ValueError(f"{meta_path.name}: a node pack does not read ({type(err).__name__})") from None
-        return Checkpoint(int(body["round"]), load(data), body, journal, nodes)
+        nodes, repaired = None, False
+        if body["format"] >= 4 and body.get("nodes") is not None:
+            nodes, repaired = self._load_nodes(body.get("node_packs"), body["nodes"])
+            if repaired:
+                warn(f"node pack(s) {', '.join(repaired)} lost or damaged; read from their copies")
+        return Checkpoint(int(body["round"]), load(data), body, journal, nodes, repaired=bool(repaired))
 
     def latest(self, warn: Callable[[str], None]) -> Checkpoint:
         """The newest usable checkpoint; each damaged newer one is reported with ``warn``.

@@ -385,7 +385,11 @@ def _resume(
     arrays = restore(checkpoint, strategy, history, secure)
     checkpoints.continue_after(checkpoint)
     if nodes is not None:
-        nodes.restore_node_states(node_states(checkpoint))
+        states = node_states(checkpoint) or {}
+        if set(states) != set(nodes.get_node_ids()):
+            raise FedtideError(f"the checkpoint holds the states of {len(states)} clients, this simulation has "
+                               f"{len(list(nodes.get_node_ids()))}: resume it with the clients it was started with")
+        nodes.restore_node_states(states)
     return arrays, checkpoint.server_round + 1
 
 

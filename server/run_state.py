@@ -112,7 +112,11 @@ def node_states(checkpoint: Checkpoint) -> dict[int, dict[str, torch.Tensor]] | 
         return None
     if checkpoint.nodes is not None:
         return checkpoint.nodes
-    return {int(node): checkpoint.group(f"node/{node}") for node in nodes}  # format 3 and older: in the tensors
+    lacking = [node for node in nodes if f"node/{node}" not in checkpoint.meta["order"]]  # format 3 and older
+    if lacking:
+        raise FedtideError(f"checkpoint of round {checkpoint.server_round} lists {len(lacking)} client(s) whose state it "
+                           "lacks: it was not written by fedtide; resume from a copy of the run folder")
+    return {int(node): checkpoint.group(f"node/{node}") for node in nodes}
 
 
 def _python_random_state() -> list[Any]:

@@ -80,7 +80,7 @@ class SecureRound:
     def weight_for(self) -> float:
         """The round's max weight: fixed, or 4 x the median num-examples the previous round's
         clients reported (in the clear), so that quantisation is fine and one liar cannot
-        coarsen it."""
+        coarsen it (a run resumed from a checkpoint older than this state starts again at 10,000)."""
         if self.max_weight > 0:
             return self.max_weight
         if not self.last_counts:

@@ -344,9 +344,16 @@ def test_a_partial_journal_line_left_by_a_crash_is_dropped_on_resume(tmp_path, c
     assert len(journal.read_text().splitlines()) == SMALL.num_rounds
 
 
-def _as_format_3(folder: Path, server_round: int) -> dict:
-    """Rewrite ``server_round``'s checkpoint as format 3 wrote it (every node's state inside
-    its tensors file, no node packs), remove the packs; return its JSON body."""
+def _as_format_3(folder: Path, *rounds: int) -> dict:
+    """Rewrite the checkpoints of ``rounds`` as format 3 wrote them (every node's state inside
+    the tensors file, no node packs), remove the packs; return the last one's JSON body."""
+    bodies = [_one_as_format_3(folder, r) for r in rounds]
+    for pack in folder.glob("nodes-*"):
+        pack.unlink()
+    return bodies[-1]
+
+
+def _one_as_format_3(folder: Path, server_round: int) -> dict:
     import hashlib
 
     from safetensors.torch import save
@@ -365,8 +372,6 @@ def _as_format_3(folder: Path, server_round: int) -> dict:
     text = json.dumps(body, sort_keys=True)
     (folder / f"round-{server_round:06d}.json").write_text(
         json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "checkpoint": body}) + "\n")
-    for pack in folder.glob("nodes-*"):
-        pack.unlink()
     return body
 
 
@@ -378,13 +383,53 @@ def test_a_damaged_node_pack_is_read_from_its_copy_and_a_pack_name_out_of_the_fo
     pack.write_bytes(pack.read_bytes()[:-10])
     assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "nodes-000004.safetensors was lost or damaged; its copy was read" in err and "not usable" not in err
+    assert "node pack(s) nodes-000004.safetensors lost or damaged; read from their copies" in err and "not usable" not in err
+    _assert_same_run(whole, tmp_path / "crashed")
+    newest = json.loads((folder / "round-000005.json").read_text())["checkpoint"]["node_packs"]
+    assert list(newest) == ["nodes-000005.safetensors"] and newest["nodes-000005.safetensors"]["every"]  # packed afresh
+
+    store = CheckpointStore(tmp_path / "crashed")
+    packs = json.loads((folder / "round-000006.json").read_text())["checkpoint"]["node_packs"]
+    [(name, record)] = packs.items()
+    for changes, reason in [
+        (dict(node_packs={"../../model.safetensors": record}), "names a node pack '../../model.safetensors' that fedtide"),
+        (dict(node_packs={name + "\n": record}), "that fedtide does not write"),
+        (dict(nodes=[1, 2, 3, 4]), "hold the states of other nodes than it lists .missing none, extra 5"),
+        (dict(node_packs={name: {**record, "nodes": record["nodes"] + [99]}}), "lacks or misstates a field"),
+        (dict(node_packs={name: {**record, "nodes": [1, 1, 2, 3, 4, 5]}}), "not a node id, or a second time"),
+        (dict(node_packs={name: {**record, "nodes": ["1"]}}), "not a node id"),
+        (dict(node_packs=None), "node packs are not a mapping"),  # nodes, but no packs: not what fedtide writes
+        (dict(node_packs=[1, 2]), "node packs are not a mapping"),
+    ]:
+        _rewrite_checkpoint(folder / "round-000006.json", **{"node_packs": packs, "nodes": [1, 2, 3, 4, 5], **changes})
+        with pytest.raises(ValueError, match=reason):
+            store.load(6)
+    _rewrite_checkpoint(folder / "round-000006.json", tensors_bytes=None)
+    with pytest.raises(ValueError, match="lacks or misstates a field"):
+        store.load(6)
+
+
+def test_a_crash_between_a_rounds_node_pack_and_its_checkpoint_resumes_from_the_round_before(tmp_path, whole):
+    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=5)  # checkpoints of rounds 2, 3, 4
+    folder = tmp_path / "crashed" / "checkpoints"
+    for suffix in (".json", ".safetensors"):  # round 4's pack was written, its checkpoint not
+        (folder / f"round-000004{suffix}").unlink()
+    assert (folder / "nodes-000004.safetensors").exists()
+    assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
     _assert_same_run(whole, tmp_path / "crashed")
 
-    body = json.loads((folder / "round-000006.json").read_text())["checkpoint"]
-    _rewrite_checkpoint(folder / "round-000006.json", node_packs={"../../model.safetensors": body["node_packs"].popitem()[1]})
-    with pytest.raises(ValueError, match="names a node pack '../../model.safetensors' that fedtide does not write"):
-        CheckpointStore(tmp_path / "crashed").load(6)
+
+def test_a_kept_checkpoint_that_does_not_read_keeps_every_node_pack(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for server_round in range(4):
+        if server_round == 2:
+            store.meta_path(1).write_text("damaged")
+        store.save(Checkpoint.build(server_round, {"model": {"w": torch.zeros(1)}}, {"nodes": [1, 2]},
+                                    nodes={1 + server_round % 2: {"r/x": torch.zeros(4)}} if server_round else
+                                    {1: {"r/x": torch.zeros(4)}, 2: {"r/x": torch.zeros(4)}}))
+    packs = sorted(p.name for p in (tmp_path / "checkpoints").glob("nodes-*.safetensors"))
+    assert packs == [f"nodes-{r:06d}.safetensors" for r in range(4)]  # round 1's may still be needed
 
 
 def test_a_run_checkpointed_before_node_packs_resumes_and_packs_every_node_again(tmp_path, whole):
@@ -460,6 +505,7 @@ def test_a_run_checkpointed_with_a_journal_of_bare_lines_still_resumes(tmp_path,
     crashed = SMALL.replace(out=str(tmp_path / "crashed"))
     _crash(crashed, crash_in=5)
     folder = tmp_path / "crashed" / "checkpoints"
+    _as_format_3(folder, 2, 3, 4)
     entries = _journal(folder / "history.jsonl")
     (folder / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     (folder / "history-copy.jsonl").unlink()
@@ -579,9 +625,10 @@ def test_resume_may_change_where_the_data_is_and_what_is_shown(tmp_path, whole):
 
 @pytest.mark.slow
 def test_worker_processes_resume_their_nodes_state(tmp_path, capsys):
-    run_inprocess(SMALL.replace(out=str(tmp_path / "whole")), workers=2)
-    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
-    _crash(crashed, crash_in=3, workers=2)
+    config = SMALL.replace(clients=8, fraction_train=0.5)  # each checkpoint: the states of the nodes sampled
+    run_inprocess(config.replace(out=str(tmp_path / "whole")), workers=2)
+    crashed = config.replace(out=str(tmp_path / "crashed"))
+    _crash(crashed, crash_in=4, workers=2)
     assert main(["simulate", "--resume", str(tmp_path / "crashed"), "--workers", "1"]) == 2
     assert "started with --workers 2: resume it with that many" in capsys.readouterr().err
     assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0  # takes the run's own 2 workers

@@ -128,7 +128,7 @@ class InProcessGrid(Grid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         if self._changed is not None:  # only a message changes a node's state
-            self._changed.update(m.metadata.dst_node_id for m in messages)
+            self._changed.update(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id in self.node_configs)
         return self._deliver_all(messages)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
