@@ -85,7 +85,7 @@ def test_speed_benchmark_runs_in_a_tiny_configuration():
 @pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="../shared/datasets not present")
 def test_continual_speed_benchmark_runs_in_a_tiny_configuration():
     out = subprocess.run(
-        [sys.executable, "benchmarks/continual_speed.py", "--data-dir", str(SHARED), "--parts", "w2,scale",
+        [sys.executable, "benchmarks/continual_speed.py", "--data-dir", str(SHARED), "--parts", "w2,scale,floor",
          "--skip-flower", "--rounds-per-task", "1", "--scale", "100", "--scale-rounds", "2", "--json"],
         cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
     ).stdout
@@ -95,3 +95,7 @@ def test_continual_speed_benchmark_runs_in_a_tiny_configuration():
     assert result["w2"]["figures"]["acc_gap_points"] < 1.0  # batched and one by one learn the same
     assert all(w["process_seconds"] > 0 and 0 < w["acc"] <= 1 for w in ways.values())
     assert result["scale"][0]["clients"] == 100 and result["scale"][0]["peak_rss_mib"] > 0
+    floor = result["floor"]  # each MNIST sample trained once a round, plus as many memories after task 1; all tested each round
+    assert 60_000 < floor["trained_samples"] < 120_000 and floor["tested_samples"] == (5 + 1) * 10_000  # 5 rounds + round 0
+    assert 0 < floor["floor_seconds"] < floor["least_process_seconds"]
+    assert floor["least_over_d"] == floor["least_process_seconds"] / ways["d_plain_loop"]["process_seconds"]
