@@ -1,12 +1,14 @@
 """W2's compute floor on this machine: how long its matrix products alone must take.
 
 Counts the multiply-adds W2 trains and tests from its real split (every client's samples
-per task, each batch joined by as many memories once a task has passed; every round's test
-of the global model on every task), then times those products at W2's shapes on this CPU,
-with the threads fedtide would use: batched ``baddbmm``/``bmm`` of 10 clients' 64-row batches
-for training, one ``addmm`` of 1,000 rows for testing. Their sum is the least time any fp32
-implementation of W2 needs here, before data handling, start-up or Python: if it exceeds
-0.6x the plain loop's whole process, that target is out of reach on this CPU.
+per task, each batch joined by as many memories once a task has passed; the test of the
+global model on every task before round 1 and after each of the 25 rounds, as fedtide
+reports them), then times those products at W2's shapes on this CPU, with the threads
+fedtide would use: batched ``baddbmm``/``bmm`` of 10 clients' 64-row batches for training
+(the first task's 32-row batches, new samples only, counted at that rate), ``linear`` on
+1,000 rows for testing. Their
+sum is the least time fedtide's W2 needs here, before data handling, start-up or Python.
+(The plain loop tests after each task only, 5 times: its own floor is about 1 s lower.)
 
 Usage: python benchmarks/compute_floor.py --data-dir ../shared/datasets [--rounds-per-task 5] [--json]
 """
@@ -34,10 +36,13 @@ def layer_shapes(input_size: int, hidden: tuple[int, ...], classes: int) -> list
     return list(zip(sizes[:-1], sizes[1:]))
 
 
+def forward_macs_per_sample(shapes: list[tuple[int, int]]) -> int:
+    return sum(i * o for i, o in shapes)
+
+
 def training_macs_per_sample(shapes: list[tuple[int, int]]) -> int:
     """Forward, weight gradient, and the input gradient of every layer but the first."""
-    weights = [i * o for i, o in shapes]
-    return 2 * sum(weights) + sum(weights[1:])
+    return 2 * forward_macs_per_sample(shapes) + forward_macs_per_sample(shapes[1:])
 
 
 def w2_counts(data_dir: str, rounds_per_task: int) -> dict:
@@ -99,14 +104,14 @@ def testing_rate(shapes: list[tuple[int, int]], rows: int = 1000) -> float:
         for w, b in zip(weights, biases):
             h = torch.nn.functional.linear(h, w, b)
 
-    return rows * sum(i * o for i, o in shapes) / _seconds(forward, 20)
+    return rows * forward_macs_per_sample(shapes) / _seconds(forward, 20)
 
 
 def floor(data_dir: str, rounds_per_task: int = 5) -> dict:
     counts = w2_counts(data_dir, rounds_per_task)
     shapes = counts["shapes"]
     train_macs = counts["trained_samples"] * training_macs_per_sample(shapes)
-    test_macs = counts["tested_samples"] * sum(i * o for i, o in shapes)
+    test_macs = counts["tested_samples"] * forward_macs_per_sample(shapes)
     train_rate, test_rate = training_rate(shapes), testing_rate(shapes)
     return {
         "threads": torch.get_num_threads(), "trained_samples": counts["trained_samples"],

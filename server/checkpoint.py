@@ -15,10 +15,12 @@ A simulation's nodes' states (``context.state``: replay memories, method state) 
 packs, shared the same way: a round's checkpoint writes ``nodes-000012.safetensors`` with
 the states of the nodes sent a message since the checkpoint before, and names, for every
 node, the pack that holds its newest state, with each pack's sha256. A round of 100 sampled
-clients out of 10,000 writes 100 states, not 10,000. Once the other packs in use add up to
-the size of the last pack of every node's state, or the packs in use number ``MAX_PACKS``,
-the next checkpoint writes every node's state into one pack again.
-Each pack is written twice (``.copy``), as the journal is, since many checkpoints need it.
+clients out of 10,000 writes 100 states, not 10,000. The next checkpoint writes every
+node's state into one pack again when no pack in use holds every node's (the first, and after
+resuming a checkpoint of format 3 or older), when the other packs in use add up to that
+pack's size, when the packs in use number ``MAX_PACKS``, or after a pack was read from its
+copy. Each pack is written twice (``.copy``), as the journal is, since many checkpoints
+need it.
 
 Every checkpoint needs every line of the journal before its own, so the journal is written
 twice (``history.jsonl`` and ``history-copy.jsonl``) and each line carries its index and a
@@ -55,8 +57,7 @@ READABLE = (1, 2, 3, FORMAT)
 LEGACY_FORMAT = 1  # the history inside every checkpoint; still read, so older runs resume
 PRIVATE_FILE, PRIVATE_FOLDER = 0o600, 0o700
 _NAME = re.compile(r"^round-(\d{6})\.json$")
-_PACK = re.compile(r"nodes-([0-9]{6})\.safetensors")  # fullmatch: exactly what fedtide writes
-_PACK_FILE = re.compile(r"nodes-([0-9]{6})\.safetensors(\.copy)?")
+_PACK_FILE = re.compile(r"(nodes-[0-9]{6}\.safetensors)(\.copy)?")  # fullmatch: exactly what fedtide writes
 MAX_PACKS = 64
 
 
@@ -95,9 +96,17 @@ class Checkpoint:
         for prefix, group in groups.items():
             order[prefix] = list(group)
             for key, tensor in group.items():
-                # clones: safetensors refuses tensors that share memory
-                tensors[f"{prefix}/{key}"] = tensor.detach().to("cpu").clone().contiguous()
+                tensors[f"{prefix}/{key}"] = _own_copy(tensor)
         return cls(server_round, tensors, {**meta, "round": server_round, "order": order}, journal, nodes)
+
+
+def _own_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy sharing no memory (safetensors refuses tensors that share memory)."""
+    return tensor.detach().to("cpu").clone().contiguous()
+
+
+def _pack_name(server_round: int) -> str:
+    return f"nodes-{server_round:06d}.safetensors"
 
 
 def _sha256(data: bytes) -> str:
@@ -230,13 +239,11 @@ class CheckpointStore:
 
         changed = checkpoint.nodes or {}
         if changed:
-            name = f"nodes-{checkpoint.server_round:06d}.safetensors"
-            # clones: safetensors refuses tensors that share memory
-            tensors = {f"{node}/{key}": t.detach().to("cpu").clone().contiguous()
-                       for node, state in changed.items() for key, t in state.items()}
+            name = _pack_name(checkpoint.server_round)
+            tensors = {f"{node}/{key}": _own_copy(t) for node, state in changed.items() for key, t in state.items()}
             order = json.dumps({str(node): list(state) for node, state in changed.items()})
             data = save(tensors, metadata={"format": str(FORMAT), "order": order})
-            for path in (self.folder / name, self.folder / f"{name}.copy"):
+            for path in self._pack_paths(name):
                 write_bytes_atomic(path, data, mode=PRIVATE_FILE)
             packs = {}
             for pack, record in self._packs.items():  # an older pack keeps the nodes that did not change
@@ -246,8 +253,15 @@ class CheckpointStore:
             every = len(packs) == 0  # no older pack holds a newest state: this one holds every node's
             packs[name] = {"sha256": _sha256(data), "bytes": len(data), "nodes": sorted(changed), "every": every}
             self._packs = packs
+        held = {node for record in self._packs.values() for node in record["nodes"]}
+        if held != set(checkpoint.meta.get("nodes") or ()):  # a caller's mistake: a checkpoint that could not resume
+            raise ValueError(f"round {checkpoint.server_round}'s node packs would hold {len(held)} nodes' states, "
+                             f"not the {len(checkpoint.meta.get('nodes') or ())} it lists: pass every node's state")
         self.full_nodes_next = _pack_afresh(self._packs)
         return {pack: dict(record) for pack, record in self._packs.items()}
+
+    def _pack_paths(self, name: str) -> tuple[Path, Path]:
+        return self.folder / name, self.folder / f"{name}.copy"
 
     def _load_nodes(self, packs: Any, nodes: Any) -> tuple[dict[int, dict[str, torch.Tensor]], list[str]]:
         """Every node's state from the packs a checkpoint names, and the packs read from their
@@ -259,10 +273,11 @@ class CheckpointStore:
         states: dict[int, dict[str, torch.Tensor]] = {}
         repaired = []
         for name, record in packs.items():
-            if not isinstance(name, str) or not _PACK.fullmatch(name) or not isinstance(record, dict):
+            if not isinstance(name, str) or not (match := _PACK_FILE.fullmatch(name)) or match.group(2) \
+                    or not isinstance(record, dict):
                 raise ValueError(f"it names a node pack {str(name)[:40]!r} that fedtide does not write")
             data = None
-            for path in (self.folder / name, self.folder / f"{name}.copy"):
+            for path in self._pack_paths(name):
                 try:
                     candidate = path.read_bytes()
                 except OSError:
@@ -329,7 +344,8 @@ class CheckpointStore:
     def continue_after(self, checkpoint: Checkpoint) -> None:
         """Make the journal hold exactly ``checkpoint``'s history (a crash may have left a
         round or a partial line after it, a line may have been repaired from the copy, an
-        older fedtide may have written it without a copy), so that the run goes on from there."""
+        older fedtide may have written it without a copy), so that the run goes on from there;
+        take on its node packs (and whether the next save must pack every node afresh)."""
         texts = [json.dumps(entry) for entry in checkpoint.journal]
         framed = "".join(_frame(i, t) for i, t in enumerate(texts)).encode()
         self._make_folder()
@@ -343,8 +359,8 @@ class CheckpointStore:
         self.full_nodes_next = _pack_afresh(self._packs) or checkpoint.repaired
 
     def clear(self) -> None:
-        """Remove every checkpoint and the journal: a new run in this folder must not resume
-        an older one."""
+        """Remove every checkpoint, the journal and the node packs: a new run in this folder
+        must not resume an older one."""
         for server_round in self.rounds():
             for path in self._paths(server_round):
                 path.unlink(missing_ok=True)
@@ -374,7 +390,7 @@ class CheckpointStore:
             return
         for path in self.folder.iterdir():
             match = _PACK_FILE.fullmatch(path.name)
-            if match and f"nodes-{match.group(1)}.safetensors" not in keep:
+            if match and match.group(1) not in keep:
                 path.unlink(missing_ok=True)
 
     def load(self, server_round: int, warn: Callable[[str], None] = lambda message: None) -> Checkpoint:
@@ -398,14 +414,16 @@ class CheckpointStore:
             data = tensors_path.read_bytes()
         except OSError as err:
             raise ValueError(f"{tensors_path.name} is unreadable ({err.strerror or err})") from None
+        from safetensors import SafetensorError
+
         try:
             return self._read(body, data, tensors_path.name, warn)
         except ValueError as err:
             raise ValueError(f"{meta_path.name}: {err}") from None
         except (KeyError, TypeError, AttributeError) as err:  # checksummed, yet not what fedtide writes
             raise ValueError(f"{meta_path.name} lacks or misstates a field ({err!r:.80})") from None
-        except Exception as err:  # noqa: BLE001 - safetensors' own errors on a file that does not parse
-            raise ValueError(f"{meta_path.name}: a tensors file does not parse ({type(err).__name__})") from None
+        except SafetensorError as err:  # a checksummed file that does not parse
+            raise ValueError(f"{meta_path.name}: a tensors file does not parse ({str(err)[:80]})") from None
 
     def _read(self, body: dict[str, Any], data: bytes, tensors_name: str, warn: Callable[[str], None]) -> Checkpoint:
         """The checkpoint of a JSON body whose checksum held, and of its tensors file's bytes."""

@@ -154,6 +154,8 @@ def _federate(grid: Grid, config: RunConfig, folder: RunFolder, console: Console
                 states = nodes.node_states(changed_only=not checkpoints.full_nodes_next) if nodes is not None else None
                 checkpoints.save(capture(server_round, arrays, strategy, history, states, runtime, settings, secure,
                                          node_ids=list(nodes.get_node_ids()) if nodes is not None else None))
+                if nodes is not None:
+                    nodes.mark_saved()
                 if server_round > 0:
                     watchers.round_done(history.rounds[-1], grid)
                     folder.append_round(history.rounds[-1])
@@ -382,14 +384,14 @@ def _resume(
             f"this run was started with --workers {written['workers']}: resume it with that many (or without "
             "--workers), or its numbers would change in their last digits"
         )
+    states = node_states(checkpoint) if nodes is not None else None
+    if nodes is not None and set(states or {}) != set(ids := list(nodes.get_node_ids())):
+        raise FedtideError(f"the checkpoint holds the states of {len(states or {})} clients, this simulation has "
+                           f"{len(ids)}: resume it with the clients it was started with")
     arrays = restore(checkpoint, strategy, history, secure)
     checkpoints.continue_after(checkpoint)
     if nodes is not None:
-        states = node_states(checkpoint) or {}
-        if set(states) != set(nodes.get_node_ids()):
-            raise FedtideError(f"the checkpoint holds the states of {len(states)} clients, this simulation has "
-                               f"{len(list(nodes.get_node_ids()))}: resume it with the clients it was started with")
-        nodes.restore_node_states(states)
+        nodes.restore_node_states(states or {})
     return arrays, checkpoint.server_round + 1
 
 

@@ -118,7 +118,7 @@ class SecureRound:
             self.strategy.keep_global(server_round, "the secure aggregate does not fit the model")
             return None
         counts = [reply.content.config_records["fitres.metrics"].get(WEIGHT_KEY) for reply in checked.masked]
-        self.last_counts = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and 0 < c <= 10**9]
+        self.last_counts = [c for c in counts if _whole(c, 10**9) and c > 0]
         if self.clip > 0 and (norm := float(np.sqrt(sum(float(np.sum(a * a)) for a in mean)))) > self.clip * 1.01 + 0.01:
             self.failed_rounds += 1  # a mean of updates clipped to C is no longer than C: a share or mask was wrong
             self.strategy.keep_global(server_round, f"the secure aggregate's norm {norm:.3g} exceeds the clients' clip "
@@ -140,18 +140,14 @@ class SecureRound:
         its start value (a checkpoint is checksummed, but its JSON is still read as input)."""
         if not isinstance(state, dict):
             return
-
-        def count(value: Any, most: int) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
-
         counts = state.get("last_counts")
-        if isinstance(counts, list) and len(counts) <= MAX_CLIENTS and all(count(c, 10**9) and c > 0 for c in counts):
+        if isinstance(counts, list) and len(counts) <= MAX_CLIENTS and all(_whole(c, 10**9) and c > 0 for c in counts):
             self.last_counts = list(counts)
         traffic = state.get("traffic")
-        if isinstance(traffic, dict) and set(traffic) == {"down", "up"} and all(count(v, 2**62) for v in traffic.values()):
+        if isinstance(traffic, dict) and set(traffic) == {"down", "up"} and all(_whole(v, 2**62) for v in traffic.values()):
             self.traffic = dict(traffic)
         for name in ("client_rounds", "failed_rounds"):
-            if count(state.get(name), 2**62):
+            if _whole(state.get(name), 2**62):
                 setattr(self, name, state[name])
 
     def summary(self) -> dict[str, Any]:
@@ -353,6 +349,11 @@ class CheckedStages(GridWrapper):
         if len(metrics) > 256 or any(isinstance(v, bytes) or not isinstance(v, (int, float, str)) for v in metrics.values()):
             return "its metrics must be at most 256 numbers"  # the legacy layout takes single values only
         return None
+
+
+def _whole(value: Any, most: int) -> bool:
+    """A whole number (not a bool) from 0 to ``most``."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
 
 
 def _sender(reply: Message, sent: list[Message]) -> int:

@@ -261,7 +261,7 @@ def test_a_checkpoint_writes_the_states_of_the_nodes_sampled_since_the_one_befor
         packs = json.loads(store.meta_path(server_round).read_text())["checkpoint"]["node_packs"]
         own = packs.pop(f"nodes-{server_round:06d}.safetensors")
         if not own["every"]:  # else every node's state, packed afresh
-            assert len(own["nodes"]) == len(record["clients"]) == 2
+            assert own["nodes"] == sorted(c["node"] for c in record["clients"]) and len(own["nodes"]) == 2
             sampled_only += 1
         assert sorted(own["nodes"] + [n for p in packs.values() for n in p["nodes"]]) == list(range(1, 11))
     assert sampled_only
@@ -278,13 +278,16 @@ def test_node_states_are_packed_afresh_once_the_packs_since_add_up_to_a_whole_pa
         store.save(Checkpoint.build(server_round, {"model": {"w": torch.zeros(1)}}, {"nodes": list(range(1, 11))},
                                     nodes=states))
 
+    with pytest.raises(ValueError, match="would hold 2 nodes' states, not the 10 it lists: pass every node's state"):
+        save(0, [1, 2])  # the first save must hold every node's
     save(0, list(range(1, 11)))
     packed_afresh = []
     for server_round in range(1, 9):
         if store.full_nodes_next:
             packed_afresh.append(server_round)
-        save(server_round, list(range(1, 11)) if store.full_nodes_next else [(3 * server_round + i) % 10 + 1 for i in range(3)])
-    assert packed_afresh == [5]  # rounds 1-4 wrote 12 states: more than the 10 of round 0's pack
+        # node r's newest state stays in round r's pack, so every pack written stays in use
+        save(server_round, list(range(1, 11)) if store.full_nodes_next else [server_round, 9, 10])
+    assert packed_afresh == [5]  # rounds 1-4's packs hold 12 states: more than the 10 of round 0's pack
     assert {n: float(s["r/x"][0]) for n, s in store.latest(warn=pytest.fail).nodes.items()} == newest
     named = {p for r in store.rounds() for p in json.loads(store.meta_path(r).read_text())["checkpoint"]["node_packs"]}
     assert sorted(p.name for p in tmp_path.joinpath("checkpoints").glob("nodes-*")) == sorted(
@@ -360,53 +363,54 @@ def _one_as_format_3(folder: Path, server_round: int) -> dict:
 
     checkpoint = CheckpointStore(folder.parent).load(server_round)
     tensors = dict(checkpoint.tensors)
-    body = dict(checkpoint.meta)
-    order = dict(body["order"])
+    order = dict(checkpoint.meta["order"])
     for node, state in checkpoint.nodes.items():
         order[f"node/{node}"] = list(state)
         tensors.update({f"node/{node}/{key}": t.clone() for key, t in state.items()})
     data = save(tensors, metadata={"format": "3"})
     (folder / f"round-{server_round:06d}.safetensors").write_bytes(data)
-    body.update(format=3, order=order, tensors_sha256=hashlib.sha256(data).hexdigest(), tensors_bytes=len(data))
-    body.pop("node_packs")
-    text = json.dumps(body, sort_keys=True)
-    (folder / f"round-{server_round:06d}.json").write_text(
-        json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "checkpoint": body}) + "\n")
-    return body
+    meta = folder / f"round-{server_round:06d}.json"
+    _rewrite_checkpoint(meta, format=3, order=order, tensors_sha256=hashlib.sha256(data).hexdigest(),
+                        tensors_bytes=len(data), node_packs=None)
+    return json.loads(meta.read_text())["checkpoint"]
 
 
-def test_a_damaged_node_pack_is_read_from_its_copy_and_a_pack_name_out_of_the_folder_is_refused(tmp_path, capsys, whole):
-    crashed = SMALL.replace(out=str(tmp_path / "crashed"))
+def test_a_damaged_node_pack_is_read_from_its_copy_and_a_pack_name_out_of_the_folder_is_refused(tmp_path, capsys):
+    config = SMALL.replace(clients=10, fraction_train=0.2)  # each round changes 2 of 10 states
+    run_inprocess(config.replace(out=str(tmp_path / "whole")))
+    crashed = config.replace(out=str(tmp_path / "crashed"))
     _crash(crashed, crash_in=5)  # checkpoints of rounds 2, 3, 4
     folder = tmp_path / "crashed" / "checkpoints"
+    packs = json.loads((folder / "round-000004.json").read_text())["checkpoint"]["node_packs"]
+    assert len(packs) > 1 and not packs["nodes-000004.safetensors"]["every"]
     pack = folder / "nodes-000004.safetensors"
     pack.write_bytes(pack.read_bytes()[:-10])
     assert main(["simulate", "--resume", str(tmp_path / "crashed")]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "node pack(s) nodes-000004.safetensors lost or damaged; read from their copies" in err and "not usable" not in err
-    _assert_same_run(whole, tmp_path / "crashed")
+    _assert_same_run(tmp_path / "whole", tmp_path / "crashed")
     newest = json.loads((folder / "round-000005.json").read_text())["checkpoint"]["node_packs"]
     assert list(newest) == ["nodes-000005.safetensors"] and newest["nodes-000005.safetensors"]["every"]  # packed afresh
 
     store = CheckpointStore(tmp_path / "crashed")
-    packs = json.loads((folder / "round-000006.json").read_text())["checkpoint"]["node_packs"]
+    packs = json.loads((folder / "round-000005.json").read_text())["checkpoint"]["node_packs"]
     [(name, record)] = packs.items()
     for changes, reason in [
         (dict(node_packs={"../../model.safetensors": record}), "names a node pack '../../model.safetensors' that fedtide"),
         (dict(node_packs={name + "\n": record}), "that fedtide does not write"),
-        (dict(nodes=[1, 2, 3, 4]), "hold the states of other nodes than it lists .missing none, extra 5"),
+        (dict(nodes=list(range(1, 10))), "hold the states of other nodes than it lists .missing none, extra 10"),
         (dict(node_packs={name: {**record, "nodes": record["nodes"] + [99]}}), "lacks or misstates a field"),
-        (dict(node_packs={name: {**record, "nodes": [1, 1, 2, 3, 4, 5]}}), "not a node id, or a second time"),
+        (dict(node_packs={name: {**record, "nodes": [1, *record["nodes"]]}}), "not a node id, or a second time"),
         (dict(node_packs={name: {**record, "nodes": ["1"]}}), "not a node id"),
         (dict(node_packs=None), "node packs are not a mapping"),  # nodes, but no packs: not what fedtide writes
         (dict(node_packs=[1, 2]), "node packs are not a mapping"),
     ]:
-        _rewrite_checkpoint(folder / "round-000006.json", **{"node_packs": packs, "nodes": [1, 2, 3, 4, 5], **changes})
+        _rewrite_checkpoint(folder / "round-000005.json", **{"node_packs": packs, "nodes": list(range(1, 11)), **changes})
         with pytest.raises(ValueError, match=reason):
-            store.load(6)
-    _rewrite_checkpoint(folder / "round-000006.json", tensors_bytes=None)
+            store.load(5)
+    _rewrite_checkpoint(folder / "round-000005.json", tensors_bytes=None)
     with pytest.raises(ValueError, match="lacks or misstates a field"):
-        store.load(6)
+        store.load(5)
 
 
 def test_a_crash_between_a_rounds_node_pack_and_its_checkpoint_resumes_from_the_round_before(tmp_path, whole):

@@ -97,5 +97,3 @@ def test_continual_speed_benchmark_runs_in_a_tiny_configuration():
     assert result["scale"][0]["clients"] == 100 and result["scale"][0]["peak_rss_mib"] > 0
     floor = result["floor"]  # each MNIST sample trained once a round, plus as many memories after task 1; all tested each round
     assert 60_000 < floor["trained_samples"] < 120_000 and floor["tested_samples"] == (5 + 1) * 10_000  # 5 rounds + round 0
-    assert 0 < floor["floor_seconds"] < floor["least_process_seconds"]
-    assert floor["least_over_d"] == floor["least_process_seconds"] / ways["d_plain_loop"]["process_seconds"]

@@ -105,7 +105,7 @@ class InProcessGrid(Grid):
         self.node_configs = {node_id: cfg for node_id, cfg in enumerate(node_configs, start=1)}
         self.contexts = {n: _new_context(run_id, n, cfg) for n, cfg in self.node_configs.items()} if client_app else {}
         self._replies: dict[str, Message] = {}
-        self._changed: set[int] | None = None  # nodes sent a message since the last node_states (None: all)
+        self._changed: set[int] | None = None  # nodes sent a message since the last mark_saved (None: all)
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -143,19 +143,21 @@ class InProcessGrid(Grid):
 
     def node_states(self, changed_only: bool = False) -> dict[int, dict[str, torch.Tensor]]:
         """Every node's ``context.state`` (replay memory, method state, drift detector), or
-        with ``changed_only`` those of the nodes sent a message since the last call (every
-        node's at the first); either way, the next call counts from now."""
-        wanted = self._wanted(changed_only)
-        return {node: context_state(self.contexts[node]) for node in wanted}
+        with ``changed_only`` those of the nodes sent a message since ``mark_saved`` (every
+        node's before the first)."""
+        return {node: context_state(self.contexts[node]) for node in self._wanted(changed_only)}
+
+    def mark_saved(self) -> None:
+        """The states as they are now are saved: ``changed_only`` counts from here."""
+        self._changed = set()
 
     def _wanted(self, changed_only: bool) -> list[int]:
-        changed, self._changed = self._changed, set()
-        return sorted(self.node_configs if changed is None or not changed_only else changed)
+        return sorted(self.node_configs if self._changed is None or not changed_only else self._changed)
 
     def restore_node_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
         for node, flat in states.items():
             load_context_state(self.contexts[node], flat)
-        self._changed = set()  # as the checkpoint left them
+        self.mark_saved()  # as the checkpoint left them
 
     def close(self) -> None:
         pass
@@ -244,7 +246,7 @@ class WorkerPoolGrid(InProcessGrid):
             connection.send(("restore", {n: s for n, s in states.items() if self._owner[n] == index}))
         for connection in self._connections:
             connection.recv()
-        self._changed = set()
+        self.mark_saved()
 
     def close(self) -> None:
         for connection in self._connections:
