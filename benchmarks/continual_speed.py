@@ -15,7 +15,7 @@ Under load: W1 and W2, quiet and beside one ``python -c 'while 1: pass'``. Targe
 Scale: N clients sharing MNIST (60,000 / N samples each), 1% sampled per round (at least 2),
 20 rounds, replay. Target: 10,000 clients in <= 2 GiB peak RSS.
 Floor (benchmarks/compute_floor.py): the seconds W2's matrix products alone take on this CPU,
-plus a bare ``import torch`` process: the least any fp32 W2 can take here, over the plain loop.
+plus a bare ``import torch`` process: the least fedtide's W2 can take here, over the plain loop.
 
 Usage: python benchmarks/continual_speed.py --data-dir ../shared/datasets [--repeat 1] [--json]
        [--parts w2,der,load,scale,floor] [--scale 100,1000,10000] [--skip-flower]

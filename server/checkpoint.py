@@ -28,9 +28,9 @@ checksum of its own: a line damaged in one file is read from the other (with a w
 only a round whose line is damaged in both costs the checkpoints that need it. The tensors
 file is written first and the JSON last, each atomically, so a checkpoint whose JSON exists
 is complete; a damaged one (bad checksum, truncated, unreadable, a journal that no longer
-holds its rounds) is skipped for the one before it. The last ``KEEP`` are kept, and the packs they name. The folder
-is private to its owner (0700, files 0600): a simulation's checkpoints hold its clients'
-replay memories. Nothing is pickled.
+holds its rounds) is skipped for the one before it. The last ``KEEP`` are kept, and the
+packs they name. The folder is private to its owner (0700, files 0600): a simulation's
+checkpoints hold its clients' replay memories. Nothing is pickled.
 """
 
 from __future__ import annotations

@@ -384,14 +384,14 @@ def _resume(
             f"this run was started with --workers {written['workers']}: resume it with that many (or without "
             "--workers), or its numbers would change in their last digits"
         )
-    states = node_states(checkpoint) if nodes is not None else None
-    if nodes is not None and set(states or {}) != set(ids := list(nodes.get_node_ids())):
-        raise FedtideError(f"the checkpoint holds the states of {len(states or {})} clients, this simulation has "
+    states = (node_states(checkpoint) or {}) if nodes is not None else {}
+    if nodes is not None and set(states) != set(ids := list(nodes.get_node_ids())):
+        raise FedtideError(f"the checkpoint holds the states of {len(states)} clients, this simulation has "
                            f"{len(ids)}: resume it with the clients it was started with")
     arrays = restore(checkpoint, strategy, history, secure)
     checkpoints.continue_after(checkpoint)
     if nodes is not None:
-        nodes.restore_node_states(states or {})
+        nodes.restore_node_states(states)
     return arrays, checkpoint.server_round + 1
 
 
